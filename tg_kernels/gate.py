@@ -1,0 +1,172 @@
+"""The trainable gate function of Kim et al. (AAAI 2020) and the module that holds its parameter.
+
+This is the one place where gate math lives (DESIGN.md §1). With one scalar ``w`` per channel:
+
+    TG_M(w) = b(w) + s_M(w) * g(w)
+    b(w)    = 1 if w >= 0 else 0                 (step)
+    s_M(w)  = (M*w - floor(M*w)) / M             (sawtooth: values in [0, 1/M), slope 1)
+    g(w)    = gradient-shaping function           (default 1)
+    dTG/dw  = g(w) + s_M(w) * g'(w)
+
+The limit form (``M=None``) has value exactly ``b(w)`` and derivative exactly ``g(w)``: exact 0/1
+gate values are what lets the kernels skip closed channels. Kernels never evaluate ``g``; they
+return ``dL/dgate`` and this module's backward turns it into ``dL/dw``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+ShapeFn = Callable[[Tensor], Tensor]
+
+
+def constant_shape(w: Tensor) -> Tensor:
+    """g(w) = 1: the straight-through estimator."""
+    return torch.ones_like(w)
+
+
+def gaussian_shape(w: Tensor, sigma: float = 1.0) -> Tensor:
+    """g(w) = exp(-w^2 / (2 sigma^2)): a bell around the step, peak 1."""
+    return torch.exp(-0.5 * (w / sigma) ** 2)
+
+
+def triangle_shape(w: Tensor, width: float = 1.0) -> Tensor:
+    """g(w) = max(0, 1 - |w| / width): a triangular bump, zero beyond ``width``."""
+    return torch.clamp(1.0 - w.abs() / width, min=0.0)
+
+
+SHAPES: dict[str, ShapeFn] = {
+    "constant": constant_shape,
+    "gaussian": gaussian_shape,
+    "triangle": triangle_shape,
+}
+
+
+def resolve_shape(shape: str | ShapeFn | None) -> ShapeFn:
+    """Turn a shape argument (None, a name in :data:`SHAPES`, or a callable) into a callable."""
+    if shape is None:
+        return constant_shape
+    if isinstance(shape, str):
+        try:
+            return SHAPES[shape]
+        except KeyError:
+            raise ValueError(f"unknown gate shape {shape!r}; expected one of {sorted(SHAPES)} or a callable") from None
+    if callable(shape):
+        return shape
+    raise TypeError(f"shape must be None, a name in {sorted(SHAPES)} or a callable on tensors, got {type(shape).__name__}")
+
+
+def _check_M(M: float | None) -> None:
+    if M is None:
+        return
+    if isinstance(M, bool) or not isinstance(M, (int, float)):
+        raise TypeError(f"M must be a positive number or None (the limit form), got {type(M).__name__}")
+    if not (M > 0 and math.isfinite(M)):
+        raise ValueError(f"M must be a positive finite number or None (the limit form), got {M}")
+
+
+def _evaluate_shape(shape_fn: ShapeFn, w: Tensor) -> Tensor:
+    g = shape_fn(w)
+    if not isinstance(g, Tensor):
+        raise TypeError(f"the gate shape function must return a tensor, got {type(g).__name__}")
+    if g.shape != w.shape:
+        g = g.expand(w.shape) if torch.broadcast_shapes(g.shape, w.shape) == w.shape else None
+        if g is None:
+            raise ValueError(f"the gate shape function returned a tensor that does not broadcast to w's shape {tuple(w.shape)}")
+    return g.to(w.dtype)
+
+
+class _StepWithShapedGradient(torch.autograd.Function):
+    """Value b(w) (exact 0/1); gradient g(w) times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, shape_fn: ShapeFn) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w)
+        ctx.shape_fn = shape_fn
+        return (w >= 0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_gate: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        with torch.no_grad():
+            g = _evaluate_shape(ctx.shape_fn, w)
+        return grad_gate * g, None
+
+
+def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None) -> Tensor:
+    """Gate values TG(w) for gate parameters `w` (any shape), differentiable in `w`.
+
+    Args:
+        w: floating-point tensor of gate parameters; ``w >= 0`` means open.
+        shape: the gradient-shaping function g: None (constant 1), a name in :data:`SHAPES`
+            (``"constant"``, ``"gaussian"``, ``"triangle"``), or any callable on tensors. The paper
+            form differentiates it with autograd, so it must be differentiable there.
+        M: None for the limit form (value exactly the step, gradient exactly g), or the paper's
+            positive sawtooth frequency M (value within sup|g|/M of the step).
+    """
+    if not isinstance(w, Tensor):
+        raise TypeError(f"trainable_gate expects a tensor w, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"trainable_gate expects a floating-point tensor w, got dtype {w.dtype}")
+    _check_M(M)
+    shape_fn = resolve_shape(shape)
+    if M is None:
+        return _StepWithShapedGradient.apply(w, shape_fn)
+    step = (w >= 0).to(w.dtype)
+    scaled = M * w
+    sawtooth = (scaled - torch.floor(scaled)) / M  # floor has zero gradient: slope 1
+    return step + sawtooth * _evaluate_shape(shape_fn, w)
+
+
+class TrainableGate(nn.Module):
+    """One trainable gate per channel: holds ``weight`` (shape ``[num_channels]``); calling returns the gates.
+
+    All gates start open: ``weight`` is filled with ``init >= 0``.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        shape: str | ShapeFn | None = None,
+        M: float | None = None,
+        init: float = 0.5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 0:
+            raise ValueError(f"num_channels must be a non-negative int, got {num_channels!r}")
+        if not (isinstance(init, (int, float)) and math.isfinite(init) and init >= 0):
+            raise ValueError(f"init must be a finite number >= 0 so that every gate starts open, got {init!r}")
+        _check_M(M)
+        resolve_shape(shape)  # validate now rather than at the first forward
+        self.shape = shape
+        self.M = M
+        self.weight = nn.Parameter(torch.full((num_channels,), float(init), device=device, dtype=dtype))
+
+    @property
+    def num_channels(self) -> int:
+        return self.weight.numel()
+
+    def forward(self) -> Tensor:
+        return trainable_gate(self.weight, self.shape, self.M)
+
+    def open_mask(self) -> Tensor:
+        """Boolean mask of open gates (``weight >= 0``)."""
+        return self.weight.detach() >= 0
+
+    def num_open(self) -> int:
+        """How many gates are open (synchronises with the device)."""
+        return int(self.open_mask().sum())
+
+    def extra_repr(self) -> str:
+        shape = self.shape if isinstance(self.shape, str) or self.shape is None else getattr(self.shape, "__name__", "custom")
+        if isinstance(self.shape, partial):
+            shape = f"{self.shape.func.__name__}({', '.join(f'{k}={v}' for k, v in self.shape.keywords.items())})"
+        return f"{self.num_channels}, shape={shape or 'constant'}, M={self.M}"
