@@ -1,0 +1,176 @@
+"""GatedLinear and GatedConv2d: nn.Linear / nn.Conv2d whose outputs are gated per channel, skipping closed ones.
+
+``skip`` (DESIGN.md §3): ``"none"`` computes everything densely and gates afterwards; ``"exact"``
+skips closed channels in the forward and in dX and still gives every gate its exact gradient
+(same gradients as ``"none"``); ``"hard"`` skips closed channels everywhere (their gates get no
+task gradient). In eval mode and under ``torch.no_grad`` every mode skips closed channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tg_kernels.gate import ShapeFn, TrainableGate
+from tg_kernels.ops._skip import check_skip
+from tg_kernels.ops.gated_conv import gated_conv2d
+from tg_kernels.ops.gated_linear import gated_linear
+
+
+class _Gated:
+    """What GatedLinear and GatedConv2d share: the gate, the skip mode and their repr."""
+
+    gate: TrainableGate
+    skip: str
+    training: bool
+
+    def _init_gate(
+        self,
+        channels: int,
+        skip: str,
+        gate_shape: str | ShapeFn | None,
+        gate_M: float | None,
+        gate_init: float,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        check_skip(skip)
+        self.skip = skip
+        self.gate = TrainableGate(channels, shape=gate_shape, M=gate_M, init=gate_init, device=device, dtype=dtype)
+
+    def _mode(self) -> str:
+        """The skip mode for this call: eval mode skips closed channels (with the exact gradients of ``none``)."""
+        return "exact" if self.skip == "none" and not self.training else self.skip
+
+    def _gate_repr(self) -> str:
+        return f"skip={self.skip!r}, open={self.gate.num_open()}/{self.gate.num_channels}"
+
+
+class GatedLinear(nn.Linear, _Gated):
+    """``nn.Linear`` followed by a trainable gate per output feature; closed features are skipped.
+
+    Args are those of ``nn.Linear`` plus ``skip`` (``"none"``, ``"exact"``, ``"hard"``) and the
+    gate options ``gate_shape``, ``gate_M`` and ``gate_init`` of :class:`TrainableGate`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        skip: str = "exact",
+        gate_shape: str | ShapeFn | None = None,
+        gate_M: float | None = None,
+        gate_init: float = 0.5,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_gate(out_features, skip, gate_shape, gate_M, gate_init, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gated_linear(x, self.weight, self.bias, self.gate(), skip=self._mode())
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, **options) -> GatedLinear:
+        """A GatedLinear with `module`'s weights (shared, not copied), device and dtype; gates open."""
+        w = module.weight
+        gated = cls(
+            module.in_features, module.out_features, module.bias is not None, device="meta", dtype=w.dtype, **options
+        )
+        gated.weight, gated.bias = module.weight, module.bias
+        gated.gate = gated.gate.to_empty(device=w.device)
+        nn.init.constant_(gated.gate.weight, options.get("gate_init", 0.5))
+        return gated
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+class GatedConv2d(nn.Conv2d, _Gated):
+    """``nn.Conv2d`` followed by a trainable gate per output channel; closed channels are skipped.
+
+    Args are those of ``nn.Conv2d`` plus ``skip`` (``"none"``, ``"exact"``, ``"hard"``) and the
+    gate options ``gate_shape``, ``gate_M`` and ``gate_init`` of :class:`TrainableGate`. Grouped
+    and depthwise convs skip per group (a group with no open channel is dropped entirely).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        skip: str = "exact",
+        gate_shape: str | ShapeFn | None = None,
+        gate_M: float | None = None,
+        gate_init: float = 0.5,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_gate(out_channels, skip, gate_shape, gate_M, gate_init, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        return gated_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            self.gate(),
+            list(self.stride),
+            list(padding),
+            list(self.dilation),
+            self.groups,
+            skip=self._mode(),
+        )
+
+    @classmethod
+    def from_conv(cls, module: nn.Conv2d, **options) -> GatedConv2d:
+        """A GatedConv2d with `module`'s weights (shared, not copied), device and dtype; gates open."""
+        w = module.weight
+        gated = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device="meta",
+            dtype=w.dtype,
+            **options,
+        )
+        gated.weight, gated.bias = module.weight, module.bias
+        gated.gate = gated.gate.to_empty(device=w.device)
+        nn.init.constant_(gated.gate.weight, options.get("gate_init", 0.5))
+        return gated
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"

@@ -1,0 +1,189 @@
+"""`gated_conv2d(x, weight, bias, gate, ...)`: ``conv2d(x, weight, bias) * gate`` that skips closed channels.
+
+The custom ops ``tg_kernels::gated_conv2d`` / ``tg_kernels::gated_conv2d_backward`` take a 4-d
+``x: [N, C_in, H, W]`` (contiguous or channels_last, already padded for non-zero padding modes) and
+pick a backend at run time; the math lives in :mod:`tg_kernels.ops._skip`. Grouped convs keep the
+same number of channels in every group that has an open channel and drop the other groups with
+their input channels (:func:`tg_kernels.ops._skip.plan_active`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tg_kernels.backends import resolve_backend
+from tg_kernels.ops import _skip
+from tg_kernels.ops.channel_gate import channel_gate
+
+
+class Conv2dMath(_skip.LayerMath):
+    """Dense Conv2d primitives for fixed stride, padding and dilation."""
+
+    def __init__(self, stride: list[int], padding: list[int], dilation: list[int]) -> None:
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _backward(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int, mask: list[bool]) -> tuple:
+        return torch.ops.aten.convolution_backward(
+            grad_z, x, weight, [weight.shape[0]], self.stride, self.padding, self.dilation, False, [0, 0], groups, mask
+        )
+
+    def input_grad(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int) -> Tensor:
+        return self._backward(grad_z, x, weight, groups, [True, False, False])[0]
+
+    def weight_grad(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        _, grad_w, grad_b = self._backward(grad_z, x, weight, groups, [False, True, True])
+        return grad_w, grad_b
+
+
+def _math(x: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> _skip.LayerMath:
+    """The implementation for x's device and dtype; a Triton/CUDA LayerMath (or whole op) slots in here."""
+    resolve_backend("gated_conv2d", x.device, x.dtype, _skip.SUPPORTED_DTYPES)
+    return Conv2dMath(stride, padding, dilation)
+
+
+def _pair(v: int | list[int] | tuple[int, ...]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def output_shape(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> list[int]:
+    sizes = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    ]
+    return [x.shape[0], weight.shape[0], *sizes]
+
+
+def _check_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f"tg_kernels::gated_conv2d takes 4-d x and weight, got {list(x.shape)} and {list(weight.shape)}"
+        )
+    if groups < 1 or weight.shape[0] % groups or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"x {list(x.shape)} and weight {list(weight.shape)} do not match groups={groups}")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError("stride, padding and dilation must have two entries each")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    _skip.check_gate(gate, weight.shape[0], x)
+    if mode not in _skip.MODES:
+        raise ValueError(f"mode must be one of {_skip.MODES}, got {mode!r}")
+
+
+@torch.library.custom_op("tg_kernels::gated_conv2d", mutates_args=())
+def gated_conv2d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+) -> Tensor:
+    _check_args(x, weight, bias, gate, stride, padding, dilation, groups, mode)
+    shape = output_shape(x, weight, stride, padding, dilation)
+    return _skip.skip_forward(_math(x, stride, padding, dilation), x, weight, bias, gate, groups, shape)
+
+
+@gated_conv2d_op.register_fake
+def _(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+) -> Tensor:
+    _check_args(x, weight, bias, gate, stride, padding, dilation, groups, mode)
+    shape = output_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=_skip.output_format(x))
+
+
+@torch.library.custom_op("tg_kernels::gated_conv2d_backward", mutates_args=())
+def gated_conv2d_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+    need_input: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_args(x, weight, bias, gate, stride, padding, dilation, groups, mode)
+    math = _math(x, stride, padding, dilation)
+    return _skip.skip_backward(math, grad_y, x, weight, bias, gate, groups, mode, need_input, need_params)
+
+
+@gated_conv2d_backward_op.register_fake
+def _(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+    need_input: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _skip.backward_fakes(x, weight, bias, gate, need_input, need_params)
+
+
+_skip.register_skip_autograd(gated_conv2d_op, gated_conv2d_backward_op)
+
+
+def gated_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: int | list[int] = 1,
+    padding: int | list[int] = 0,
+    dilation: int | list[int] = 1,
+    groups: int = 1,
+    skip: str = "exact",
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups) * gate`` along dim 1, skipping closed channels.
+
+    `padding` is numeric (pad `x` yourself for other padding modes). `skip` is ``"none"`` (dense,
+    then :func:`channel_gate`), ``"exact"`` or ``"hard"`` (DESIGN.md §3). Without gradients
+    (``torch.no_grad``) every mode skips closed channels.
+    """
+    _skip.check_skip(skip)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if skip == "none" and torch.is_grad_enabled():
+        return channel_gate(F.conv2d(x, weight, bias, stride, padding, dilation, groups), gate, dim=1)
+    mode = "exact" if skip == "none" else skip
+    x, weight, bias = _skip.autocast_inputs(x, weight, bias)
+    if x.dim() != 4:
+        raise ValueError(f"gated_conv2d takes a 4-d input [N, C, H, W], got shape {list(x.shape)}")
+    if _skip.output_format(x) != torch.channels_last:
+        x = x.contiguous()
+    return gated_conv2d_op(x, weight, bias, gate, stride, padding, dilation, groups, mode)
