@@ -203,8 +203,7 @@ def skip_backward(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     plan = plan_active(gate, groups, weight.shape[1] * groups)
-    nothing = x.new_empty(0)
-    grad_x = grad_w = grad_b = grad_gate = nothing
+    grad_x, grad_w, grad_b, grad_gate = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
     ndim = grad_y.dim()
     gate_s = _select(gate, 0, plan.out_idx)
     grad_y_s = _select(grad_y, 1, plan.out_idx)
@@ -236,13 +235,14 @@ def skip_backward(
             )
         if g_w is None:  # hard mode, every gate closed: no task gradient at all
             grad_w, grad_gate = torch.zeros_like(weight), torch.zeros_like(gate)
-            grad_b = torch.zeros_like(bias) if bias is not None else nothing
+            grad_b = torch.zeros_like(bias) if bias is not None else grad_b
         elif full or plan.dense or batch_empty:
             grad_w = _with_strides(g_w * _param_view(gate.to(g_w.dtype), weight.dim()), _strides_like(weight))
             grad_gate = _gate_grad(weight, g_w, bias, g_sum, gate.dtype)
             if mode == "hard":  # dense plan in hard mode: closed gates still get no task gradient
                 grad_gate = grad_gate * (gate != 0)
-            grad_b = (g_sum * gate.to(g_sum.dtype)).to(bias.dtype) if bias is not None else nothing
+            if bias is not None:
+                grad_b = (g_sum * gate.to(g_sum.dtype)).to(bias.dtype)
         else:
             g_w_s = g_w * _param_view(gate_s.to(g_w.dtype), weight.dim())
             grad_w = torch.zeros_like(weight).index_copy_(0, plan.out_idx, g_w_s.to(weight.dtype))
@@ -262,11 +262,10 @@ def backward_fakes(
     x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, need_input: bool, need_params: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fake (meta) outputs of a skipping backward op, with the strides the real one promises."""
-    nothing = x.new_empty(0)
-    grad_x = torch.empty_like(x) if need_input else nothing
+    grad_x = torch.empty_like(x) if need_input else x.new_empty(0)
     if not need_params:
-        return grad_x, nothing, nothing, nothing
-    grad_b = torch.empty_like(bias) if bias is not None else nothing
+        return grad_x, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    grad_b = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return grad_x, torch.empty_like(weight), grad_b, torch.empty_like(gate)
 
 

@@ -1,0 +1,402 @@
+"""GatedLinear / GatedConv2d and their skipping ops against a dense torch.nn.functional reference (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.ops import _skip
+from tg_kernels.ops.gated_conv import gated_conv2d, gated_conv2d_backward_op, gated_conv2d_op
+from tg_kernels.ops.gated_linear import gated_linear, gated_linear_backward_op, gated_linear_op
+
+MODES = ("none", "exact", "hard")
+PATTERNS = ("all_open", "some_closed", "all_closed")
+F64 = torch.float64
+
+
+def make_gate(channels: int, pattern: str, seed: int = 0, binary: bool = False) -> torch.Tensor:
+    """Gate values with exact zeros for closed channels; open values are 1 (binary) or random in [0.5, 1.5]."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.ones(channels, dtype=F64) if binary else 0.5 + torch.rand(channels, generator=gen, dtype=F64)
+    if pattern == "all_closed":
+        values.zero_()
+    elif pattern == "some_closed":
+        closed = torch.rand(channels, generator=gen) < 0.6
+        closed[0] = True
+        closed[-1] = False
+        values[closed] = 0
+    return values
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def grads_of(fn, inputs: list[torch.Tensor | None], seed: int = 1) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Run fn on fresh leaves of `inputs`, backpropagate a fixed random dy, return (y, grads)."""
+    leaves = [leaf(t) if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    y.backward(dy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def reference(layer, mode: str):
+    """Dense reference: layer(x, w, b) * gate with plain autograd; "hard" removes closed channels' gate gradient."""
+
+    def fn(x, w, b, gate):
+        z = layer(x, w, b)
+        g = gate * (gate != 0) if mode == "hard" else gate
+        return z * g.view([1, -1] + [1] * (z.dim() - 2))
+
+    return fn
+
+
+def assert_all_close(actual, expected, rtol=1e-9, atol=1e-9):
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------- Linear
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(mode, pattern, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 11, generator=gen, dtype=F64)
+    w = torch.randn(37, 11, generator=gen, dtype=F64)
+    b = torch.randn(37, generator=gen, dtype=F64) if bias else None
+    gate = make_gate(37, pattern)
+    y, grads = grads_of(lambda x, w, b, g: gated_linear(x, w, b, g, skip=mode), [x, w, b, gate])
+    y_ref, grads_ref = grads_of(reference(F.linear, mode), [x, w, b, gate])
+    assert_all_close([y, *grads], [y_ref, *grads_ref])
+    if mode == "hard":
+        assert (grads[3][gate == 0] == 0).all()
+    elif pattern != "all_open":
+        assert grads[3][gate == 0].abs().sum() > 0  # exact gate gradients for closed channels
+
+
+def test_linear_exact_equals_none_for_modules():
+    torch.manual_seed(0)
+    layers = {mode: GatedLinear(9, 20, skip=mode, dtype=F64) for mode in MODES}
+    state = layers["none"].state_dict()
+    state["gate.weight"] = torch.randn(20, dtype=F64)
+    x = torch.randn(3, 4, 9, dtype=F64)
+    results = {}
+    for mode, layer in layers.items():
+        layer.load_state_dict(state)
+        xi = leaf(x)
+        y = layer(xi)
+        (y * torch.arange(20, dtype=F64)).sum().backward()
+        results[mode] = [y, xi.grad, layer.weight.grad, layer.bias.grad, layer.gate.weight.grad]
+    assert_all_close(results["exact"], results["none"])
+    closed = state["gate.weight"] < 0
+    assert (results["hard"][4][closed] == 0).all()
+    assert_all_close(results["hard"][:4], results["none"][:4])
+    torch.testing.assert_close(results["hard"][4][~closed], results["none"][4][~closed])
+
+
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+def test_linear_one_channel_and_batch_zero(mode):
+    for channels, n in ((1, 3), (5, 0)):
+        for pattern in ("all_open", "all_closed"):
+            x = torch.randn(n, 4, dtype=F64)
+            w = torch.randn(channels, 4, dtype=F64)
+            b = torch.randn(channels, dtype=F64)
+            gate = make_gate(channels, pattern)
+            y, grads = grads_of(lambda x, w, b, g: gated_linear(x, w, b, g, skip=mode), [x, w, b, gate])
+            y_ref, grads_ref = grads_of(reference(F.linear, mode), [x, w, b, gate])
+            assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
+# ---------------------------------------------------------------------------------------------- Conv2d
+
+CONV_CASES = {
+    "basic": dict(cin=4, cout=16, k=3, stride=1, padding=1, dilation=1, groups=1),
+    "stride_dilation": dict(cin=3, cout=10, k=3, stride=2, padding=2, dilation=2, groups=1),
+    "rect_kernel": dict(cin=3, cout=9, k=(1, 3), stride=(2, 1), padding=(0, 1), dilation=1, groups=1),
+    "groups2": dict(cin=4, cout=12, k=3, stride=1, padding=1, dilation=1, groups=2),
+    "depthwise": dict(cin=6, cout=6, k=3, stride=1, padding=1, dilation=1, groups=6),
+    "depthwise_x2": dict(cin=4, cout=8, k=3, stride=2, padding=1, dilation=1, groups=4),
+}
+
+
+def conv_inputs(case: dict, n: int = 2, hw: int = 7, bias: bool = True, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    k = case["k"] if isinstance(case["k"], tuple) else (case["k"], case["k"])
+    x = torch.randn(n, case["cin"], hw, hw, generator=gen, dtype=F64)
+    w = torch.randn(case["cout"], case["cin"] // case["groups"], *k, generator=gen, dtype=F64)
+    b = torch.randn(case["cout"], generator=gen, dtype=F64) if bias else None
+    return x, w, b
+
+
+def conv_fn(case: dict, mode: str | None = None):
+    args = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    if mode is None:
+        return lambda x, w, b: F.conv2d(x, w, b, **args)
+    return lambda x, w, b, g: gated_conv2d(x, w, b, g, skip=mode, **args)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_matches_reference(case, mode, pattern):
+    spec = CONV_CASES[case]
+    x, w, b = conv_inputs(spec, bias=case != "basic" or pattern != "some_closed")
+    gate = make_gate(spec["cout"], pattern, seed=3)
+    y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
+    y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+    assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
+def test_conv_grouped_drops_closed_groups():
+    """A group with every channel closed is dropped with its inputs; the others keep k channels each."""
+    gate = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0], dtype=F64)
+    plan = _skip.plan_active(gate, groups=3, in_channels=6)
+    assert plan.groups == 2
+    assert plan.out_idx.tolist() == [0, 1, 9, 10]
+    assert plan.in_idx.tolist() == [0, 1, 4, 5]
+    spec = dict(cin=6, cout=12, k=3, stride=1, padding=1, dilation=1, groups=3)
+    x, w, b = conv_inputs(spec)
+    for mode in MODES:
+        y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
+        y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+        assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
+def test_plan_pads_to_multiple_of_eight():
+    gate = torch.zeros(20)
+    gate[[3, 11]] = 1
+    plan = _skip.plan_active(gate, groups=1, in_channels=4)
+    assert plan.out_idx.numel() == 8 and {3, 11} <= set(plan.out_idx.tolist())
+    gate[:19] = 1
+    assert _skip.plan_active(gate, 1, 4).out_idx.numel() == 20
+    assert _skip.plan_active(torch.ones(20), 1, 4).dense
+    assert _skip.plan_active(torch.zeros(20), 1, 4).empty
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_channels_last(mode):
+    spec = CONV_CASES["basic"]
+    x, w, b = conv_inputs(spec)
+    gate = make_gate(spec["cout"], "some_closed")
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    leaves = [leaf(x_cl), leaf(w_cl), leaf(b), leaf(gate)]
+    y = conv_fn(spec, mode)(*leaves)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.randn_like(y))
+    assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
+    y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+    _, grads = grads_of(conv_fn(spec, mode), [x_cl, w_cl, b, gate])
+    torch.testing.assert_close(y.detach(), y_ref)
+    assert_all_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+def test_conv_batch_zero_and_one_channel(mode):
+    for n, cout, pattern in ((0, 8, "some_closed"), (0, 8, "all_closed"), (2, 1, "all_open"), (2, 1, "all_closed")):
+        spec = dict(cin=3, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=1)
+        x, w, b = conv_inputs(spec, n=n, hw=5)
+        gate = make_gate(cout, pattern)
+        y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
+        y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+        assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_module_padding_modes(mode, padding_mode):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode, bias=False, dtype=F64)
+    gated = GatedConv2d.from_conv(plain, skip=mode)
+    with torch.no_grad():
+        gated.gate.weight.copy_(torch.tensor([1.0, -1, 1, -1, -1, 1, 1, -1]))
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    mask = (gated.gate.weight >= 0).to(F64).view(1, -1, 1, 1)
+    torch.testing.assert_close(gated(x), plain(x) * mask)
+    same = GatedConv2d(3, 8, 4, padding="same", dtype=F64, skip=mode)
+    ref = nn.Conv2d(3, 8, 4, padding="same", dtype=F64)
+    ref.load_state_dict(same.state_dict(), strict=False)
+    torch.testing.assert_close(same(x), ref(x))
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def test_eval_and_no_grad_skip_closed_channels(monkeypatch):
+    from tg_kernels.ops.gated_linear import LinearMath
+
+    computed = []
+    original = LinearMath.forward
+
+    def spy(self, x, weight, bias, groups):
+        computed.append(weight.shape[0])
+        return original(self, x, weight, bias, groups)
+
+    monkeypatch.setattr(LinearMath, "forward", spy)
+    for mode in MODES:
+        layer = GatedLinear(5, 32, skip=mode)
+        with torch.no_grad():
+            layer.gate.weight[4:] = -1  # 4 open -> padded to 8
+        x = torch.randn(3, 5)
+        computed.clear()
+        with torch.no_grad():
+            layer(x)
+        layer.eval()
+        layer(x).sum().backward()
+        assert computed == [8, 8], mode
+        layer.train()
+        computed.clear()
+        layer(x)
+        assert computed == ([] if mode == "none" else [8]), mode
+
+
+def test_skip_validation_and_repr():
+    with pytest.raises(ValueError, match="skip must be"):
+        GatedLinear(3, 4, skip="soft")
+    with pytest.raises(ValueError, match="skip must be"):
+        GatedConv2d(3, 4, 3, skip=None)
+    layer = GatedConv2d(3, 4, 3, skip="hard")
+    with torch.no_grad():
+        layer.gate.weight[0] = -1
+    assert "skip='hard'" in repr(layer) and "open=3/4" in repr(layer)
+
+
+def test_state_dict_and_from_layers():
+    linear = nn.Linear(6, 10, dtype=F64)
+    gated = GatedLinear.from_linear(linear, skip="hard", gate_init=0.25)
+    assert list(gated.state_dict()) == ["weight", "bias", "gate.weight"]
+    assert gated.weight is linear.weight and gated.skip == "hard"
+    assert gated.gate.weight.dtype == F64 and (gated.gate.weight == 0.25).all()
+    x = torch.randn(4, 6, dtype=F64)
+    torch.testing.assert_close(gated(x), linear(x))
+
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect")
+    gated_conv = GatedConv2d.from_conv(conv)
+    assert list(gated_conv.state_dict()) == ["weight", "gate.weight"]
+    assert gated_conv.groups == 2 and gated_conv.padding_mode == "reflect" and gated_conv.bias is None
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(gated_conv(x), conv(x))
+
+    fresh = GatedConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect")
+    fresh.load_state_dict(gated_conv.state_dict())
+    torch.testing.assert_close(fresh(x), conv(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_closed_exact_gates_still_learn(mode):
+    layer = GatedConv2d(3, 8, 3, padding=1, skip=mode)
+    with torch.no_grad():
+        layer.gate.weight.fill_(-0.5)
+    x = torch.randn(2, 3, 5, 5)
+    y = layer(x)
+    assert (y == 0).all()
+    y.backward(torch.randn_like(y))
+    grad = layer.gate.weight.grad
+    assert (grad == 0).all() if mode == "hard" else (grad != 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_bf16(mode):
+    torch.manual_seed(0)
+    layer = GatedLinear(16, 24, skip=mode)
+    conv = GatedConv2d(4, 8, 3, padding=1, skip=mode)
+    with torch.no_grad():
+        layer.gate.weight[::3] = -1
+        conv.gate.weight[::3] = -1
+    x, xc = torch.randn(5, 16), torch.randn(2, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yc = layer(x), conv(xc)
+        ref = F.linear(x, layer.weight, layer.bias) * layer.gate().detach()
+        ref_c = F.conv2d(xc, conv.weight, conv.bias, padding=1) * conv.gate().detach().view(1, -1, 1, 1)
+    assert y.dtype == yc.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(yc.float(), ref_c.float(), rtol=2e-2, atol=2e-2)
+    (y.float().sum() + yc.float().sum()).backward()
+    for p in (layer.weight, layer.gate.weight, conv.weight, conv.gate.weight):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- ops
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+def test_opcheck_linear(mode, pattern):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=gen, requires_grad=True)
+    w = torch.randn(12, 6, generator=gen, requires_grad=True)
+    b = torch.randn(12, generator=gen, requires_grad=True)
+    gate = make_gate(12, pattern).float().requires_grad_(True)
+    _opcheck(gated_linear_op, (x, w, b, gate, mode))
+    _opcheck(gated_linear_op, (x, w, None, gate, mode))
+    dy = torch.randn(5, 12)
+    for need_input, need_params in ((True, True), (False, True), (True, False)):
+        args = (dy, x.detach(), w.detach(), b.detach(), gate.detach(), mode, need_input, need_params)
+        _opcheck(gated_linear_backward_op, args)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+def test_opcheck_conv(mode, groups, memory_format):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=gen).contiguous(memory_format=memory_format).requires_grad_(True)
+    w = torch.randn(8, 4 // groups, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(8, generator=gen, requires_grad=True)
+    params = ([2, 1], [1, 1], [1, 1], groups)
+    for pattern in PATTERNS:
+        gate = make_gate(8, pattern).float().requires_grad_(True)
+        _opcheck(gated_conv2d_op, (x, w, b, gate, *params, mode))
+    dy = torch.randn(2, 8, 3, 6).contiguous(memory_format=memory_format)
+    args = (dy, x.detach(), w.detach(), None, gate.detach(), *params, mode, True, True)
+    _opcheck(gated_conv2d_backward_op, args)
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+
+def _compiled_matches_eager(backend: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        GatedConv2d(3, 8, 3, padding=1, skip="exact"),
+        nn.ReLU(),
+        GatedConv2d(8, 8, 3, padding=1, groups=2, skip="hard"),
+        nn.Flatten(),
+        GatedLinear(8 * 16, 10, skip="exact"),
+    )
+    with torch.no_grad():
+        model[0].gate.weight[::2] = -1
+        model[4].gate.weight[:3] = -1
+    x = torch.randn(2, 3, 4, 4)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    grads = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        y = fn(x)
+        y.square().sum().backward()
+        grads.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_aot_eager():
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    _compiled_matches_eager("inductor")
