@@ -7,6 +7,7 @@ another torch, one warning says why and the `torch` backend keeps working.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import warnings
@@ -46,15 +47,15 @@ def _load() -> None:
             "rebuild with `pip install --no-build-isolation .`"
         )
     else:
-        try:
-            _module = importlib.import_module("tg_kernels._C")
-        except ModuleNotFoundError as exc:
-            if exc.name != "tg_kernels._C":
+        # Only a library beside this file counts (an editable install's finder can offer another copy).
+        spec = importlib.util.find_spec("tg_kernels._C")
+        if spec is None or spec.origin is None or Path(spec.origin).parent != Path(__file__).parent:
+            _load_error = "the extension tg_kernels._C is not built (install with `pip install --no-build-isolation .`)"
+        else:
+            try:
+                _module = importlib.import_module("tg_kernels._C")
+            except (ImportError, OSError) as exc:
                 _load_error = f"importing the extension failed: {exc}"
-            else:
-                _load_error = "the extension tg_kernels._C is not built (install with `pip install --no-build-isolation .`)"
-        except (ImportError, OSError) as exc:
-            _load_error = f"importing the extension failed: {exc}"
     if _load_error is not None:
         warnings.warn(
             f"tg_kernels: C++/CUDA kernels unavailable, using the pure-PyTorch backend: {_load_error}",

@@ -76,7 +76,9 @@ def _backend_info_cached(name: str, interpret: bool) -> BackendInfo:
         if _extension.extension() is None:
             return BackendInfo(name, False, _extension.extension_error() or "extension not loaded")
         if not _extension.has_kernel("channel_gate_forward_kernel", "CUDA"):
-            return BackendInfo(name, False, "the extension was built without CUDA kernels (TG_KERNELS_CUDA=0 or no toolkit)")
+            return BackendInfo(
+                name, False, "the extension was built without CUDA kernels (TG_KERNELS_CUDA=0 or no toolkit)"
+            )
         if not torch.cuda.is_available():
             return BackendInfo(name, False, "CUDA kernels are compiled but no CUDA device is visible")
         return BackendInfo(name, True, "C++/CUDA kernels")

@@ -58,7 +58,9 @@ def resolve_shape(shape: str | ShapeFn | None) -> ShapeFn:
             raise ValueError(f"unknown gate shape {shape!r}; expected one of {sorted(SHAPES)} or a callable") from None
     if callable(shape):
         return shape
-    raise TypeError(f"shape must be None, a name in {sorted(SHAPES)} or a callable on tensors, got {type(shape).__name__}")
+    raise TypeError(
+        f"shape must be None, a name in {sorted(SHAPES)} or a callable on tensors, got {type(shape).__name__}"
+    )
 
 
 def _check_M(M: float | None) -> None:
@@ -75,9 +77,13 @@ def _evaluate_shape(shape_fn: ShapeFn, w: Tensor) -> Tensor:
     if not isinstance(g, Tensor):
         raise TypeError(f"the gate shape function must return a tensor, got {type(g).__name__}")
     if g.shape != w.shape:
-        g = g.expand(w.shape) if torch.broadcast_shapes(g.shape, w.shape) == w.shape else None
-        if g is None:
-            raise ValueError(f"the gate shape function returned a tensor that does not broadcast to w's shape {tuple(w.shape)}")
+        try:
+            g = g.expand(w.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"the gate shape function returned shape {tuple(g.shape)}, which does not broadcast to w's shape "
+                f"{tuple(w.shape)}"
+            ) from None
     return g.to(w.dtype)
 
 
@@ -166,7 +172,11 @@ class TrainableGate(nn.Module):
         return int(self.open_mask().sum())
 
     def extra_repr(self) -> str:
-        shape = self.shape if isinstance(self.shape, str) or self.shape is None else getattr(self.shape, "__name__", "custom")
+        shape = (
+            self.shape
+            if isinstance(self.shape, str) or self.shape is None
+            else getattr(self.shape, "__name__", "custom")
+        )
         if isinstance(self.shape, partial):
             shape = f"{self.shape.func.__name__}({', '.join(f'{k}={v}' for k, v in self.shape.keywords.items())})"
         return f"{self.num_channels}, shape={shape or 'constant'}, M={self.M}"

@@ -7,7 +7,6 @@ csrc/tg_kernels.cpp): the channel gate works on ``x: [outer, C, inner]`` contigu
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tg_kernels import reference
+from tg_kernels import _extension, reference
 from tg_kernels.backends import resolve_backend
 
 _HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -40,7 +40,9 @@ def _kernels(backend: str) -> tuple[Callable[..., Tensor], Callable[..., tuple[T
 def _check_kernel_args(x: Tensor, gate: Tensor) -> None:
     """The custom ops' own contract (they are public through torch.ops, so they check it too)."""
     if x.dim() != 3 or not x.is_contiguous():
-        raise ValueError(f"tg_kernels::channel_gate takes a contiguous [outer, C, inner] tensor, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"tg_kernels::channel_gate takes a contiguous [outer, C, inner] tensor, got shape {tuple(x.shape)}"
+        )
     if gate.dim() != 1 or gate.numel() != x.shape[1]:
         raise ValueError(f"tg_kernels::channel_gate takes gate of shape [{x.shape[1]}], got {tuple(gate.shape)}")
 
@@ -52,10 +54,12 @@ def _channel_gate_op(x: Tensor, gate: Tensor) -> Tensor:
     return forward(x, gate)
 
 
-@_channel_gate_op.register_fake
-def _(x: Tensor, gate: Tensor) -> Tensor:
+def _forward_fake(x: Tensor, gate: Tensor) -> Tensor:
     _check_kernel_args(x, gate)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_channel_gate_op.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("tg_kernels::channel_gate_backward", mutates_args=())
@@ -67,9 +71,12 @@ def _channel_gate_backward_op(grad_y: Tensor, x: Tensor, gate: Tensor) -> tuple[
     return backward(grad_y, x, gate)
 
 
-@_channel_gate_backward_op.register_fake
-def _(grad_y: Tensor, x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+def _backward_fake(grad_y: Tensor, x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    _check_kernel_args(x, gate)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(gate)
+
+
+_channel_gate_backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
@@ -85,6 +92,11 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:
 
 _channel_gate_op.register_autograd(_backward, setup_context=_setup_context)
 
+if _extension.extension() is not None:
+    # Fake implementations of the C++ kernel ops, so they too trace and pass opcheck.
+    torch.library.register_fake("tg_kernels::channel_gate_forward_kernel", _forward_fake)
+    torch.library.register_fake("tg_kernels::channel_gate_backward_kernel", _backward_fake)
+
 
 def _check_inputs(x: Tensor, gate: Tensor, dim: int) -> int:
     """Validate user arguments; return `dim` made non-negative."""
@@ -98,7 +110,9 @@ def _check_inputs(x: Tensor, gate: Tensor, dim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     if not -x.dim() <= dim < x.dim():
-        raise IndexError(f"dim {dim} is out of range for x with {x.dim()} dimensions (expected {-x.dim()} to {x.dim() - 1})")
+        raise IndexError(
+            f"dim {dim} is out of range for x with {x.dim()} dimensions (expected {-x.dim()} to {x.dim() - 1})"
+        )
     dim %= x.dim()
     if gate.dim() != 1 or gate.numel() != x.shape[dim]:
         raise ValueError(

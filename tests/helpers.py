@@ -1,0 +1,24 @@
+"""Shared test helpers: which backends and devices to parametrize over."""
+
+import pytest
+import torch
+
+import tg_kernels
+
+
+def backends_for(device: str) -> list[str]:
+    """Available backends that run tensors on `device` ("cpu" or "cuda")."""
+    runs_on = {"torch": {"cpu", "cuda"}, "cpp": {"cpu"}, "cuda": {"cuda"}, "triton": {"cuda"}}
+    if tg_kernels.backends.triton_interpret():
+        runs_on["triton"] = {"cpu"}
+    available = tg_kernels.available_backends()
+    return [name for name, info in available.items() if info.available and device in runs_on[name]]
+
+
+def devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def backend_device_params() -> list:
+    """(backend, device) pairs: every available backend on every device it runs on."""
+    return [pytest.param(b, d, id=f"{b}-{d}") for d in devices() for b in backends_for(d)]
