@@ -38,27 +38,34 @@ void check_args(const at::Tensor& x, const at::Tensor& gate, const char* op) {
   TORCH_CHECK(gate.is_contiguous(), op, ": expected a contiguous gate");
 }
 
-// Dot product of two runs in a fixed order: 8 independent lanes (vectorisable), then lane 0..7.
+// y[i] = in[i] * g over a contiguous run.
 template <typename scalar_t, typename acc_t>
-acc_t dot_run(const scalar_t* a, const scalar_t* b, int64_t n) {
+void scale_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, acc_t g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * g);
+}
+
+// The backward over one contiguous run, in one pass: dx = dy * g, and returns sum(dy * x).
+// The sum uses 8 independent lanes (vectorisable) combined in a fixed order, so it is reproducible.
+template <typename scalar_t, typename acc_t>
+acc_t scale_and_dot_run(scalar_t* __restrict__ dx, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                        acc_t g, int64_t n) {
   acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) {
-      lanes[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
+      const acc_t d = static_cast<acc_t>(dy[i + j]);
+      dx[i + j] = static_cast<scalar_t>(d * g);
+      lanes[j] += d * static_cast<acc_t>(x[i + j]);
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
-    lanes[j] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+    const acc_t d = static_cast<acc_t>(dy[i]);
+    dx[i] = static_cast<scalar_t>(d * g);
+    lanes[j] += d * static_cast<acc_t>(x[i]);
   }
   acc_t sum = 0;
   for (int j = 0; j < 8; ++j) sum += lanes[j];
   return sum;
-}
-
-template <typename scalar_t, typename acc_t>
-void scale_run(scalar_t* out, const scalar_t* in, acc_t g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * g);
 }
 
 at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& gate) {
@@ -128,8 +135,7 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
           const int64_t o = row / channels, c = row % channels;
           const int64_t start = row * inner + k * kChunk;
           const int64_t n = std::min(kChunk, inner - k * kChunk);
-          scale_run(dxp + start, dyp + start, gp[c], n);
-          pp[(o * chunks + k) * channels + c] = dot_run<scalar_t, acc_t>(dyp + start, xp + start, n);
+          pp[(o * chunks + k) * channels + c] = scale_and_dot_run(dxp + start, dyp + start, xp + start, gp[c], n);
         }
       });
     } else {
@@ -154,8 +160,7 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
             } else {
               for (int64_t c = 0; c < channels; ++c) {
                 const int64_t start = base + c * inner;
-                scale_run(dxp + start, dyp + start, gp[c], inner);
-                acc[c] += dot_run<scalar_t, acc_t>(dyp + start, xp + start, inner);
+                acc[c] += scale_and_dot_run(dxp + start, dyp + start, xp + start, gp[c], inner);
               }
             }
           }
