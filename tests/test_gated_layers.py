@@ -66,15 +66,16 @@ def assert_all_close(actual, expected, rtol=1e-9, atol=1e-9):
 # ---------------------------------------------------------------------------------------------- Linear
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "scaled"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_reference(mode, pattern, bias):
+def test_linear_matches_reference(mode, pattern, bias, binary):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 11, generator=gen, dtype=F64)
     w = torch.randn(37, 11, generator=gen, dtype=F64)
     b = torch.randn(37, generator=gen, dtype=F64) if bias else None
-    gate = make_gate(37, pattern)
+    gate = make_gate(37, pattern, binary=binary)
     y, grads = grads_of(lambda x, w, b, g: gated_linear(x, w, b, g, skip=mode), [x, w, b, gate])
     y_ref, grads_ref = grads_of(reference(F.linear, mode), [x, w, b, gate])
     assert_all_close([y, *grads], [y_ref, *grads_ref])
@@ -145,42 +146,54 @@ def conv_fn(case: dict, mode: str | None = None):
     return lambda x, w, b, g: gated_conv2d(x, w, b, g, skip=mode, **args)
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "scaled"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv_matches_reference(case, mode, pattern):
+def test_conv_matches_reference(case, mode, pattern, binary):
     spec = CONV_CASES[case]
     x, w, b = conv_inputs(spec, bias=case != "basic" or pattern != "some_closed")
-    gate = make_gate(spec["cout"], pattern, seed=3)
+    gate = make_gate(spec["cout"], pattern, seed=3, binary=binary)
     y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
     y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
     assert_all_close([y, *grads], [y_ref, *grads_ref])
 
 
-def test_conv_grouped_drops_closed_groups():
+@pytest.mark.parametrize(
+    "gate_values, sel, in_idx, has_zero_row",
+    [
+        ([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0], [0, 1, 9, 10], [0, 1, 4, 5], True),  # closed padding in group 0
+        ([1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0], [0, 1, 8, 9], [0, 1, 4, 5], False),  # no zero row: scatter
+    ],
+)
+def test_conv_grouped_drops_closed_groups(gate_values, sel, in_idx, has_zero_row):
     """A group with every channel closed is dropped with its inputs; the others keep k channels each."""
-    gate = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0], dtype=F64)
+    gate = torch.tensor(gate_values, dtype=F64)
     plan = _skip.plan_active(gate, groups=3, in_channels=6)
-    assert plan.groups == 2
-    assert plan.out_idx.tolist() == [0, 1, 9, 10]
-    assert plan.in_idx.tolist() == [0, 1, 4, 5]
+    assert plan.kind == "skip" and plan.groups == 2
+    assert plan.sel.tolist() == sel and plan.in_idx.tolist() == in_idx
+    assert (plan.out_map is not None) == has_zero_row
     spec = dict(cin=6, cout=12, k=3, stride=1, padding=1, dilation=1, groups=3)
     x, w, b = conv_inputs(spec)
-    for mode in MODES:
-        y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
-        y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
-        assert_all_close([y, *grads], [y_ref, *grads_ref])
+    for scale in (1.0, 1.5):  # binary gates and general gate values
+        for mode in MODES:
+            y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate * scale])
+            y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate * scale])
+            assert_all_close([y, *grads], [y_ref, *grads_ref])
 
 
 def test_plan_pads_to_multiple_of_eight():
     gate = torch.zeros(20)
     gate[[3, 11]] = 1
     plan = _skip.plan_active(gate, groups=1, in_channels=4)
-    assert plan.out_idx.numel() == 8 and {3, 11} <= set(plan.out_idx.tolist())
-    gate[:19] = 1
-    assert _skip.plan_active(gate, 1, 4).out_idx.numel() == 20
-    assert _skip.plan_active(torch.ones(20), 1, 4).dense
-    assert _skip.plan_active(torch.zeros(20), 1, 4).empty
+    assert plan.kind == "skip" and plan.binary
+    assert plan.sel.numel() == 8 and {3, 11} <= set(plan.sel.tolist()) and plan.pad.numel() == 6
+    assert plan.out_map[3] == plan.sel.tolist().index(3) and plan.out_map[0] in plan.pad
+    gate[:19] = 0.5
+    plan = _skip.plan_active(gate, 1, 4)
+    assert plan.sel.numel() == 20 and plan.pad.tolist() == [19] and not plan.binary
+    assert _skip.plan_active(torch.ones(20), 1, 4).kind == "dense"
+    assert _skip.plan_active(torch.zeros(20), 1, 4).kind == "empty"
 
 
 @pytest.mark.parametrize("mode", MODES)

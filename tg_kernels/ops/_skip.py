@@ -44,67 +44,76 @@ class LayerMath:
 
 @dataclass(frozen=True)
 class Plan:
-    """Which output (and input) channels a skipping call computes.
+    """Which weight rows (output channels) and input channels a skipping call computes.
 
-    ``out_idx`` None means all output channels (dense); an empty ``out_idx`` means none.
-    ``in_idx`` None means all input channels; grouped convs drop the inputs of fully closed groups.
+    ``kind`` is ``"dense"`` (every gate nonzero: plain layer), ``"empty"`` (every gate zero) or
+    ``"skip"``. For ``"skip"``: ``sel`` lists the weight rows computed; ``pad`` the positions in
+    ``sel`` of closed channels, computed as zero rows (padding to a multiple of
+    :data:`PAD_MULTIPLE`, or to equal group sizes); ``out_map[c]`` is the position in ``sel`` that
+    output channel c reads, a zero row for closed channels (None when there is no zero row: then
+    results are scattered into zeros); ``in_idx`` the input channels kept (None: all).
+    ``binary`` means every gate value is 0 or 1, so no multiplies are needed.
     """
 
-    out_idx: Tensor | None
-    in_idx: Tensor | None
+    kind: str
     groups: int
+    binary: bool
+    closed: Tensor
+    sel: Tensor | None = None
+    pad: Tensor | None = None
+    out_map: Tensor | None = None
+    in_idx: Tensor | None = None
 
-    @property
-    def dense(self) -> bool:
-        return self.out_idx is None
 
-    @property
-    def empty(self) -> bool:
-        return self.out_idx is not None and self.out_idx.numel() == 0
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def plan_active(gate: Tensor, groups: int, in_channels: int) -> Plan:
-    """Select the channels to compute: every open one (gate != 0), padded with closed ones.
+    """Select the channels to compute: every open one (gate != 0), padded with closed ones as zero rows.
 
-    groups == 1: the open count is rounded up to a multiple of :data:`PAD_MULTIPLE`.
+    groups == 1: the open count plus one zero row is rounded up to a multiple of :data:`PAD_MULTIPLE`.
     groups > 1: each group with an open channel keeps the same number k of channels (its open ones
     padded with its closed ones, k = the largest open count of any group) so the smaller conv is
     still a grouped conv; groups with no open channel are dropped, with their input channels.
-    Runs on the host (one synchronisation on CUDA).
+    Runs on the host (a few synchronisations on CUDA).
     """
+    gate = gate.detach()
     channels = gate.numel()
-    is_open = gate.detach() != 0
-    if groups == 1:
-        n_open = int(is_open.sum())
-        if n_open == channels:
-            return Plan(None, None, 1)
-        n_keep = min(channels, -(-n_open // PAD_MULTIPLE) * PAD_MULTIPLE)
-        keep = is_open
-        if n_keep > n_open:
-            closed = torch.nonzero(~is_open).flatten()[: n_keep - n_open]
-            keep = is_open.clone()
-            keep[closed] = True
-        return Plan(torch.nonzero(keep).flatten(), None, 1)
-    per_group = channels // groups
-    open_groups = is_open.view(groups, per_group)
-    counts = open_groups.sum(1)
-    k = int(counts.max()) if channels else 0
-    active_groups = torch.nonzero(counts).flatten()
-    n_groups = active_groups.numel()
-    if k == per_group and n_groups == groups:
-        return Plan(None, None, groups)
-    if k == 0:
-        return Plan(torch.zeros(0, dtype=torch.long, device=gate.device), None, groups)
-    # open channels first (stable sort keeps index order), then closed ones as padding
-    order = torch.sort((~open_groups).to(torch.int8), dim=1, stable=True).indices[active_groups, :k]
-    base = (active_groups * per_group).view(-1, 1)
-    out_idx = torch.sort(order + base, dim=1).values.flatten()
+    is_open = gate != 0
+    closed = torch.nonzero(~is_open).flatten()
+    binary = bool((~is_open | (gate == 1)).all())
+    n_open = channels - closed.numel()
+    if n_open == channels:
+        return Plan("dense", groups, binary, closed)
+    if n_open == 0:
+        return Plan("empty", groups, binary, closed)
     in_idx = None
-    if n_groups < groups:
-        in_per_group = in_channels // groups
-        offsets = torch.arange(in_per_group, device=gate.device).view(1, -1)
-        in_idx = (active_groups.view(-1, 1) * in_per_group + offsets).flatten()
-    return Plan(out_idx, in_idx, n_groups)
+    if groups == 1:
+        n_keep = min(channels, _round_up(n_open + 1, PAD_MULTIPLE))
+        keep = is_open.clone()
+        keep[closed[: n_keep - n_open]] = True
+        sel = torch.nonzero(keep).flatten()
+    else:
+        per_group = channels // groups
+        open_groups = is_open.view(groups, per_group)
+        counts = open_groups.sum(1)
+        k = int(counts.max())
+        active_groups = torch.nonzero(counts).flatten()
+        # open channels first (stable sort keeps index order), then closed ones as padding
+        order = torch.sort((~open_groups).to(torch.int8), dim=1, stable=True).indices[active_groups, :k]
+        sel = torch.sort(order + (active_groups * per_group).view(-1, 1), dim=1).values.flatten()
+        if active_groups.numel() < groups:
+            in_per_group = in_channels // groups
+            offsets = torch.arange(in_per_group, device=gate.device).view(1, -1)
+            in_idx = (active_groups.view(-1, 1) * in_per_group + offsets).flatten()
+        groups = active_groups.numel()
+    pad = torch.nonzero(~is_open[sel]).flatten()
+    out_map = None
+    if pad.numel():
+        out_map = torch.full((channels,), int(pad[0]), dtype=torch.long, device=gate.device)
+        out_map[sel] = torch.arange(sel.numel(), device=gate.device)
+    return Plan("skip", groups, binary, closed, sel, pad, out_map, in_idx)
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -131,10 +140,6 @@ def _strides_like(ref: Tensor) -> tuple[int, ...]:
     return torch.empty_like(ref, device="meta").stride()
 
 
-def _zeros(shape: list[int], strides: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device).zero_()
-
-
 def output_format(x: Tensor) -> torch.memory_format:
     """Memory format of a layer output for input `x`: channels_last for channels_last 4-d inputs."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -146,10 +151,40 @@ def output_strides(shape: list[int], x: Tensor) -> tuple[int, ...]:
     return torch.empty(shape, device="meta", memory_format=output_format(x)).stride()
 
 
-def _select(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
-    if t is None or idx is None:
-        return t
+def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """``t.index_select(dim, idx)``, keeping channels_last tensors channels_last (one pass either way)."""
+    if dim == 1 and output_format(t) == torch.channels_last:
+        return t.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
     return t.index_select(dim, idx)
+
+
+def _expand(t_sel: Tensor, dim: int, plan: Plan, channels: int) -> Tensor:
+    """Full-size tensor along `dim` from the computed channels ``t_sel`` (zero at ``plan.pad``): one pass."""
+    if plan.out_map is not None:
+        return _gather(t_sel, dim, plan.out_map)
+    shape = list(t_sel.shape)
+    shape[dim] = channels
+    out = torch.empty(shape, dtype=t_sel.dtype, device=t_sel.device, memory_format=output_format(t_sel))
+    return out.zero_().index_copy_(dim, plan.sel, t_sel)
+
+
+def _zero_rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
+    """`t` with the given rows (dim 0) set to zero, in place (`t` must be owned by the caller)."""
+    if t is not None and rows.numel():
+        t.index_fill_(0, rows, 0)
+    return t
+
+
+def _selected(weight: Tensor, bias: Tensor | None, plan: Plan) -> tuple[Tensor, Tensor | None]:
+    """Weight rows and bias entries of ``plan.sel``, zero for the padding (closed) channels."""
+    w_sel = _zero_rows(weight.index_select(0, plan.sel), plan.pad)
+    b_sel = _zero_rows(bias.index_select(0, plan.sel), plan.pad) if bias is not None else None
+    return w_sel, b_sel
+
+
+def _scaled(t: Tensor, gate: Tensor, view) -> Tensor:
+    """``t * gate`` along the channel dimension (a new tensor)."""
+    return t * view(gate.to(t.dtype), t.dim())
 
 
 def skip_forward(
@@ -158,15 +193,17 @@ def skip_forward(
     """y = layer(x) * gate along dim 1, computing only the active output channels."""
     strides = output_strides(out_shape, x)
     plan = plan_active(gate, groups, weight.shape[1] * groups)
-    if plan.empty or x.numel() == 0:
-        return _zeros(out_shape, strides, x)
-    w_s, b_s, x_s = _select(weight, 0, plan.out_idx), _select(bias, 0, plan.out_idx), _select(x, 1, plan.in_idx)
-    z = math.forward(x_s, w_s, b_s, plan.groups)
-    g = _channel_view(_select(gate, 0, plan.out_idx).to(z.dtype), z.dim())
-    if plan.dense:
-        return _with_strides(z.mul_(g), strides)
-    y = _zeros(out_shape, strides, z)
-    return y.index_copy_(1, plan.out_idx, z.mul_(g))
+    if plan.kind == "empty" or x.numel() == 0:
+        return torch.empty_strided(out_shape, strides, dtype=x.dtype, device=x.device).zero_()
+    if plan.kind == "dense":
+        z = math.forward(x, weight, bias, groups)
+        return _with_strides(z if plan.binary else z.mul_(_channel_view(gate.to(z.dtype), z.dim())), strides)
+    w_sel, b_sel = _selected(weight, bias, plan)
+    x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
+    z = math.forward(x_sel, w_sel, b_sel, plan.groups)
+    if not plan.binary:
+        z.mul_(_channel_view(gate.index_select(0, plan.sel).to(z.dtype), z.dim()))
+    return _with_strides(_expand(z, 1, plan, weight.shape[0]), strides)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,6 +219,15 @@ def _gate_grad(
     if bias is not None:
         out = out + bias.to(acc) * grad_bias.to(acc)
     return out.to(dtype)
+
+
+def _gated_param_grads(
+    grad_w: Tensor, grad_b: Tensor, gate: Tensor, closed: Tensor, binary: bool
+) -> tuple[Tensor, Tensor]:
+    """(gate * G, gate * sum(dy)) row-wise, in place on the caller's G and sum(dy)."""
+    if binary:
+        return _zero_rows(grad_w, closed), _zero_rows(grad_b, closed)
+    return grad_w.mul_(_param_view(gate.to(grad_w.dtype), grad_w.dim())), grad_b.mul_(gate.to(grad_b.dtype))
 
 
 def skip_backward(
@@ -204,57 +250,50 @@ def skip_backward(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     plan = plan_active(gate, groups, weight.shape[1] * groups)
     grad_x, grad_w, grad_b, grad_gate = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
-    ndim = grad_y.dim()
-    gate_s = _select(gate, 0, plan.out_idx)
-    grad_y_s = _select(grad_y, 1, plan.out_idx)
-    batch_empty = x.numel() == 0 or grad_y.numel() == 0
-
-    if need_input:
-        if plan.empty or batch_empty:
+    if x.numel() == 0 or grad_y.numel() == 0 or (plan.kind == "empty" and (mode == "hard" or not need_params)):
+        if need_input:
             grad_x = torch.zeros_like(x)
-        else:
-            w_s, x_s = _select(weight, 0, plan.out_idx), _select(x, 1, plan.in_idx)
-            grad_z_s = grad_y_s * _channel_view(gate_s.to(grad_y.dtype), ndim)
-            grad_x_s = math.input_grad(grad_z_s, x_s, w_s, plan.groups)
-            if plan.in_idx is None:
-                grad_x = _with_strides(grad_x_s, _strides_like(x))
-            else:
-                grad_x = torch.zeros_like(x).index_copy_(1, plan.in_idx, grad_x_s)
-
-    if need_params:
-        full = mode == "exact" and not plan.dense
-        if batch_empty:
-            g_w, g_sum = torch.zeros_like(weight), grad_y.new_zeros(weight.shape[0])
-        elif full or plan.dense:
-            g_w, g_sum = math.weight_grad(grad_y, x, weight, groups)
-        elif plan.empty:
-            g_w, g_sum = None, None
-        else:
-            g_w, g_sum = math.weight_grad(
-                grad_y_s, _select(x, 1, plan.in_idx), _select(weight, 0, plan.out_idx), plan.groups
-            )
-        if g_w is None:  # hard mode, every gate closed: no task gradient at all
+        if need_params:
             grad_w, grad_gate = torch.zeros_like(weight), torch.zeros_like(gate)
             grad_b = torch.zeros_like(bias) if bias is not None else grad_b
-        elif full or plan.dense or batch_empty:
-            grad_w = _with_strides(g_w * _param_view(gate.to(g_w.dtype), weight.dim()), _strides_like(weight))
-            grad_gate = _gate_grad(weight, g_w, bias, g_sum, gate.dtype)
-            if mode == "hard":  # dense plan in hard mode: closed gates still get no task gradient
-                grad_gate = grad_gate * (gate != 0)
-            if bias is not None:
-                grad_b = (g_sum * gate.to(g_sum.dtype)).to(bias.dtype)
+        return grad_x, grad_w, grad_b, grad_gate
+
+    skipping = plan.kind == "skip"
+    if skipping:
+        w_sel, b_sel = _selected(weight, bias, plan)
+        x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
+        grad_y_sel = _gather(grad_y, 1, plan.sel)
+        gate_sel = gate.index_select(0, plan.sel)
+
+    if need_input:
+        if plan.kind == "empty":
+            grad_x = torch.zeros_like(x)
+        elif plan.kind == "dense":
+            grad_z = grad_y if plan.binary else _scaled(grad_y, gate, _channel_view)
+            grad_x = _with_strides(math.input_grad(grad_z, x, weight, groups), _strides_like(x))
         else:
-            g_w_s = g_w * _param_view(gate_s.to(g_w.dtype), weight.dim())
-            grad_w = torch.zeros_like(weight).index_copy_(0, plan.out_idx, g_w_s.to(weight.dtype))
-            gate_grad_s = _gate_grad(
-                _select(weight, 0, plan.out_idx), g_w, _select(bias, 0, plan.out_idx), g_sum, gate.dtype
-            )
-            gate_grad_s = gate_grad_s * (gate_s != 0)  # padding channels are closed
-            grad_gate = torch.zeros_like(gate).index_copy_(0, plan.out_idx, gate_grad_s)
-            if bias is not None:
-                grad_b = torch.zeros_like(bias).index_copy_(
-                    0, plan.out_idx, (g_sum * gate_s.to(g_sum.dtype)).to(bias.dtype)
-                )
+            grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
+            grad_x_sel = math.input_grad(grad_z_sel, x_sel, w_sel, plan.groups)
+            if plan.in_idx is None:
+                grad_x = _with_strides(grad_x_sel, _strides_like(x))
+            else:
+                grad_x = torch.zeros_like(x).index_copy_(1, plan.in_idx, grad_x_sel)
+
+    if need_params:
+        if mode == "exact" or plan.kind == "dense":  # one full weight gradient on the ungated dy
+            g_w, g_sum = math.weight_grad(grad_y, x, weight, groups)
+            grad_gate = _gate_grad(weight, g_w, bias, g_sum, gate.dtype)
+            grad_w, g_sum = _gated_param_grads(g_w, g_sum, gate, plan.closed, plan.binary)
+        else:  # hard: active rows only; zero rows give zero gate gradients for the padding
+            g_w, g_sum = math.weight_grad(grad_y_sel, x_sel, w_sel, plan.groups)
+            gate_grad_sel = _gate_grad(w_sel, g_w, b_sel, g_sum, gate.dtype)
+            g_w, g_sum = _gated_param_grads(g_w, g_sum, gate_sel, plan.pad, plan.binary)
+            channels = weight.shape[0]
+            grad_w = _expand(g_w, 0, plan, channels)
+            g_sum, grad_gate = _expand(g_sum, 0, plan, channels), _expand(gate_grad_sel, 0, plan, channels)
+        grad_w = _with_strides(grad_w.to(weight.dtype), _strides_like(weight))
+        if bias is not None:
+            grad_b = g_sum.to(bias.dtype)
     return grad_x, grad_w, grad_b, grad_gate
 
 

@@ -1,0 +1,157 @@
+"""Train-step benchmark (forward + backward) of GatedLinear / GatedConv2d against plain nn layers.
+
+For each case and active fraction it times, interleaved round by round (so that load from other
+processes hits every provider alike): the gated layer in modes none / exact / hard, the plain nn
+layer of full size ("full") and the physically pruned plain layer with only the active channels
+("pruned"). Run ``python bench/gated_layers.py`` (``--help`` for options); :func:`run_cases`
+returns the rows for bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from tg_kernels.nn import GatedConv2d, GatedLinear
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+MODES = ("none", "exact", "hard")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer shape: ``kind`` is "linear" (tokens x in -> out) or "conv3x3" (N x in x H x W -> out)."""
+
+    name: str
+    kind: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: int = 0  # H = W for convs
+
+    def input(self) -> torch.Tensor:
+        if self.kind == "linear":
+            return torch.randn(self.batch, self.in_channels)
+        return torch.randn(self.batch, self.in_channels, self.size, self.size)
+
+    def plain(self, out_channels: int) -> nn.Module:
+        if self.kind == "linear":
+            return nn.Linear(self.in_channels, out_channels)
+        return nn.Conv2d(self.in_channels, out_channels, 3, padding=1)
+
+    def gated(self, mode: str) -> nn.Module:
+        if self.kind == "linear":
+            return GatedLinear(self.in_channels, self.out_channels, skip=mode)
+        return GatedConv2d(self.in_channels, self.out_channels, 3, padding=1, skip=mode)
+
+
+CASES = {
+    "linear_4096x1024x4096": Case("linear_4096x1024x4096", "linear", 4096, 1024, 4096),
+    "conv3x3_n32_64x64_32x32": Case("conv3x3_n32_64x64_32x32", "conv3x3", 32, 64, 64, 32),
+    "conv3x3_n32_128x128_16x16": Case("conv3x3_n32_128x128_16x16", "conv3x3", 32, 128, 128, 16),
+}
+
+
+def _train_step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
+    params = list(module.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad_y)
+
+    return step
+
+
+def _providers(case: Case, fraction: float, seed: int = 0) -> dict[tuple[str, str], Callable[[], None]]:
+    """Train-step closures keyed by (provider, mode); gates open on a random `fraction` of channels."""
+    torch.manual_seed(seed)
+    x = case.input().requires_grad_(True)
+    n_open = round(fraction * case.out_channels)
+    steps = {}
+    for mode in MODES:
+        layer = case.gated(mode)
+        with torch.no_grad():
+            layer.gate.weight[torch.randperm(case.out_channels)[n_open:]] = -1.0
+        grad_y = torch.randn_like(layer(x))
+        steps[("tg_kernels", mode)] = _train_step(layer, x, grad_y)
+    for mode, channels in (("full", case.out_channels), ("pruned", n_open)):
+        layer = case.plain(channels)
+        grad_y = torch.randn_like(layer(x))
+        steps[("torch.nn", mode)] = _train_step(layer, x, grad_y)
+    return steps
+
+
+def run_cases(
+    cases: list[str] | None = None, fractions: tuple[float, ...] = FRACTIONS, repeats: int = 7, warmup: int = 1
+) -> list[dict]:
+    """Benchmark rows: dicts with case, provider, mode, active_fraction, median_ms, iqr_ms."""
+    rows = []
+    for name in cases or list(CASES):
+        case = CASES[name]
+        for fraction in fractions:
+            steps = _providers(case, fraction)
+            timers = {key: benchmark.Timer(stmt="step()", globals={"step": step}) for key, step in steps.items()}
+            for _ in range(warmup):
+                for step in steps.values():
+                    step()
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+            for _ in range(repeats):  # interleaved rounds: drifting load hits every provider alike
+                for key, timer in timers.items():
+                    times[key].append(timer.timeit(1).median * 1e3)
+            for (provider, mode), ts in times.items():
+                q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+                rows.append(
+                    dict(
+                        case=name,
+                        provider=provider,
+                        mode=mode,
+                        active_fraction=fraction,
+                        median_ms=statistics.median(ts),
+                        iqr_ms=q[2] - q[0],
+                    )
+                )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Median times and the issue's ratios, one line per (case, active fraction)."""
+    lines = [
+        f"{'case':28} {'active':>6} | {'full':>8} {'pruned':>8} {'none':>8} {'exact':>8} {'hard':>8} (ms, median) | "
+        f"{'none/exact':>10} {'none/hard':>9} {'hard/pruned':>11} {'none/full':>9} {'exact/full':>10} {'hard/full':>9}"
+    ]
+    keys = sorted({(r["case"], r["active_fraction"]) for r in rows}, key=lambda k: (k[0], -k[1]))
+    for case, fraction in keys:
+        t = {r["mode"]: r["median_ms"] for r in rows if r["case"] == case and r["active_fraction"] == fraction}
+        lines.append(
+            f"{case:28} {fraction:6.2f} | {t['full']:8.1f} {t['pruned']:8.1f} {t['none']:8.1f} {t['exact']:8.1f} "
+            f"{t['hard']:8.1f}              | {t['none'] / t['exact']:10.2f} {t['none'] / t['hard']:9.2f} "
+            f"{t['hard'] / t['pruned']:11.2f} {t['none'] / t['full']:9.2f} {t['exact'] / t['full']:10.2f} "
+            f"{t['hard'] / t['full']:9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", choices=list(CASES), default=None)
+    parser.add_argument("--fractions", nargs="*", type=float, default=list(FRACTIONS))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds per provider")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, train step = forward + backward (x, params)")
+    rows = run_cases(args.cases, tuple(args.fractions), args.repeats)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
