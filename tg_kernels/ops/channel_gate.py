@@ -158,7 +158,9 @@ def channel_gate(x: Tensor, gate: Tensor, dim: int = 1) -> Tensor:
         dim: the channel dimension (default 1, as in NCHW).
 
     Returns:
-        ``x * gate`` broadcast along `dim`, with x's dtype and layout.
+        ``x * gate`` broadcast along `dim`, in x's dtype. Contiguous inputs and inputs that are
+        contiguous with `dim` moved last (channels_last for dim=1) keep their layout; other
+        strided inputs are copied once and the output is contiguous.
     """
     dim = _check_inputs(x, gate, dim)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
