@@ -10,7 +10,7 @@ returns the rows for bench/run.py.
 from __future__ import annotations
 
 import argparse
-import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from tg_kernels.backends import resolve_backend
 from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.ops.channel_gate import SUPPORTED_DTYPES as CHANNEL_GATE_DTYPES
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 MODES = ("none", "exact", "hard")
@@ -90,32 +92,33 @@ def _providers(case: Case, fraction: float, seed: int = 0) -> dict[tuple[str, st
 
 
 def run_cases(
-    cases: list[str] | None = None, fractions: tuple[float, ...] = FRACTIONS, repeats: int = 7, warmup: int = 1
+    cases: list[str] | None = None, fractions: tuple[float, ...] = FRACTIONS, repeats: int = 5, warmup: int = 1
 ) -> list[dict]:
     """Benchmark rows: dicts with case, provider, mode, active_fraction, median_ms, iqr_ms."""
-    rows = []
+    rows = []  # timed with perf_counter in interleaved rounds; statistics from torch.utils.benchmark.Measurement
     for name in cases or list(CASES):
         case = CASES[name]
         for fraction in fractions:
             steps = _providers(case, fraction)
-            timers = {key: benchmark.Timer(stmt="step()", globals={"step": step}) for key, step in steps.items()}
             for _ in range(warmup):
                 for step in steps.values():
                     step()
             times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
             for _ in range(repeats):  # interleaved rounds: drifting load hits every provider alike
-                for key, timer in timers.items():
-                    times[key].append(timer.timeit(1).median * 1e3)
+                for key, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[key].append(time.perf_counter() - start)
             for (provider, mode), ts in times.items():
-                q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+                m = benchmark.Measurement(1, ts, benchmark.TaskSpec(stmt=f"{name} {provider} {mode}", setup="pass"))
                 rows.append(
                     dict(
                         case=name,
                         provider=provider,
                         mode=mode,
                         active_fraction=fraction,
-                        median_ms=statistics.median(ts),
-                        iqr_ms=q[2] - q[0],
+                        median_ms=m.median * 1e3,
+                        iqr_ms=m.iqr * 1e3,
                     )
                 )
     return rows
@@ -143,12 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=None)
     parser.add_argument("--fractions", nargs="*", type=float, default=list(FRACTIONS))
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds per provider")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per provider")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, train step = forward + backward (x, params)")
+    gate_backend = resolve_backend("channel_gate", torch.device("cpu"), torch.float32, CHANNEL_GATE_DTYPES)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; train step = forward + backward "
+        f"(grads of x and params); channel_gate backend for mode none: {gate_backend}; {args.repeats} rounds"
+    )
     rows = run_cases(args.cases, tuple(args.fractions), args.repeats)
     print(format_table(rows))
 

@@ -41,6 +41,14 @@ class LayerMath:
         """(grad_weight, grad_z summed over every dimension but 1)."""
         raise NotImplementedError
 
+    def backward(
+        self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int, need_input: bool, need_weight: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(grad_x, grad_weight, grad_bias) for one dy; a layer may override this to share work."""
+        grad_x = self.input_grad(grad_z, x, weight, groups) if need_input else None
+        grad_w, grad_b = self.weight_grad(grad_z, x, weight, groups) if need_weight else (None, None)
+        return grad_x, grad_w, grad_b
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -258,34 +266,44 @@ def skip_backward(
             grad_b = torch.zeros_like(bias) if bias is not None else grad_b
         return grad_x, grad_w, grad_b, grad_gate
 
-    skipping = plan.kind == "skip"
-    if skipping:
+    # the problem dX is computed on (full or selected channels), its dy, and the weight-gradient problem
+    if plan.kind == "skip":
         w_sel, b_sel = _selected(weight, bias, plan)
         x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
-        grad_y_sel = _gather(grad_y, 1, plan.sel)
-        gate_sel = gate.index_select(0, plan.sel)
+        grad_y_sel, gate_sel = _gather(grad_y, 1, plan.sel), gate.index_select(0, plan.sel)
+        small = (grad_y_sel, x_sel, w_sel, plan.groups)
+        grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
+        input_problem = (grad_z_sel, x_sel, w_sel, plan.groups)
+    else:
+        input_problem = (grad_y if plan.binary else _scaled(grad_y, gate, _channel_view), x, weight, groups)
+    full_wgrad = mode == "exact" or plan.kind == "dense"  # one weight gradient on the full ungated dy
+    weight_problem = (grad_y, x, weight, groups) if full_wgrad else small
+
+    need_dx = need_input and plan.kind != "empty"
+    grad_x_c = g_w = g_sum = None
+    same_problem = plan.binary and (plan.kind == "dense" or not full_wgrad)
+    if need_dx and need_params and same_problem:
+        # 0/1 gates and the same problem (dense, or hard skip): dz == dy, one backward call
+        grad_x_c, g_w, g_sum = math.backward(*weight_problem, True, True)
+    else:
+        if need_dx:
+            grad_x_c = math.backward(*input_problem, True, False)[0]
+        if need_params:
+            _, g_w, g_sum = math.backward(*weight_problem, False, True)
 
     if need_input:
         if plan.kind == "empty":
             grad_x = torch.zeros_like(x)
-        elif plan.kind == "dense":
-            grad_z = grad_y if plan.binary else _scaled(grad_y, gate, _channel_view)
-            grad_x = _with_strides(math.input_grad(grad_z, x, weight, groups), _strides_like(x))
+        elif plan.kind == "skip" and plan.in_idx is not None:
+            grad_x = torch.zeros_like(x).index_copy_(1, plan.in_idx, grad_x_c)
         else:
-            grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
-            grad_x_sel = math.input_grad(grad_z_sel, x_sel, w_sel, plan.groups)
-            if plan.in_idx is None:
-                grad_x = _with_strides(grad_x_sel, _strides_like(x))
-            else:
-                grad_x = torch.zeros_like(x).index_copy_(1, plan.in_idx, grad_x_sel)
+            grad_x = _with_strides(grad_x_c, _strides_like(x))
 
     if need_params:
-        if mode == "exact" or plan.kind == "dense":  # one full weight gradient on the ungated dy
-            g_w, g_sum = math.weight_grad(grad_y, x, weight, groups)
+        if full_wgrad:
             grad_gate = _gate_grad(weight, g_w, bias, g_sum, gate.dtype)
             grad_w, g_sum = _gated_param_grads(g_w, g_sum, gate, plan.closed, plan.binary)
         else:  # hard: active rows only; zero rows give zero gate gradients for the padding
-            g_w, g_sum = math.weight_grad(grad_y_sel, x_sel, w_sel, plan.groups)
             gate_grad_sel = _gate_grad(w_sel, g_w, b_sel, g_sum, gate.dtype)
             g_w, g_sum = _gated_param_grads(g_w, g_sum, gate_sel, plan.pad, plan.binary)
             channels = weight.shape[0]

@@ -39,6 +39,11 @@ class Conv2dMath(_skip.LayerMath):
         _, grad_w, grad_b = self._backward(grad_z, x, weight, groups, [False, True, True])
         return grad_w, grad_b
 
+    def backward(
+        self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int, need_input: bool, need_weight: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self._backward(grad_z, x, weight, groups, [need_input, need_weight, need_weight])
+
 
 def _math(x: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> _skip.LayerMath:
     """The implementation for x's device and dtype; a Triton/CUDA LayerMath (or whole op) slots in here."""
