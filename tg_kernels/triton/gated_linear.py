@@ -214,10 +214,7 @@ def _weight_grad_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     pos_mask = pos < C
     k_mask = kk < K
-    if HARD:
-        ch = tl.load(perm_ptr + pos, mask=pos_mask, other=0)
-    else:
-        ch = pos
+    ch = tl.load(perm_ptr + pos, mask=pos_mask, other=0) if HARD else pos
     if INT64:
         ch = ch.to(tl.int64)
     gw_ptrs = gw_ptr + ch[:, None] * K + kk[None, :]
@@ -386,7 +383,9 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, 
     if bias is not None:
         _check_tensor(bias, "bias", op)
     if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{op}: x must be 2-D [N, K] and weight 2-D [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: x must be 2-D [N, K] and weight 2-D [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: x [N, K] and weight [C, K] disagree on K: {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -402,7 +401,9 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, 
     if gate.dtype != torch.float32:
         raise TypeError(f"{op}: gate must be float32, got {gate.dtype}")
     if gate.dim() != 1 or gate.shape[0] != channels:
-        raise ValueError(f"{op}: gate must have shape [{channels}] (one value per output channel), got {tuple(gate.shape)}")
+        raise ValueError(
+            f"{op}: gate must have shape [{channels}] (one value per output channel), got {tuple(gate.shape)}"
+        )
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("gate", gate)):
         if t is None:
             continue
