@@ -194,6 +194,23 @@ def test_plan_pads_to_multiple_of_eight():
     assert plan.sel.numel() == 20 and plan.pad.tolist() == [19] and not plan.binary
     assert _skip.plan_active(torch.ones(20), 1, 4).kind == "dense"
     assert _skip.plan_active(torch.zeros(20), 1, 4).kind == "empty"
+    gate = (torch.arange(20) % 2 == 0).float()[:16]  # 8 open of 16
+    plan = _skip.plan_active(gate, 1, 4)
+    assert plan.sel.numel() == 8 and plan.out_map is None and plan.unsel.tolist() == list(range(1, 16, 2))
+    plan = _skip.plan_active(gate, 1, 4, zero_row=True)  # Linear: always one zero row to gather from
+    assert plan.sel.numel() == 16 and plan.out_map is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_without_padding_rows(mode):
+    """8 of 16 open: no zero row to gather from, so the output is scattered."""
+    spec = CONV_CASES["basic"]
+    x, w, b = conv_inputs(spec)
+    for scale in (1.0, 0.7):
+        gate = (torch.arange(16) % 2 == 0).to(F64) * scale
+        y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
+        y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+        assert_all_close([y, *grads], [y_ref, *grads_ref])
 
 
 @pytest.mark.parametrize("mode", MODES)

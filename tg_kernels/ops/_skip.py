@@ -29,7 +29,14 @@ SUPPORTED_DTYPES = {"torch": _ALL_FLOATS, "cpp": _ALL_FLOATS}
 
 
 class LayerMath:
-    """The three dense primitives a skipping layer needs; ``groups`` is the (possibly reduced) group count."""
+    """The three dense primitives a skipping layer needs; ``groups`` is the (possibly reduced) group count.
+
+    ``zero_row``: always compute one extra zero channel, so that the full-size output is one gather
+    from the computed channels (worth it where the channel dimension is innermost, as in Linear;
+    a conv would pay a whole extra output channel instead).
+    """
+
+    zero_row: bool = False
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         raise NotImplementedError
@@ -59,7 +66,7 @@ class Plan:
     ``sel`` of closed channels, computed as zero rows (padding to a multiple of
     :data:`PAD_MULTIPLE`, or to equal group sizes); ``out_map[c]`` is the position in ``sel`` that
     output channel c reads, a zero row for closed channels (None when there is no zero row: then
-    results are scattered into zeros); ``in_idx`` the input channels kept (None: all).
+    results are scattered, ``unsel`` being the channels to zero); ``in_idx`` the input channels kept (None: all).
     ``binary`` means every gate value is 0 or 1, so no multiplies are needed.
     """
 
@@ -70,6 +77,7 @@ class Plan:
     sel: Tensor | None = None
     pad: Tensor | None = None
     out_map: Tensor | None = None
+    unsel: Tensor | None = None
     in_idx: Tensor | None = None
 
 
@@ -77,10 +85,10 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def plan_active(gate: Tensor, groups: int, in_channels: int) -> Plan:
+def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = False) -> Plan:
     """Select the channels to compute: every open one (gate != 0), padded with closed ones as zero rows.
 
-    groups == 1: the open count plus one zero row is rounded up to a multiple of :data:`PAD_MULTIPLE`.
+    groups == 1: the open count (plus one if `zero_row`) is rounded up to a multiple of :data:`PAD_MULTIPLE`.
     groups > 1: each group with an open channel keeps the same number k of channels (its open ones
     padded with its closed ones, k = the largest open count of any group) so the smaller conv is
     still a grouped conv; groups with no open channel are dropped, with their input channels.
@@ -98,7 +106,7 @@ def plan_active(gate: Tensor, groups: int, in_channels: int) -> Plan:
         return Plan("empty", groups, binary, closed)
     in_idx = None
     if groups == 1:
-        n_keep = min(channels, _round_up(n_open + 1, PAD_MULTIPLE))
+        n_keep = min(channels, _round_up(n_open + zero_row, PAD_MULTIPLE))
         keep = is_open.clone()
         keep[closed[: n_keep - n_open]] = True
         sel = torch.nonzero(keep).flatten()
@@ -117,11 +125,15 @@ def plan_active(gate: Tensor, groups: int, in_channels: int) -> Plan:
             in_idx = (active_groups.view(-1, 1) * in_per_group + offsets).flatten()
         groups = active_groups.numel()
     pad = torch.nonzero(~is_open[sel]).flatten()
-    out_map = None
+    out_map = unsel = None
     if pad.numel():
         out_map = torch.full((channels,), int(pad[0]), dtype=torch.long, device=gate.device)
         out_map[sel] = torch.arange(sel.numel(), device=gate.device)
-    return Plan("skip", groups, binary, closed, sel, pad, out_map, in_idx)
+    else:
+        unselected = torch.ones(channels, dtype=torch.bool, device=gate.device)
+        unselected[sel] = False
+        unsel = torch.nonzero(unselected).flatten()
+    return Plan("skip", groups, binary, closed, sel, pad, out_map, unsel, in_idx)
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -167,13 +179,14 @@ def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
 
 
 def _expand(t_sel: Tensor, dim: int, plan: Plan, channels: int) -> Tensor:
-    """Full-size tensor along `dim` from the computed channels ``t_sel`` (zero at ``plan.pad``): one pass."""
+    """Full-size tensor along `dim` from the computed channels ``t_sel`` (zero at ``plan.pad``)."""
     if plan.out_map is not None:
         return _gather(t_sel, dim, plan.out_map)
     shape = list(t_sel.shape)
     shape[dim] = channels
     out = torch.empty(shape, dtype=t_sel.dtype, device=t_sel.device, memory_format=output_format(t_sel))
-    return out.zero_().index_copy_(dim, plan.sel, t_sel)
+    out.index_copy_(dim, plan.sel, t_sel)
+    return out.index_fill_(dim, plan.unsel, 0) if plan.unsel.numel() else out
 
 
 def _zero_rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
@@ -200,7 +213,7 @@ def skip_forward(
 ) -> Tensor:
     """y = layer(x) * gate along dim 1, computing only the active output channels."""
     strides = output_strides(out_shape, x)
-    plan = plan_active(gate, groups, weight.shape[1] * groups)
+    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row)
     if plan.kind == "empty" or x.numel() == 0:
         return torch.empty_strided(out_shape, strides, dtype=x.dtype, device=x.device).zero_()
     if plan.kind == "dense":
@@ -256,7 +269,7 @@ def skip_backward(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    plan = plan_active(gate, groups, weight.shape[1] * groups)
+    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row)
     grad_x, grad_w, grad_b, grad_gate = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
     if x.numel() == 0 or grad_y.numel() == 0 or (plan.kind == "empty" and (mode == "hard" or not need_params)):
         if need_input:

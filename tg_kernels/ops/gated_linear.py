@@ -18,6 +18,8 @@ from tg_kernels.ops.channel_gate import channel_gate
 class LinearMath(_skip.LayerMath):
     """Dense Linear primitives on ``x: [N, in]``, ``weight: [out, in]``."""
 
+    zero_row = True
+
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         return F.linear(x, weight, bias)
 
