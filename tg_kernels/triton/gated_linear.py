@@ -31,13 +31,17 @@ Kernels:
   (grad_weight rows, partials, sums) and return, so closed channels get zero grad_weight, grad_bias
   and grad_gate.
 
-``tl.dot`` operand rule (one rule for GPU and interpreter): float16 operands stay float16 (tensor
-cores, float32 accumulation; in fp16 the input gradient's ``grad_y * gate`` is rounded to float16
-before the dot, as the torch path does). bfloat16 operands are upcast to float32 and multiplied with
-``input_precision="tf32"``: every bfloat16 value is exact in tf32, so this is the bf16 product with
-float32 accumulation, and the interpreter (which cannot multiply bf16) runs the very same code.
-float32 operands use ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set, else ``"ieee"``
-(PyTorch's own default for float32 matmuls).
+``tl.dot`` operand rule (one rule for GPU and interpreter):
+
+- float16: operands stay float16 (tensor cores, float32 accumulation).
+- bfloat16: operands are upcast to float32 and multiplied with ``input_precision="tf32"``. Every
+  bfloat16 value is exact in tf32, so this is the bf16 product with float32 accumulation, and the
+  interpreter (which cannot multiply bf16) runs the very same code. Cost on a GPU: tf32 tensor-core
+  rate (half the bf16 rate) and twice the operand registers/shared memory.
+- float32: ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (e.g. by
+  ``torch.set_float32_matmul_precision("high")``), else ``"ieee"`` (PyTorch's default for float32).
+- The input gradient's ``grad_y * gate`` is rounded to the storage dtype before the dot, as the torch
+  path does (the interpreter truncates fp32 -> bf16 where a GPU rounds).
 
 Block sizes are a plain function of the shape and dtype (:func:`plan`); no autotuning. Offsets are
 int32 unless a tensor reaches 2**31 elements, then int64 (a compile-time switch).
@@ -166,7 +170,7 @@ def _input_grad_kernel(
             mask=row_mask[:, None] & active[None, :],
             other=0.0,
         )
-        a = (dy.to(tl.float32) * g[None, :]).to(dy.dtype)  # grad_z in the storage dtype, as the torch path
+        a = (dy.to(tl.float32) * g[None, :]).to(dy.dtype)  # grad_z in the storage dtype, as in the torch path
         w = tl.load(w_ptr + ch[:, None] * K + kk[None, :], mask=active[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(_to_dot(a, DOT_F32), _to_dot(w, DOT_F32), acc, input_precision=PRECISION)
     tl.store(
