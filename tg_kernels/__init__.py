@@ -13,12 +13,15 @@ __version__ = "0.1.0"
 from tg_kernels._extension import build_info
 from tg_kernels.backends import BackendInfo, BackendUnavailableError, available_backends, use_backend
 from tg_kernels.gate import SHAPES, TrainableGate, trainable_gate
+from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
 
 __all__ = [
     "SHAPES",
     "BackendInfo",
     "BackendUnavailableError",
+    "GatedConv2d",
+    "GatedLinear",
     "TrainableGate",
     "available_backends",
     "build_info",
