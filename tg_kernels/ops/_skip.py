@@ -23,8 +23,8 @@ PAD_MULTIPLE = 8  # active counts are rounded up to this multiple (groups == 1) 
 
 _HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
-# "cpp" on CPU is ATen's own C++ GEMM/convolution kernels reached through PyTorch ops: the torch
-# implementation is that backend's implementation too. Triton/CUDA implementations plug in here.
+# Dtypes of this (torch) implementation, which also serves the "cpp" backend: on CPU that is ATen's own
+# C++ GEMM/convolution kernels reached through PyTorch ops. Each op module extends its own copy.
 SUPPORTED_DTYPES = {"torch": _ALL_FLOATS, "cpp": _ALL_FLOATS}
 
 

@@ -9,6 +9,8 @@ their input channels (:func:`tg_kernels.ops._skip.plan_active`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,10 +47,49 @@ class Conv2dMath(_skip.LayerMath):
         return self._backward(grad_z, x, weight, groups, [need_input, need_weight, need_weight])
 
 
-def _math(x: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> _skip.LayerMath:
-    """The implementation for x's device and dtype; a Triton/CUDA LayerMath (or whole op) slots in here."""
-    resolve_backend("gated_conv2d", x.device, x.dtype, _skip.SUPPORTED_DTYPES)
-    return Conv2dMath(stride, padding, dilation)
+# Backends implementing the op, with their dtypes. "cpp" on CPU is ATen's own convolutions reached
+# through PyTorch ops, so it shares the torch implementation. A Triton or CUDA implementation plugs
+# in by adding its entry here and a branch in _kernels returning (forward, backward) with the
+# signatures of _torch_forward / _torch_backward.
+SUPPORTED_DTYPES = dict(_skip.SUPPORTED_DTYPES)
+
+
+def _torch_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    shape = output_shape(x, weight, stride, padding, dilation)
+    return _skip.skip_forward(Conv2dMath(stride, padding, dilation), x, weight, bias, gate, groups, shape)
+
+
+def _torch_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    mode: str,
+    need_input: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    math = Conv2dMath(stride, padding, dilation)
+    return _skip.skip_backward(math, grad_y, x, weight, bias, gate, groups, mode, need_input, need_params)
+
+
+def _kernels(x: Tensor) -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]]:
+    """(forward, backward) of the backend that runs on x's device and dtype."""
+    resolve_backend("gated_conv2d", x.device, x.dtype, SUPPORTED_DTYPES)  # torch or cpp: one implementation
+    return _torch_forward, _torch_backward
 
 
 def _pair(v: int | list[int] | tuple[int, ...]) -> list[int]:
@@ -102,8 +143,8 @@ def gated_conv2d_op(
     mode: str,
 ) -> Tensor:
     _check_args(x, weight, bias, gate, stride, padding, dilation, groups, mode)
-    shape = output_shape(x, weight, stride, padding, dilation)
-    return _skip.skip_forward(_math(x, stride, padding, dilation), x, weight, bias, gate, groups, shape)
+    forward, _ = _kernels(x)
+    return forward(x, weight, bias, gate, stride, padding, dilation, groups)
 
 
 @gated_conv2d_op.register_fake
@@ -139,8 +180,8 @@ def gated_conv2d_backward_op(
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_args(x, weight, bias, gate, stride, padding, dilation, groups, mode)
-    math = _math(x, stride, padding, dilation)
-    return _skip.skip_backward(math, grad_y, x, weight, bias, gate, groups, mode, need_input, need_params)
+    _, backward = _kernels(x)
+    return backward(grad_y, x, weight, bias, gate, stride, padding, dilation, groups, mode, need_input, need_params)
 
 
 @gated_conv2d_backward_op.register_fake

@@ -6,6 +6,8 @@ The custom ops ``tg_kernels::gated_linear`` / ``tg_kernels::gated_linear_backwar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,11 +34,34 @@ class LinearMath(_skip.LayerMath):
 
 _MATH = LinearMath()
 
+# Backends implementing the op, with their dtypes. "cpp" on CPU is ATen's own C++ GEMMs reached
+# through PyTorch ops, so it shares the torch implementation. A Triton or CUDA implementation plugs
+# in by adding its entry here and a branch in _kernels returning (forward, backward) with the
+# signatures of _torch_forward / _torch_backward (e.g. tg_kernels.triton.gated_linear).
+SUPPORTED_DTYPES = dict(_skip.SUPPORTED_DTYPES)
 
-def _math(x: Tensor) -> _skip.LayerMath:
-    """The implementation for x's device and dtype; a Triton/CUDA LayerMath (or whole op) slots in here."""
-    resolve_backend("gated_linear", x.device, x.dtype, _skip.SUPPORTED_DTYPES)
-    return _MATH
+
+def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor) -> Tensor:
+    return _skip.skip_forward(_MATH, x, weight, bias, gate, 1, [x.shape[0], weight.shape[0]])
+
+
+def _torch_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    mode: str,
+    need_input: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _skip.skip_backward(_MATH, grad_y, x, weight, bias, gate, 1, mode, need_input, need_params)
+
+
+def _kernels(x: Tensor) -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]]:
+    """(forward, backward) of the backend that runs on x's device and dtype."""
+    resolve_backend("gated_linear", x.device, x.dtype, SUPPORTED_DTYPES)  # torch or cpp: one implementation
+    return _torch_forward, _torch_backward
 
 
 def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, mode: str) -> None:
@@ -55,7 +80,8 @@ def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, mo
 @torch.library.custom_op("tg_kernels::gated_linear", mutates_args=())
 def gated_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, mode: str) -> Tensor:
     _check_args(x, weight, bias, gate, mode)
-    return _skip.skip_forward(_math(x), x, weight, bias, gate, 1, [x.shape[0], weight.shape[0]])
+    forward, _ = _kernels(x)
+    return forward(x, weight, bias, gate)
 
 
 @gated_linear_op.register_fake
@@ -76,7 +102,8 @@ def gated_linear_backward_op(
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_args(x, weight, bias, gate, mode)
-    return _skip.skip_backward(_math(x), grad_y, x, weight, bias, gate, 1, mode, need_input, need_params)
+    _, backward = _kernels(x)
+    return backward(grad_y, x, weight, bias, gate, mode, need_input, need_params)
 
 
 @gated_linear_backward_op.register_fake
