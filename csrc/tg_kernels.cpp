@@ -27,4 +27,10 @@ TORCH_LIBRARY(tg_kernels, m) {
   // grad_gate[c] = sum over outer and inner of grad_y * x, accumulated in gate's dtype (at least
   // float32) in an order fixed by the shapes alone, so results are bitwise reproducible.
   m.def("channel_gate_backward_kernel(Tensor grad_y, Tensor x, Tensor gate) -> (Tensor, Tensor)");
+  // Gate-scatter / gate-gather of the skipping layers (csrc/{cpu,cuda}/gate_scatter.*): z_sel and t
+  // are [N, K, *spatial] (contiguous or 4-D channels_last; the output keeps the format), sel int64 [A],
+  // gate_sel [A] float32 (float64 for float64 data). gate_scatter: y [N, channels, *spatial] with
+  // y[:, sel[a]] = z_sel[:, a] * gate_sel[a] and zeros elsewhere; gate_gather: t[:, sel[a]] * gate_sel[a].
+  m.def("gate_scatter_kernel(Tensor z_sel, Tensor sel, Tensor gate_sel, int channels) -> Tensor");
+  m.def("gate_gather_kernel(Tensor t, Tensor sel, Tensor gate_sel) -> Tensor");
 }
