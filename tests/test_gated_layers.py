@@ -105,6 +105,28 @@ def test_linear_exact_equals_none_for_modules():
     torch.testing.assert_close(results["hard"][4][~closed], results["none"][4][~closed])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_stack_with_shared_workspace(mode):
+    """Two skipping layers in a row (temporaries share workspace buffers) still match the reference."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 10, generator=gen, dtype=F64)
+    w1, w2 = torch.randn(24, 10, generator=gen, dtype=F64), torch.randn(24, 24, generator=gen, dtype=F64)
+    b1, b2 = torch.randn(24, generator=gen, dtype=F64), torch.randn(24, generator=gen, dtype=F64)
+    g1, g2 = make_gate(24, "some_closed", seed=1, binary=True), make_gate(24, "some_closed", seed=2, binary=True)
+
+    def ours(x, w1, b1, g1, w2, b2, g2):
+        return gated_linear(torch.tanh(gated_linear(x, w1, b1, g1, mode)), w2, b2, g2, mode)
+
+    def ref(x, w1, b1, g1, w2, b2, g2):
+        inner = reference(F.linear, mode)
+        return inner(torch.tanh(inner(x, w1, b1, g1)), w2, b2, g2)
+
+    for _ in range(2):
+        y, grads = grads_of(ours, [x, w1, b1, g1, w2, b2, g2])
+        y_ref, grads_ref = grads_of(ref, [x, w1, b1, g1, w2, b2, g2])
+        assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
 @pytest.mark.parametrize("mode", ["exact", "hard"])
 def test_linear_one_channel_and_batch_zero(mode):
     for channels, n in ((1, 3), (5, 0)):
@@ -269,9 +291,9 @@ def test_eval_and_no_grad_skip_closed_channels(monkeypatch):
     computed = []
     original = LinearMath.forward
 
-    def spy(self, x, weight, bias, groups):
+    def spy(self, x, weight, bias, groups, out=None):
         computed.append(weight.shape[0])
-        return original(self, x, weight, bias, groups)
+        return original(self, x, weight, bias, groups, out)
 
     monkeypatch.setattr(LinearMath, "forward", spy)
     for mode in MODES:

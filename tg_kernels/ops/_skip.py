@@ -13,6 +13,8 @@ values (limit form or paper form) give correct results; only exact zeros are ski
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +39,10 @@ class LayerMath:
     """
 
     zero_row: bool = False
+    writes_out: bool = False  # forward writes into the `out` buffer it is given
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, out: Tensor | None = None) -> Tensor:
+        """The layer output; may be written into `out` (a buffer of the right shape) when given."""
         raise NotImplementedError
 
     def input_grad(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int) -> Tensor:
@@ -171,11 +175,49 @@ def output_strides(shape: list[int], x: Tensor) -> tuple[int, ...]:
     return torch.empty(shape, device="meta", memory_format=output_format(x)).stride()
 
 
-def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
-    """``t.index_select(dim, idx)``, keeping channels_last tensors channels_last (one pass either way)."""
+class Workspace(threading.local):
+    """Reusable CPU buffers for temporaries that never leave an op, one set per thread.
+
+    Fresh large CPU allocations are page-faulted on first touch on every call, which costs as much
+    as the gathers themselves; reusing a buffer avoids that. Buffers above :data:`WORKSPACE_MAX_BYTES`
+    are not kept. :func:`clear_workspace` frees the calling thread's buffers.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def take(self, slot: str, shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised contiguous tensor; valid until the next `take` of the same slot on this thread."""
+        numel = math.prod(shape)
+        if device.type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self.buffers.get((slot, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+WORKSPACE_MAX_BYTES = 256 * 2**20
+_workspace = Workspace()
+
+
+def clear_workspace() -> None:
+    """Free the calling thread's reusable buffers (see :class:`Workspace`)."""
+    _workspace.buffers.clear()
+
+
+def _gather(t: Tensor, dim: int, idx: Tensor, slot: str | None = None) -> Tensor:
+    """``t.index_select(dim, idx)``, keeping channels_last tensors channels_last (one pass either way).
+
+    With `slot`, a contiguous result goes into that workspace slot (a temporary of the caller).
+    """
     if dim == 1 and output_format(t) == torch.channels_last:
         return t.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
-    return t.index_select(dim, idx)
+    if slot is None:
+        return t.index_select(dim, idx)
+    shape = list(t.shape)
+    shape[dim] = idx.numel()
+    return torch.index_select(t, dim, idx, out=_workspace.take(slot, shape, t.dtype, t.device))
 
 
 def _expand(t_sel: Tensor, dim: int, plan: Plan, channels: int) -> Tensor:
@@ -197,8 +239,8 @@ def _zero_rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
 
 
 def _selected(weight: Tensor, bias: Tensor | None, plan: Plan) -> tuple[Tensor, Tensor | None]:
-    """Weight rows and bias entries of ``plan.sel``, zero for the padding (closed) channels."""
-    w_sel = _zero_rows(weight.index_select(0, plan.sel), plan.pad)
+    """Weight rows and bias entries of ``plan.sel``, zero for the padding (closed) channels (temporaries)."""
+    w_sel = _zero_rows(_gather(weight, 0, plan.sel, "weight"), plan.pad)
     b_sel = _zero_rows(bias.index_select(0, plan.sel), plan.pad) if bias is not None else None
     return w_sel, b_sel
 
@@ -221,7 +263,9 @@ def skip_forward(
         return _with_strides(z if plan.binary else z.mul_(_channel_view(gate.to(z.dtype), z.dim())), strides)
     w_sel, b_sel = _selected(weight, bias, plan)
     x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
-    z = math.forward(x_sel, w_sel, b_sel, plan.groups)
+    out_shape_sel = [x.shape[0], plan.sel.numel(), *out_shape[2:]]
+    out = _workspace.take("output", out_shape_sel, x.dtype, x.device) if math.writes_out else None
+    z = math.forward(x_sel, w_sel, b_sel, plan.groups, out)
     if not plan.binary:
         z.mul_(_channel_view(gate.index_select(0, plan.sel).to(z.dtype), z.dim()))
     return _with_strides(_expand(z, 1, plan, weight.shape[0]), strides)
@@ -283,7 +327,7 @@ def skip_backward(
     if plan.kind == "skip":
         w_sel, b_sel = _selected(weight, bias, plan)
         x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
-        grad_y_sel, gate_sel = _gather(grad_y, 1, plan.sel), gate.index_select(0, plan.sel)
+        grad_y_sel, gate_sel = _gather(grad_y, 1, plan.sel, "grad_y"), gate.index_select(0, plan.sel)
         small = (grad_y_sel, x_sel, w_sel, plan.groups)
         grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
         input_problem = (grad_z_sel, x_sel, w_sel, plan.groups)

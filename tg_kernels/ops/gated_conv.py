@@ -26,7 +26,7 @@ class Conv2dMath(_skip.LayerMath):
     def __init__(self, stride: list[int], padding: list[int], dilation: list[int]) -> None:
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, out: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _backward(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int, mask: list[bool]) -> tuple:

@@ -21,9 +21,14 @@ class LinearMath(_skip.LayerMath):
     """Dense Linear primitives on ``x: [N, in]``, ``weight: [out, in]``."""
 
     zero_row = True
+    writes_out = True
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        return F.linear(x, weight, bias)
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            return F.linear(x, weight, bias)
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias, x, weight.t(), out=out)
 
     def input_grad(self, grad_z: Tensor, x: Tensor, weight: Tensor, groups: int) -> Tensor:
         return torch.mm(grad_z, weight)
