@@ -35,25 +35,35 @@
 // entry of sel outside [0, C) is ignored (its data is dropped; the channel stays zero) and a
 // channel listed twice takes the data of its first position; in the gather, an entry outside
 // [0, C) gives zeros. The CPU kernels raise errors for both.
+//
+// The per-group work is in __host__ __device__ functions (the kernels are grid-stride loops over
+// them) and the choice of path and divisors in plain host functions, so that
+// tests/cuda_emulation/gate_scatter_emulation.cu can run the same code on the CPU (compiled with
+// TG_GATE_SCATTER_EMULATION, which leaves out everything that needs torch or a device).
+#ifndef TG_GATE_SCATTER_EMULATION
+// c10's stream and exception headers rather than <ATen/cuda/CUDAContext.h> (see channel_gate.cu).
 #include <ATen/ATen.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+#endif
+#include <c10/macros/Macros.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 namespace {
 
 using at::cuda::detail::IntDivider;
 
-constexpr int kThreads = 256;           // threads per block, every kernel
-constexpr int64_t kMaxBlocks = 65536;   // grid cap; kernels grid-stride over their groups
+constexpr int kThreads = 256;          // threads per block, every kernel
+constexpr int64_t kMaxBlocks = 65536;  // grid cap; kernels grid-stride over their groups
 
 // Elements per 16-byte vector.
 template <typename scalar_t>
@@ -69,153 +79,247 @@ struct alignas(16) Vec {
 
 // One 128-bit load / store (p 16-byte aligned).
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+__host__ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+#ifdef __CUDA_ARCH__
   const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+#else
+  uint4 raw;
+  memcpy(&raw, p, sizeof(raw));
+#endif
   Vec<T, N> r;
   memcpy(&r, &raw, sizeof(raw));
   return r;
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& r) {
+__host__ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& r) {
   uint4 raw;
   memcpy(&raw, &r, sizeof(raw));
+#ifdef __CUDA_ARCH__
   *reinterpret_cast<uint4*>(p) = raw;
+#else
+  memcpy(p, &raw, sizeof(raw));
+#endif
 }
 
-bool is_aligned_16(const void* p) {
+inline bool is_aligned_16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t scaled(scalar_t x, float g) {
+__host__ __device__ __forceinline__ scalar_t scaled(scalar_t x, float g) {
   return static_cast<scalar_t>(static_cast<float>(x) * g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and plans (host).
+
+enum class Path { kCol, kRowVec, kRowScalar };
+
+// inner: run length; k_out: channels of the output (C for the scatter, A for the gather);
+// in_ok / out_ok: the input / output base pointer is 16-byte aligned.
+inline Path choose_path(int64_t inner, int64_t k_out, int vec, bool in_ok, bool out_ok) {
+  if (inner == 1 && k_out % vec == 0 && out_ok) {
+    return Path::kCol;
+  }
+  if (inner % vec == 0 && in_ok && out_ok) {
+    return Path::kRowVec;
+  }
+  return Path::kRowScalar;
+}
+
+// groups: output groups; major: divisor of the group index (ROW: groups per run; COL: groups per
+// row); minor: divisor of the run index (ROW: k_out; COL: unused, 1). vec: elements per group.
+template <typename index_t>
+struct Plan {
+  index_t groups;
+  IntDivider<index_t> major;
+  IntDivider<index_t> minor;
+  int vec;
+};
+
+template <typename index_t>
+Plan<index_t> make_plan(Path path, int64_t outer, int64_t inner, int64_t k_out, int vec) {
+  const int v = path == Path::kRowScalar ? 1 : vec;
+  const int64_t groups = outer * k_out * inner / v;
+  if (path == Path::kCol) {
+    return {static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(k_out / v)),
+            IntDivider<index_t>(1), v};
+  }
+  return {static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(inner / v)),
+          IntDivider<index_t>(static_cast<index_t>(k_out)), v};
+}
+
+// Whether every index of the input (numel in_numel) and of the output fits the 32-bit fast path
+// (IntDivider<uint32_t> needs dividends and divisors <= INT32_MAX).
+inline bool use_32bit(int64_t in_numel, int64_t out_numel) {
+  return std::max(in_numel, out_numel) <= INT32_MAX;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Scatter. map[c] is the position of channel c in sel, or A for unselected channels.
 
-// ROW: groups q < outer * C * (inner / VEC); q -> run (o, c) and vector jv of the run.
-template <typename scalar_t, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads) gate_scatter_row_kernel(
-    const scalar_t* __restrict__ z, const int* __restrict__ map, const float* __restrict__ gate,
-    scalar_t* __restrict__ y, const index_t groups, const IntDivider<index_t> run_div,
-    const IntDivider<index_t> channel_div, const index_t A) {
-  const index_t iv = run_div.divisor;  // groups per run
-  const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t q = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; q < groups; q += stride) {
-    const auto run_j = run_div.divmod(q);
-    const auto o_c = channel_div.divmod(run_j.div);
-    const index_t a = static_cast<index_t>(map[o_c.mod]);
-    const bool selected = a < A;
-    const index_t src = ((o_c.div * A + a) * iv + run_j.mod) * VEC;  // only used when selected
-    if constexpr (VEC == 1) {
-      y[q] = selected ? scaled(z[src], gate[a]) : scalar_t(0);
-    } else {
-      Vec<scalar_t, VEC> r;
-      if (selected) {
-        const float g = gate[a];
-        r = load_vec<scalar_t, VEC>(z + src);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) r.v[v] = scaled(r.v[v], g);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) r.v[v] = scalar_t(0);
-      }
-      store_vec<scalar_t, VEC>(y + static_cast<int64_t>(q) * VEC, r);
-    }
+// map[c] = A for every c (set before), then map[sel[a]] = the smallest a listing c (a channel
+// listed twice takes its first position); entries of sel outside [0, C) are ignored.
+__host__ __device__ __forceinline__ void scatter_map_entry(int64_t a, const int64_t* sel, int* map, int64_t C) {
+  const int64_t c = sel[a];
+  if (c >= 0 && c < C) {
+#ifdef __CUDA_ARCH__
+    atomicMin(map + c, static_cast<int>(a));
+#else
+    map[c] = std::min(map[c], static_cast<int>(a));
+#endif
   }
 }
 
-// COL (inner == 1, C % VEC == 0, y aligned): groups q < outer * C / VEC; q -> row o, channels
-// c0 = (q % (C / VEC)) * VEC, ... + VEC - 1.
+// ROW group q (q < outer * C * inner / VEC): run (o, c) = divmod(q / (inner / VEC), C), vector
+// jv = q % (inner / VEC) of the run.
 template <typename scalar_t, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads) gate_scatter_col_kernel(
-    const scalar_t* __restrict__ z, const int* __restrict__ map, const float* __restrict__ gate,
-    scalar_t* __restrict__ y, const index_t groups, const IntDivider<index_t> row_div, const index_t A) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t q = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; q < groups; q += stride) {
-    const auto o_k = row_div.divmod(q);
-    const scalar_t* zrow = z + static_cast<int64_t>(o_k.div) * A;
-    const index_t c0 = o_k.mod * VEC;
+__host__ __device__ __forceinline__ void scatter_row_group(index_t q, const scalar_t* __restrict__ z,
+                                                           const int* __restrict__ map,
+                                                           const float* __restrict__ gate, scalar_t* __restrict__ y,
+                                                           const Plan<index_t>& p, index_t A) {
+  const index_t iv = p.major.divisor;  // groups per run
+  const auto run_j = p.major.divmod(q);
+  const auto o_c = p.minor.divmod(run_j.div);
+  const index_t a = static_cast<index_t>(map[o_c.mod]);
+  const bool selected = a < A;
+  const index_t src = ((o_c.div * A + a) * iv + run_j.mod) * VEC;  // only used when selected
+  if constexpr (VEC == 1) {
+    y[q] = selected ? scaled(z[src], gate[a]) : scalar_t(0);
+  } else {
     Vec<scalar_t, VEC> r;
+    if (selected) {
+      const float g = gate[a];
+      r = load_vec<scalar_t, VEC>(z + src);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const index_t a = static_cast<index_t>(map[c0 + v]);
-      r.v[v] = a < A ? scaled(zrow[a], gate[a]) : scalar_t(0);
+      for (int v = 0; v < VEC; ++v) r.v[v] = scaled(r.v[v], g);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) r.v[v] = scalar_t(0);
     }
     store_vec<scalar_t, VEC>(y + static_cast<int64_t>(q) * VEC, r);
   }
 }
 
-// map[c] = A for every c, then map[sel[a]] = min over a of a (atomicMin: the first position wins
-// when a channel is listed twice); entries of sel outside [0, C) are ignored.
-__global__ void gate_scatter_map_kernel(const int64_t* __restrict__ sel, int* __restrict__ map, const int64_t A,
-                                        const int64_t C) {
-  for (int64_t a = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; a < A;
-       a += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t c = sel[a];
-    if (c >= 0 && c < C) {
-      atomicMin(map + c, static_cast<int>(a));
-    }
+// COL group q (inner == 1, q < outer * C / VEC): row o = q / (C / VEC), channels
+// c0 = (q % (C / VEC)) * VEC, ... + VEC - 1. The loads are scalar gathers from row o of z.
+template <typename scalar_t, int VEC, typename index_t>
+__host__ __device__ __forceinline__ void scatter_col_group(index_t q, const scalar_t* __restrict__ z,
+                                                           const int* __restrict__ map,
+                                                           const float* __restrict__ gate, scalar_t* __restrict__ y,
+                                                           const Plan<index_t>& p, index_t A) {
+  const auto o_k = p.major.divmod(q);
+  const scalar_t* zrow = z + static_cast<int64_t>(o_k.div) * A;
+  const index_t c0 = o_k.mod * VEC;
+  Vec<scalar_t, VEC> r;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const index_t a = static_cast<index_t>(map[c0 + v]);
+    r.v[v] = a < A ? scaled(zrow[a], gate[a]) : scalar_t(0);
   }
+  store_vec<scalar_t, VEC>(y + static_cast<int64_t>(q) * VEC, r);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Gather. Entries of sel outside [0, C) give zeros.
 
-// ROW: groups q < outer * A * (inner / VEC); q -> run (o, a) and vector jv of the run.
+// ROW group q (q < outer * A * inner / VEC): run (o, a) = divmod(q / (inner / VEC), A).
 template <typename scalar_t, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads) gate_gather_row_kernel(
-    const scalar_t* __restrict__ t, const int64_t* __restrict__ sel, const float* __restrict__ gate,
-    scalar_t* __restrict__ out, const index_t groups, const IntDivider<index_t> run_div,
-    const IntDivider<index_t> position_div, const int64_t C) {
-  const index_t iv = run_div.divisor;
-  const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t q = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; q < groups; q += stride) {
-    const auto run_j = run_div.divmod(q);
-    const auto o_a = position_div.divmod(run_j.div);
-    const int64_t c = sel[o_a.mod];
-    const bool valid = c >= 0 && c < C;
-    const index_t src = ((o_a.div * static_cast<index_t>(C) + static_cast<index_t>(c)) * iv + run_j.mod) * VEC;
-    if constexpr (VEC == 1) {
-      out[q] = valid ? scaled(t[src], gate[o_a.mod]) : scalar_t(0);
-    } else {
-      Vec<scalar_t, VEC> r;
-      if (valid) {
-        const float g = gate[o_a.mod];
-        r = load_vec<scalar_t, VEC>(t + src);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) r.v[v] = scaled(r.v[v], g);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) r.v[v] = scalar_t(0);
-      }
-      store_vec<scalar_t, VEC>(out + static_cast<int64_t>(q) * VEC, r);
-    }
-  }
-}
-
-// COL (inner == 1, A % VEC == 0, out aligned): groups q < outer * A / VEC.
-template <typename scalar_t, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads) gate_gather_col_kernel(
-    const scalar_t* __restrict__ t, const int64_t* __restrict__ sel, const float* __restrict__ gate,
-    scalar_t* __restrict__ out, const index_t groups, const IntDivider<index_t> row_div, const int64_t C) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t q = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; q < groups; q += stride) {
-    const auto o_k = row_div.divmod(q);
-    const scalar_t* trow = t + static_cast<int64_t>(o_k.div) * C;
-    const index_t a0 = o_k.mod * VEC;
+__host__ __device__ __forceinline__ void gather_row_group(index_t q, const scalar_t* __restrict__ t,
+                                                          const int64_t* __restrict__ sel,
+                                                          const float* __restrict__ gate, scalar_t* __restrict__ out,
+                                                          const Plan<index_t>& p, int64_t C) {
+  const index_t iv = p.major.divisor;
+  const auto run_j = p.major.divmod(q);
+  const auto o_a = p.minor.divmod(run_j.div);
+  const int64_t c = sel[o_a.mod];
+  const bool valid = c >= 0 && c < C;
+  const index_t src = ((o_a.div * static_cast<index_t>(C) + static_cast<index_t>(c)) * iv + run_j.mod) * VEC;
+  if constexpr (VEC == 1) {
+    out[q] = valid ? scaled(t[src], gate[o_a.mod]) : scalar_t(0);
+  } else {
     Vec<scalar_t, VEC> r;
+    if (valid) {
+      const float g = gate[o_a.mod];
+      r = load_vec<scalar_t, VEC>(t + src);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const int64_t c = sel[a0 + v];
-      r.v[v] = (c >= 0 && c < C) ? scaled(trow[c], gate[a0 + v]) : scalar_t(0);
+      for (int v = 0; v < VEC; ++v) r.v[v] = scaled(r.v[v], g);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) r.v[v] = scalar_t(0);
     }
     store_vec<scalar_t, VEC>(out + static_cast<int64_t>(q) * VEC, r);
   }
 }
 
+// COL group q (inner == 1, q < outer * A / VEC): row o, positions a0 = (q % (A / VEC)) * VEC, ...
+template <typename scalar_t, int VEC, typename index_t>
+__host__ __device__ __forceinline__ void gather_col_group(index_t q, const scalar_t* __restrict__ t,
+                                                          const int64_t* __restrict__ sel,
+                                                          const float* __restrict__ gate, scalar_t* __restrict__ out,
+                                                          const Plan<index_t>& p, int64_t C) {
+  const auto o_k = p.major.divmod(q);
+  const scalar_t* trow = t + static_cast<int64_t>(o_k.div) * C;
+  const index_t a0 = o_k.mod * VEC;
+  Vec<scalar_t, VEC> r;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const int64_t c = sel[a0 + v];
+    r.v[v] = (c >= 0 && c < C) ? scaled(trow[c], gate[a0 + v]) : scalar_t(0);
+  }
+  store_vec<scalar_t, VEC>(out + static_cast<int64_t>(q) * VEC, r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels: grid-stride loops over the groups (q + stride stays below 2^32 in the 32-bit path:
+// q < 2^31 and stride <= kMaxBlocks * kThreads = 2^24).
+
+#define TG_GRID_STRIDE_LOOP(q, count)                                                                     \
+  for (index_t q = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; q < (count);                \
+       q += static_cast<index_t>(gridDim.x) * kThreads)
+
+template <typename scalar_t, int VEC, typename index_t, bool kCol>
+__global__ void __launch_bounds__(kThreads) gate_scatter_kernel(const scalar_t* __restrict__ z,
+                                                                const int* __restrict__ map,
+                                                                const float* __restrict__ gate,
+                                                                scalar_t* __restrict__ y, const Plan<index_t> p,
+                                                                const index_t A) {
+  TG_GRID_STRIDE_LOOP(q, p.groups) {
+    if constexpr (kCol) {
+      scatter_col_group<scalar_t, VEC, index_t>(q, z, map, gate, y, p, A);
+    } else {
+      scatter_row_group<scalar_t, VEC, index_t>(q, z, map, gate, y, p, A);
+    }
+  }
+}
+
+__global__ void gate_scatter_map_kernel(const int64_t* __restrict__ sel, int* __restrict__ map, const int64_t A,
+                                        const int64_t C) {
+  using index_t = int64_t;
+  TG_GRID_STRIDE_LOOP(a, A) {
+    scatter_map_entry(a, sel, map, C);
+  }
+}
+
+template <typename scalar_t, int VEC, typename index_t, bool kCol>
+__global__ void __launch_bounds__(kThreads) gate_gather_kernel(const scalar_t* __restrict__ t,
+                                                               const int64_t* __restrict__ sel,
+                                                               const float* __restrict__ gate,
+                                                               scalar_t* __restrict__ out, const Plan<index_t> p,
+                                                               const int64_t C) {
+  TG_GRID_STRIDE_LOOP(q, p.groups) {
+    if constexpr (kCol) {
+      gather_col_group<scalar_t, VEC, index_t>(q, t, sel, gate, out, p, C);
+    } else {
+      gather_row_group<scalar_t, VEC, index_t>(q, t, sel, gate, out, p, C);
+    }
+  }
+}
+
+#undef TG_GRID_STRIDE_LOOP
+
+#ifndef TG_GATE_SCATTER_EMULATION
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -285,10 +389,6 @@ void check_args(const char* op, const char* data_name, const at::Tensor& data, c
               ": gate_sel must have shape [", sel.size(0), "] (one value per entry of sel), got ", gate_sel.sizes());
 }
 
-// Whether every index of the input (numel in_numel) and of the output fits the 32-bit fast path.
-bool use_32bit(int64_t in_numel, int64_t out_numel) {
-  return std::max(in_numel, out_numel) <= INT32_MAX;
-}
 
 template <typename scalar_t, typename index_t>
 void launch_scatter(const Canonical& view, const at::Tensor& map, const at::Tensor& gate_sel, const at::Tensor& y,
@@ -299,22 +399,16 @@ void launch_scatter(const Canonical& view, const at::Tensor& map, const at::Tens
   const int* mp = map.const_data_ptr<int>();
   const float* gp = gate_sel.const_data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t outer = view.outer, inner = view.inner;
+  const Path path = choose_path(view.inner, C, VEC, is_aligned_16(z), is_aligned_16(yp));
+  const Plan<index_t> p = make_plan<index_t>(path, view.outer, view.inner, C, VEC);
+  const int grid = grid_for(static_cast<int64_t>(p.groups));
   const auto iA = static_cast<index_t>(A);
-  if (inner == 1 && C % VEC == 0 && is_aligned_16(yp)) {
-    const int64_t groups = outer * (C / VEC);
-    gate_scatter_col_kernel<scalar_t, VEC, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        z, mp, gp, yp, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(C / VEC)), iA);
-  } else if (inner % VEC == 0 && is_aligned_16(z) && is_aligned_16(yp)) {
-    const int64_t groups = outer * C * (inner / VEC);
-    gate_scatter_row_kernel<scalar_t, VEC, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        z, mp, gp, yp, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(inner / VEC)),
-        IntDivider<index_t>(static_cast<index_t>(C)), iA);
+  if (path == Path::kCol) {
+    gate_scatter_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
+  } else if (path == Path::kRowVec) {
+    gate_scatter_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
   } else {
-    const int64_t groups = outer * C * inner;
-    gate_scatter_row_kernel<scalar_t, 1, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        z, mp, gp, yp, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(inner)),
-        IntDivider<index_t>(static_cast<index_t>(C)), iA);
+    gate_scatter_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -328,21 +422,15 @@ void launch_gather(const Canonical& view, const at::Tensor& sel, const at::Tenso
   const int64_t* sp = sel.const_data_ptr<int64_t>();
   const float* gp = gate_sel.const_data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t outer = view.outer, inner = view.inner;
-  if (inner == 1 && A % VEC == 0 && is_aligned_16(op)) {
-    const int64_t groups = outer * (A / VEC);
-    gate_gather_col_kernel<scalar_t, VEC, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        t, sp, gp, op, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(A / VEC)), C);
-  } else if (inner % VEC == 0 && is_aligned_16(t) && is_aligned_16(op)) {
-    const int64_t groups = outer * A * (inner / VEC);
-    gate_gather_row_kernel<scalar_t, VEC, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        t, sp, gp, op, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(inner / VEC)),
-        IntDivider<index_t>(static_cast<index_t>(A)), C);
+  const Path path = choose_path(view.inner, A, VEC, is_aligned_16(t), is_aligned_16(op));
+  const Plan<index_t> p = make_plan<index_t>(path, view.outer, view.inner, A, VEC);
+  const int grid = grid_for(static_cast<int64_t>(p.groups));
+  if (path == Path::kCol) {
+    gate_gather_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
+  } else if (path == Path::kRowVec) {
+    gate_gather_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
   } else {
-    const int64_t groups = outer * A * inner;
-    gate_gather_row_kernel<scalar_t, 1, index_t><<<grid_for(groups), kThreads, 0, stream>>>(
-        t, sp, gp, op, static_cast<index_t>(groups), IntDivider<index_t>(static_cast<index_t>(inner)),
-        IntDivider<index_t>(static_cast<index_t>(A)), C);
+    gate_gather_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -405,9 +493,13 @@ at::Tensor gate_gather_cuda(const at::Tensor& t, const at::Tensor& sel_arg, cons
   return out;
 }
 
+#endif  // TG_GATE_SCATTER_EMULATION
+
 }  // namespace
 
+#ifndef TG_GATE_SCATTER_EMULATION
 TORCH_LIBRARY_IMPL(tg_kernels, CUDA, m) {
   m.impl("gate_scatter_kernel", &gate_scatter_cuda);
   m.impl("gate_gather_kernel", &gate_gather_cuda);
 }
+#endif
