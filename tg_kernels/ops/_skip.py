@@ -280,7 +280,8 @@ def _gate_grad(
 ) -> Tensor:
     """dgate_c = <W_c, G_c> + b_c * sum(dy_c), from the weight gradient G on the ungated dy."""
     acc = _accumulate_dtype(grad_weight.dtype)
-    out = torch.linalg.vecdot(weight.flatten(1).to(acc), grad_weight.flatten(1).to(acc))
+    rows = weight.shape[0]  # row-wise dot products as a batched GEMM: no elementwise temporary
+    out = torch.bmm(weight.reshape(rows, 1, -1).to(acc), grad_weight.reshape(rows, -1, 1).to(acc)).view(rows)
     if bias is not None:
         out = out + bias.to(acc) * grad_bias.to(acc)
     return out.to(dtype)
