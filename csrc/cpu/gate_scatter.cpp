@@ -91,6 +91,12 @@ void scale_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, acc_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * g);
 }
 
+// out[i] = in[i] * g[i] over a contiguous run (vectorisable).
+template <typename scalar_t, typename acc_t>
+void scale_products(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, const acc_t* __restrict__ g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * g[i]);
+}
+
 at::Tensor gate_scatter_cpu(const at::Tensor& z_sel, const at::Tensor& sel_arg, const at::Tensor& gate_arg,
                             int64_t channels) {
   const char* op = "tg_kernels::gate_scatter_kernel";
@@ -149,27 +155,21 @@ at::Tensor gate_scatter_cpu(const at::Tensor& z_sel, const at::Tensor& sel_arg, 
         std::fill(yp + begin * channels, yp + end * channels, scalar_t(0));
       });
     } else {
-      // Per channel: where to read (clamped to position 0 for unselected channels, so every load
-      // is in bounds), the gate, and whether the channel is selected.
+      // Per row: the gated values of the A selected channels go to a small buffer (a contiguous,
+      // vectorisable loop) followed by one zero; then the output row is a gather from that buffer
+      // through idx[c] = position of c in sel, or A (the zero) for unselected channels. Every
+      // output element is written once, unselected ones as an exact +0.
       std::vector<int64_t> idx(static_cast<size_t>(channels));
-      std::vector<acc_t> gc(static_cast<size_t>(channels));
-      std::vector<uint8_t> keep(static_cast<size_t>(channels));
-      for (int64_t c = 0; c < channels; ++c) {
-        keep[c] = srcp[c] >= 0;
-        idx[c] = keep[c] ? srcp[c] : 0;
-        gc[c] = keep[c] ? gp[srcp[c]] : acc_t(0);
-      }
+      for (int64_t c = 0; c < channels; ++c) idx[c] = srcp[c] >= 0 ? srcp[c] : A;
       const int64_t* ip = idx.data();
-      const acc_t* gcp = gc.data();
-      const uint8_t* kp = keep.data();
       at::parallel_for(0, outer, std::max<int64_t>(1, kGrainValues / channels), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buffer(static_cast<size_t>(A + 1));
+        scalar_t* bp = buffer.data();
+        bp[A] = scalar_t(0);
         for (int64_t o = begin; o < end; ++o) {
-          const scalar_t* zrow = zp + o * A;
+          scale_products(bp, zp + o * A, gp, A);
           scalar_t* yrow = yp + o * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const scalar_t v = static_cast<scalar_t>(static_cast<acc_t>(zrow[ip[c]]) * gcp[c]);
-            yrow[c] = kp[c] ? v : scalar_t(0);  // exact zero, whatever the (unused) source value
-          }
+          for (int64_t c = 0; c < channels; ++c) yrow[c] = bp[ip[c]];
         }
       });
     }
