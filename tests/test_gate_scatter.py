@@ -400,14 +400,11 @@ def test_cuda_paths(dtype, shape, layout, channels, active, offset):
 def test_cuda_every_output_element_written(layout):
     """The caching allocator hands back a NaN-filled block: any element not written shows."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    shape = (4, 48, 9, 9)
-    for _ in range(2):
-        torch.full(shape, float("nan"), device="cuda").contiguous(memory_format=fmt)
-    poison = torch.full(shape, float("nan"), device="cuda")
-    del poison
     z_sel = randn((4, 20, 9, 9), "cuda", torch.float32).contiguous(memory_format=fmt)
     sel = random_sel(48, 20, "cuda")
     g = random_gate(20, "cuda")
+    poison = torch.full((4, 48, 9, 9), float("nan"), device="cuda")  # the output's size: its block comes back
+    del poison
     with use_backend("cuda"):
         y = gate_scatter(z_sel, sel, g, 48)
     assert not y.isnan().any()
@@ -504,3 +501,13 @@ def test_cuda_kernel_code_emulated_on_cpu(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in supported_dtypes("gate_scatter")])
+def test_out_of_range_indices_raise_on_cpu(backend):
+    z, g = torch.randn(2, 3), torch.ones(3)
+    with use_backend(backend):
+        with pytest.raises((IndexError, RuntimeError), match="(?i)out of (range|bounds|data bounds)"):
+            gate_scatter(z, torch.tensor([0, 1, 7]), g, 5)
+        with pytest.raises((IndexError, RuntimeError), match="(?i)out of (range|bounds|data bounds)"):
+            gate_gather(torch.randn(2, 5), torch.tensor([0, -9, 1]), g)

@@ -16,10 +16,12 @@ this module, ``cpp`` / ``cuda`` the C++ ops ``tg_kernels::gate_scatter_kernel`` 
 ``tg_kernels::gate_gather_kernel`` (csrc/cpu/gate_scatter.cpp, csrc/cuda/gate_scatter.cu), which get
 fake implementations here so that they trace under torch.compile and pass opcheck.
 
-Indices: ``sel`` is int64, entries in ``[0, C)``, distinct for the scatter. The torch and cpp
-backends raise on bad indices; the cuda backend trusts them (checking would synchronise with the
-host) but never reads or writes out of bounds: out-of-range entries are dropped by the scatter and
-give zeros in the gather, and a channel listed twice in the scatter takes its first position's data.
+Indices: ``sel`` is int64, entries in ``[0, C)``, distinct for the scatter (repeats are fine in the
+gather). The cpp backend raises on out-of-range entries and on repeats in the scatter; the torch
+backend raises on out-of-range entries (PyTorch's index ops; on CUDA a device-side assert) but not
+on repeats; the cuda backend trusts them (checking would synchronise with the host) but never reads
+or writes out of bounds: out-of-range entries are dropped by the scatter and give zeros in the
+gather, and a channel listed twice in the scatter takes its first position's data.
 """
 
 from __future__ import annotations
