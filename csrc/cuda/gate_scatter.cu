@@ -18,13 +18,13 @@
 // owns output "group" q (VEC consecutive output elements, one 16-byte store), so every output
 // element is written exactly once, zeros included, and consecutive threads write consecutive
 // 16-byte chunks (coalesced):
-//  - ROW kernels (any inner; VEC > 1 when inner % VEC == 0 and both pointers are 16-byte
+//  - ROW path (any inner; VEC > 1 when inner % VEC == 0 and both pointers are 16-byte
 //    aligned): a group lies inside one run (o, k) of `inner` elements, so it is one 16-byte load
 //    of the matching source run (or zeros) scaled by one gate value.
-//  - COL kernels (inner == 1: channels_last or [N, C]; VEC > 1 when K_out % VEC == 0 and the output
+//  - COL path (inner == 1: channels_last or [N, C]; VEC > 1 when K_out % VEC == 0 and the output
 //    is aligned): a group is VEC consecutive output channels of one row; the loads are scalar
 //    gathers from the source row (neighbouring channels, so mostly the same cache lines).
-// Otherwise the ROW kernel runs with VEC = 1 (scalar, any shape and alignment).
+// Otherwise the ROW path runs with VEC = 1 (scalar, any shape and alignment).
 //
 // Index decomposition uses at::cuda::detail::IntDivider (multiply-shift division) with 32-bit
 // indices when every index of input and output is below 2^31, and plain int64 division
@@ -280,7 +280,7 @@ __host__ __device__ __forceinline__ void gather_col_group(index_t q, const scala
        q += static_cast<index_t>(gridDim.x) * kThreads)
 
 template <typename scalar_t, int VEC, typename index_t, bool kCol>
-__global__ void __launch_bounds__(kThreads) gate_scatter_kernel(const scalar_t* __restrict__ z,
+__global__ void __launch_bounds__(kThreads) scatter_groups_kernel(const scalar_t* __restrict__ z,
                                                                 const int* __restrict__ map,
                                                                 const float* __restrict__ gate,
                                                                 scalar_t* __restrict__ y, const Plan<index_t> p,
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) gate_scatter_kernel(const scalar_t* 
   }
 }
 
-__global__ void gate_scatter_map_kernel(const int64_t* __restrict__ sel, int* __restrict__ map, const int64_t A,
+__global__ void scatter_map_kernel(const int64_t* __restrict__ sel, int* __restrict__ map, const int64_t A,
                                         const int64_t C) {
   using index_t = int64_t;
   TG_GRID_STRIDE_LOOP(a, A) {
@@ -303,7 +303,7 @@ __global__ void gate_scatter_map_kernel(const int64_t* __restrict__ sel, int* __
 }
 
 template <typename scalar_t, int VEC, typename index_t, bool kCol>
-__global__ void __launch_bounds__(kThreads) gate_gather_kernel(const scalar_t* __restrict__ t,
+__global__ void __launch_bounds__(kThreads) gather_groups_kernel(const scalar_t* __restrict__ t,
                                                                const int64_t* __restrict__ sel,
                                                                const float* __restrict__ gate,
                                                                scalar_t* __restrict__ out, const Plan<index_t> p,
@@ -389,7 +389,6 @@ void check_args(const char* op, const char* data_name, const at::Tensor& data, c
               ": gate_sel must have shape [", sel.size(0), "] (one value per entry of sel), got ", gate_sel.sizes());
 }
 
-
 template <typename scalar_t, typename index_t>
 void launch_scatter(const Canonical& view, const at::Tensor& map, const at::Tensor& gate_sel, const at::Tensor& y,
                     int64_t A, int64_t C) {
@@ -404,11 +403,11 @@ void launch_scatter(const Canonical& view, const at::Tensor& map, const at::Tens
   const int grid = grid_for(static_cast<int64_t>(p.groups));
   const auto iA = static_cast<index_t>(A);
   if (path == Path::kCol) {
-    gate_scatter_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
+    scatter_groups_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
   } else if (path == Path::kRowVec) {
-    gate_scatter_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
+    scatter_groups_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
   } else {
-    gate_scatter_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
+    scatter_groups_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(z, mp, gp, yp, p, iA);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -426,11 +425,11 @@ void launch_gather(const Canonical& view, const at::Tensor& sel, const at::Tenso
   const Plan<index_t> p = make_plan<index_t>(path, view.outer, view.inner, A, VEC);
   const int grid = grid_for(static_cast<int64_t>(p.groups));
   if (path == Path::kCol) {
-    gate_gather_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
+    gather_groups_kernel<scalar_t, VEC, index_t, true><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
   } else if (path == Path::kRowVec) {
-    gate_gather_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
+    gather_groups_kernel<scalar_t, VEC, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
   } else {
-    gate_gather_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
+    gather_groups_kernel<scalar_t, 1, index_t, false><<<grid, kThreads, 0, stream>>>(t, sp, gp, op, p, C);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -457,7 +456,7 @@ at::Tensor gate_scatter_cuda(const at::Tensor& z_sel, const at::Tensor& sel_arg,
   const at::Tensor sel = sel_arg.contiguous();
   const at::Tensor gate_sel = gate_arg.contiguous();
   at::Tensor map = at::full({channels}, A, sel.options().dtype(at::kInt));
-  gate_scatter_map_kernel<<<grid_for(A), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  scatter_map_kernel<<<grid_for(A), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       sel.const_data_ptr<int64_t>(), map.mutable_data_ptr<int>(), A, channels);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   TG_DISPATCH_HALF_AND_SINGLE(z_sel.scalar_type(), "gate_scatter_cuda", [&] {
