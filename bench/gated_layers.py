@@ -61,6 +61,51 @@ CASES = {
 }
 
 
+class _PrototypeLinear(torch.autograd.Function):
+    """The naive skipping prototype of DESIGN.md §7 in plain PyTorch ops: the baseline to beat.
+
+    index_select the active weight rows, F.linear, index_copy_ into a zeroed output; backward from
+    the active channels, with one full weight-gradient GEMM for the gate gradients ("exact") or
+    active rows only ("hard").
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gate, hard):  # type: ignore[override]
+        idx = torch.nonzero(gate).flatten()
+        z = torch.nn.functional.linear(x, weight.index_select(0, idx), bias.index_select(0, idx))
+        y = x.new_zeros(x.shape[0], weight.shape[0]).index_copy_(1, idx, z * gate[idx])
+        ctx.save_for_backward(x, weight, bias, gate, idx)
+        ctx.hard = hard
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, bias, gate, idx = ctx.saved_tensors
+        grad_y_a, gate_a = grad_y.index_select(1, idx), gate[idx]
+        grad_x = (grad_y_a * gate_a) @ weight.index_select(0, idx)
+        if ctx.hard:
+            g_a, s_a = grad_y_a.t() @ x, grad_y_a.sum(0)
+            grad_w = torch.zeros_like(weight).index_copy_(0, idx, g_a * gate_a[:, None])
+            grad_b = torch.zeros_like(bias).index_copy_(0, idx, s_a * gate_a)
+            dots = (weight.index_select(0, idx) * g_a).sum(1) + bias[idx] * s_a
+            grad_gate = torch.zeros_like(gate).index_copy_(0, idx, dots)
+        else:
+            g, s = grad_y.t() @ x, grad_y.sum(0)
+            grad_w, grad_b = g * gate[:, None], s * gate
+            grad_gate = (weight * g).sum(1) + bias * s
+        return grad_x, grad_w, grad_b, grad_gate, None
+
+
+class _Prototype(nn.Module):
+    def __init__(self, layer: GatedLinear, hard: bool) -> None:
+        super().__init__()
+        self.layer, self.hard = layer, hard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        return _PrototypeLinear.apply(x, layer.weight, layer.bias, layer.gate(), self.hard)
+
+
 def _train_step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
     params = list(module.parameters())
 
@@ -85,6 +130,8 @@ def _providers(case: Case, fraction: float, seed: int = 0) -> dict[tuple[str, st
             layer.gate.weight[torch.randperm(case.out_channels)[n_open:]] = -1.0
         grad_y = torch.randn_like(layer(x))
         steps[("tg_kernels", mode)] = _train_step(layer, x, grad_y)
+        if case.kind == "linear" and mode != "none":
+            steps[("prototype", f"proto_{mode}")] = _train_step(_Prototype(layer, mode == "hard"), x, grad_y)
     for mode, channels in (("full", case.out_channels), ("pruned", n_open)):
         layer = case.plain(channels)
         grad_y = torch.randn_like(layer(x))
@@ -127,22 +174,37 @@ def run_cases(
     return rows
 
 
+_TIME_COLUMNS = ("full", "pruned", "none", "exact", "hard", "proto_exact", "proto_hard")
+_RATIOS = (
+    ("none", "exact"),
+    ("none", "hard"),
+    ("hard", "pruned"),
+    ("none", "full"),
+    ("exact", "full"),
+    ("hard", "full"),
+    ("proto_exact", "exact"),
+    ("proto_hard", "hard"),
+)
+
+
 def format_table(rows: list[dict], stat: str = "median_ms") -> str:
-    """Times (`stat`: median_ms or min_ms) and the issue's ratios, one line per (case, active fraction)."""
-    lines = [
-        f"{'case':28} {'active':>6} | {'full':>8} {'pruned':>8} {'none':>8} {'exact':>8} {'hard':>8} "
-        f"(ms, {stat[:-3]:>6}) | "
-        f"{'none/exact':>10} {'none/hard':>9} {'hard/pruned':>11} {'none/full':>9} {'exact/full':>10} {'hard/full':>9}"
-    ]
+    """Times (`stat`: median_ms or min_ms) and the issue's ratios, one line per (case, active fraction).
+
+    ``proto_*`` is the naive prototype of DESIGN.md §7 (Linear only); ``a/b`` is time(a) / time(b).
+    """
+    ratio_names = [f"{a}/{b}" for a, b in _RATIOS]
+    head = " ".join(f"{c:>11}" for c in _TIME_COLUMNS)
+    lines = [f"{'case':28} {'active':>6} | {head} | " + " ".join(f"{r:>{max(9, len(r))}}" for r in ratio_names)]
+    lines.append(f"{'':28} {'':6} | {'(ms, ' + stat[:-3] + ')':>11}")
     keys = sorted({(r["case"], r["active_fraction"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     for case, fraction in keys:
         t = {r["mode"]: r[stat] for r in rows if r["case"] == case and r["active_fraction"] == fraction}
-        lines.append(
-            f"{case:28} {fraction:6.2f} | {t['full']:8.1f} {t['pruned']:8.1f} {t['none']:8.1f} {t['exact']:8.1f} "
-            f"{t['hard']:8.1f}              | {t['none'] / t['exact']:10.2f} {t['none'] / t['hard']:9.2f} "
-            f"{t['hard'] / t['pruned']:11.2f} {t['none'] / t['full']:9.2f} {t['exact'] / t['full']:10.2f} "
-            f"{t['hard'] / t['full']:9.2f}"
+        times = " ".join(f"{t[c]:11.1f}" if c in t else f"{'-':>11}" for c in _TIME_COLUMNS)
+        ratios = " ".join(
+            f"{t[a] / t[b]:>{max(9, len(n))}.2f}" if a in t and b in t else f"{'-':>{max(9, len(n))}}"
+            for (a, b), n in zip(_RATIOS, ratio_names, strict=True)
         )
+        lines.append(f"{case:28} {fraction:6.2f} | {times} | {ratios}")
     return "\n".join(lines)
 
 

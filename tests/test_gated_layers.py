@@ -358,8 +358,9 @@ def test_all_closed_exact_gates_still_learn(mode):
     assert (grad == 0).all() if mode == "hard" else (grad != 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", MODES)
-def test_autocast_bf16(mode):
+def test_autocast(mode, dtype):
     torch.manual_seed(0)
     layer = GatedLinear(16, 24, skip=mode)
     conv = GatedConv2d(4, 8, 3, padding=1, skip=mode)
@@ -367,11 +368,11 @@ def test_autocast_bf16(mode):
         layer.gate.weight[::3] = -1
         conv.gate.weight[::3] = -1
     x, xc = torch.randn(5, 16), torch.randn(2, 4, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y, yc = layer(x), conv(xc)
         ref = F.linear(x, layer.weight, layer.bias) * layer.gate().detach()
         ref_c = F.conv2d(xc, conv.weight, conv.bias, padding=1) * conv.gate().detach().view(1, -1, 1, 1)
-    assert y.dtype == yc.dtype == torch.bfloat16
+    assert y.dtype == yc.dtype == dtype
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(yc.float(), ref_c.float(), rtol=2e-2, atol=2e-2)
     (y.float().sum() + yc.float().sum()).backward()
