@@ -453,3 +453,26 @@ def test_compile_fullgraph_aot_eager():
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
     _compiled_matches_eager("inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    """The torch implementation on CUDA tensors (no Triton/CUDA kernels wired in yet) against float64 CPU."""
+    torch.manual_seed(0)
+    for layer in (GatedLinear(32, 48, skip=mode), GatedConv2d(8, 24, 3, padding=1, groups=2, skip=mode)):
+        with torch.no_grad():
+            layer.gate.weight[::3] = -1
+        x = torch.randn(4, 32) if isinstance(layer, GatedLinear) else torch.randn(2, 8, 6, 6)
+        results = []
+        for device, dtype in (("cpu", F64), ("cuda", torch.float32)):
+            m = layer.to(device=device, dtype=dtype)
+            m.zero_grad()
+            xi = leaf(x.to(device=device, dtype=dtype))
+            y = m(xi)
+            y.backward(torch.ones_like(y))
+            results.append(
+                [t.detach().cpu().double() for t in (y, xi.grad, m.weight.grad, m.bias.grad, m.gate.weight.grad)]
+            )
+        assert_all_close(results[1], results[0], rtol=1e-4, atol=1e-4)
