@@ -276,10 +276,11 @@ def test_conv_module_padding_modes(mode, padding_mode):
     x = torch.randn(2, 3, 6, 6, dtype=F64)
     mask = (gated.gate.weight >= 0).to(F64).view(1, -1, 1, 1)
     torch.testing.assert_close(gated(x), plain(x) * mask)
-    same = GatedConv2d(3, 8, 4, padding="same", dtype=F64, skip=mode)
-    ref = nn.Conv2d(3, 8, 4, padding="same", dtype=F64)
-    ref.load_state_dict(same.state_dict(), strict=False)
-    torch.testing.assert_close(same(x), ref(x))
+    for padding in ("same", "valid"):
+        gated_str = GatedConv2d(3, 8, 4, padding=padding, dtype=F64, skip=mode)
+        ref = nn.Conv2d(3, 8, 4, padding=padding, dtype=F64)
+        ref.load_state_dict(gated_str.state_dict(), strict=False)
+        torch.testing.assert_close(gated_str(x), ref(x))
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -133,9 +133,11 @@ class GatedConv2d(nn.Conv2d, _Gated):
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
-        if self.padding_mode != "zeros" or isinstance(padding, str):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        if self.padding_mode != "zeros" or isinstance(padding, str):  # other modes, "same", "valid"
+            pads = self._reversed_padding_repeated_twice
+            if any(pads):
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, pads, mode=mode)
             padding = (0, 0)
         return gated_conv2d(
             x,
