@@ -206,18 +206,23 @@ def clear_workspace() -> None:
     _workspace.buffers.clear()
 
 
-def _gather(t: Tensor, dim: int, idx: Tensor, slot: str | None = None) -> Tensor:
-    """``t.index_select(dim, idx)``, keeping channels_last tensors channels_last (one pass either way).
-
-    With `slot`, a contiguous result goes into that workspace slot (a temporary of the caller).
-    """
-    if dim == 1 and output_format(t) == torch.channels_last:
-        return t.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
+def _index_select(t: Tensor, dim: int, idx: Tensor, slot: str | None) -> Tensor:
     if slot is None:
         return t.index_select(dim, idx)
     shape = list(t.shape)
     shape[dim] = idx.numel()
     return torch.index_select(t, dim, idx, out=_workspace.take(slot, shape, t.dtype, t.device))
+
+
+def _gather(t: Tensor, dim: int, idx: Tensor, slot: str | None = None) -> Tensor:
+    """``t.index_select(dim, idx)`` in one pass, channels_last tensors (activations or weights) staying so.
+
+    With `slot`, the result goes into that workspace slot (a temporary of the caller).
+    """
+    if output_format(t) == torch.channels_last:  # gather on the contiguous NHWC view
+        nhwc = _index_select(t.permute(0, 2, 3, 1), (0, 3, 1, 2)[dim], idx, slot)
+        return nhwc.permute(0, 3, 1, 2)
+    return _index_select(t, dim, idx, slot)
 
 
 def _expand(t_sel: Tensor, dim: int, plan: Plan, channels: int) -> Tensor:
@@ -262,7 +267,7 @@ def skip_forward(
         z = math.forward(x, weight, bias, groups)
         return _with_strides(z if plan.binary else z.mul_(_channel_view(gate.to(z.dtype), z.dim())), strides)
     w_sel, b_sel = _selected(weight, bias, plan)
-    x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
+    x_sel = x if plan.in_idx is None else _gather(x, 1, plan.in_idx)
     out_shape_sel = [x.shape[0], plan.sel.numel(), *out_shape[2:]]
     out = _workspace.take("output", out_shape_sel, x.dtype, x.device) if math.writes_out else None
     z = math.forward(x_sel, w_sel, b_sel, plan.groups, out)
@@ -327,7 +332,7 @@ def skip_backward(
     # the problem dX is computed on (full or selected channels), its dy, and the weight-gradient problem
     if plan.kind == "skip":
         w_sel, b_sel = _selected(weight, bias, plan)
-        x_sel = x if plan.in_idx is None else x.index_select(1, plan.in_idx)
+        x_sel = x if plan.in_idx is None else _gather(x, 1, plan.in_idx)
         grad_y_sel, gate_sel = _gather(grad_y, 1, plan.sel, "grad_y"), gate.index_select(0, plan.sel)
         small = (grad_y_sel, x_sel, w_sel, plan.groups)
         grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
