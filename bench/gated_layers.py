@@ -118,14 +118,18 @@ def _train_step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Cal
     return step
 
 
-def _providers(case: Case, fraction: float, seed: int = 0) -> dict[tuple[str, str], Callable[[], None]]:
+def _providers(
+    case: Case, fraction: float, channels_last: bool = False, seed: int = 0
+) -> dict[tuple[str, str], Callable[[], None]]:
     """Train-step closures keyed by (provider, mode); gates open on a random `fraction` of channels."""
     torch.manual_seed(seed)
-    x = case.input().requires_grad_(True)
+    x = case.input()
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
     n_open = round(fraction * case.out_channels)
     steps = {}
     for mode in MODES:
-        layer = case.gated(mode)
+        layer = case.gated(mode).to(memory_format=fmt)
         with torch.no_grad():
             layer.gate.weight[torch.randperm(case.out_channels)[n_open:]] = -1.0
         grad_y = torch.randn_like(layer(x))
@@ -133,22 +137,29 @@ def _providers(case: Case, fraction: float, seed: int = 0) -> dict[tuple[str, st
         if case.kind == "linear" and mode != "none":
             steps[("prototype", f"proto_{mode}")] = _train_step(_Prototype(layer, mode == "hard"), x, grad_y)
     for mode, channels in (("full", case.out_channels), ("pruned", n_open)):
-        layer = case.plain(channels)
+        layer = case.plain(channels).to(memory_format=fmt)
         grad_y = torch.randn_like(layer(x))
         steps[("torch.nn", mode)] = _train_step(layer, x, grad_y)
     return steps
 
 
 def run_cases(
-    cases: list[str] | None = None, fractions: tuple[float, ...] = FRACTIONS, repeats: int = 5, warmup: int = 1
+    cases: list[str] | None = None,
+    fractions: tuple[float, ...] = FRACTIONS,
+    repeats: int = 5,
+    warmup: int = 1,
+    channels_last: bool = False,
 ) -> list[dict]:
-    """Benchmark rows: dicts with case, provider, mode, active_fraction, median_ms, iqr_ms (and min_ms)."""
+    """Benchmark rows: dicts with case, provider, mode, active_fraction, median_ms, iqr_ms (and min_ms).
+
+    With `channels_last`, conv inputs and weights are channels_last (case names get a ``_cl`` suffix).
+    """
     rows = []  # timed with perf_counter in interleaved rounds; statistics from torch.utils.benchmark.Measurement
     for name in cases or list(CASES):
         case = CASES[name]
         for fraction in fractions:
             print(f"  {name} active={fraction} ...", file=sys.stderr, flush=True)
-            steps = _providers(case, fraction)
+            steps = _providers(case, fraction, channels_last)
             for _ in range(warmup):
                 for step in steps.values():
                     step()
@@ -162,7 +173,7 @@ def run_cases(
                 m = benchmark.Measurement(1, ts, benchmark.TaskSpec(stmt=f"{name} {provider} {mode}", setup="pass"))
                 rows.append(
                     dict(
-                        case=name,
+                        case=name + ("_cl" if channels_last and case.kind != "linear" else ""),
                         provider=provider,
                         mode=mode,
                         active_fraction=fraction,
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", nargs="*", type=float, default=list(FRACTIONS))
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per provider")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last conv inputs and weights")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; train step = forward + backward "
         f"(grads of x and params); channel_gate backend for mode none: {gate_backend}; {args.repeats} rounds"
     )
-    rows = run_cases(args.cases, tuple(args.fractions), args.repeats)
+    rows = run_cases(args.cases, tuple(args.fractions), args.repeats, channels_last=args.channels_last)
     print(format_table(rows))
     print("\nThe same rounds, minimum over rounds (less sensitive to load from other processes):")
     print(format_table(rows, "min_ms"))
