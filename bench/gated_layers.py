@@ -10,6 +10,7 @@ returns the rows for bench/run.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -232,12 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     gate_backend = resolve_backend("channel_gate", torch.device("cpu"), torch.float32, CHANNEL_GATE_DTYPES)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; train step = forward + backward "
-        f"(grads of x and params); channel_gate backend for mode none: {gate_backend}; {args.repeats} rounds"
+        f"(grads of x and params); channel_gate backend for mode none: {gate_backend}; {args.repeats} rounds; "
+        f"load average before: {os.getloadavg()[0]:.2f}"
     )
     rows = run_cases(args.cases, tuple(args.fractions), args.repeats, channels_last=args.channels_last)
     print(format_table(rows))
     print("\nThe same rounds, minimum over rounds (less sensitive to load from other processes):")
     print(format_table(rows, "min_ms"))
+    print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on this machine distort the timings)")
 
 
 if __name__ == "__main__":
