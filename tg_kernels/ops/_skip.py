@@ -9,6 +9,11 @@ Modes (``mode`` argument): ``"exact"`` (dX from active channels, one full weight
 the ungated dy, exact gate gradients for every channel) and ``"hard"`` (active channels only;
 closed gates get zero gradient). A channel is active when its gate value is nonzero, so any gate
 values (limit form or paper form) give correct results; only exact zeros are skipped.
+
+Cost savers: with 0/1 gates (the limit form) nothing is multiplied; closed channels used as padding
+are computed as zero weight rows, so a full-size result is one gather from the computed channels
+(no zero-fill plus scatter); where dX and dW share one dy, the layer computes them in one call; on
+CPU the temporaries reuse per-thread :class:`Workspace` buffers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor
 
 MODES = ("exact", "hard")
-PAD_MULTIPLE = 8  # active counts are rounded up to this multiple (groups == 1) with closed channels
+PAD_MULTIPLE = 8  # computed channel counts (groups == 1) are rounded up to this, padded with closed channels
 
 _HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
