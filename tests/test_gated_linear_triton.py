@@ -434,3 +434,27 @@ def test_gpu_real_plan_no_host_sync(dtype, mode):
         tgl.gated_linear_backward(grad_y, x, weight, bias, gate, mode, True, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("skip", ["none", "exact", "hard"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_linear_module_on_the_triton_backend_matches_torch(skip, bias):
+    """The op-level wiring: GatedLinear under use_backend("triton") against the torch backend."""
+    from tg_kernels import GatedLinear, use_backend
+
+    torch.manual_seed(0)
+    layer = GatedLinear(24, 40, bias=bias, skip=skip)
+    with torch.no_grad():
+        layer.gate.weight[torch.randperm(40)[:15]] = -0.3
+    x = torch.randn(3, 7, 24)
+    results = {}
+    for backend in ("torch", "triton"):
+        layer.zero_grad()
+        xb = x.clone().requires_grad_(True)
+        with use_backend(backend):
+            y = layer(xb)
+            y.backward(torch.ones_like(y))
+        grads = [xb.grad, layer.weight.grad, layer.gate.weight.grad] + ([layer.bias.grad] if bias else [])
+        results[backend] = [y.detach(), *[g.clone() for g in grads]]
+    for got, want in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

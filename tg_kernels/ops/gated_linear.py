@@ -43,7 +43,7 @@ _MATH = LinearMath()
 # through PyTorch ops, so it shares the torch implementation. A Triton or CUDA implementation plugs
 # in by adding its entry here and a branch in _kernels returning (forward, backward) with the
 # signatures of _torch_forward / _torch_backward (e.g. tg_kernels.triton.gated_linear).
-SUPPORTED_DTYPES = dict(_skip.SUPPORTED_DTYPES)
+SUPPORTED_DTYPES = {**_skip.SUPPORTED_DTYPES, "triton": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor) -> Tensor:
@@ -63,10 +63,40 @@ def _torch_backward(
     return _skip.skip_backward(_MATH, grad_y, x, weight, bias, gate, 1, mode, need_input, need_params)
 
 
+def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor) -> Tensor:
+    from tg_kernels.triton import gated_linear as kernels
+
+    bias = bias.contiguous() if bias is not None else None
+    return kernels.gated_linear_forward(x, weight.contiguous(), bias, gate.detach().float().contiguous())
+
+
+def _triton_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    mode: str,
+    need_input: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from tg_kernels.triton import gated_linear as kernels
+
+    contiguous_bias = bias.contiguous() if bias is not None else None
+    grad_x, grad_w, grad_b, grad_gate = kernels.gated_linear_backward(
+        grad_y, x, weight.contiguous(), contiguous_bias, gate.float().contiguous(), mode, need_input, need_params
+    )
+    if need_params:
+        grad_w = _skip._with_strides(grad_w, _skip._strides_like(weight))
+        grad_gate = grad_gate.to(gate.dtype)
+    return grad_x, grad_w, grad_b, grad_gate
+
+
 def _kernels(x: Tensor) -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]]:
     """(forward, backward) of the backend that runs on x's device and dtype."""
-    resolve_backend("gated_linear", x.device, x.dtype, SUPPORTED_DTYPES)  # torch or cpp: one implementation
-    return _torch_forward, _torch_backward
+    if resolve_backend("gated_linear", x.device, x.dtype, SUPPORTED_DTYPES) == "triton":
+        return _triton_forward, _triton_backward
+    return _torch_forward, _torch_backward  # torch, and cpp (ATen's C++ GEMMs through PyTorch ops)
 
 
 def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, mode: str) -> None:
