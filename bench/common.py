@@ -49,7 +49,8 @@ def quantiles(samples: list[float]) -> tuple[float, float]:
 
 
 def _time_once_cpu(fn: Callable[[], object], min_run_time: float) -> float:
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def _time_once_cuda(fn: Callable[[], object], calls: int) -> float:

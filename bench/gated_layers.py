@@ -20,9 +20,13 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from tg_kernels.backends import resolve_backend
-from tg_kernels.nn import GatedConv2d, GatedLinear
-from tg_kernels.ops.channel_gate import SUPPORTED_DTYPES as CHANNEL_GATE_DTYPES
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import Row, time_interleaved  # noqa: E402
+from tg_kernels.backends import resolve_backend  # noqa: E402
+from tg_kernels.nn import GatedConv2d, GatedLinear  # noqa: E402
+from tg_kernels.ops.channel_gate import SUPPORTED_DTYPES as CHANNEL_GATE_DTYPES  # noqa: E402
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 MODES = ("none", "exact", "hard")
@@ -57,6 +61,7 @@ class Case:
 
 CASES = {
     "linear_4096x1024x4096": Case("linear_4096x1024x4096", "linear", 4096, 1024, 4096),
+    "linear_1024x512x1024": Case("linear_1024x512x1024", "linear", 1024, 512, 1024),
     "conv3x3_n32_64x64_32x32": Case("conv3x3_n32_64x64_32x32", "conv3x3", 32, 64, 64, 32),
     "conv3x3_n32_128x128_16x16": Case("conv3x3_n32_128x128_16x16", "conv3x3", 32, 128, 128, 16),
 }
@@ -120,25 +125,26 @@ def _train_step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Cal
 
 
 def _providers(
-    case: Case, fraction: float, channels_last: bool = False, seed: int = 0
+    case: Case, fraction: float, channels_last: bool = False, seed: int = 0, device: torch.device | None = None
 ) -> dict[tuple[str, str], Callable[[], None]]:
     """Train-step closures keyed by (provider, mode); gates open on a random `fraction` of channels."""
     torch.manual_seed(seed)
-    x = case.input()
+    device = device or torch.device("cpu")
+    x = case.input().to(device)
     fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
     x = x.contiguous(memory_format=fmt).requires_grad_(True)
     n_open = round(fraction * case.out_channels)
     steps = {}
     for mode in MODES:
-        layer = case.gated(mode).to(memory_format=fmt)
+        layer = case.gated(mode).to(device=device, memory_format=fmt)
         with torch.no_grad():
-            layer.gate.weight[torch.randperm(case.out_channels)[n_open:]] = -1.0
+            layer.gate.weight[torch.randperm(case.out_channels)[n_open:].to(device)] = -1.0
         grad_y = torch.randn_like(layer(x))
         steps[("tg_kernels", mode)] = _train_step(layer, x, grad_y)
         if case.kind == "linear" and mode != "none":
             steps[("prototype", f"proto_{mode}")] = _train_step(_Prototype(layer, mode == "hard"), x, grad_y)
     for mode, channels in (("full", case.out_channels), ("pruned", n_open)):
-        layer = case.plain(channels).to(memory_format=fmt)
+        layer = case.plain(channels).to(device=device, memory_format=fmt)
         grad_y = torch.randn_like(layer(x))
         steps[("torch.nn", mode)] = _train_step(layer, x, grad_y)
     return steps
@@ -184,6 +190,42 @@ def run_cases(
                     )
                 )
     return rows
+
+
+def run_family(device: torch.device, quick: bool, progress=None) -> list[Row]:
+    """Rows for bench/run.py: speed-up against the full plain layer, and time relative to the pruned one."""
+    names = ["linear_1024x512x1024", "conv3x3_n32_128x128_16x16"] if quick else list(CASES)
+    fractions = (0.5,) if quick else FRACTIONS
+    rounds, min_run_time = (3, 0.05) if quick else (7, 0.2)
+    rows = []
+    for name in names:
+        for fraction in fractions:
+            timings = time_interleaved(_providers(CASES[name], fraction, device=device), device, rounds, min_run_time)
+            full, pruned = timings[("torch.nn", "full")][0], timings[("torch.nn", "pruned")][0]
+            for (provider, mode), (median, iqr) in timings.items():
+                extra = {"vs_ideal": median / pruned}
+                rows.append(
+                    Row(
+                        "gated_layers",
+                        name,
+                        provider,
+                        mode,
+                        fraction,
+                        median,
+                        iqr,
+                        rounds,
+                        "full",
+                        full / median,
+                        extra,
+                    )
+                )
+            if progress is not None:
+                progress()
+    return rows
+
+
+def count_family(device: torch.device, quick: bool) -> int:
+    return 2 if quick else len(CASES) * len(FRACTIONS)
 
 
 _TIME_COLUMNS = ("full", "pruned", "none", "exact", "hard", "proto_exact", "proto_hard")

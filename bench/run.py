@@ -31,7 +31,7 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import tg_kernels  # noqa: E402
-from bench import channel_gate, models  # noqa: E402
+from bench import channel_gate, gated_layers, models  # noqa: E402
 from bench.common import Row, device_name  # noqa: E402
 
 # family -> (run_cases(device, quick, progress) -> rows, count_cases(device, quick) -> int, description)
@@ -40,6 +40,11 @@ FAMILIES: dict[str, tuple[Callable, Callable, str]] = {
         channel_gate.run_cases,
         channel_gate.count_cases,
         "fused channel gate vs the unfused PyTorch expression, and its bandwidth vs x.clone()",
+    ),
+    "gated_layers": (
+        gated_layers.run_family,
+        gated_layers.count_family,
+        "GatedLinear / GatedConv2d train steps per skip mode and active fraction vs the full and the pruned nn layer",
     ),
     "models": (
         models.run_cases,
