@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tg_kernels import use_backend
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import _skip
 from tg_kernels.ops.gated_conv import gated_conv2d, gated_conv2d_backward_op, gated_conv2d_op
@@ -262,6 +263,31 @@ def test_conv_batch_zero_and_one_channel(mode):
         y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
         y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
         assert_all_close([y, *grads], [y_ref, *grads_ref])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_fused_and_torch_gather_scatter(backend, mode, memory_format):
+    """Both ways of gathering dy and scattering the output (the fused kernels, see _skip.fused_kernels,
+    and the torch sequences) match the reference, with and without zero padding rows."""
+    spec = CONV_CASES["basic"]
+    x, w, b = conv_inputs(spec)
+    x, w = x.contiguous(memory_format=memory_format), w.contiguous(memory_format=memory_format)
+    lin_x, lin_w = torch.randn(5, 7, dtype=F64), torch.randn(16, 7, dtype=F64)
+    with use_backend(backend):
+        assert _skip.fused_kernels(x) == (backend == "cpp")
+        for open_channels in (torch.arange(16) % 2 == 0, make_gate(16, "some_closed") != 0):
+            for scale in (1.0, 0.7):
+                gate = open_channels.to(F64) * scale
+                y, grads = grads_of(conv_fn(spec, mode), [x, w, b, gate])
+                y_ref, grads_ref = grads_of(reference(conv_fn(spec), mode), [x, w, b, gate])
+                assert_all_close([y, *grads], [y_ref, *grads_ref])
+                assert y.is_contiguous(memory_format=memory_format)
+                linear = lambda x, w, b, g: gated_linear(x, w, b, g, skip=mode)  # noqa: E731
+                y, grads = grads_of(linear, [lin_x, lin_w, b, gate])
+                y_ref, grads_ref = grads_of(reference(F.linear, mode), [lin_x, lin_w, b, gate])
+                assert_all_close([y, *grads], [y_ref, *grads_ref])
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -10,10 +10,15 @@ the ungated dy, exact gate gradients for every channel) and ``"hard"`` (active c
 closed gates get zero gradient). A channel is active when its gate value is nonzero, so any gate
 values (limit form or paper form) give correct results; only exact zeros are skipped.
 
-Cost savers: with 0/1 gates (the limit form) nothing is multiplied; closed channels used as padding
-are computed as zero weight rows, so a full-size result is one gather from the computed channels
-(no zero-fill plus scatter); where dX and dW share one dy, the layer computes them in one call; on
-CPU the temporaries reuse per-thread :class:`Workspace` buffers.
+Cost savers: where :func:`fused_kernels` holds (the native gate_scatter / gate_gather kernels: CUDA
+tensors of their dtypes, and CPU), the gate multiply and the expansion to the full-size output are one
+:func:`~tg_kernels.ops.gate_scatter.gate_scatter` pass, and gathering dy of the computed channels
+with their gates one :func:`~tg_kernels.ops.gate_scatter.gate_gather` pass (except for 0/1 gates on
+contiguous CPU tensors: a plain gather into a workspace buffer). Elsewhere (the torch fallback),
+with 0/1 gates nothing is multiplied, and closed channels used as padding are computed as zero
+weight rows, so a full-size result is one gather from the computed channels (no zero-fill plus
+scatter). Where dX and dW share one dy, the layer computes them in one call; on CPU the temporaries
+reuse per-thread :class:`Workspace` buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from tg_kernels.backends import BackendUnavailableError, resolve_backend
+from tg_kernels.ops import gate_scatter as _fused
 
 MODES = ("exact", "hard")
 PAD_MULTIPLE = 8  # computed channel counts (groups == 1) are rounded up to this, padded with closed channels
@@ -241,6 +249,36 @@ def _expand(t_sel: Tensor, dim: int, plan: Plan, channels: int) -> Tensor:
     return out.index_fill_(dim, plan.unsel, 0) if plan.unsel.numel() else out
 
 
+def fused_kernels(t: Tensor) -> bool:
+    """The rule for the fused building blocks: use gate_scatter / gate_gather wherever they run a
+    native kernel for t's device and dtype (``cuda`` on CUDA, ``cpp`` on CPU), i.e. unless the torch
+    backend is forced or the extension lacks them; there the multi-pass torch sequences run instead."""
+    try:
+        return all(
+            resolve_backend(op, t.device, t.dtype, _fused.supported_dtypes(op)) != "torch"
+            for op in ("gate_scatter", "gate_gather")
+        )
+    except BackendUnavailableError:  # a forced backend without these kernels: the torch sequences
+        return False
+
+
+def _dy_selected(grad_y: Tensor, plan: Plan, gate_sel: Tensor, fused: bool, ungated: bool) -> tuple[Tensor, Tensor]:
+    """(dz, dy) of the computed channels: ``grad_y[:, sel] * gate_sel``, and ``grad_y[:, sel]`` if
+    `ungated` (else dz again). With 0/1 gates dz serves as dy: they differ only at padding rows, whose
+    weight rows are zero and whose gradient rows are zeroed.
+
+    dz is one fused pass, except for 0/1 gates on a contiguous CPU tensor, where a plain gather into
+    a reused :class:`Workspace` buffer measures faster (no fresh allocation to fault in).
+    """
+    plain_gather = plan.binary and grad_y.device.type == "cpu" and output_format(grad_y) != torch.channels_last
+    if fused and not plain_gather:
+        grad_z_sel = _fused.gate_gather(grad_y, plan.sel, gate_sel)
+        grad_y_sel = _gather(grad_y, 1, plan.sel, "grad_y") if ungated and not plan.binary else grad_z_sel
+        return grad_z_sel, grad_y_sel
+    grad_y_sel = _gather(grad_y, 1, plan.sel, "grad_y")
+    return (grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)), grad_y_sel
+
+
 def _zero_rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
     """`t` with the given rows (dim 0) set to zero, in place (`t` must be owned by the caller)."""
     if t is not None and rows.numel():
@@ -265,7 +303,8 @@ def skip_forward(
 ) -> Tensor:
     """y = layer(x) * gate along dim 1, computing only the active output channels."""
     strides = output_strides(out_shape, x)
-    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row)
+    fused = fused_kernels(x)  # gate_scatter needs no zero row to gather from
+    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row and not fused)
     if plan.kind == "empty" or x.numel() == 0:
         return torch.empty_strided(out_shape, strides, dtype=x.dtype, device=x.device).zero_()
     if plan.kind == "dense":
@@ -276,8 +315,11 @@ def skip_forward(
     out_shape_sel = [x.shape[0], plan.sel.numel(), *out_shape[2:]]
     out = _workspace.take("output", out_shape_sel, x.dtype, x.device) if math.writes_out else None
     z = math.forward(x_sel, w_sel, b_sel, plan.groups, out)
+    gate_sel = gate.index_select(0, plan.sel)
+    if fused:  # padding channels have gate 0, so they come out zero; 0/1 gates multiply exactly
+        return _with_strides(_fused.gate_scatter(z, plan.sel, gate_sel, weight.shape[0]), strides)
     if not plan.binary:
-        z.mul_(_channel_view(gate.index_select(0, plan.sel).to(z.dtype), z.dim()))
+        z.mul_(_channel_view(gate_sel.to(z.dtype), z.dim()))
     return _with_strides(_expand(z, 1, plan, weight.shape[0]), strides)
 
 
@@ -324,7 +366,8 @@ def skip_backward(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row)
+    fused = fused_kernels(x)
+    plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row and not fused)
     grad_x, grad_w, grad_b, grad_gate = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
     if x.numel() == 0 or grad_y.numel() == 0 or (plan.kind == "empty" and (mode == "hard" or not need_params)):
         if need_input:
@@ -335,17 +378,18 @@ def skip_backward(
         return grad_x, grad_w, grad_b, grad_gate
 
     # the problem dX is computed on (full or selected channels), its dy, and the weight-gradient problem
+    full_wgrad = mode == "exact" or plan.kind == "dense"  # one weight gradient on the full ungated dy
+    weight_problem = (grad_y, x, weight, groups)
     if plan.kind == "skip":
         w_sel, b_sel = _selected(weight, bias, plan)
         x_sel = x if plan.in_idx is None else _gather(x, 1, plan.in_idx)
-        grad_y_sel, gate_sel = _gather(grad_y, 1, plan.sel, "grad_y"), gate.index_select(0, plan.sel)
-        small = (grad_y_sel, x_sel, w_sel, plan.groups)
-        grad_z_sel = grad_y_sel if plan.binary else _scaled(grad_y_sel, gate_sel, _channel_view)
+        gate_sel = gate.index_select(0, plan.sel)
+        grad_z_sel, grad_y_sel = _dy_selected(grad_y, plan, gate_sel, fused, ungated=not full_wgrad)
         input_problem = (grad_z_sel, x_sel, w_sel, plan.groups)
+        if not full_wgrad:  # hard: the weight gradient of the computed channels only, on their ungated dy
+            weight_problem = (grad_y_sel, x_sel, w_sel, plan.groups)
     else:
         input_problem = (grad_y if plan.binary else _scaled(grad_y, gate, _channel_view), x, weight, groups)
-    full_wgrad = mode == "exact" or plan.kind == "dense"  # one weight gradient on the full ungated dy
-    weight_problem = (grad_y, x, weight, groups) if full_wgrad else small
 
     need_dx = need_input and plan.kind != "empty"
     grad_x_c = g_w = g_sum = None

@@ -48,9 +48,10 @@ class Conv2dMath(_skip.LayerMath):
 
 
 # Backends implementing the op, with their dtypes. "cpp" on CPU is ATen's own convolutions reached
-# through PyTorch ops, so it shares the torch implementation. A Triton or CUDA implementation plugs
-# in by adding its entry here and a branch in _kernels returning (forward, backward) with the
-# signatures of _torch_forward / _torch_backward.
+# through PyTorch ops, so it shares the torch implementation, which on CUDA tensors runs cuDNN on the
+# gathered weights with the fused CUDA gate_scatter / gate_gather kernels (_skip.fused_kernels). A
+# Triton or CUDA implementation plugs in by adding its entry here and a branch in _kernels returning
+# (forward, backward) with the signatures of _torch_forward / _torch_backward.
 SUPPORTED_DTYPES = dict(_skip.SUPPORTED_DTYPES)
 
 

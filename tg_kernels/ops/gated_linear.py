@@ -39,10 +39,11 @@ class LinearMath(_skip.LayerMath):
 
 _MATH = LinearMath()
 
-# Backends implementing the op, with their dtypes. "cpp" on CPU is ATen's own C++ GEMMs reached
-# through PyTorch ops, so it shares the torch implementation. A Triton or CUDA implementation plugs
-# in by adding its entry here and a branch in _kernels returning (forward, backward) with the
-# signatures of _torch_forward / _torch_backward (e.g. tg_kernels.triton.gated_linear).
+# Backends implementing the op, with their dtypes. "torch" and "cpp" share the _skip implementation
+# ("cpp" on CPU is ATen's own C++ GEMMs reached through PyTorch ops, with the fused C++ gate_scatter /
+# gate_gather kernels). "triton" (the default on CUDA tensors) runs the Triton gather-GEMM kernels of
+# tg_kernels.triton.gated_linear through _triton_forward / _triton_backward. Another backend plugs in
+# with its entry here and a branch in _kernels returning (forward, backward) with those signatures.
 SUPPORTED_DTYPES = {**_skip.SUPPORTED_DTYPES, "triton": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
