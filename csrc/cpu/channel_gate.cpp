@@ -68,6 +68,42 @@ acc_t scale_and_dot_run(scalar_t* __restrict__ dx, const scalar_t* __restrict__ 
   return sum;
 }
 
+// One row of channels (inner == 1): y[c] = x[c] * gate[c]. Restrict lets the compiler vectorise.
+template <typename scalar_t, typename acc_t>
+void scale_row(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const acc_t* __restrict__ gate, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) y[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * gate[c]);
+}
+
+// The backward over one row of channels (inner == 1): dx[c] = dy[c] * gate[c], acc[c] += dy[c] * x[c].
+template <typename scalar_t, typename acc_t>
+void scale_and_accumulate_row(scalar_t* __restrict__ dx, const scalar_t* __restrict__ dy,
+                              const scalar_t* __restrict__ x, const acc_t* __restrict__ gate,
+                              acc_t* __restrict__ acc, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t d = static_cast<acc_t>(dy[c]);
+    dx[c] = static_cast<scalar_t>(d * gate[c]);
+    acc[c] += d * static_cast<acc_t>(x[c]);
+  }
+}
+
+// The backward over one outer row with short runs (1 < inner < kRowPathMinInner, e.g. 7x7 maps):
+// plain loops, since the 8-lane dot's setup would cost more than a short run.
+template <typename scalar_t, typename acc_t>
+void scale_and_accumulate_short_runs(scalar_t* __restrict__ dx, const scalar_t* __restrict__ dy,
+                                     const scalar_t* __restrict__ x, const acc_t* __restrict__ gate,
+                                     acc_t* __restrict__ acc, int64_t channels, int64_t inner) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t g = gate[c];
+    acc_t sum = 0;
+    for (int64_t i = c * inner; i < (c + 1) * inner; ++i) {
+      const acc_t d = static_cast<acc_t>(dy[i]);
+      dx[i] = static_cast<scalar_t>(d * g);
+      sum += d * static_cast<acc_t>(x[i]);
+    }
+    acc[c] += sum;
+  }
+}
+
 at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& gate) {
   check_args(x, gate, "tg_kernels::channel_gate_forward_kernel");
   auto y = at::empty_like(x);
@@ -92,7 +128,7 @@ at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& gate)
           const scalar_t* xrow = xp + o * row_values;
           scalar_t* yrow = yp + o * row_values;
           if (inner == 1) {
-            for (int64_t c = 0; c < channels; ++c) yrow[c] = static_cast<scalar_t>(static_cast<acc_t>(xrow[c]) * gp[c]);
+            scale_row(yrow, xrow, gp, channels);
           } else {
             for (int64_t c = 0; c < channels; ++c) scale_run(yrow + c * inner, xrow + c * inner, gp[c], inner);
           }
@@ -152,16 +188,9 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
           for (int64_t o = b * rows_per_block; o < o_end; ++o) {
             const int64_t base = o * row_values;
             if (inner == 1) {
-              for (int64_t c = 0; c < channels; ++c) {
-                const acc_t dy = static_cast<acc_t>(dyp[base + c]);
-                dxp[base + c] = static_cast<scalar_t>(dy * gp[c]);
-                acc[c] += dy * static_cast<acc_t>(xp[base + c]);
-              }
+              scale_and_accumulate_row(dxp + base, dyp + base, xp + base, gp, acc, channels);
             } else {
-              for (int64_t c = 0; c < channels; ++c) {
-                const int64_t start = base + c * inner;
-                acc[c] += scale_and_dot_run(dxp + start, dyp + start, xp + start, gp[c], inner);
-              }
+              scale_and_accumulate_short_runs(dxp + base, dyp + base, xp + base, gp, acc, channels, inner);
             }
           }
         }
