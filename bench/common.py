@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -70,7 +71,11 @@ def time_interleaved(
     calls = {}
     for name, fn in fns.items():  # warm-up: caches, allocator, algorithm selection, compilation
         for _ in range(3):
+            started = time.perf_counter()
             fn()
+            if time.perf_counter() - started > 0.1:  # slow calls: one more is warm-up enough
+                fn()
+                break
         if device.type == "cuda":
             torch.cuda.synchronize()
             per_call = _time_once_cuda(fn, 3)

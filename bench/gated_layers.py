@@ -196,7 +196,7 @@ def run_family(device: torch.device, quick: bool, progress=None) -> list[Row]:
     """Rows for bench/run.py: speed-up against the full plain layer, and time relative to the pruned one."""
     names = ["linear_1024x512x1024", "conv3x3_n32_128x128_16x16"] if quick else list(CASES)
     fractions = (0.5,) if quick else FRACTIONS
-    rounds, min_run_time = (3, 0.05) if quick else (7, 0.2)
+    rounds, min_run_time = (3, 0.05) if quick else (5, 0.2)
     rows = []
     for name in names:
         for fraction in fractions:
