@@ -503,3 +503,20 @@ def test_cuda_matches_cpu(mode):
                 [t.detach().cpu().double() for t in (y, xi.grad, m.weight.grad, m.bias.grad, m.gate.weight.grad)]
             )
         assert_all_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip", ["none", "exact", "hard"])
+def test_linear_without_input_features_gives_gated_bias(skip):
+    """in_features == 0: y = bias * gate, and bias and gates get their gradients (x is empty, y is not)."""
+    torch.manual_seed(0)
+    layer = GatedLinear(0, 6, skip=skip)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(6))
+        layer.gate.weight[[1, 4]] = -1.0
+    y = layer(torch.randn(3, 0))
+    y.backward(torch.ones_like(y))
+    gate = layer.gate().detach()
+    torch.testing.assert_close(y, (layer.bias * gate).expand(3, 6))
+    torch.testing.assert_close(layer.bias.grad, 3 * gate)
+    expected_gate_grad = 3 * layer.bias.detach() * (gate if skip == "hard" else 1)
+    torch.testing.assert_close(layer.gate.weight.grad, expected_gate_grad)

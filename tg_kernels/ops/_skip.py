@@ -298,6 +298,12 @@ def _scaled(t: Tensor, gate: Tensor, view) -> Tensor:
     return t * view(gate.to(t.dtype), t.dim())
 
 
+def _no_elements(shape: list[int]) -> bool:
+    """Whether a tensor of `shape` is empty. (An empty x can still give a non-empty output:
+    in_features == 0 gives bias * gate.)"""
+    return any(size == 0 for size in shape)
+
+
 def skip_forward(
     math: LayerMath, x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, groups: int, out_shape: list[int]
 ) -> Tensor:
@@ -305,7 +311,7 @@ def skip_forward(
     strides = output_strides(out_shape, x)
     fused = fused_kernels(x)  # gate_scatter needs no zero row to gather from
     plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row and not fused)
-    if plan.kind == "empty" or x.numel() == 0:
+    if plan.kind == "empty" or _no_elements(out_shape):
         return torch.empty_strided(out_shape, strides, dtype=x.dtype, device=x.device).zero_()
     if plan.kind == "dense":
         z = math.forward(x, weight, bias, groups)
@@ -369,7 +375,7 @@ def skip_backward(
     fused = fused_kernels(x)
     plan = plan_active(gate, groups, weight.shape[1] * groups, math.zero_row and not fused)
     grad_x, grad_w, grad_b, grad_gate = (x.new_empty(0) for _ in range(4))  # distinct: outputs must not alias
-    if x.numel() == 0 or grad_y.numel() == 0 or (plan.kind == "empty" and (mode == "hard" or not need_params)):
+    if grad_y.numel() == 0 or (plan.kind == "empty" and (mode == "hard" or not need_params)):
         if need_input:
             grad_x = torch.zeros_like(x)
         if need_params:
