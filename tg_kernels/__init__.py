@@ -4,6 +4,8 @@ Public API:
 
 - :func:`trainable_gate`, :class:`TrainableGate`: the gate function and the module holding its parameter.
 - :func:`channel_gate`: fused ``x * gate`` along a channel dimension, with a one-pass backward.
+- :class:`GatedLinear`, :class:`GatedConv2d`: drop-in layers with a gate per output channel that skip
+  closed channels while training (``skip="none" | "exact" | "hard"``).
 - :func:`available_backends`, :func:`use_backend`: which implementation runs (torch, cpp, cuda, triton).
 - :func:`build_info`: how the compiled extension was built and whether it loaded.
 """
