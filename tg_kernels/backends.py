@@ -22,6 +22,9 @@ import torch
 from tg_kernels import _extension
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
+# Dtype sets that ops declare per backend (the second argument of resolve_backend's `implemented`).
+HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
+ALL_FLOATS = HALF_AND_SINGLE | {torch.float64}
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tg_kernels_backend", default=None)

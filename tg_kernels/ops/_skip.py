@@ -30,17 +30,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tg_kernels.backends import BackendUnavailableError, resolve_backend
+from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, resolve_backend
 from tg_kernels.ops import gate_scatter as _fused
 
 MODES = ("exact", "hard")
 PAD_MULTIPLE = 8  # computed channel counts (groups == 1) are rounded up to this, padded with closed channels
 
-_HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
-_ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
 # Dtypes of this (torch) implementation, which also serves the "cpp" backend: on CPU that is ATen's own
 # C++ GEMM/convolution kernels reached through PyTorch ops. Each op module extends its own copy.
-SUPPORTED_DTYPES = {"torch": _ALL_FLOATS, "cpp": _ALL_FLOATS}
+SUPPORTED_DTYPES = {"torch": ALL_FLOATS, "cpp": ALL_FLOATS}
 
 
 class LayerMath:

@@ -20,11 +20,9 @@ import torch
 from torch import Tensor
 
 from tg_kernels import _extension, reference
-from tg_kernels.backends import resolve_backend
+from tg_kernels.backends import ALL_FLOATS, HALF_AND_SINGLE, resolve_backend
 
-_HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
-_ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
-SUPPORTED_DTYPES = {"torch": _ALL_FLOATS, "cpp": _ALL_FLOATS, "cuda": _HALF_AND_SINGLE, "triton": _HALF_AND_SINGLE}
+SUPPORTED_DTYPES = {"torch": ALL_FLOATS, "cpp": ALL_FLOATS, "cuda": HALF_AND_SINGLE, "triton": HALF_AND_SINGLE}
 
 
 def _kernels(backend: str) -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor]]]:
@@ -103,7 +101,7 @@ def _check_inputs(x: Tensor, gate: Tensor, dim: int) -> int:
     if not isinstance(x, Tensor) or not isinstance(gate, Tensor):
         raise TypeError(f"channel_gate expects tensors x and gate, got {type(x).__name__} and {type(gate).__name__}")
     for name, t in (("x", x), ("gate", gate)):
-        if t.dtype not in _ALL_FLOATS:
+        if t.dtype not in ALL_FLOATS:
             raise TypeError(f"channel_gate supports float16, bfloat16, float32 and float64; {name} has dtype {t.dtype}")
     if x.dim() == 0:
         raise ValueError("channel_gate needs x with at least one dimension (the channel dimension)")

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor
 
 from tg_kernels import _extension
-from tg_kernels.backends import resolve_backend
+from tg_kernels.backends import ALL_FLOATS, HALF_AND_SINGLE, resolve_backend
 
 __all__ = ["gate_gather", "gate_gather_reference", "gate_scatter", "gate_scatter_reference", "supported_dtypes"]
 
-_HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
-_ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
 _KERNEL_OPS = {"gate_scatter": "gate_scatter_kernel", "gate_gather": "gate_gather_kernel"}
 
 
@@ -49,11 +47,11 @@ def supported_dtypes(op: str) -> dict[str, frozenset[torch.dtype]]:
     built from older sources lacks it; the op then falls back to ``torch`` unless a backend is forced).
     """
     kernel = _KERNEL_OPS[op]
-    implemented = {"torch": _ALL_FLOATS}
+    implemented = {"torch": ALL_FLOATS}
     if _extension.has_kernel(kernel, "CPU"):
-        implemented["cpp"] = _ALL_FLOATS
+        implemented["cpp"] = ALL_FLOATS
     if _extension.has_kernel(kernel, "CUDA"):
-        implemented["cuda"] = _HALF_AND_SINGLE
+        implemented["cuda"] = HALF_AND_SINGLE
     return implemented
 
 
@@ -157,7 +155,7 @@ def _check_inputs(op: str, data_name: str, data: Tensor, sel: Tensor, gate_sel: 
     for name, value in ((data_name, data), ("sel", sel), ("gate_sel", gate_sel)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
-    if data.dtype not in _ALL_FLOATS:
+    if data.dtype not in ALL_FLOATS:
         raise TypeError(f"{op}: {data_name} must be float16, bfloat16, float32 or float64, got {data.dtype}")
     if data.dim() < 2:
         raise ValueError(f"{op}: {data_name} must be [N, channels, *spatial], got shape {list(data.shape)}")

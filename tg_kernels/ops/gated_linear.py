@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tg_kernels.backends import resolve_backend
+from tg_kernels.backends import HALF_AND_SINGLE, resolve_backend
 from tg_kernels.ops import _skip
 from tg_kernels.ops.channel_gate import channel_gate
 
@@ -44,7 +44,7 @@ _MATH = LinearMath()
 # gate_gather kernels). "triton" (the default on CUDA tensors) runs the Triton gather-GEMM kernels of
 # tg_kernels.triton.gated_linear through _triton_forward / _triton_backward. Another backend plugs in
 # with its entry here and a branch in _kernels returning (forward, backward) with those signatures.
-SUPPORTED_DTYPES = {**_skip.SUPPORTED_DTYPES, "triton": frozenset({torch.float32, torch.float16, torch.bfloat16})}
+SUPPORTED_DTYPES = {**_skip.SUPPORTED_DTYPES, "triton": HALF_AND_SINGLE}
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor) -> Tensor:
