@@ -6,6 +6,8 @@ Public API:
 - :func:`channel_gate`: fused ``x * gate`` along a channel dimension, with a one-pass backward.
 - :class:`GatedLinear`, :class:`GatedConv2d`: drop-in layers with a gate per output channel that skip
   closed channels while training (``skip="none" | "exact" | "hard"``).
+- :func:`attach_gates`, :class:`Budget`, :func:`export`, :func:`save`, :func:`load`: the plug-in
+  pruning workflow (gate any network, train towards a FLOPs budget, export a smaller plain model).
 - :func:`available_backends`, :func:`use_backend`: which implementation runs (torch, cpp, cuda, triton).
 - :func:`build_info`: how the compiled extension was built and whether it loaded.
 """
@@ -17,17 +19,24 @@ from tg_kernels.backends import BackendInfo, BackendUnavailableError, available_
 from tg_kernels.gate import SHAPES, TrainableGate, trainable_gate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
+from tg_kernels.prune import Budget, GateBank, attach_gates, export, load, save
 
 __all__ = [
     "SHAPES",
     "BackendInfo",
     "BackendUnavailableError",
+    "Budget",
+    "GateBank",
     "GatedConv2d",
     "GatedLinear",
     "TrainableGate",
+    "attach_gates",
     "available_backends",
     "build_info",
     "channel_gate",
+    "export",
+    "load",
+    "save",
     "trainable_gate",
     "use_backend",
 ]

@@ -1,0 +1,208 @@
+"""`attach_gates`: put trainable gates into an arbitrary model where they zero what consumers read.
+
+The model keeps its own classes and forward code. Gates live in one module, ``model.tg_gates``
+(a :class:`GateBank`, so they are saved with the model's state_dict and synchronised by
+DistributedDataParallel like any parameter). A Conv2d or Linear whose output is gated directly is
+replaced by a :class:`~tg_kernels.GatedConv2d` / :class:`~tg_kernels.GatedLinear` sharing the
+group's gate, so that it skips closed channels while training; every other gate point (after a
+BatchNorm, a depthwise conv, a sigmoid) is a forward hook calling the fused
+:func:`~tg_kernels.channel_gate`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tg_kernels.gate import ShapeFn, TrainableGate
+from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.ops import channel_gate
+from tg_kernels.ops._skip import check_skip
+from tg_kernels.prune.analysis import Analysis, analyze, record_shapes, trace
+
+BANK_NAME = "tg_gates"
+
+Parts = tuple[tuple[str | None, int], ...]  # (gate group key or None for never-gated channels, size)
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One gate group as users see it: its key in ``model.tg_gates``, size and the modules producing it."""
+
+    key: str
+    size: int
+    producers: tuple[str, ...]
+
+
+class GateBank(nn.Module):
+    """Holds every gate of a gated model (``model.tg_gates``) and the analysis that placed them."""
+
+    def __init__(self, sizes: dict[str, int], **gate_options: Any) -> None:
+        super().__init__()
+        self.gates = nn.ModuleDict({key: TrainableGate(size, **gate_options) for key, size in sizes.items()})
+        self.analysis: Analysis | None = None
+        self.key_of_space: dict[int, str] = {}
+        self.groups: list[GroupInfo] = []
+        self.skipped: dict[str, str] = {}
+
+    def vector(self, parts: Parts, like: Tensor) -> Tensor:
+        """Gate values for channels made of ``parts`` (ones where channels are never gated)."""
+        pieces = [self.gates[key]().to(like.dtype) if key is not None else like.new_ones(size) for key, size in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def parts(self, space_parts: Iterable[tuple[int | None, int]]) -> Parts:
+        return tuple((self.key_of_space.get(s) if s is not None else None, size) for s, size in space_parts)
+
+    def open_fraction(self) -> float:
+        """Fraction of gated channels whose gate is open."""
+        total = sum(g.num_channels for g in self.gates.values())
+        return sum(g.num_open() for g in self.gates.values()) / total if total else 1.0
+
+    def extra_repr(self) -> str:
+        return f"groups={len(self.gates)}, channels={sum(g.num_channels for g in self.gates.values())}"
+
+
+class GateHook:
+    """Forward hook: multiply a module's output by the gates of its channels (fused channel_gate)."""
+
+    def __init__(self, bank: GateBank, parts: Parts, dim: int) -> None:
+        self.bank = bank
+        self.parts = parts
+        self.dim = dim
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        return channel_gate(output, self.bank.vector(self.parts, output), self.dim)
+
+
+def gate_bank(model: nn.Module) -> GateBank:
+    """The GateBank of a model gated by :func:`attach_gates` (unwrapping DDP / DataParallel)."""
+    model = getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
+    bank = getattr(model, BANK_NAME, None)
+    if not isinstance(bank, GateBank):
+        raise ValueError("this model has no gates: call tg_kernels.attach_gates(model, example_inputs) first")
+    return bank
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def _excluded_names(model: nn.Module, exclude: Iterable[str | type] | None) -> set[str]:
+    names: set[str] = set()
+    for item in exclude or ():
+        if isinstance(item, str):
+            try:
+                model.get_submodule(item)
+            except AttributeError as error:
+                raise ValueError(f"exclude names {item!r}, which is not a submodule of the model") from error
+            names.add(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            names.update(name for name, m in model.named_modules() if isinstance(m, item) and name)
+        else:
+            raise TypeError(f"exclude takes submodule names or nn.Module classes, got {item!r}")
+    return names
+
+
+def _unique_key(name: str, taken: set[str]) -> str:
+    key = name.replace(".", "_") or "input"
+    candidate, n = key, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{key}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def attach_gates(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...],
+    *,
+    skip: str = "exact",
+    exclude: Iterable[str | type] | None = None,
+    gate_shape: str | ShapeFn | None = None,
+    gate_M: float | None = None,
+    gate_init: float = 0.5,
+) -> tuple[nn.Module, GateBank]:
+    """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
+
+    Args:
+        model: any ``nn.Module``; it is modified in place (a copy is not made).
+        example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
+        skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
+            (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
+        exclude: submodule names or module classes whose output channels stay ungated.
+        gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
+
+    Returns:
+        The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
+        (``bank.groups``) and the pieces left ungated with their reasons (``bank.skipped``).
+
+    Pieces the analysis cannot handle (untraceable code, unknown ops) stay ungated with one warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_gates expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("attach gates to the bare model first, then wrap it in DistributedDataParallel")
+    if hasattr(model, BANK_NAME):
+        raise ValueError("this model already has gates (model.tg_gates); attach_gates runs once per model")
+    check_skip(skip)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    excluded = _excluded_names(model, exclude)
+
+    try:
+        graph, opaque = trace(model)
+    except Exception as error:
+        warnings.warn(
+            f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({type(error).__name__}: "
+            f"{error}); the model stays ungated",
+            stacklevel=2,
+        )
+        bank = GateBank({})
+        bank.skipped[type(model).__name__] = f"untraceable forward: {error}"
+        model.add_module(BANK_NAME, bank)
+        return model, bank
+    analysis = analyze(model, graph, record_shapes(model, graph, inputs), excluded)
+
+    taken: set[str] = set()
+    sizes = {group.space: group.size for group in analysis.groups}
+    keys = {group.space: _unique_key(group.name, taken) for group in analysis.groups}
+    param = next(model.parameters(), None)
+    bank = GateBank({keys[s]: n for s, n in sizes.items()}, shape=gate_shape, M=gate_M, init=gate_init)
+    if param is not None:
+        bank.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+    bank.analysis = analysis
+    bank.key_of_space = {space: keys[root] for space, root in analysis.root_of.items()}
+    bank.groups = [GroupInfo(keys[g.space], g.size, tuple(g.producers)) for g in analysis.groups]
+    bank.skipped = dict(analysis.fixed)
+    for leaf in sorted(opaque):
+        bank.skipped[leaf] = "untraceable code (kept as an opaque module)"
+
+    for point in analysis.gate_points:
+        parts = bank.parts(point.parts)
+        module = model.get_submodule(point.module)
+        if point.replace:
+            gated_cls = GatedConv2d if isinstance(module, nn.Conv2d) else GatedLinear
+            make = gated_cls.from_conv if gated_cls is GatedConv2d else gated_cls.from_linear
+            gated = make(module, skip=skip)
+            gated.gate = bank.gates[parts[0][0]]
+            gated.train(module.training)
+            _set_submodule(model, point.module, gated)
+        else:
+            module.register_forward_hook(GateHook(bank, parts, point.dim))
+    model.add_module(BANK_NAME, bank)
+
+    unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers
+    if unhandled:
+        shown = "; ".join(unhandled[:8]) + (f"; and {len(unhandled) - 8} more" if len(unhandled) > 8 else "")
+        warnings.warn(
+            f"tg_kernels.attach_gates: channels that reach these pieces stay ungated: {shown}. "
+            f"{len(bank.groups)} gate groups were attached; see the returned bank's .skipped for every reason.",
+            stacklevel=2,
+        )
+    return model, bank

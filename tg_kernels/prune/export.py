@@ -1,0 +1,256 @@
+"""`export`: a plain, physically smaller model; `save` / `load`: files that need no pickled code.
+
+Export copies the gated model, folds every gate value into the module it follows (a producer's
+weight rows, a BatchNorm's affine parameters), removes closed channels from every tensor the
+analysis listed (producer rows, norm statistics, consumer columns, per-channel parameters),
+turns Gated layers back into ``nn.Conv2d`` / ``nn.Linear``, removes the gate hooks and the gates,
+and updates module attributes (``out_channels``, ``num_features``, ...) to the new sizes. With
+limit-form gates (exactly 0 or 1) the result computes what the gated model computes in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.prune.attach import BANK_NAME, GateBank, GateHook, gate_bank
+
+FORMAT = "tg_kernels.exported_model"
+FORMAT_VERSION = 1
+
+
+def _kept_channels(gate_values: Tensor, round_to: int) -> Tensor:
+    """Indices of channels to keep: the open ones, padded with closed ones up to a multiple of round_to."""
+    open_idx = torch.nonzero(gate_values != 0).flatten()
+    size = gate_values.numel()
+    target = min(size, max(1, math.ceil(open_idx.numel() / round_to) * round_to))
+    if open_idx.numel() >= target:
+        return open_idx
+    closed_idx = torch.nonzero(gate_values == 0).flatten()[: target - open_idx.numel()]
+    return torch.sort(torch.cat([open_idx, closed_idx])).values
+
+
+def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
+    for name in names:
+        t = getattr(module, name, None)
+        if isinstance(t, Tensor):
+            view = scale.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+            t.data.mul_(view)
+
+
+def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
+    """Multiply each gate point's output channels into its module (exact: open gates are 1, closed 0)."""
+    for point in bank.analysis.gate_points:
+        parts = bank.parts(point.parts)
+        module = model.get_submodule(point.module)
+        scale = torch.cat([values[key] if key is not None else torch.ones(size) for key, size in parts])
+        if torch.all(scale == 1):
+            continue
+        foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
+            isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+        )
+        if foldable:
+            _scale_rows(module, scale, ("weight", "bias"))
+        else:
+            raise ValueError(
+                f"cannot fold gate values into {type(module).__name__} '{point.module}' (closed gates there "
+                "must be exactly 0 and open ones 1: use limit-form gates, gate_M=None)"
+            )
+
+
+def _removals(bank: GateBank, kept: dict[str, Tensor]) -> dict[tuple[str, int], set[int]]:
+    """For each (tensor name, dim) the entries to drop."""
+    drop: dict[tuple[str, int], set[int]] = {}
+    for group in bank.analysis.groups:
+        key = bank.key_of_space[group.space]
+        keep = set(kept[key].tolist())
+        removed = [c for c in range(group.size) if c not in keep]
+        if not removed:
+            continue
+        for sl in group.slices:
+            entries = drop.setdefault((sl.target, sl.dim), set())
+            for c in removed:
+                start = (sl.offset + c) * sl.repeat
+                entries.update(range(start, start + sl.repeat))
+    return drop
+
+
+def _replace_tensor(model: nn.Module, target: str, new: Tensor) -> None:
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = new
+    else:  # pragma: no cover - the analysis only lists parameters and buffers
+        raise KeyError(target)
+
+
+def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> None:
+    """Make a module's size attributes agree with its tensors after channels were removed."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        module.out_channels = module.weight.shape[0]
+        if was_depthwise:
+            module.groups = module.in_channels = module.out_channels
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        stats = module.weight if module.weight is not None else module.running_mean
+        if stats is not None:
+            module.num_features = stats.shape[0]
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _plain_layer(module: nn.Module) -> nn.Module:
+    """nn.Conv2d / nn.Linear with the Gated layer's tensors (no copy)."""
+    if isinstance(module, GatedConv2d):
+        plain = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device="meta",
+        )
+    else:
+        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+    plain.weight, plain.bias = module.weight, module.bias
+    plain.train(module.training)
+    return plain
+
+
+def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
+    """A plain copy of a gated model with closed channels physically removed.
+
+    The result contains only the model's own classes and ``torch.nn`` modules (no tg_kernels types,
+    hooks or gates); in eval mode it computes what the gated model computes. The gated model is
+    left unchanged. ``round_to`` keeps each group's channel count a multiple of it (padding with
+    closed channels whose outputs are zeroed), which some hardware runs faster; at least one
+    channel per group is kept.
+    """
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    model = getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
+    bank = gate_bank(model)
+    exported = copy.deepcopy(model)
+    ebank = gate_bank(exported)
+    with torch.no_grad():
+        values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
+        if ebank.analysis is not None:
+            kept = {key: _kept_channels(v, round_to) for key, v in values.items()}
+            _fold_gate_values(exported, ebank, values)
+            depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
+            for (target, dim), entries in _removals(ebank, kept).items():
+                tensor = exported.get_parameter(target) if _is_param(exported, target) else exported.get_buffer(target)
+                keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in entries], dtype=torch.long)
+                _replace_tensor(exported, target, tensor.detach().index_select(dim, keep.to(tensor.device)))
+            for name, module in exported.named_modules():
+                sync_module_attributes(module, name in depthwise)
+    for name, module in list(exported.named_modules()):
+        if isinstance(module, (GatedConv2d, GatedLinear)):
+            _set_submodule(exported, name, _plain_layer(module))
+    for module in exported.modules():
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, GateHook):
+                del module._forward_hooks[hook_id]
+    delattr(exported, BANK_NAME)
+    del bank
+    return exported
+
+
+def _is_param(model: nn.Module, target: str) -> bool:
+    owner_name, _, attr = target.rpartition(".")
+    return attr in model.get_submodule(owner_name)._parameters
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+# --------------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------------
+
+
+def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
+    sizes: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            sizes[name] = {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            sizes[name] = {"in_features": m.in_features, "out_features": m.out_features}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            sizes[name] = {"num_features": m.num_features}
+    return sizes
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save an exported (plain) model's tensors and layer sizes; the file holds no pickled code.
+
+    Load it with :func:`load` into a freshly built model of the same architecture, or inspect it
+    with ``torch.load(path, weights_only=True)``.
+    """
+    if hasattr(model, BANK_NAME):
+        raise ValueError("save() stores exported models: call tg_kernels.export(model) first")
+    checkpoint = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": f"{type(model).__module__}.{type(model).__qualname__}",
+        "module_sizes": _module_sizes(model),
+        "state_dict": model.state_dict(),
+    }
+    torch.save(checkpoint, path)
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None) -> nn.Module:
+    """Load a file written by :func:`save` into ``model``, a freshly built (unpruned) model of the same
+    architecture: its layers are resized to the saved sizes, then the saved tensors are loaded.
+
+    Returns ``model`` (changed in place). Uses ``torch.load(weights_only=True)``: no code is unpickled.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a file written by tg_kernels.save")
+    if checkpoint.get("version") != FORMAT_VERSION:
+        version = checkpoint.get("version")
+        raise ValueError(f"{os.fspath(path)!r} has format version {version}, this tg_kernels reads {FORMAT_VERSION}")
+    state: dict[str, Tensor] = checkpoint["state_dict"]
+    architecture = f"{type(model).__module__}.{type(model).__qualname__}"
+    if architecture != checkpoint["architecture"]:
+        raise ValueError(f"the file holds a {checkpoint['architecture']}, but the model given is a {architecture}")
+    for name, sizes in checkpoint["module_sizes"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"the saved model has a layer '{name}' that the given model lacks") from error
+        for attr, value in sizes.items():
+            setattr(module, attr, value)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            empty = torch.empty(tensor.shape, dtype=own[key].dtype, device=own[key].device)
+            _replace_tensor(model, key, empty)
+    model.load_state_dict(state)
+    return model
