@@ -85,8 +85,20 @@ class GatedLinear(nn.Linear, _Gated):
         nn.init.constant_(gated.gate.weight, options.get("gate_init", 0.5))
         return gated
 
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with this layer's weights (shared, not copied) and no gate."""
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+def _conv_args(m: nn.Conv2d) -> tuple:
+    """nn.Conv2d's positional constructor arguments that reproduce `m`'s configuration."""
+    bias = m.bias is not None
+    return m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias, m.padding_mode
 
 
 class GatedConv2d(nn.Conv2d, _Gated):
@@ -155,20 +167,7 @@ class GatedConv2d(nn.Conv2d, _Gated):
     def from_conv(cls, module: nn.Conv2d, **options) -> GatedConv2d:
         """A GatedConv2d with `module`'s weights (shared, not copied), device and dtype; gates open."""
         w = module.weight
-        gated = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.bias is not None,
-            module.padding_mode,
-            device="meta",
-            dtype=w.dtype,
-            **options,
-        )
+        gated = cls(*_conv_args(module), device="meta", dtype=w.dtype, **options)
         gated.weight, gated.bias = module.weight, module.bias
         gated.gate = gated.gate.to_empty(device=w.device)
         nn.init.constant_(gated.gate.weight, options.get("gate_init", 0.5))
@@ -176,3 +175,9 @@ class GatedConv2d(nn.Conv2d, _Gated):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._gate_repr()}"
+
+    def to_conv(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with this layer's weights (shared, not copied) and no gate."""
+        plain = nn.Conv2d(*_conv_args(self), device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)

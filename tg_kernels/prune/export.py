@@ -118,28 +118,6 @@ def _is_depthwise(module: nn.Module) -> bool:
     )
 
 
-def _plain_layer(module: nn.Module) -> nn.Module:
-    """nn.Conv2d / nn.Linear with the Gated layer's tensors (no copy)."""
-    if isinstance(module, GatedConv2d):
-        plain = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.bias is not None,
-            module.padding_mode,
-            device="meta",
-        )
-    else:
-        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-    plain.weight, plain.bias = module.weight, module.bias
-    plain.train(module.training)
-    return plain
-
-
 def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
@@ -169,7 +147,7 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
-            _set_submodule(exported, name, _plain_layer(module))
+            _set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
     for module in exported.modules():
         for hook_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, GateHook):
