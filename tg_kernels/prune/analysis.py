@@ -719,6 +719,13 @@ class _Pass:
                 return None
             for p, offset in self.part_offsets(x):
                 self.slices.append(Slice(other.target, other_dim, offset, 1, p))
+            per_channel = math.prod(other_shape) / other_size
+            parts = self.cost_parts(x, other_size)
+            self.layers.append(
+                LayerCost(
+                    other.target, "param", 0.0, 0.0, per_channel, parts, parts, True, self.first_call(other.target)
+                )
+            )
         if kind in ("mul", "div"):
             return x.with_dim(dim)
         return ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
@@ -895,26 +902,59 @@ def _call_counts(model: nn.Module, graph: fx.Graph) -> dict[int, int]:
     return counts
 
 
-def record_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
-    """Run the traced graph once on the inputs, leaving parameters and buffers exactly as they were."""
+def _layer_flops(module: nn.Module, output: Tensor) -> float:
+    """FLOPs of one Conv/Linear call from its output (the same formula as LayerCost)."""
+    if isinstance(module, nn.Linear):
+        return 2.0 * output.numel() * module.in_features
+    return 2.0 * output.numel() * math.prod(module.kernel_size) * module.in_channels / module.groups
+
+
+def record_shapes(
+    model: nn.Module, graph: fx.Graph, example_inputs: tuple[Any, ...]
+) -> tuple[dict[fx.Node, Any], dict[str, float]]:
+    """Run the traced graph once on the inputs, leaving parameters and buffers exactly as they were.
+
+    Returns the shape summary of every node and the FLOPs of every Conv/Linear call by module name
+    (so that layers inside opaque modules still count, as constants, in the budget).
+    """
     gm = fx.GraphModule(model, graph)
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     recorder = _ShapeRecorder(gm)
+    flops: dict[str, float] = {}
+
+    def count(name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                flops[name] = flops.get(name, 0.0) + _layer_flops(module, output)
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(count(name))
+        for name, m in model.named_modules()
+        if isinstance(m, (*CONV_MODULES, nn.Linear))
+    ]
     try:
         with torch.no_grad():
             recorder.run(*example_inputs)
     except Exception as error:
         raise AnalysisError(f"running the traced model on the example inputs failed: {error}") from error
     finally:
+        for handle in handles:
+            handle.remove()
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in saved:
                     b.copy_(saved[name])
-    return recorder.shapes
+    return recorder.shapes, flops
 
 
 def analyze(
-    model: nn.Module, graph: fx.Graph, shapes: dict[fx.Node, Any], excluded: set[str] | None = None
+    model: nn.Module,
+    graph: fx.Graph,
+    shapes: dict[fx.Node, Any],
+    excluded: set[str] | None = None,
+    module_flops: dict[str, float] | None = None,
 ) -> Analysis:
     """Analyse a traced model (see the module docstring); repeats passes until gate points are stable."""
     gate_points: set[str] = set()
@@ -943,10 +983,10 @@ def analyze(
         p = run_pass(set(trial))
         if not p.new_gate_points - trial and not set(p.new_fixed) - set(forced_fixed):
             gate_points = trial
-    return _finish(model, run_pass(set(gate_points)))
+    return _finish(model, run_pass(set(gate_points)), module_flops or {})
 
 
-def _finish(model: nn.Module, p: _Pass) -> Analysis:
+def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analysis:
     roots: dict[int, list[int]] = {}
     for s in range(len(p.spaces)):
         roots.setdefault(p.find(s), []).append(s)
@@ -999,7 +1039,7 @@ def _finish(model: nn.Module, p: _Pass) -> Analysis:
     other_params = sum(
         param.numel()
         for name, param in model.named_parameters()
-        if (name.rsplit(".", 1)[0] if "." in name else "") not in counted
+        if name not in counted and (name.rsplit(".", 1)[0] if "." in name else "") not in counted
     )
     return Analysis(
         groups=list(groups.values()),
@@ -1009,7 +1049,7 @@ def _finish(model: nn.Module, p: _Pass) -> Analysis:
         barriers=list(dict.fromkeys(p.barriers)),
         root_of=root_of,
         other_params=other_params,
-        other_flops=p.other_flops,
+        other_flops=p.other_flops + sum(f for name, f in module_flops.items() if name not in counted),
     )
 
 

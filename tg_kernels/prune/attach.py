@@ -167,7 +167,8 @@ def attach_gates(
         bank.skipped[type(model).__name__] = f"untraceable forward: {error}"
         model.add_module(BANK_NAME, bank)
         return model, bank
-    analysis = analyze(model, graph, record_shapes(model, graph, inputs), excluded)
+    shapes, module_flops = record_shapes(model, graph, inputs)
+    analysis = analyze(model, graph, shapes, excluded, module_flops)
 
     taken: set[str] = set()
     sizes = {group.space: group.size for group in analysis.groups}

@@ -1,0 +1,482 @@
+"""The plug-in workflow: attach_gates on arbitrary models, a training step, Budget, export, save/load.
+
+The central check: with a random half of every gate group closed, the exported plain model's
+eval output equals the gated model's (in float64, so that only real differences show).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tg_kernels as tg
+from tg_kernels.prune.attach import GateHook
+
+torchvision = pytest.importorskip("torchvision")
+
+TORCHVISION_MODELS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "densenet121",
+    "vgg11_bn",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+    "convnext_tiny",
+    "vit_b_16",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models defined here: CIFAR ResNet-56, a transformer MLP block, user-defined modules
+# --------------------------------------------------------------------------------------------------
+
+
+class CifarBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet56(nn.Module):
+    def __init__(self, depth: int = 56, classes: int = 10) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, cin = [], 16
+        for i, width in enumerate([16] * n + [32] * n + [64] * n):
+            stride = 2 if i > 0 and width != cin else 1
+            blocks.append(CifarBlock(cin, width, stride))
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm transformer MLP block: x + fc2(gelu(fc1(norm(x))))."""
+
+    def __init__(self, dim: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so it must stay an opaque module."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class UserNet(nn.Module):
+    """User-defined modules and functional ops: concat of branches, squeeze-excite, a layer scale,
+    a depthwise conv, a module called twice, flatten into a Linear, and an untraceable piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.branch_a = nn.Sequential(nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(12, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Hardswish())
+        self.norm = nn.BatchNorm2d(14)
+        self.depthwise = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.se_reduce = nn.Conv2d(8, 4, 1)
+        self.se_expand = nn.Conv2d(4, 8, 1)
+        self.scale = nn.Parameter(torch.rand(14, 1, 1) + 0.5)
+        self.mix = nn.Conv2d(14, 10, 3, stride=2, padding=1)
+        self.shared = nn.Conv2d(10, 10, 1)
+        self.opaque = Untraceable(10)
+        self.fc = nn.Linear(10 * 4 * 4, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a = self.branch_a(x)
+        a = a * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(a.mean((2, 3), keepdim=True)))))
+        x = torch.cat([a, self.branch_b(x)], dim=1)
+        x = F.relu(self.norm(x))
+        x = self.depthwise(x) * self.scale
+        x = F.relu(self.mix(x))
+        x = self.opaque(self.shared(F.relu(self.shared(x))))
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that a misplaced gate shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+def _close_random(bank: tg.GateBank, fraction_closed: float = 0.5, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            c = gate.num_channels
+            closed = torch.randperm(c, generator=g)[: int(round(fraction_closed * c))]
+            gate.weight.fill_(0.5)
+            gate.weight[closed] = -0.5
+
+
+def _attach(model: nn.Module, x: torch.Tensor, **kw) -> tuple[nn.Module, tg.GateBank]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tg.attach_gates(model, x, **kw)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, budget: tg.Budget | None = None) -> None:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = model(x).float().square().mean()
+    if budget is not None:
+        loss = loss + budget()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _assert_plain(model: nn.Module) -> None:
+    for m in model.modules():
+        assert not type(m).__module__.startswith("tg_kernels"), f"exported model holds {type(m).__name__}"
+        assert not any(isinstance(h, GateHook) for h in m._forward_hooks.values())
+    assert not hasattr(model, "tg_gates")
+
+
+def _check_export(model: nn.Module, bank: tg.GateBank, x: torch.Tensor, **export_options) -> nn.Module:
+    """Close half the gates; the exported model must compute what the gated model computes."""
+    _close_random(bank)
+    model.eval().double()
+    x = x.double()
+    with torch.no_grad():
+        expected = model(x)
+        exported = tg.export(model, **export_options)
+        actual = exported(x)
+    _assert_plain(exported)
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=1e-10)
+    dense_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in bank.parameters())
+    assert sum(p.numel() for p in exported.parameters()) < dense_params
+    return exported
+
+
+# --------------------------------------------------------------------------------------------------
+# Every model: attach, a training step, export, equality
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_torchvision_model_attach_train_export(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    if name == "vit_b_16":
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero
+    size = 224 if name == "vit_b_16" else 64
+    x = torch.randn(2, 3, size, size)
+    _randomize_norms(model)
+    model, bank = _attach(model, x)
+    assert len(bank.groups) > 0
+    before = {k: g.weight.detach().clone() for k, g in bank.gates.items()}
+    _train_step(model, x, tg.Budget(model, target=0.5))
+    assert any(not torch.equal(before[k], g.weight) for k, g in bank.gates.items()), "gates did not train"
+    _check_export(model, bank, x[:1])
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: ResNet56(), (2, 3, 32, 32)),
+        (lambda: MLPBlock(), (2, 7, 32)),
+        (lambda: UserNet(), (2, 3, 8, 8)),
+    ],
+    ids=["resnet56_cifar", "mlp_block", "user_modules"],
+)
+def test_own_models_attach_train_export(build, shape):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(shape)
+    _randomize_norms(model)
+    model, bank = _attach(model, x)
+    assert len(bank.groups) > 0
+    _train_step(model, x, tg.Budget(model))
+    _check_export(model, bank, x)
+
+
+@pytest.mark.parametrize("skip", ["none", "exact", "hard"])
+def test_skip_modes_reach_the_gated_layers(skip):
+    model, bank = _attach(MLPBlock(), torch.randn(2, 3, 32), skip=skip)
+    assert isinstance(model.fc1, tg.GatedLinear) and model.fc1.skip == skip
+    assert model.fc1.gate is bank.gates[bank.groups[0].key]
+    _train_step(model, torch.randn(2, 3, 32))
+
+
+# --------------------------------------------------------------------------------------------------
+# What the analysis decides
+# --------------------------------------------------------------------------------------------------
+
+
+def test_residual_adds_share_one_gate():
+    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    groups = {tuple(info.producers) for info in bank.groups}
+    # The first stage's stream: the stem conv and the block's second conv share one gate.
+    assert ("stem.0", "blocks.0.conv2") in groups
+    # Second stage: the shortcut projection joins the stream.
+    assert any("blocks.1.shortcut.0" in p and "blocks.1.conv2" in p for p in groups)
+    # Inner widths are groups of their own; the classifier output is never gated.
+    assert ("blocks.0.conv1",) in groups
+    assert "fc" in bank.skipped
+
+
+def test_gates_sit_after_batchnorm_not_before():
+    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    hooked = {
+        name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_hooks.values())
+    }
+    assert "blocks.0.bn1" in hooked and "stem.1" in hooked
+    assert type(model.blocks[0].conv1) is nn.Conv2d  # not a Gated conv: BN follows it
+
+
+def test_user_net_groups_and_warning():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="opaque.*untraceable"):
+        model, bank = tg.attach_gates(UserNet(), x)
+    assert bank.skipped["opaque"].startswith("untraceable")
+    producers = {p for info in bank.groups for p in info.producers}
+    # concat parts, the SE expand conv (coupled to the concat by the multiply) and the stem are gated
+    assert {"branch_a.0", "branch_b.0", "stem", "se_reduce", "se_expand", "fc"} == producers
+    assert "called more than once" in bank.skipped["shared"]
+    assert "mix" in bank.skipped  # read by the reused conv
+    assert "model output" in bank.skipped["head"]
+
+
+def test_unsupported_coupling_is_a_barrier_not_an_error():
+    class SEOverConcat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+            self.se = nn.Conv2d(6, 6, 1)
+            self.out = nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match="differently arranged channels"):
+        model, bank = tg.attach_gates(SEOverConcat(), x)
+    assert {"a", "b", "se"} <= set(bank.skipped)
+    _check_export(model, bank, x) if bank.groups else _assert_plain(tg.export(model))
+
+
+def test_untraceable_model_stays_ungated_with_a_warning():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.warns(UserWarning, match="cannot trace"):
+        model, bank = tg.attach_gates(Net(), torch.randn(1, 3, 4, 4))
+    assert len(bank.gates) == 0
+    _assert_plain(tg.export(model))
+
+
+def test_exclude_keeps_a_layer_whole():
+    model, bank = _attach(MLPBlock(), torch.randn(2, 32), exclude=["fc1"])
+    assert len(bank.groups) == 0 and bank.skipped["fc1"] == "excluded by the user"
+    _, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32), exclude=[nn.Conv2d])
+    assert len(bank.groups) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """Independent count: 2 * outputs * kernel * in_channels / groups (Conv), 2 * outputs * in_features (Linear)."""
+    total = 0.0
+
+    def hook(m, inputs, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2.0 * out.numel() * math.prod(m.kernel_size) * m.in_channels / m.groups
+        else:
+            total += 2.0 * out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("build, shape", [(lambda: ResNet56(depth=14), (2, 3, 32, 32)), (UserNet, (2, 3, 8, 8))])
+def test_budget_counts_what_export_removes(build, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    dense = build()
+    dense_flops = _conv_linear_flops(dense, x)
+    model, bank = _attach(dense, x)
+    _close_random(bank, 0.4)
+    budget = tg.Budget(model, metric="flops")
+    usage = budget.usage()
+    exported = tg.export(model).eval()
+    assert usage.full_flops == pytest.approx(dense_flops)
+    assert usage.flops == pytest.approx(_conv_linear_flops(exported, x))
+    assert usage.params == sum(p.numel() for p in exported.parameters())
+    assert float(budget.ratio().detach()) == pytest.approx(usage.flops / usage.full_flops)
+
+
+def test_budget_gradient_pushes_gates_down_above_target():
+    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    for metric in ("flops", "params", "channels"):
+        budget = tg.Budget(model, target=0.3, metric=metric, weight=2.0)
+        model.zero_grad()
+        loss = budget()
+        assert float(loss.detach()) == pytest.approx(2.0 * 0.7)
+        loss.backward()
+        grads = torch.cat([g.weight.grad for g in bank.gates.values()])
+        assert torch.all(grads >= 0) and grads.sum() > 0
+
+
+def test_budget_report_is_readable():
+    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    _close_random(bank, 0.5)
+    text = tg.Budget(model).report()
+    assert "FLOPs" in text and "params" in text and bank.groups[0].key in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"metric": "latency"}, "metric"),
+        ({"target": 0.0}, "target"),
+        ({"target": 1.5}, "target"),
+        ({"weight": -1.0}, "weight"),
+        ({"penalty": "huber"}, "penalty"),
+    ],
+)
+def test_budget_rejects_bad_arguments(kwargs, match):
+    model, _ = _attach(MLPBlock(), torch.randn(2, 32))
+    with pytest.raises(ValueError, match=match):
+        tg.Budget(model, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export options, save and load, errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_export_round_to_keeps_multiples_and_stays_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = ResNet56(depth=8)
+    _randomize_norms(model)
+    model, bank = _attach(model, x)
+    exported = _check_export(model, bank, x, round_to=8)
+    for m in exported.modules():
+        if isinstance(m, nn.Conv2d) and m is not exported.stem[0]:
+            assert m.out_channels % 8 == 0
+
+
+def test_export_leaves_the_gated_model_working():
+    model, bank = _attach(MLPBlock(), torch.randn(2, 32))
+    _close_random(bank)
+    tg.export(model)
+    assert isinstance(model.fc1, tg.GatedLinear)
+    _train_step(model, torch.randn(2, 32))
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    model = torchvision.models.resnet18(num_classes=10)
+    _randomize_norms(model)
+    model, bank = _attach(model, x)
+    _close_random(bank)
+    exported = tg.export(model).eval()
+    path = tmp_path / "small.pt"
+    tg.save(exported, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "tg_kernels.exported_model"
+    loaded = tg.load(path, torchvision.models.resnet18(num_classes=10)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), exported(x))
+    assert loaded.layer1[0].conv1.out_channels == exported.layer1[0].conv1.out_channels
+    with pytest.raises(ValueError, match="holds a"):
+        tg.load(path, torchvision.models.mobilenet_v2())
+    with pytest.raises(ValueError, match="export"):
+        tg.save(model, tmp_path / "gated.pt")
+
+
+def test_errors_are_clear():
+    model, _ = _attach(MLPBlock(), torch.randn(2, 32))
+    with pytest.raises(ValueError, match="already has gates"):
+        tg.attach_gates(model, torch.randn(2, 32))
+    with pytest.raises(ValueError, match="no gates"):
+        tg.export(MLPBlock())
+    with pytest.raises(ValueError, match="not a submodule"):
+        tg.attach_gates(MLPBlock(), torch.randn(2, 32), exclude=["nope"])
+    with pytest.raises(ValueError, match="skip"):
+        tg.attach_gates(MLPBlock(), torch.randn(2, 32), skip="sometimes")
+    with pytest.raises(ValueError, match="round_to"):
+        tg.export(model, round_to=0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tg.attach_gates(lambda x: x, torch.randn(2, 32))
+
+
+def test_attach_leaves_weights_and_buffers_untouched():
+    torch.manual_seed(0)
+    model = ResNet56(depth=8)
+    _randomize_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model, _ = _attach(model, torch.randn(4, 3, 32, 32))
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
