@@ -229,8 +229,14 @@ def test_torchvision_model_attach_train_export(name):
         (lambda: ResNet56(), (2, 3, 32, 32)),
         (lambda: MLPBlock(), (2, 7, 32)),
         (lambda: UserNet(), (2, 3, 8, 8)),
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.Linear(6, 2)
+            ),
+            (2, 3, 6, 6),
+        ),
     ],
-    ids=["resnet56_cifar", "mlp_block", "user_modules"],
+    ids=["resnet56_cifar", "mlp_block", "user_modules", "sequential_flatten"],
 )
 def test_own_models_attach_train_export(build, shape):
     torch.manual_seed(0)

@@ -50,6 +50,11 @@ class GateBank(nn.Module):
         self.groups: list[GroupInfo] = []
         self.skipped: dict[str, str] = {}
 
+    def forward(self, x: Any) -> Any:
+        """Identity. Gates are applied by the gated layers and hooks, not here; this exists because a
+        gated ``nn.Sequential`` holds the bank as its last element and calls it."""
+        return x
+
     def vector(self, parts: Parts, like: Tensor) -> Tensor:
         """Gate values for channels made of ``parts`` (ones where channels are never gated)."""
         pieces = [self.gates[key]().to(like.dtype) if key is not None else like.new_ones(size) for key, size in parts]
