@@ -1,5 +1,7 @@
 """channel_gate on every available backend against the float64 pure-PyTorch reference."""
 
+import importlib
+
 import pytest
 import torch
 from helpers import backend_device_params
@@ -263,3 +265,93 @@ def test_cpp_kernel_ops_reject_bad_input_without_crashing():
         ops.channel_gate_forward_kernel(torch.ones(2, 3, 4, dtype=torch.int32), torch.rand(3))
     with pytest.raises(RuntimeError, match="grad_y must be contiguous with x's shape"):
         ops.channel_gate_backward_kernel(torch.randn(2, 3, 5), torch.randn(2, 3, 4), torch.rand(3))
+
+
+def _run_both_paths(monkeypatch, x, gate, dim, grad_y):
+    """(y, grad_x, grad_gate) through the eager shortcut, then through the custom op."""
+    module = importlib.import_module("tg_kernels.ops.channel_gate")  # the package attribute is the function
+    results = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(module, "_eager", lambda x, gate: False)
+        results.append(run_with_grads(x, gate, dim, grad_y))
+    return results
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nlc", "transposed"])
+def test_eager_shortcut_is_bitwise_the_custom_op(monkeypatch, backend, device, layout):
+    x, dim = make_input(layout, device, torch.float32)
+    gate = torch.rand(x.shape[dim], device=device)
+    grad_y = torch.randn(x.shape, device=device)
+    with use_backend(backend):
+        eager, op = _run_both_paths(monkeypatch, x, gate, dim, grad_y)
+    for a, b in zip(eager, op, strict=True):
+        assert a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_eager_output_allows_in_place_ops_and_parameter_gates(backend, device):
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    gate = torch.nn.Parameter(torch.rand(4, device=device))
+    with use_backend(backend):
+        y = channel_gate(x, gate)
+        y.relu_()
+        y.sum().backward()
+    expected = ((x.detach() * gate.detach().view(1, 4, 1, 1)) > 0).to(x.dtype)
+    torch.testing.assert_close(x.grad, expected * gate.detach().view(1, 4, 1, 1))
+    torch.testing.assert_close(gate.grad, (expected * x.detach()).sum((0, 2, 3)))
+    with torch.no_grad(), use_backend(backend):
+        assert channel_gate(x, gate).grad_fn is None
+
+
+def test_double_backward_raises_instead_of_returning_wrong_grads():
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    gate = torch.rand(4, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(channel_gate(x, gate).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()
+
+
+def test_dispatch_modes_see_the_custom_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    with Record() as record:
+        channel_gate(x, torch.rand(4)).sum().backward()
+    assert "tg_kernels.channel_gate.default" in record.ops
+    assert "tg_kernels.channel_gate_backward.default" in record.ops
+
+
+@pytest.mark.skipif(not tg_kernels.available_backends()["cpp"].available, reason="extension not built")
+@pytest.mark.parametrize(
+    "shape",
+    [(40, 700, 1), (512, 8192, 1), (3, 40, 20000), (6, 5, 49)],
+    ids=["blocks-serial-sum", "blocks-parallel-sum", "chunked-rows", "short-runs"],
+)
+def test_cpp_backward_does_not_depend_on_thread_count(shape):
+    g = torch.Generator().manual_seed(0)
+    x, grad_y = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    gate = torch.rand(shape[1], generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.tg_kernels.channel_gate_backward_kernel(grad_y, x, gate))
+    finally:
+        torch.set_num_threads(threads)
+    for grad_x, grad_gate in results[1:]:
+        assert torch.equal(grad_x, results[0][0]) and torch.equal(grad_gate, results[0][1])
+    expected = (grad_y.double() * x.double()).sum((0, 2))
+    torch.testing.assert_close(results[0][1].double(), expected, rtol=1e-4, atol=1e-3)

@@ -7,6 +7,9 @@
 //    loop runs across channels.
 // The backward's per-channel sums go through a partial-sum buffer whose layout and summation order
 // depend only on the shapes, never on the thread count, so results are bitwise reproducible.
+// The backward opens one parallel region (the fused pass): the partials start life inside it and
+// are summed serially unless they are large. Each extra region costs a wake-up and a barrier, which
+// on a 2-core machine with other work running can cost more than the whole reduction.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@ constexpr int64_t kRowPathMinInner = 64;  // below this, runs are too short to p
 constexpr int64_t kChunk = 16384;          // values per partial sum on the row path
 constexpr int64_t kBlockValues = 16384;    // values per block on the block path
 constexpr int64_t kGrainValues = 32768;    // values per parallel task, roughly
+constexpr int64_t kReduceGrainValues = 1 << 20;  // partial sums per reduction task: below this, serial
 
 void check_args(const at::Tensor& x, const at::Tensor& gate, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && gate.device().is_cpu(), op, ": expected CPU tensors, got x on ",
@@ -104,6 +108,12 @@ void scale_and_accumulate_short_runs(scalar_t* __restrict__ dx, const scalar_t* 
   }
 }
 
+// out[c] += in[c]: one row of partial sums added into the running sums.
+template <typename acc_t>
+void sum_into(acc_t* __restrict__ out, const acc_t* __restrict__ in, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] += in[c];
+}
+
 at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& gate) {
   check_args(x, gate, "tg_kernels::channel_gate_forward_kernel");
   auto y = at::empty_like(x);
@@ -179,11 +189,12 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
       const int64_t row_values = channels * inner;
       const int64_t rows_per_block = std::max<int64_t>(1, kBlockValues / row_values);
       const int64_t blocks = (outer + rows_per_block - 1) / rows_per_block;
-      partials = at::zeros({blocks, channels}, gate.options());
+      partials = at::empty({blocks, channels}, gate.options());
       acc_t* pp = partials.data_ptr<acc_t>();
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           acc_t* acc = pp + b * channels;
+          std::fill(acc, acc + channels, acc_t(0));  // here rather than at::zeros: no extra parallel pass
           const int64_t o_end = std::min(outer, (b + 1) * rows_per_block);
           for (int64_t o = b * rows_per_block; o < o_end; ++o) {
             const int64_t base = o * row_values;
@@ -197,18 +208,18 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
       });
     }
   });
-  // Fixed-order reduction over the partials' first dimension, parallel across channels.
+  // Fixed-order reduction over the partials' first dimension: out[c] = ((p0 + p1) + p2) + ... for
+  // every channel. Rows are read in order (contiguous, vectorisable across channels); channel
+  // ranges go to threads only when the partials are large, so small ones need no parallel region.
   auto grad_gate = at::empty_like(gate);
   AT_DISPATCH_FLOATING_TYPES(gate.scalar_type(), "channel_gate_reduce_cpu", [&] {
     const scalar_t* pp = partials.data_ptr<scalar_t>();
     scalar_t* out = grad_gate.data_ptr<scalar_t>();
     const int64_t parts = partials.size(0);
-    at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        scalar_t sum = 0;
-        for (int64_t p = 0; p < parts; ++p) sum += pp[p * channels + c];
-        out[c] = sum;
-      }
+    const int64_t grain = std::max<int64_t>(64, kReduceGrainValues / parts);
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+      std::fill(out + begin, out + end, scalar_t(0));
+      for (int64_t p = 0; p < parts; ++p) sum_into(out + begin, pp + p * channels + begin, end - begin);
     });
   });
   return {grad_x, grad_gate};
