@@ -6,6 +6,7 @@ eval output equals the gated model's (in float64, so that only real differences 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -274,13 +275,45 @@ def test_residual_adds_share_one_gate():
     assert "fc" in bank.skipped
 
 
-def test_gates_sit_after_batchnorm_not_before():
+def test_gates_sit_after_batchnorm_and_after_activation_modules():
     model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
     hooked = {
         name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_hooks.values())
     }
-    assert "blocks.0.bn1" in hooked and "stem.1" in hooked
-    assert type(model.blocks[0].conv1) is nn.Conv2d  # not a Gated conv: BN follows it
+    assert "blocks.0.bn1" in hooked  # F.relu follows: the gate stays right after the BatchNorm
+    assert "stem.2" in hooked and "stem.1" not in hooked  # an nn.ReLU module follows: the gate moves past it
+    conv = model.blocks[0].conv1
+    assert isinstance(conv, tg.GatedConv2d) and conv.gate_after_norm and conv.gate is bank.gates["blocks_0_conv1"]
+
+
+def test_conv_bn_gate_modes_match_none():
+    """exact: the same outputs and gradients as none; hard: the same, except closed gates get none."""
+    torch.manual_seed(0)
+    base = ResNet56(depth=8).double()
+    _randomize_norms(base)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    results = {}
+    for skip in ("none", "exact", "hard"):
+        model, bank = _attach(copy.deepcopy(base), x, skip=skip)
+        _close_random(bank)
+        model.train()
+        out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        closed = {f"tg_gates.gates.{k}.weight": g.weight < 0 for k, g in bank.gates.items()}
+        gate_grads = {k: bank.gates[k.split(".")[2]].weight.grad for k in closed}
+        results[skip] = out.detach(), grads, gate_grads, closed
+    out_none, grads_none, gates_none, closed = results["none"]
+    assert any(float(g[closed[k]].abs().sum()) > 0 for k, g in gates_none.items())  # closed gates do learn
+    for skip in ("exact", "hard"):
+        out, grads, gates, _ = results[skip]
+        torch.testing.assert_close(out, out_none, rtol=0, atol=1e-12)
+        for name, g in grads_none.items():
+            if "gate" not in name:  # gate gradients are compared below
+                torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=f"{skip}: {name}")
+        for k, g in gates_none.items():
+            expected = torch.where(closed[k], torch.zeros_like(g), g) if skip == "hard" else g
+            torch.testing.assert_close(gates[k], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_user_net_groups_and_warning():

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.ops.gated_conv import gated_conv2d
+from tg_kernels.ops.gated_conv import conv2d_open_channels, gated_conv2d
 from tg_kernels.ops.gated_linear import gated_linear
 
 
@@ -107,6 +107,11 @@ class GatedConv2d(nn.Conv2d, _Gated):
     Args are those of ``nn.Conv2d`` plus ``skip`` (``"none"``, ``"exact"``, ``"hard"``) and the
     gate options ``gate_shape``, ``gate_M`` and ``gate_init`` of :class:`TrainableGate`. Grouped
     and depthwise convs skip per group (a group with no open channel is dropped entirely).
+
+    ``gate_after_norm=True`` is for a conv followed by a norm layer whose output the same gate
+    multiplies (conv -> BN -> gate, as :func:`~tg_kernels.attach_gates` sets it up): the layer does
+    not apply the gate itself but skips closed channels where that is exact
+    (:func:`~tg_kernels.ops.gated_conv.conv2d_open_channels`).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class GatedConv2d(nn.Conv2d, _Gated):
         gate_shape: str | ShapeFn | None = None,
         gate_M: float | None = None,
         gate_init: float = 0.5,
+        gate_after_norm: bool = False,
     ) -> None:
         super().__init__(
             in_channels,
@@ -142,6 +148,7 @@ class GatedConv2d(nn.Conv2d, _Gated):
             dtype=dtype,
         )
         self._init_gate(out_channels, skip, gate_shape, gate_M, gate_init, device, dtype)
+        self.gate_after_norm = gate_after_norm
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
@@ -151,7 +158,8 @@ class GatedConv2d(nn.Conv2d, _Gated):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 x = F.pad(x, pads, mode=mode)
             padding = (0, 0)
-        return gated_conv2d(
+        conv = conv2d_open_channels if self.gate_after_norm else gated_conv2d
+        return conv(
             x,
             self.weight,
             self.bias,
@@ -174,7 +182,8 @@ class GatedConv2d(nn.Conv2d, _Gated):
         return gated
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._gate_repr()}"
+        after_norm = ", gate_after_norm=True" if self.gate_after_norm else ""
+        return f"{super().extra_repr()}, {self._gate_repr()}{after_norm}"
 
     def to_conv(self) -> nn.Conv2d:
         """A plain nn.Conv2d with this layer's weights (shared, not copied) and no gate."""

@@ -234,3 +234,79 @@ def gated_conv2d(
     if _skip.output_format(x) != torch.channels_last:
         x = x.contiguous()
     return gated_conv2d_op(x, weight, bias, gate, stride, padding, dilation, groups, mode)
+
+
+class _DenseForwardSkippingBackward(torch.autograd.Function):
+    """``F.conv2d`` forward; backward over the open output channels only (closed ones get zero dW rows).
+
+    Exact when the gradient reaching closed output channels is zero, as it is when their gate is
+    applied after a per-channel norm layer (DESIGN.md §3, conv -> BN -> gate).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, stride, padding, dilation, groups):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias, mask)
+        ctx.params = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, bias, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_input, need_params = needs[0], needs[1] or needs[2]
+        grad_x, grad_w, grad_b, _ = gated_conv2d_backward_op(
+            grad_y.contiguous(memory_format=_skip.output_format(x)),
+            x,
+            weight,
+            bias,
+            mask,
+            *ctx.params,
+            "hard",
+            need_input,
+            need_params,
+        )
+        return (
+            grad_x if need_input else None,
+            grad_w if needs[1] else None,
+            grad_b if needs[2] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def conv2d_open_channels(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor,
+    stride: int | list[int] = 1,
+    padding: int | list[int] = 0,
+    dilation: int | list[int] = 1,
+    groups: int = 1,
+    skip: str = "exact",
+) -> Tensor:
+    """``F.conv2d`` for a conv whose gate is applied later, after a norm layer (conv -> BN -> gate).
+
+    The gate is not applied here: its open set (``gate != 0``, no gradient) says which output
+    channels matter. ``skip="none"``: a plain conv. ``"exact"``: a full forward (the norm needs
+    every channel's statistics, and closed gates their gradient) and a backward over the open
+    channels only, which is exact because the later gate zeros the gradient of closed channels.
+    ``"hard"``: closed channels are skipped in the forward too (their outputs are zero). Without
+    gradients every mode skips closed channels.
+    """
+    _skip.check_skip(skip)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if skip == "none" and torch.is_grad_enabled():
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    mask = (gate.detach() != 0).to(gate.dtype)
+    x, weight, bias = _skip.autocast_inputs(x, weight, bias)
+    if x.dim() != 4:
+        raise ValueError(f"conv2d_open_channels takes a 4-d input [N, C, H, W], got shape {list(x.shape)}")
+    if _skip.output_format(x) != torch.channels_last:
+        x = x.contiguous()
+    if skip == "exact" and torch.is_grad_enabled():
+        return _DenseForwardSkippingBackward.apply(x, weight, bias, mask, stride, padding, dilation, groups)
+    return gated_conv2d_op(x, weight, bias, mask, stride, padding, dilation, groups, "hard")

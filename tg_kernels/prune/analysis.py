@@ -67,6 +67,10 @@ POOLING_MODULES = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
+# Activations a producer's gate may move past (after its BatchNorm), so closed gates keep a gradient.
+ACTIVATION_MODULES = tuple(
+    m for m in ZERO_PRESERVING_MODULES if m not in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+)
 NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_MODULES = (nn.modules.batchnorm._BatchNorm,)
@@ -168,13 +172,16 @@ class GatePoint:
     """Multiply the output of module ``module`` by the gates of ``parts`` along ``dim``.
 
     ``parts`` is a tuple of ``(space, size)``; ``replace`` says the module is a Conv2d or Linear
-    producer that becomes a Gated layer (the only part is its own space).
+    producer that becomes a Gated layer (the only part is its own space). ``fold`` names the module
+    whose output rows export may scale by the gate values (the point itself, or the BatchNorm before
+    a gated activation; None where there is none).
     """
 
     module: str
     dim: int
     parts: tuple[tuple[int, int], ...]
     replace: bool
+    fold: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,7 @@ class Analysis:
     root_of: dict[int, int]  # any space -> the group space it belongs to (gated spaces only)
     other_params: int  # parameters not covered by any LayerCost (embeddings, LayerNorm, ...)
     other_flops: float  # FLOPs of opaque layers counted as constant (attention)
+    after_norm: list[tuple[str, int]] = field(default_factory=list)  # (Conv2d gated after its BatchNorm, space)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,6 +356,8 @@ class _Pass:
         self.new_fixed: dict[str, str] = {}
         self.other_flops = 0.0
         self.costed: set[str] = set()
+        self.after_norm: list[tuple[str, int]] = []
+        self.fold_of: dict[str, str] = {}  # gate point -> the module export folds it into
 
     # ---- union-find over spaces ----
     def new_space(self, size: int, key: str, producer: str | None, fixed: str | None = None) -> int:
@@ -471,22 +481,39 @@ class _Pass:
         elif self.call_counts.get(id(module), 0) != 1:
             reason = "module is called more than once"
         space = self.new_space(out_channels, f"producer:{name}", name, reason)
-        point = self._gate_point_for(node)
+        point, fold = self._gate_point_for(node)
         if point is node:
             replace = isinstance(module, (nn.Conv2d, nn.Linear))
-            self.points.append(GatePoint(name, dim, ((space, out_channels),), replace))
+            self.points.append(GatePoint(name, dim, ((space, out_channels),), replace, name))
             return ChannelInfo((space,), dim, (None,))
-        self.gate_points.add(point.target)  # the BatchNorm after it gates it
+        self.gate_points.add(point.target)  # the BatchNorm after it (or its activation) gates it
+        self.fold_of[point.target] = fold.target
+        if isinstance(module, nn.Conv2d):
+            self.after_norm.append((name, space))
         return ChannelInfo((space,), dim, (node,))
 
-    def _gate_point_for(self, node: fx.Node) -> fx.Node | None:
-        """Where a producer's gate goes: after its BatchNorm if that is its only user, else at its output."""
+    def _only_user(self, node: fx.Node, types: tuple[type, ...]) -> fx.Node | None:
+        """The single user of `node` if it is a call of a module of `types` that is called only there."""
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            user_module = self.module(users[0])
-            if isinstance(user_module, NORM_MODULES) and self.call_counts.get(id(user_module), 0) == 1:
-                return users[0]
-        return node
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        module = self.module(users[0])
+        if isinstance(module, types) and self.call_counts.get(id(module), 0) == 1:
+            return users[0]
+        return None
+
+    def _gate_point_for(self, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """Where a producer's gate goes, and the module export folds it into.
+
+        At the producer's output, unless a BatchNorm is its only user: then after that BatchNorm, or
+        after the activation module that is the BatchNorm's only user. Gating after a ReLU rather
+        than before it keeps the task gradient of closed gates (ReLU's gradient at an exact zero is 0).
+        """
+        norm = self._only_user(node, NORM_MODULES)
+        if norm is None:
+            return node, node
+        activation = self._only_user(norm, ACTIVATION_MODULES)
+        return (activation if activation is not None else norm), norm
 
     def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
         x = self.tracked(node.args[0]) if node.args else None
@@ -508,7 +535,8 @@ class _Pass:
                     out = ChannelInfo(x.parts, 1, nonzero)
                     if name in self.gate_points:
                         out = ChannelInfo(x.parts, 1, (None,) * len(x.parts))
-                        self.points.append(GatePoint(name, 1, tuple((p, self.spaces[p].size) for p in x.parts), False))
+                        parts = tuple((p, self.spaces[p].size) for p in x.parts)
+                        self.points.append(GatePoint(name, 1, parts, False, name))
                 parts = self.cost_parts(out, m.out_channels)
                 self.layers.append(
                     LayerCost(
@@ -585,7 +613,7 @@ class _Pass:
             affine = 2.0 if m.affine else 0.0
             self.layers.append(LayerCost(name, "norm", 0.0, 0.0, affine, parts, parts, True, self.first_call(name)))
             if name in self.gate_points:
-                self.points.append(GatePoint(name, 1, tuple((p, self.spaces[p].size) for p in x.parts), False))
+                self.points.append(GatePoint(name, 1, tuple((p, self.spaces[p].size) for p in x.parts), False, name))
                 return ChannelInfo(x.parts, 1, (None,) * len(x.parts))
             return ChannelInfo(x.parts, 1, (node,) * len(x.parts))
         if isinstance(m, ZERO_PRESERVING_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
@@ -610,7 +638,8 @@ class _Pass:
 
     def _regated(self, node: fx.Node, x: ChannelInfo) -> ChannelInfo:
         if node.op == "call_module" and node.target in self.gate_points:
-            self.points.append(GatePoint(node.target, x.dim, tuple((p, self.spaces[p].size) for p in x.parts), False))
+            parts = tuple((p, self.spaces[p].size) for p in x.parts)
+            self.points.append(GatePoint(node.target, x.dim, parts, False, self.fold_of.get(node.target)))
             return ChannelInfo(x.parts, x.dim, (None,) * len(x.parts), x.repeat)
         return x
 
@@ -1016,7 +1045,7 @@ def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analy
         parts = gated(gp.parts)
         if all(r is None for r, _ in parts) or gp.module in points:
             continue
-        points[gp.module] = GatePoint(gp.module, gp.dim, parts, gp.replace)
+        points[gp.module] = GatePoint(gp.module, gp.dim, parts, gp.replace, gp.fold)
 
     def cost(parts):
         return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
@@ -1049,6 +1078,7 @@ def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analy
         barriers=list(dict.fromkeys(p.barriers)),
         root_of=root_of,
         other_params=other_params,
+        after_norm=[(name, space) for name, space in p.after_norm if space in root_of],
         other_flops=p.other_flops + sum(f for name, f in module_flops.items() if name not in counted),
     )
 

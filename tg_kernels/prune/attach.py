@@ -6,7 +6,9 @@ DistributedDataParallel like any parameter). A Conv2d or Linear whose output is 
 replaced by a :class:`~tg_kernels.GatedConv2d` / :class:`~tg_kernels.GatedLinear` sharing the
 group's gate, so that it skips closed channels while training; every other gate point (after a
 BatchNorm, a depthwise conv, a sigmoid) is a forward hook calling the fused
-:func:`~tg_kernels.channel_gate`.
+:func:`~tg_kernels.channel_gate`. A Conv2d whose gate sits after its BatchNorm becomes a
+``GatedConv2d(gate_after_norm=True)``: it applies no gate but skips closed channels in its
+backward (``exact``) or everywhere (``hard``).
 """
 
 from __future__ import annotations
@@ -75,13 +77,17 @@ class GateBank(nn.Module):
 class GateHook:
     """Forward hook: multiply a module's output by the gates of its channels (fused channel_gate)."""
 
-    def __init__(self, bank: GateBank, parts: Parts, dim: int) -> None:
+    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False) -> None:
         self.bank = bank
         self.parts = parts
         self.dim = dim
+        self.hard = hard
 
     def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        return channel_gate(output, self.bank.vector(self.parts, output), self.dim)
+        gate = self.bank.vector(self.parts, output)
+        if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
+            gate = torch.where(gate != 0, gate, gate.detach())
+        return channel_gate(output, gate, self.dim)
 
 
 def gate_bank(model: nn.Module) -> GateBank:
@@ -200,7 +206,12 @@ def attach_gates(
             gated.train(module.training)
             _set_submodule(model, point.module, gated)
         else:
-            module.register_forward_hook(GateHook(bank, parts, point.dim))
+            module.register_forward_hook(GateHook(bank, parts, point.dim, hard=skip == "hard"))
+    for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
+        conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
+        conv.gate = bank.gates[bank.key_of_space[space]]
+        conv.train(model.get_submodule(name).training)
+        _set_submodule(model, name, conv)
     model.add_module(BANK_NAME, bank)
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers

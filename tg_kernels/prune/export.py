@@ -45,24 +45,35 @@ def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
             t.data.mul_(view)
 
 
-def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
-    """Multiply each gate point's output channels into its module (exact: open gates are 1, closed 0)."""
+def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor], kept: dict[str, Tensor]) -> None:
+    """Scale each gate point's kept channels by their gate values, in the module its point folds into.
+
+    Open limit-form gates are exactly 1 and closed channels are removed, so there is usually nothing
+    to do; folding matters for closed channels kept by ``round_to`` (they must output zeros) and for
+    paper-form gates (values near but not exactly 0 and 1).
+    """
     for point in bank.analysis.gate_points:
         parts = bank.parts(point.parts)
-        module = model.get_submodule(point.module)
         scale = torch.cat([values[key] if key is not None else torch.ones(size) for key, size in parts])
-        if torch.all(scale == 1):
+        keep = torch.cat(
+            [
+                torch.isin(torch.arange(size), kept[key]) if key else torch.ones(size, dtype=torch.bool)
+                for key, size in parts
+            ]
+        )
+        if torch.all(scale[keep] == 1):
             continue
+        module = model.get_submodule(point.fold) if point.fold is not None else None
         foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
             isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
         )
-        if foldable:
-            _scale_rows(module, scale, ("weight", "bias"))
-        else:
+        if not foldable:
             raise ValueError(
-                f"cannot fold gate values into {type(module).__name__} '{point.module}' (closed gates there "
-                "must be exactly 0 and open ones 1: use limit-form gates, gate_M=None)"
+                f"cannot fold gate values into '{point.module}' ({type(model.get_submodule(point.module)).__name__}): "
+                "closed gates there must be exactly 0 and open ones 1 (limit-form gates, gate_M=None), "
+                "and round_to must be 1"
             )
+        _scale_rows(module, scale, ("weight", "bias"))
 
 
 def _removals(bank: GateBank, kept: dict[str, Tensor]) -> dict[tuple[str, int], set[int]]:
@@ -137,7 +148,7 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
         if ebank.analysis is not None:
             kept = {key: _kept_channels(v, round_to) for key, v in values.items()}
-            _fold_gate_values(exported, ebank, values)
+            _fold_gate_values(exported, ebank, values, kept)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
             for (target, dim), entries in _removals(ebank, kept).items():
                 tensor = exported.get_parameter(target) if _is_param(exported, target) else exported.get_buffer(target)
