@@ -1,44 +1,55 @@
-"""Whole-model benchmarks: train steps of a gated CIFAR ResNet-56 and a transformer MLP block, and inference.
+"""Whole-model benchmarks: train steps and inference of a CIFAR ResNet-56 and a transformer MLP block,
+gated with the plug-in workflow and exported.
 
-Providers, at each active fraction (a random share of each gated layer's channels left open):
+The models are plain ``nn`` modules. At each active fraction the gated providers are built with
+``tg_kernels.attach_gates(model, x, skip=mode)`` on a fresh plain model, then a random (1 - fraction)
+of every gate group's channels is closed (the same seed for every provider, so they all close the
+same channels). Providers:
 
 - ``dense``: the plain model (what you train without this package): the speed-up baseline;
-- ``tg_kernels`` in modes ``none`` / ``exact`` / ``hard``: the gated model;
-- ``ideal``: the plain model physically built at the active widths (what export yields): the
-  target a skipping model approaches.
+- ``tg_kernels`` in modes ``none`` / ``exact`` / ``hard`` (train) and ``eval`` (inference): the
+  gated model;
+- ``ideal``: ``tg_kernels.export(gated_model)``, the plain model with closed channels physically
+  removed: the target a skipping model approaches in training, and what you deploy for inference.
+  Before timing, each case checks that the exported model's eval output equals the gated model's.
+
+Where attach_gates puts the gates decides what can skip. In the ResNet every gate follows a
+BatchNorm (conv -> BN -> gate, including the residual stream, whose stem/conv2/shortcut outputs
+share one gate per stage), so it is a forward hook calling the fused ``channel_gate`` and the convs
+stay dense: the three modes run the same computation, and the gated ResNet costs the dense model plus
+its gate multiplies. In the MLP block fc1 becomes a ``GatedLinear`` that skips closed hidden units
+(per mode); fc2's output joins the residual with the block's input, so it stays ungated.
 
 Train steps are forward + backward + parameter-gradient reset; inference is an eval-mode forward
-under ``torch.no_grad`` (the gated model then skips closed channels in every mode). In the ResNet the
-gate sits on each block's first conv, before its BatchNorm: a speed proxy (the BN costs the same
-either way); placing gates after norm layers is the job of the plug-in workflow.
+under ``torch.no_grad``.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+import tg_kernels
 from bench.common import Row, time_interleaved
-from tg_kernels import GatedConv2d, GatedLinear
 
 FAMILY = "models"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 MODES = ("none", "exact", "hard")
+SEED = 0
 
 
 class BasicBlock(nn.Module):
-    """CIFAR ResNet basic block; the first conv's output channels (`width`) are the prunable ones."""
+    """CIFAR ResNet basic block (conv-BN-ReLU-conv-BN plus the shortcut, then ReLU)."""
 
-    def __init__(self, cin: int, cout: int, width: int, stride: int, gated: str | None) -> None:
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        if gated is None:
-            self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        else:
-            self.conv1 = GatedConv2d(cin, width, 3, stride, 1, bias=False, skip=gated)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
@@ -50,18 +61,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs; `widths` gives each block's inner width (default: its stage width)."""
+    """ResNet-(6n+2) for 32x32 inputs (stages of 16, 32 and 64 channels)."""
 
-    def __init__(self, depth: int = 56, widths: list[int] | None = None, gated: str | None = None) -> None:
+    def __init__(self, depth: int = 56) -> None:
         super().__init__()
         n = (depth - 2) // 6
         stages = [16] * n + [32] * n + [64] * n
-        widths = widths or stages
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         blocks, cin = [], 16
-        for i, (cout, width) in enumerate(zip(stages, widths)):
-            stride = 2 if i in (n, 2 * n) else 1
-            blocks.append(BasicBlock(cin, cout, width, stride, gated))
+        for i, cout in enumerate(stages):
+            blocks.append(BasicBlock(cin, cout, 2 if i in (n, 2 * n) else 1))
             cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(64, 10)
@@ -72,45 +81,74 @@ class ResNetCifar(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """Pre-norm transformer MLP block: x + fc2(gelu(fc1(norm(x)))); fc1's hidden units are prunable."""
+    """Pre-norm transformer MLP block: x + fc2(gelu(fc1(norm(x))))."""
 
-    def __init__(self, dim: int, hidden: int, gated: str | None = None) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden) if gated is None else GatedLinear(dim, hidden, skip=gated)
+        self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
 
 
-def _close_random(model: nn.Module, fraction: float, seed: int = 0) -> list[int]:
-    """Close a random (1 - fraction) of every gate's channels; return each gated layer's open count."""
-    g = torch.Generator().manual_seed(seed)
-    counts = []
-    for m in model.modules():
-        if isinstance(m, (GatedConv2d, GatedLinear)):
-            c = m.gate.num_channels
-            n_open = max(1, round(fraction * c))
-            with torch.no_grad():
-                m.gate.weight[torch.randperm(c, generator=g)[n_open:].to(m.gate.weight.device)] = -1.0
-            counts.append(n_open)
-    return counts
+def _plain(build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """A plain model with seeded weights and non-trivial norm statistics (so the export check means something)."""
+    torch.manual_seed(SEED)
+    model = build()
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.to(device)
 
 
-def _cases(device: torch.device, quick: bool) -> list[tuple[str, Callable, tuple[int, ...]]]:
-    """(name, builder(widths or None, gated mode or None), input shape)."""
+def _gated(
+    build: Callable[[], nn.Module], x: torch.Tensor, mode: str, fraction: float
+) -> tuple[nn.Module, tg_kernels.GateBank]:
+    """attach_gates on a fresh plain model, then close a random (1 - fraction) of every gate group's channels."""
+    model = _plain(build, x.device)
+    with warnings.catch_warnings():  # the MLP block's residual over its input stays ungated (expected)
+        warnings.filterwarnings("ignore", message="tg_kernels.attach_gates: channels that reach")
+        model, bank = tg_kernels.attach_gates(model, x, skip=mode)
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            c = gate.num_channels
+            closed = torch.randperm(c, generator=g)[max(1, round(fraction * c)) :]
+            gate.weight[closed.to(gate.weight.device)] = -1.0
+    return model, bank
+
+
+def _check_export(gated: nn.Module, exported: nn.Module, x: torch.Tensor) -> None:
+    """The exported model computes what the gated model computes in eval mode (restores train mode)."""
+    for model in (gated, exported):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), gated(x))
+    for model in (gated, exported):
+        model.train()
+
+
+def _cases(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
+    """(name, plain model builder, input shape)."""
     batch = 64 if device.type == "cuda" else (8 if quick else 32)
     depth = 20 if quick else 56
     tokens = 8192 if device.type == "cuda" else (512 if quick else 2048)
     dim = 1024 if device.type == "cuda" else 512
     return [
-        (f"resnet{depth}_cifar_n{batch}", lambda w, g: ResNetCifar(depth, w, g), (batch, 3, 32, 32)),
-        (f"mlp_block_{tokens}x{dim}x{4 * dim}", lambda w, g: MLPBlock(dim, w[0] if w else 4 * dim, g), (tokens, dim)),
+        (f"resnet{depth}_cifar_n{batch}", lambda: ResNetCifar(depth), (batch, 3, 32, 32)),
+        (f"mlp_block_{tokens}x{dim}x{4 * dim}", lambda: MLPBlock(dim, 4 * dim), (tokens, dim)),
     ]
 
 
 def _train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.train()
     params = list(model.parameters())
 
     def step() -> None:
@@ -136,25 +174,25 @@ def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
     rounds, min_run_time = (3, 0.05) if quick else (5, 0.2)
     rows: list[Row] = []
     for name, build, shape in _cases(device, quick):
-        x = torch.randn(shape, device=device)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device)
         for fraction in fractions:
             train, infer = {}, {}
-            train[("dense", "train")] = _train_step(build(None, None).to(device), x)
-            infer[("dense", "eval")] = _inference(build(None, None).to(device), x)
+            dense = _plain(build, device)
+            train[("dense", "train")] = _train_step(dense, x)
+            infer[("dense", "eval")] = _inference(copy.deepcopy(dense), x)
             for mode in MODES:
-                gated = build(None, mode).to(device)
-                widths = _close_random(gated, fraction)
+                gated, _ = _gated(build, x, mode, fraction)
+                if mode == "exact":
+                    exported = tg_kernels.export(gated)
+                    _check_export(gated, exported, x)
+                    infer[("tg_kernels", "eval")] = _inference(copy.deepcopy(gated), x)
                 train[("tg_kernels", mode)] = _train_step(gated, x)
-            eval_model = build(None, "exact").to(device)
-            _close_random(eval_model, fraction)
-            infer[("tg_kernels", "eval")] = _inference(eval_model, x)
-            train[("ideal", "train")] = _train_step(build(widths, None).to(device), x)
-            infer[("ideal", "eval")] = _inference(build(widths, None).to(device), x)
+            train[("ideal", "train")] = _train_step(exported, x)
+            infer[("ideal", "eval")] = _inference(copy.deepcopy(exported), x)
             for kind, fns in (("train", train), ("eval", infer)):
                 timings = time_interleaved(fns, device, rounds, min_run_time)
                 base, ideal = timings[("dense", kind)][0], timings[("ideal", kind)][0]
                 for (provider, mode), (median, iqr) in timings.items():
-                    extra = {"vs_ideal": median / ideal}
                     rows.append(
                         Row(
                             FAMILY,
@@ -167,7 +205,7 @@ def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
                             rounds,
                             "dense",
                             base / median,
-                            extra,
+                            {"vs_ideal": median / ideal},
                         )
                     )
             if progress is not None:
