@@ -14,11 +14,12 @@ same channels). Providers:
   Before timing, each case checks that the exported model's eval output equals the gated model's.
 
 Where attach_gates puts the gates decides what can skip. In the ResNet every gate follows a
-BatchNorm (conv -> BN -> gate, including the residual stream, whose stem/conv2/shortcut outputs
-share one gate per stage), so it is a forward hook calling the fused ``channel_gate`` and the convs
-stay dense: the three modes run the same computation, and the gated ResNet costs the dense model plus
-its gate multiplies. In the MLP block fc1 becomes a ``GatedLinear`` that skips closed hidden units
-(per mode); fc2's output joins the residual with the block's input, so it stays ungated.
+BatchNorm (conv -> BN -> gate; the residual stream's stem/conv2/shortcut outputs share one gate per
+stage), and each such conv becomes a ``GatedConv2d(gate_after_norm=True)``: in ``exact`` mode its
+forward stays full (batch statistics see every channel) and its backward skips closed channels, in
+``hard`` mode closed channels are skipped throughout, and the gate itself is a forward hook (the
+fused ``channel_gate``) after the norm. In the MLP block fc1 becomes a ``GatedLinear`` that skips
+closed hidden units; fc2's output joins the residual with the block's input, so it stays ungated.
 
 Train steps are forward + backward + parameter-gradient reset; inference is an eval-mode forward
 under ``torch.no_grad``.
