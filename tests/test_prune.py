@@ -363,6 +363,14 @@ def test_untraceable_model_stays_ungated_with_a_warning():
     _assert_plain(tg.export(model))
 
 
+def test_residual_over_the_model_input_is_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(MLPBlock(), torch.randn(2, 32))
+    assert [info.producers for info in bank.groups] == [("fc1",)]
+    assert "model input" in bank.skipped["fc2"]
+
+
 def test_exclude_keeps_a_layer_whole():
     model, bank = _attach(MLPBlock(), torch.randn(2, 32), exclude=["fc1"])
     assert len(bank.groups) == 0 and bank.skipped["fc1"] == "excluded by the user"

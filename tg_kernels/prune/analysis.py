@@ -410,10 +410,12 @@ class _Pass:
         fx.node.map_arg(value, lambda n: found.extend(_flatten_infos(self.info.get(n))))
         return found
 
-    def barrier(self, node: fx.Node, what: str) -> None:
+    def barrier(self, node: fx.Node, what: str, warn: bool = True) -> None:
+        """Keep every space reaching `node` whole; `warn` lists it among the pieces not understood."""
         infos = self.all_tracked((node.args, node.kwargs))
         if infos:
-            self.barriers.append(what)
+            if warn:
+                self.barriers.append(what)
             for info in infos:
                 self.fix(info.parts, f"reaches {what}")
 
@@ -743,6 +745,9 @@ class _Pass:
         other_dim = dim - (len(out_shape) - len(other_shape))
         other_size = other_shape[other_dim] if 0 <= other_dim < len(other_shape) else 1
         if other_size != 1:
+            if isinstance(other, fx.Node) and other.op == "placeholder":  # a residual over the model input
+                self.barrier(node, f"'{kind}' with the model input '{other.name}'", warn=False)
+                return None
             if not (isinstance(other, fx.Node) and other.op == "get_attr" and x.repeat == 1):
                 self.barrier(node, f"'{kind}' with an untracked tensor over the channels at '{node.name}'")
                 return None
