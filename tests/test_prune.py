@@ -527,3 +527,20 @@ def test_attach_leaves_weights_and_buffers_untouched():
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+@pytest.mark.slow
+def test_gated_model_compiles():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    model, bank = _attach(ResNet56(depth=8), x)
+    _close_random(bank)
+    expected = model(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    actual = torch.compile(model)(x)
+    actual.sum().backward()
+    torch.testing.assert_close(actual, expected)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
