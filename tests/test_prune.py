@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tg_kernels as tg
+from bench.models import MLPBlock as BenchMLPBlock
+from bench.models import ResNetCifar
 from tg_kernels.prune.attach import GateHook
 
 torchvision = pytest.importorskip("torchvision")
@@ -40,51 +42,14 @@ TORCHVISION_MODELS = [
 # --------------------------------------------------------------------------------------------------
 
 
-class CifarBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+def resnet_cifar(depth: int = 56) -> nn.Module:
+    """The benchmark's CIFAR ResNet-(6n+2): F.relu after each block, residual adds, shortcut projections."""
+    return ResNetCifar(depth)
 
 
-class ResNet56(nn.Module):
-    def __init__(self, depth: int = 56, classes: int = 10) -> None:
-        super().__init__()
-        n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        blocks, cin = [], 16
-        for i, width in enumerate([16] * n + [32] * n + [64] * n):
-            stride = 2 if i > 0 and width != cin else 1
-            blocks.append(CifarBlock(cin, width, stride))
-            cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, classes)
-
-    def forward(self, x):
-        x = self.blocks(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class MLPBlock(nn.Module):
-    """Pre-norm transformer MLP block: x + fc2(gelu(fc1(norm(x))))."""
-
-    def __init__(self, dim: int = 32, hidden: int = 128) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+def mlp_block(dim: int = 32, hidden: int = 128) -> nn.Module:
+    """The benchmark's pre-norm transformer MLP block: x + fc2(gelu(fc1(norm(x))))."""
+    return BenchMLPBlock(dim, hidden)
 
 
 class Untraceable(nn.Module):
@@ -227,8 +192,8 @@ def test_torchvision_model_attach_train_export(name):
 @pytest.mark.parametrize(
     "build, shape",
     [
-        (lambda: ResNet56(), (2, 3, 32, 32)),
-        (lambda: MLPBlock(), (2, 7, 32)),
+        (lambda: resnet_cifar(), (2, 3, 32, 32)),
+        (lambda: mlp_block(), (2, 7, 32)),
         (lambda: UserNet(), (2, 3, 8, 8)),
         (
             lambda: nn.Sequential(
@@ -252,7 +217,7 @@ def test_own_models_attach_train_export(build, shape):
 
 @pytest.mark.parametrize("skip", ["none", "exact", "hard"])
 def test_skip_modes_reach_the_gated_layers(skip):
-    model, bank = _attach(MLPBlock(), torch.randn(2, 3, 32), skip=skip)
+    model, bank = _attach(mlp_block(), torch.randn(2, 3, 32), skip=skip)
     assert isinstance(model.fc1, tg.GatedLinear) and model.fc1.skip == skip
     assert model.fc1.gate is bank.gates[bank.groups[0].key]
     _train_step(model, torch.randn(2, 3, 32))
@@ -264,7 +229,7 @@ def test_skip_modes_reach_the_gated_layers(skip):
 
 
 def test_residual_adds_share_one_gate():
-    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32))
     groups = {tuple(info.producers) for info in bank.groups}
     # The first stage's stream: the stem conv and the block's second conv share one gate.
     assert ("stem.0", "blocks.0.conv2") in groups
@@ -272,11 +237,11 @@ def test_residual_adds_share_one_gate():
     assert any("blocks.1.shortcut.0" in p and "blocks.1.conv2" in p for p in groups)
     # Inner widths are groups of their own; the classifier output is never gated.
     assert ("blocks.0.conv1",) in groups
-    assert "fc" in bank.skipped
+    assert "head" in bank.skipped
 
 
 def test_gates_sit_after_batchnorm_and_after_activation_modules():
-    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32))
     hooked = {
         name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_hooks.values())
     }
@@ -289,7 +254,7 @@ def test_gates_sit_after_batchnorm_and_after_activation_modules():
 def test_conv_bn_gate_modes_match_none():
     """exact: the same outputs and gradients as none; hard: the same, except closed gates get none."""
     torch.manual_seed(0)
-    base = ResNet56(depth=8).double()
+    base = resnet_cifar(depth=8).double()
     _randomize_norms(base)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     results = {}
@@ -366,15 +331,15 @@ def test_untraceable_model_stays_ungated_with_a_warning():
 def test_residual_over_the_model_input_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model, bank = tg.attach_gates(MLPBlock(), torch.randn(2, 32))
+        model, bank = tg.attach_gates(mlp_block(), torch.randn(2, 32))
     assert [info.producers for info in bank.groups] == [("fc1",)]
     assert "model input" in bank.skipped["fc2"]
 
 
 def test_exclude_keeps_a_layer_whole():
-    model, bank = _attach(MLPBlock(), torch.randn(2, 32), exclude=["fc1"])
+    model, bank = _attach(mlp_block(), torch.randn(2, 32), exclude=["fc1"])
     assert len(bank.groups) == 0 and bank.skipped["fc1"] == "excluded by the user"
-    _, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32), exclude=[nn.Conv2d])
+    _, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32), exclude=[nn.Conv2d])
     assert len(bank.groups) == 0
 
 
@@ -402,7 +367,7 @@ def _conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
     return total
 
 
-@pytest.mark.parametrize("build, shape", [(lambda: ResNet56(depth=14), (2, 3, 32, 32)), (UserNet, (2, 3, 8, 8))])
+@pytest.mark.parametrize("build, shape", [(lambda: resnet_cifar(depth=14), (2, 3, 32, 32)), (UserNet, (2, 3, 8, 8))])
 def test_budget_counts_what_export_removes(build, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -420,7 +385,7 @@ def test_budget_counts_what_export_removes(build, shape):
 
 
 def test_budget_gradient_pushes_gates_down_above_target():
-    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32))
     for metric in ("flops", "params", "channels"):
         budget = tg.Budget(model, target=0.3, metric=metric, weight=2.0)
         model.zero_grad()
@@ -432,7 +397,7 @@ def test_budget_gradient_pushes_gates_down_above_target():
 
 
 def test_budget_report_is_readable():
-    model, bank = _attach(ResNet56(depth=8), torch.randn(1, 3, 32, 32))
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32))
     _close_random(bank, 0.5)
     text = tg.Budget(model).report()
     assert "FLOPs" in text and "params" in text and bank.groups[0].key in text
@@ -449,7 +414,7 @@ def test_budget_report_is_readable():
     ],
 )
 def test_budget_rejects_bad_arguments(kwargs, match):
-    model, _ = _attach(MLPBlock(), torch.randn(2, 32))
+    model, _ = _attach(mlp_block(), torch.randn(2, 32))
     with pytest.raises(ValueError, match=match):
         tg.Budget(model, **kwargs)
 
@@ -462,7 +427,7 @@ def test_budget_rejects_bad_arguments(kwargs, match):
 def test_export_round_to_keeps_multiples_and_stays_exact():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    model = ResNet56(depth=8)
+    model = resnet_cifar(depth=8)
     _randomize_norms(model)
     model, bank = _attach(model, x)
     exported = _check_export(model, bank, x, round_to=8)
@@ -472,7 +437,7 @@ def test_export_round_to_keeps_multiples_and_stays_exact():
 
 
 def test_export_leaves_the_gated_model_working():
-    model, bank = _attach(MLPBlock(), torch.randn(2, 32))
+    model, bank = _attach(mlp_block(), torch.randn(2, 32))
     _close_random(bank)
     tg.export(model)
     assert isinstance(model.fc1, tg.GatedLinear)
@@ -502,15 +467,15 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_errors_are_clear():
-    model, _ = _attach(MLPBlock(), torch.randn(2, 32))
+    model, _ = _attach(mlp_block(), torch.randn(2, 32))
     with pytest.raises(ValueError, match="already has gates"):
         tg.attach_gates(model, torch.randn(2, 32))
     with pytest.raises(ValueError, match="no gates"):
-        tg.export(MLPBlock())
+        tg.export(mlp_block())
     with pytest.raises(ValueError, match="not a submodule"):
-        tg.attach_gates(MLPBlock(), torch.randn(2, 32), exclude=["nope"])
+        tg.attach_gates(mlp_block(), torch.randn(2, 32), exclude=["nope"])
     with pytest.raises(ValueError, match="skip"):
-        tg.attach_gates(MLPBlock(), torch.randn(2, 32), skip="sometimes")
+        tg.attach_gates(mlp_block(), torch.randn(2, 32), skip="sometimes")
     with pytest.raises(ValueError, match="round_to"):
         tg.export(model, round_to=0)
     with pytest.raises(TypeError, match="nn.Module"):
@@ -519,7 +484,7 @@ def test_errors_are_clear():
 
 def test_attach_leaves_weights_and_buffers_untouched():
     torch.manual_seed(0)
-    model = ResNet56(depth=8)
+    model = resnet_cifar(depth=8)
     _randomize_norms(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
@@ -533,7 +498,7 @@ def test_attach_leaves_weights_and_buffers_untouched():
 def test_gated_model_compiles():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
-    model, bank = _attach(ResNet56(depth=8), x)
+    model, bank = _attach(resnet_cifar(depth=8), x)
     _close_random(bank)
     expected = model(x)
     expected.sum().backward()
