@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,19 @@ CSV_COLUMNS = [
 ]
 
 
+def source_revision() -> str | None:
+    """The checkout's git revision (with "-dirty" for uncommitted changes), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
@@ -80,7 +94,8 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "tg_kernels": tg_kernels.__version__,
-        "git_revision": tg_kernels.build_info().get("git_revision"),
+        "git_revision": source_revision(),
+        "extension_built_from": tg_kernels.build_info().get("git_revision"),
         "backends": {n: b.available for n, b in tg_kernels.available_backends().items()},
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "timing": "median and IQR over interleaved rounds; CPU: torch.utils.benchmark blocked_autorange, "
