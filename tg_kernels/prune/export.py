@@ -41,7 +41,7 @@ def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
     for name in names:
         t = getattr(module, name, None)
         if isinstance(t, Tensor):
-            view = scale.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+            view = scale.to(device=t.device, dtype=t.dtype).view(-1, *([1] * (t.dim() - 1)))
             t.data.mul_(view)
 
 
