@@ -509,3 +509,41 @@ def test_gated_model_compiles():
     torch.testing.assert_close(actual, expected)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", ["exact", "hard"])
+def test_convs_drop_closed_input_channels_exactly(skip):
+    """hard mode (and no-grad evaluation) drops closed input channels: same outputs and gradients as keeping them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    model, bank = _attach(resnet_cifar(8).double(), x, skip=skip)
+    _randomize_norms(model)
+    _close_random(bank)
+    chained = [m for m in model.modules() if isinstance(m, tg.GatedConv2d) and m.input_gate is not None]
+    assert len(chained) >= 4
+
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def run(train: bool):
+        with torch.no_grad():  # every run starts from the same BatchNorm statistics
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        model.train(train)
+        model.zero_grad()
+        out = model(x)
+        if train:
+            out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with_drop = run(True), run(False)
+    saved = [m.input_gate for m in chained]
+    for m in chained:
+        m.input_gate = None
+    without = run(True), run(False)
+    for m, g in zip(chained, saved):
+        m.input_gate = g
+    for (out_a, grads_a), (out_b, grads_b) in zip(with_drop, without):
+        torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -8,6 +8,8 @@ task gradient). In eval mode and under ``torch.no_grad`` every mode skips closed
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,6 +97,20 @@ class GatedLinear(nn.Linear, _Gated):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
+def _drop_closed_inputs(x: Tensor, weight: Tensor, input_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """x and weight without the input channels whose gate is closed (those channels of x are zeros).
+
+    Exact in the forward and for dW; dX of the dropped channels comes back as zero, which is what
+    ``hard`` mode and no-grad evaluation need (DESIGN.md §3, chains). At least one channel is kept.
+    """
+    open_idx = torch.nonzero(input_gate.detach() != 0).flatten()
+    if open_idx.numel() == input_gate.numel():
+        return x, weight
+    if open_idx.numel() == 0:
+        open_idx = open_idx.new_zeros(1)
+    return x.index_select(1, open_idx), weight.index_select(1, open_idx)
+
+
 def _conv_args(m: nn.Conv2d) -> tuple:
     """nn.Conv2d's positional constructor arguments that reproduce `m`'s configuration."""
     bias = m.bias is not None
@@ -107,6 +123,9 @@ class GatedConv2d(nn.Conv2d, _Gated):
     Args are those of ``nn.Conv2d`` plus ``skip`` (``"none"``, ``"exact"``, ``"hard"``) and the
     gate options ``gate_shape``, ``gate_M`` and ``gate_init`` of :class:`TrainableGate`. Grouped
     and depthwise convs skip per group (a group with no open channel is dropped entirely).
+
+    ``input_gate`` (None by default; :func:`~tg_kernels.attach_gates` sets it) returns the gates of
+    the input channels: closed ones are zeros, so ``hard`` mode and no-grad evaluation drop them.
 
     ``gate_after_norm=True`` is for a conv followed by a norm layer whose output the same gate
     multiplies (conv -> BN -> gate, as :func:`~tg_kernels.attach_gates` sets it up): the layer does
@@ -149,6 +168,7 @@ class GatedConv2d(nn.Conv2d, _Gated):
         )
         self._init_gate(out_channels, skip, gate_shape, gate_M, gate_init, device, dtype)
         self.gate_after_norm = gate_after_norm
+        self.input_gate: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
@@ -158,10 +178,13 @@ class GatedConv2d(nn.Conv2d, _Gated):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 x = F.pad(x, pads, mode=mode)
             padding = (0, 0)
+        weight = self.weight
+        if self.input_gate is not None and self.groups == 1 and (self.skip == "hard" or not torch.is_grad_enabled()):
+            x, weight = _drop_closed_inputs(x, weight, self.input_gate(x))
         conv = conv2d_open_channels if self.gate_after_norm else gated_conv2d
         return conv(
             x,
-            self.weight,
+            weight,
             self.bias,
             self.gate(),
             list(self.stride),

@@ -228,6 +228,8 @@ class Analysis:
     other_params: int  # parameters not covered by any LayerCost (embeddings, LayerNorm, ...)
     other_flops: float  # FLOPs of opaque layers counted as constant (attention)
     after_norm: list[tuple[str, int]] = field(default_factory=list)  # (Conv2d gated after its BatchNorm, space)
+    conv_inputs: list[tuple[str, tuple[tuple[int | None, int], ...]]] = field(default_factory=list)
+    # (Conv2d with groups == 1, the (group space or None, size) parts of its input channels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +359,7 @@ class _Pass:
         self.other_flops = 0.0
         self.costed: set[str] = set()
         self.after_norm: list[tuple[str, int]] = []
+        self.conv_inputs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
         self.fold_of: dict[str, str] = {}  # gate point -> the module export folds it into
 
     # ---- union-find over spaces ----
@@ -558,6 +561,7 @@ class _Pass:
                 self.need_zero(x, f"conv '{name}'")
                 if m.groups == 1 and x.dim == 1 and x.repeat == 1 and called_once:
                     self.add_slices(name, ("weight",), 1, x)
+                    self.conv_inputs.append((name, tuple((p, self.spaces[p].size) for p in x.parts)))
                 else:
                     self.fix(x.parts, f"input of grouped or reused conv '{name}'")
             out = self.producer_output(node, m, m.out_channels, 1, m.groups > 1)
@@ -1084,6 +1088,11 @@ def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analy
         root_of=root_of,
         other_params=other_params,
         after_norm=[(name, space) for name, space in p.after_norm if space in root_of],
+        conv_inputs=[
+            (name, tuple((root_of.get(s), size) for s, size in parts))
+            for name, parts in p.conv_inputs
+            if any(s in root_of for s, _ in parts)
+        ],
         other_flops=p.other_flops + sum(f for name, f in module_flops.items() if name not in counted),
     )
 

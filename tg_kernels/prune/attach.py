@@ -90,6 +90,17 @@ class GateHook:
         return channel_gate(output, gate, self.dim)
 
 
+class InputGate:
+    """The gates of a layer's input channels (set on a GatedConv2d so that it can drop closed inputs)."""
+
+    def __init__(self, bank: GateBank, parts: Parts) -> None:
+        self.bank = bank
+        self.parts = parts
+
+    def __call__(self, like: Tensor) -> Tensor:
+        return self.bank.vector(self.parts, like)
+
+
 def gate_bank(model: nn.Module) -> GateBank:
     """The GateBank of a model gated by :func:`attach_gates` (unwrapping DDP / DataParallel)."""
     model = getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
@@ -212,6 +223,10 @@ def attach_gates(
         conv.gate = bank.gates[bank.key_of_space[space]]
         conv.train(model.get_submodule(name).training)
         _set_submodule(model, name, conv)
+    for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
+        conv = model.get_submodule(name)
+        if isinstance(conv, GatedConv2d):
+            conv.input_gate = InputGate(bank, bank.parts(space_parts))
     model.add_module(BANK_NAME, bank)
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers
