@@ -102,6 +102,27 @@ class UserNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class TinyUNet(nn.Module):
+    """Down, up and a skip concatenation: pooling, upsampling (module and function) and padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2)
+        self.mid = nn.Conv2d(16, 16, 1)
+        self.dec = nn.Sequential(nn.Conv2d(8 + 16, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.ReflectionPad2d(1))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        down = self.down(e)
+        d = F.relu(self.mid(F.interpolate(down, scale_factor=2.0)))
+        y = torch.cat([e, self.up(down)[:, :, :, :] * 0.5 + d], dim=1)
+        y = F.pad(self.dec(y), (1, 1, 1, 1))
+        return self.head(y)
+
+
 def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
     """Non-trivial BatchNorm statistics and affine parameters, so that a misplaced gate shows."""
     g = torch.Generator().manual_seed(seed)
@@ -201,8 +222,9 @@ def test_torchvision_model_attach_train_export(name):
             ),
             (2, 3, 6, 6),
         ),
+        (lambda: TinyUNet(), (2, 3, 8, 8)),
     ],
-    ids=["resnet56_cifar", "mlp_block", "user_modules", "sequential_flatten"],
+    ids=["resnet56_cifar", "mlp_block", "user_modules", "sequential_flatten", "tiny_unet"],
 )
 def test_own_models_attach_train_export(build, shape):
     torch.manual_seed(0)
@@ -547,3 +569,13 @@ def test_convs_drop_closed_input_channels_exactly(skip):
         assert grads_a.keys() == grads_b.keys()
         for name in grads_a:
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_pooling_upsampling_and_padding_keep_channels_gated():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing in this model is a barrier
+        model, bank = tg.attach_gates(TinyUNet(), torch.randn(2, 3, 8, 8))
+    producers = {p for info in bank.groups for p in info.producers}
+    assert {"enc.0", "dec.0"} <= producers
+    assert any("down.1" in info.producers and "mid" in info.producers for info in bank.groups)
+    assert "model output" in bank.skipped["head"]

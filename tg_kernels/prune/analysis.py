@@ -66,7 +66,19 @@ POOLING_MODULES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
-)
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+)  # they act on the dims after the channel dim and map a zero channel to a zero channel
 # Activations a producer's gate may move past (after its BatchNorm), so closed gates keep a gradient.
 ACTIVATION_MODULES = tuple(
     m for m in ZERO_PRESERVING_MODULES if m not in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -120,6 +132,8 @@ _POOLING_NAMES = {
     "max_pool2d",
     "max_pool3d",
     "adaptive_max_pool2d",
+    "interpolate",
+    "upsample",
 }
 _REDUCTION_NAMES = {"mean", "sum", "amax", "amin"}
 _HARMLESS_NAMES = {"size", "dim", "getattr", "_assert", "eq", "ne", "floordiv", "mul_int", "numel", "len", "_shape"}
@@ -701,6 +715,8 @@ class _Pass:
             return ChannelInfo(x.parts, x.dim, (node,) * len(x.parts), x.repeat)
         if name in _POOLING_NAMES and x.dim == 1 and x.repeat == 1:
             return x
+        if name == "pad":
+            return self._pad(node, x)
         if name == "flatten":
             start = _arg(node, 1, "start_dim", 0)
             end = _arg(node, 2, "end_dim", -1)
@@ -854,6 +870,18 @@ class _Pass:
             next((i.nonzero[k] for i in infos if i.nonzero[k] is not None), None) for k in range(len(first.parts))
         )
         return ChannelInfo(first.parts, first.dim, nonzero, first.repeat)
+
+    def _pad(self, node: fx.Node, x: ChannelInfo) -> ChannelInfo | None:
+        """F.pad: fine when it pads only dims after the channel dim; a non-zero constant breaks zeros."""
+        in_shape = self.shape(node.args[0])
+        pad = _arg(node, 1, "pad", None)
+        if in_shape is None or not isinstance(pad, (list, tuple)) or x.dim >= len(in_shape) - len(pad) // 2:
+            self.barrier(node, f"pad over the channel dim at '{node.name}'")
+            return None
+        mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+        if mode == "constant" and value:
+            return ChannelInfo(x.parts, x.dim, (node,) * len(x.parts), x.repeat)
+        return x
 
     def _reshape(self, node: fx.Node, x: ChannelInfo) -> ChannelInfo | None:
         in_shape, out_shape = self.shape(node.args[0]), self.shape(node)
