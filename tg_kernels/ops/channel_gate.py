@@ -38,6 +38,11 @@ def _kernels(backend: str) -> tuple[Callable[..., Tensor], Callable[..., tuple[T
     return triton_kernels.channel_gate_forward, triton_kernels.channel_gate_backward
 
 
+def _kernels_for(x: Tensor) -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor]]]:
+    """(forward, backward) kernels of the backend chosen for x's device and dtype."""
+    return _kernels(resolve_backend("channel_gate", x.device, x.dtype, SUPPORTED_DTYPES))
+
+
 def _check_kernel_args(x: Tensor, gate: Tensor) -> None:
     """The custom ops' own contract (they are public through torch.ops, so they check it too)."""
     if x.dim() != 3 or not x.is_contiguous():
@@ -51,7 +56,7 @@ def _check_kernel_args(x: Tensor, gate: Tensor) -> None:
 @torch.library.custom_op("tg_kernels::channel_gate", mutates_args=())
 def _channel_gate_op(x: Tensor, gate: Tensor) -> Tensor:
     _check_kernel_args(x, gate)
-    forward, _ = _kernels(resolve_backend("channel_gate", x.device, x.dtype, SUPPORTED_DTYPES))
+    forward, _ = _kernels_for(x)
     return forward(x, gate)
 
 
@@ -68,7 +73,7 @@ def _channel_gate_backward_op(grad_y: Tensor, x: Tensor, gate: Tensor) -> tuple[
     _check_kernel_args(x, gate)
     if grad_y.shape != x.shape or not grad_y.is_contiguous():
         raise ValueError(f"tg_kernels::channel_gate_backward takes a contiguous grad_y of shape {tuple(x.shape)}")
-    _, backward = _kernels(resolve_backend("channel_gate", x.device, x.dtype, SUPPORTED_DTYPES))
+    _, backward = _kernels_for(x)
     return backward(grad_y, x, gate)
 
 
@@ -110,7 +115,7 @@ class _EagerChannelGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor) -> Tensor:
-        forward, _ = _kernels(resolve_backend("channel_gate", x.device, x.dtype, SUPPORTED_DTYPES))
+        forward, _ = _kernels_for(x)
         ctx.save_for_backward(x, gate)
         return forward(x, gate)
 
@@ -118,7 +123,7 @@ class _EagerChannelGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, gate = ctx.saved_tensors
-        _, backward = _kernels(resolve_backend("channel_gate", x.device, x.dtype, SUPPORTED_DTYPES))
+        _, backward = _kernels_for(x)
         grad_x, grad_gate = backward(grad_y.contiguous(), x, gate)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_gate if ctx.needs_input_grad[1] else None)
 
@@ -210,5 +215,5 @@ def channel_gate(x: Tensor, gate: Tensor, dim: int = 1) -> Tensor:
         return restore(_channel_gate_op(x3, gate))
     if torch.is_grad_enabled() and (x3.requires_grad or gate.requires_grad):
         return restore(_EagerChannelGate.apply(x3, gate))
-    forward, _ = _kernels(resolve_backend("channel_gate", x3.device, x3.dtype, SUPPORTED_DTYPES))
+    forward, _ = _kernels_for(x3)
     return restore(forward(x3, gate))

@@ -206,6 +206,18 @@ def _(
 _skip.register_skip_autograd(gated_conv2d_op, gated_conv2d_backward_op)
 
 
+def _prepare_inputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None, caller: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Autocast dtypes, a 4-d check, and x contiguous unless channels_last (what the custom ops take)."""
+    x, weight, bias = _skip.autocast_inputs(x, weight, bias)
+    if x.dim() != 4:
+        raise ValueError(f"{caller} takes a 4-d input [N, C, H, W], got shape {list(x.shape)}")
+    if _skip.output_format(x) != torch.channels_last:
+        x = x.contiguous()
+    return x, weight, bias
+
+
 def gated_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -228,11 +240,7 @@ def gated_conv2d(
     if skip == "none" and torch.is_grad_enabled():
         return channel_gate(F.conv2d(x, weight, bias, stride, padding, dilation, groups), gate, dim=1)
     mode = "exact" if skip == "none" else skip
-    x, weight, bias = _skip.autocast_inputs(x, weight, bias)
-    if x.dim() != 4:
-        raise ValueError(f"gated_conv2d takes a 4-d input [N, C, H, W], got shape {list(x.shape)}")
-    if _skip.output_format(x) != torch.channels_last:
-        x = x.contiguous()
+    x, weight, bias = _prepare_inputs(x, weight, bias, "gated_conv2d")
     return gated_conv2d_op(x, weight, bias, gate, stride, padding, dilation, groups, mode)
 
 
@@ -302,11 +310,7 @@ def conv2d_open_channels(
     if skip == "none" and torch.is_grad_enabled():
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     mask = (gate.detach() != 0).to(gate.dtype)
-    x, weight, bias = _skip.autocast_inputs(x, weight, bias)
-    if x.dim() != 4:
-        raise ValueError(f"conv2d_open_channels takes a 4-d input [N, C, H, W], got shape {list(x.shape)}")
-    if _skip.output_format(x) != torch.channels_last:
-        x = x.contiguous()
+    x, weight, bias = _prepare_inputs(x, weight, bias, "conv2d_open_channels")
     if skip == "exact" and torch.is_grad_enabled():
         return _DenseForwardSkippingBackward.apply(x, weight, bias, mask, stride, padding, dilation, groups)
     return gated_conv2d_op(x, weight, bias, mask, stride, padding, dilation, groups, "hard")

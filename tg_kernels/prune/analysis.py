@@ -540,7 +540,7 @@ class _Pass:
         name = node.target
         called_once = self.call_counts.get(id(m), 0) == 1
         if isinstance(m, CONV_MODULES):
-            spatial = math.prod(out_shape[2:]) * (out_shape[0] if out_shape else 1) if out_shape else 0
+            spatial = math.prod(out_shape[:1] + out_shape[2:]) if out_shape else 0  # output positions, batch included
             kernel = math.prod(m.kernel_size)
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
             if depthwise:

@@ -101,16 +101,20 @@ class InputGate:
         return self.bank.vector(self.parts, like)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The gated model itself when `model` wraps it (DistributedDataParallel, DataParallel)."""
+    return getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
+
+
 def gate_bank(model: nn.Module) -> GateBank:
     """The GateBank of a model gated by :func:`attach_gates` (unwrapping DDP / DataParallel)."""
-    model = getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
-    bank = getattr(model, BANK_NAME, None)
+    bank = getattr(unwrap(model), BANK_NAME, None)
     if not isinstance(bank, GateBank):
         raise ValueError("this model has no gates: call tg_kernels.attach_gates(model, example_inputs) first")
     return bank
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
@@ -215,14 +219,14 @@ def attach_gates(
             gated = make(module, skip=skip)
             gated.gate = bank.gates[parts[0][0]]
             gated.train(module.training)
-            _set_submodule(model, point.module, gated)
+            set_submodule(model, point.module, gated)
         else:
             module.register_forward_hook(GateHook(bank, parts, point.dim, hard=skip == "hard"))
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
         conv.gate = bank.gates[bank.key_of_space[space]]
         conv.train(model.get_submodule(name).training)
-        _set_submodule(model, name, conv)
+        set_submodule(model, name, conv)
     for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
         conv = model.get_submodule(name)
         if isinstance(conv, GatedConv2d):

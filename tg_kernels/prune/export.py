@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tg_kernels.nn import GatedConv2d, GatedLinear
-from tg_kernels.prune.attach import BANK_NAME, GateBank, GateHook, gate_bank
+from tg_kernels.prune.attach import BANK_NAME, GateBank, GateHook, gate_bank, set_submodule, unwrap
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
         scale = torch.cat([values[key] if key is not None else torch.ones(size) for key, size in parts])
         keep = torch.cat(
             [
-                torch.isin(torch.arange(size), kept[key]) if key else torch.ones(size, dtype=torch.bool)
+                torch.isin(torch.arange(size), kept[key]) if key is not None else torch.ones(size, dtype=torch.bool)
                 for key, size in parts
             ]
         )
@@ -140,8 +140,8 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-    model = getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
-    bank = gate_bank(model)
+    model = unwrap(model)
+    gate_bank(model)  # a clear error for a model without gates
     exported = copy.deepcopy(model)
     ebank = gate_bank(exported)
     with torch.no_grad():
@@ -158,24 +158,18 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
-            _set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
+            set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
     for module in exported.modules():
         for hook_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, GateHook):
                 del module._forward_hooks[hook_id]
     delattr(exported, BANK_NAME)
-    del bank
     return exported
 
 
 def _is_param(model: nn.Module, target: str) -> bool:
     owner_name, _, attr = target.rpartition(".")
     return attr in model.get_submodule(owner_name)._parameters
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
 
 
 # --------------------------------------------------------------------------------------------------
