@@ -579,3 +579,16 @@ def test_pooling_upsampling_and_padding_keep_channels_gated():
     assert {"enc.0", "dec.0"} <= producers
     assert any("down.1" in info.producers and "mid" in info.producers for info in bank.groups)
     assert "model output" in bank.skipped["head"]
+
+
+def test_set_skip_switches_every_gated_layer_and_hook():
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(2, 3, 32, 32))
+    assert bank.skip == "exact" and bank.gated_layers and bank.hooks
+    bank.set_skip("hard")
+    assert all(layer.skip == "hard" for layer in bank.gated_layers)
+    assert all(hook.hard for hook in bank.hooks)
+    assert all(m.skip == "hard" for m in model.modules() if isinstance(m, (tg.GatedConv2d, tg.GatedLinear)))
+    bank.set_skip("none")
+    assert all(layer.skip == "none" for layer in bank.gated_layers) and not any(hook.hard for hook in bank.hooks)
+    with pytest.raises(ValueError, match="skip"):
+        bank.set_skip("fast")

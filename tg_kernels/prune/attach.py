@@ -51,6 +51,11 @@ class GateBank(nn.Module):
         self.key_of_space: dict[int, str] = {}
         self.groups: list[GroupInfo] = []
         self.skipped: dict[str, str] = {}
+        self.skip = "exact"
+        # What set_skip switches: the Gated layers and gate hooks attach_gates put into the model
+        # (plain lists, not submodules: the layers belong to the model, the bank only points at them).
+        self.gated_layers: list[GatedConv2d | GatedLinear] = []
+        self.hooks: list[GateHook] = []
 
     def forward(self, x: Any) -> Any:
         """Identity. Gates are applied by the gated layers and hooks, not here; this exists because a
@@ -64,6 +69,20 @@ class GateBank(nn.Module):
 
     def parts(self, space_parts: Iterable[tuple[int | None, int]]) -> Parts:
         return tuple((self.key_of_space.get(s) if s is not None else None, size) for s, size in space_parts)
+
+    def set_skip(self, skip: str) -> None:
+        """Switch every gated layer and gate hook of the model to skip mode ``skip`` without re-attaching.
+
+        ``"exact"`` while the gates search (every gate, closed ones included, gets its task gradient),
+        ``"hard"`` for fine-tuning once the open set has settled (closed channels are skipped
+        everywhere and, with compact execution, the model trains at its exported model's speed).
+        """
+        check_skip(skip)
+        self.skip = skip
+        for layer in self.gated_layers:
+            layer.skip = skip
+        for hook in self.hooks:
+            hook.hard = skip == "hard"
 
     def open_fraction(self) -> float:
         """Fraction of gated channels whose gate is open."""
@@ -204,6 +223,7 @@ def attach_gates(
     if param is not None:
         bank.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     bank.analysis = analysis
+    bank.skip = skip
     bank.key_of_space = {space: keys[root] for space, root in analysis.root_of.items()}
     bank.groups = [GroupInfo(keys[g.space], g.size, tuple(g.producers)) for g in analysis.groups]
     bank.skipped = dict(analysis.fixed)
@@ -220,13 +240,17 @@ def attach_gates(
             gated.gate = bank.gates[parts[0][0]]
             gated.train(module.training)
             set_submodule(model, point.module, gated)
+            bank.gated_layers.append(gated)
         else:
-            module.register_forward_hook(GateHook(bank, parts, point.dim, hard=skip == "hard"))
+            hook = GateHook(bank, parts, point.dim, hard=skip == "hard")
+            module.register_forward_hook(hook)
+            bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
         conv.gate = bank.gates[bank.key_of_space[space]]
         conv.train(model.get_submodule(name).training)
         set_submodule(model, name, conv)
+        bank.gated_layers.append(conv)
     for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
         conv = model.get_submodule(name)
         if isinstance(conv, GatedConv2d):
