@@ -26,6 +26,9 @@ class _Gated:
     gate: TrainableGate
     skip: str
     training: bool
+    # Set by compact execution (tg_kernels.prune.compact) for one forward: the weights are already
+    # the compact, gate-folded ones, so the layer runs as its plain nn layer.
+    _tg_compact: bool = False
 
     def _init_gate(
         self,
@@ -73,6 +76,8 @@ class GatedLinear(nn.Linear, _Gated):
         self._init_gate(out_features, skip, gate_shape, gate_M, gate_init, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tg_compact:
+            return F.linear(x, self.weight, self.bias)
         return gated_linear(x, self.weight, self.bias, self.gate(), skip=self._mode())
 
     @classmethod
@@ -171,6 +176,8 @@ class GatedConv2d(nn.Conv2d, _Gated):
         self.input_gate: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._tg_compact:
+            return self._conv_forward(x, self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):  # other modes, "same", "valid"
             pads = self._reversed_padding_repeated_twice

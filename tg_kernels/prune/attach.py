@@ -56,6 +56,7 @@ class GateBank(nn.Module):
         # (plain lists, not submodules: the layers belong to the model, the bank only points at them).
         self.gated_layers: list[GatedConv2d | GatedLinear] = []
         self.hooks: list[GateHook] = []
+        self.compact: Any = None  # the CompactForward running this model compact (prune/compact.py), if any
 
     def forward(self, x: Any) -> Any:
         """Identity. Gates are applied by the gated layers and hooks, not here; this exists because a
@@ -101,8 +102,14 @@ class GateHook:
         self.parts = parts
         self.dim = dim
         self.hard = hard
+        # Set by compact execution for one forward: the output is compact; multiply it by
+        # compact_gate, or leave it alone when the gate was folded into a module's rows (None).
+        self.compact = False
+        self.compact_gate: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if self.compact:
+            return output if self.compact_gate is None else channel_gate(output, self.compact_gate, self.dim)
         gate = self.bank.vector(self.parts, output)
         if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
             gate = torch.where(gate != 0, gate, gate.detach())
@@ -173,6 +180,7 @@ def attach_gates(
     gate_shape: str | ShapeFn | None = None,
     gate_M: float | None = None,
     gate_init: float = 0.5,
+    compact: bool = True,
 ) -> tuple[nn.Module, GateBank]:
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
@@ -183,6 +191,9 @@ def attach_gates(
             (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
         exclude: submodule names or module classes whose output channels stay ungated.
         gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
+        compact: run the whole model compact (at the open width, as its exported model would) in
+            ``"hard"`` mode and without gradients (:mod:`tg_kernels.prune.compact`). A self-check on
+            the example inputs turns it off, with a warning, where the model's code cannot run compact.
 
     Returns:
         The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
@@ -256,6 +267,10 @@ def attach_gates(
         if isinstance(conv, GatedConv2d):
             conv.input_gate = InputGate(bank, bank.parts(space_parts))
     model.add_module(BANK_NAME, bank)
+    if compact and bank.gates:
+        from tg_kernels.prune.compact import install
+
+        install(model, bank, inputs)
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers
     if unhandled:

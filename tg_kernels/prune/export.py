@@ -11,7 +11,6 @@ limit-form gates (exactly 0 or 1) the result computes what the gated model compu
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.prune.attach import BANK_NAME, GateBank, GateHook, gate_bank, set_submodule, unwrap
+from tg_kernels.prune.slicing import kept_channels, kept_entries, tensor_of
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
@@ -28,13 +28,7 @@ FORMAT_VERSION = 1
 
 def _kept_channels(gate_values: Tensor, round_to: int) -> Tensor:
     """Indices of channels to keep: the open ones, padded with closed ones up to a multiple of round_to."""
-    open_idx = torch.nonzero(gate_values != 0).flatten()
-    size = gate_values.numel()
-    target = min(size, max(1, math.ceil(open_idx.numel() / round_to) * round_to))
-    if open_idx.numel() >= target:
-        return open_idx
-    closed_idx = torch.nonzero(gate_values == 0).flatten()[: target - open_idx.numel()]
-    return torch.sort(torch.cat([open_idx, closed_idx])).values
+    return kept_channels(gate_values != 0, round_to)
 
 
 def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
@@ -74,23 +68,6 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
                 "and round_to must be 1"
             )
         _scale_rows(module, scale, ("weight", "bias"))
-
-
-def _removals(bank: GateBank, kept: dict[str, Tensor]) -> dict[tuple[str, int], set[int]]:
-    """For each (tensor name, dim) the entries to drop."""
-    drop: dict[tuple[str, int], set[int]] = {}
-    for group in bank.analysis.groups:
-        key = bank.key_of_space[group.space]
-        keep = set(kept[key].tolist())
-        removed = [c for c in range(group.size) if c not in keep]
-        if not removed:
-            continue
-        for sl in group.slices:
-            entries = drop.setdefault((sl.target, sl.dim), set())
-            for c in removed:
-                start = (sl.offset + c) * sl.repeat
-                entries.update(range(start, start + sl.repeat))
-    return drop
 
 
 def _replace_tensor(model: nn.Module, target: str, new: Tensor) -> None:
@@ -150,10 +127,9 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
             kept = {key: _kept_channels(v, round_to) for key, v in values.items()}
             _fold_gate_values(exported, ebank, values, kept)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
-            for (target, dim), entries in _removals(ebank, kept).items():
-                tensor = exported.get_parameter(target) if _is_param(exported, target) else exported.get_buffer(target)
-                keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in entries], dtype=torch.long)
-                _replace_tensor(exported, target, tensor.detach().index_select(dim, keep.to(tensor.device)))
+            for (target, dim), entries in kept_entries(exported, ebank, kept).items():
+                tensor = tensor_of(exported, target)
+                _replace_tensor(exported, target, tensor.detach().index_select(dim, entries.to(tensor.device)))
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
     for name, module in list(exported.named_modules()):
@@ -163,13 +139,11 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
         for hook_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, GateHook):
                 del module._forward_hooks[hook_id]
+    from tg_kernels.prune.compact import uninstall  # compact imports this module
+
+    uninstall(exported)
     delattr(exported, BANK_NAME)
     return exported
-
-
-def _is_param(model: nn.Module, target: str) -> bool:
-    owner_name, _, attr = target.rpartition(".")
-    return attr in model.get_submodule(owner_name)._parameters
 
 
 # --------------------------------------------------------------------------------------------------

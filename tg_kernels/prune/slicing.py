@@ -1,0 +1,72 @@
+"""The slicing recipe: which entries of which tensors a set of kept channels keeps.
+
+One source of truth for :func:`~tg_kernels.export` (applied once, to a copy) and for compact
+execution (applied every forward, differentiably, to the full-size parameters): for each tensor the
+analysis lists (a :class:`~tg_kernels.prune.analysis.Slice`: producer rows, norm statistics,
+consumer columns, per-channel parameters) and each of its sliced dims, the indices of the entries
+that stay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from tg_kernels.prune.attach import GateBank
+
+
+def kept_channels(open_mask: Tensor, round_to: int = 1) -> Tensor:
+    """Indices of the channels to keep: the open ones, padded with closed ones up to a multiple of round_to.
+
+    At least one channel is kept, so that no layer ends up with zero channels (the kept closed
+    channels output zeros: their gate values are folded in).
+    """
+    open_idx = torch.nonzero(open_mask).flatten()
+    size = open_mask.numel()
+    target = min(size, max(1, math.ceil(open_idx.numel() / round_to) * round_to))
+    if open_idx.numel() >= target:
+        return open_idx
+    closed_idx = torch.nonzero(~open_mask).flatten()[: target - open_idx.numel()]
+    return torch.sort(torch.cat([open_idx, closed_idx])).values
+
+
+def tensor_of(model: nn.Module, target: str) -> Tensor:
+    """The parameter or buffer named ``target`` (a dotted name)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    tensor = owner._parameters.get(attr)
+    if tensor is None:
+        tensor = owner._buffers[attr]
+    return tensor
+
+
+def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -> dict[tuple[str, int], Tensor]:
+    """For each ``(tensor name, dim)`` that loses entries, the sorted indices of the entries kept.
+
+    ``kept`` maps each gate group key to the indices of its kept channels (sorted). A channel ``c`` of
+    a slice covers entries ``(offset + c) * repeat + r`` for ``r < repeat``. Tensors and dims that keep
+    every entry are left out.
+    """
+    assert bank.analysis is not None
+    masks: dict[tuple[str, int], Tensor] = {}
+    for group in bank.analysis.groups:
+        keep = kept[bank.key_of_space[group.space]]
+        if keep.numel() == group.size:
+            continue
+        removed = torch.ones(group.size, dtype=torch.bool, device=keep.device)
+        removed[keep] = False
+        removed_idx = torch.nonzero(removed).flatten()
+        for sl in group.slices:
+            tensor = tensor_of(model, sl.target)
+            key = (sl.target, sl.dim)
+            if key not in masks:
+                masks[key] = torch.ones(tensor.shape[sl.dim], dtype=torch.bool, device=keep.device)
+            entries = (sl.offset + removed_idx)[:, None] * sl.repeat + torch.arange(sl.repeat, device=keep.device)
+            masks[key][entries.flatten()] = False
+    return {key: torch.nonzero(mask).flatten() for key, mask in masks.items()}
+
+
+__all__ = ["kept_channels", "kept_entries", "tensor_of"]
