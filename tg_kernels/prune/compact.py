@@ -106,7 +106,6 @@ class _Swapped:
     is_param: bool
     full: Tensor
     compact: Tensor
-    version: int  # compact._version when swapped in
 
 
 @dataclass
@@ -279,8 +278,8 @@ class CompactForward:
             module.__dict__.update(full)
         for s in swapped:
             (s.owner._parameters if s.is_param else s.owner._buffers)[s.attr] = s.full
-            changed = s.compact._version != s.version  # a forward updated it in place (running statistics)
-            if not s.is_param and write_back and changed and s.target in plan.write_back:
+            # Norms update running statistics in place in training mode (without bumping _version).
+            if not s.is_param and write_back and s.owner.training and s.target in plan.write_back:
                 entries, positions = plan.write_back[s.target]
                 with torch.no_grad():
                     s.full.index_copy_(0, entries, s.compact.index_select(0, positions).to(s.full.dtype))
@@ -302,7 +301,7 @@ class CompactForward:
             return False
         for spec, full, compact in zip(specs, fulls, compacts):
             (spec.owner._parameters if spec.is_param else spec.owner._buffers)[spec.attr] = compact
-            swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact, compact._version))
+            swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
         return True
 
     def _swap(self, spec: _SwapSpec, values: dict[str, Tensor], scales: dict[int, Tensor], swapped: list[_Swapped]):
@@ -319,7 +318,7 @@ class CompactForward:
                 scale = scales[id(spec.fold)] = self._vector(spec.fold.parts, values, self._plan)
             compact = compact * scale.to(compact.dtype).view(-1, *([1] * (compact.dim() - 1)))
         store[spec.attr] = compact
-        swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact, compact._version))
+        swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
 
     def _gate_values(self, plan: _Plan) -> dict[str, Tensor]:
         """Each group's gate values at its kept channels; closed (padding) ones get no task gradient."""

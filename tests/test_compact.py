@@ -1,0 +1,426 @@
+"""Compact execution: a gated model in hard mode (and without gradients) runs its exported structure.
+
+The central checks, in float64 so that only real differences show: one compact hard train step
+gives the same loss and gradients as the same model on the per-layer path (``compact=False``) and as
+the exported model (its gradients mapped back into the full tensors, zeros elsewhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tg_kernels as tg
+from bench.models import MLPBlock, ResNetCifar
+from tg_kernels.ops import _skip
+from tg_kernels.prune.slicing import kept_channels, kept_entries
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+def _close_random(bank: tg.GateBank, seed: int = 1) -> None:
+    """Close a random half of every group (at least one channel stays open)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            c = gate.num_channels
+            closed = torch.randperm(c, generator=g)[: c // 2]
+            gate.weight.fill_(0.5)
+            gate.weight[closed] = -0.5
+
+
+def _pair(build, shape, seed: int = 0, **attach_options):
+    """The same float64 model gated twice: compact (default) and per-layer (compact=False), hard mode."""
+    torch.manual_seed(seed)
+    base = build()
+    _randomize_norms(base)
+    base.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compact, cbank = tg.attach_gates(copy.deepcopy(base), x, skip="hard", **attach_options)
+        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), x, skip="hard", compact=False)
+    assert cbank.compact is not None and cbank.compact.disabled_reason is None, cbank.compact.disabled_reason
+    _close_random(cbank)
+    _close_random(pbank)
+    return compact, cbank, per_layer, pbank, x
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().mean()
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = _loss(model, x)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_grads_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        ga, gb = a[name], b[name]
+        if ga is None or gb is None:
+            assert ga is None and gb is None, name
+            continue
+        scale = max(gb.abs().max().item(), 1e-30)
+        assert (ga - gb).abs().max().item() <= 1e-9 * scale, name
+
+
+MODELS = [
+    pytest.param(lambda: ResNetCifar(56), (2, 3, 16, 16), id="resnet56"),
+    pytest.param(lambda: MLPBlock(16, 64), (2, 5, 16), id="mlp_block"),
+    pytest.param(
+        lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), id="resnet18", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32), id="densenet121", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),
+        (2, 3, 32, 32),
+        id="mobilenet_v2",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize("build, shape", MODELS)
+def test_compact_hard_step_matches_per_layer_and_exported(build, shape):
+    compact, cbank, per_layer, _, x = _pair(build, shape)
+    exported = tg.export(compact)
+    exported_params = dict(exported.named_parameters())
+
+    loss_c, grads_c = _step(compact, x)
+    loss_p, grads_p = _step(per_layer, x)
+    loss_e, grads_e = _step(exported, x)
+    assert cbank.compact.stats.forwards == 1
+    assert loss_c == pytest.approx(loss_p, rel=1e-12) and loss_c == pytest.approx(loss_e, rel=1e-12)
+    _assert_grads_equal(grads_c, grads_p)
+
+    # The exported model's gradients are the compact model's at the kept entries; zeros elsewhere.
+    kept = {key: kept_channels(gate.open_mask()) for key, gate in cbank.gates.items()}
+    entries = kept_entries(compact, cbank, kept)
+    gate_names = {n for n, p in compact.named_parameters() if any(p is g.weight for g in cbank.gates.values())}
+    for name, grad in grads_c.items():
+        if name in gate_names:
+            continue
+        mapped = grad
+        for (target, dim), index in entries.items():
+            if target == name:
+                mapped = mapped.index_select(dim, index)
+        expected = exported_params[name].grad
+        scale = max(expected.abs().max().item(), 1e-30)
+        assert (mapped - expected).abs().max().item() <= 1e-9 * scale, name
+        assert mapped.abs().sum().item() == pytest.approx(grad.abs().sum().item(), rel=1e-12), f"{name}: closed entries"
+
+
+def test_open_gates_get_their_task_gradient_and_closed_ones_none():
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    _step(compact, x)
+    _step(per_layer, x)
+    for key, gate in cbank.gates.items():
+        grad = gate.weight.grad
+        assert torch.all(grad[~gate.open_mask()] == 0), key
+        assert grad[gate.open_mask()].abs().sum() > 0, key
+        torch.testing.assert_close(grad, pbank.gates[key].weight.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_batchnorm_statistics_update_open_channels_only():
+    compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (4, 3, 16, 16))
+    before = {n: b.clone() for n, b in compact.named_buffers()}
+    exported = tg.export(compact)
+    _step(compact, x)
+    _step(exported, x)
+    exported_buffers = dict(exported.named_buffers())
+    kept = {key: kept_channels(gate.open_mask()) for key, gate in cbank.gates.items()}
+    entries = kept_entries(compact, cbank, kept)
+    changed = 0
+    for name, buffer in compact.named_buffers():
+        index = entries.get((name, 0))
+        if index is None:
+            torch.testing.assert_close(buffer, exported_buffers[name])
+            continue
+        torch.testing.assert_close(buffer.index_select(0, index), exported_buffers[name])
+        closed = torch.ones(buffer.shape[0], dtype=torch.bool)
+        closed[index] = False
+        assert torch.equal(buffer[closed], before[name][closed]), f"{name}: closed channels changed"
+        changed += int(not torch.equal(buffer, before[name]))
+    assert changed > 0
+
+
+def test_a_gate_crossing_zero_changes_the_next_step():
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    _step(compact, x)
+    _step(per_layer, x)
+    plans = cbank.compact.stats.plans
+    for bank in (cbank, pbank):
+        with torch.no_grad():
+            gate = next(iter(bank.gates.values()))
+            closed = torch.nonzero(~gate.open_mask()).flatten()
+            opened = torch.nonzero(gate.open_mask()).flatten()
+            gate.weight[closed[0]] = 0.25  # reopens
+            gate.weight[opened[-1]] = -0.25  # closes
+    loss_c, grads_c = _step(compact, x)
+    loss_p, grads_p = _step(per_layer, x)
+    assert cbank.compact.stats.plans == plans + 1
+    assert loss_c == pytest.approx(loss_p, rel=1e-12)
+    _assert_grads_equal(grads_c, grads_p)
+    _step(compact, x)
+    assert cbank.compact.stats.plans == plans + 1, "an unchanged open set must not be planned again"
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum", "adamw"],
+)
+def test_five_optimizer_steps_match_per_layer(make_optimizer):
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    for model, bank in ((compact, cbank), (per_layer, pbank)):
+        budget = tg.Budget(bank, target=0.3, weight=0.5)
+        opt = make_optimizer(model.parameters())
+        for _ in range(5):
+            opt.zero_grad()
+            (_loss(model, x) + budget()).backward()
+            opt.step()
+    for (name, a), (_, b) in zip(compact.named_parameters(), per_layer.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_eval_and_no_grad_run_compact_in_every_mode():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for skip in ("none", "exact", "hard"):
+        base = ResNetCifar(8).double()
+        _randomize_norms(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, bank = tg.attach_gates(base, x, skip=skip)
+        _close_random(bank)
+        model.eval()
+        with torch.no_grad():
+            bank.compact.enabled = False
+            expected = model(x)
+            bank.compact.enabled = True
+            forwards = bank.compact.stats.forwards
+            actual = model(x)
+            assert bank.compact.stats.forwards == forwards + 1
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        if skip != "hard":  # training with gradients keeps the per-layer path (closed gates get gradients)
+            model.train()
+            fallbacks = bank.compact.stats.fallbacks
+            model(x).sum().backward()
+            assert bank.compact.stats.fallbacks == fallbacks + 1
+
+
+def test_set_skip_switches_a_model_into_and_out_of_compact_training():
+    compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    cbank.set_skip("exact")
+    _step(compact, x)
+    assert cbank.compact.stats.forwards == 0
+    closed_grads = torch.cat([g.weight.grad[~g.open_mask()] for g in cbank.gates.values()])
+    assert closed_grads.abs().sum() > 0, "exact mode gives closed gates their task gradient"
+    cbank.set_skip("hard")
+    _step(compact, x)
+    assert cbank.compact.stats.forwards == 1
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_open_set_is_planned_once_per_forward_not_per_layer():
+    compact, cbank, _, _, x = _pair(lambda: ResNetCifar(20), (2, 3, 16, 16))
+    _step(compact, x)  # the first forward plans
+    with mock.patch.object(_skip, "plan_active", wraps=_skip.plan_active) as per_layer_plans:
+        with _CountOps() as ops:
+            _loss(compact.train(), x).backward()
+        with torch.no_grad(), _CountOps() as eval_ops:
+            compact.eval()(x)
+    assert per_layer_plans.call_count == 0
+    for counts in (ops.counts, eval_ops.counts):
+        assert counts.get("equal", 0) == 1, counts.get("equal")  # the one comparison of the open set
+        assert counts.get("nonzero", 0) == 0 and counts.get("_local_scalar_dense", 0) == 0
+
+
+class _KeepsAGatedSize(nn.Module):
+    """Reads the channel count of a gated tensor and keeps it: compact execution cannot follow this."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        self.channels = 8
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        flat = h.reshape(h.shape[0], self.channels, -1).mean(-1)  # fine at full width, wrong when compact
+        return self.head(flat)
+
+
+def test_a_model_that_keeps_a_gated_size_falls_back_with_one_warning():
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    base = _KeepsAGatedSize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), x, skip="hard", compact=False)
+    with pytest.warns(UserWarning, match="compact execution is off") as caught:
+        model, bank = tg.attach_gates(base, x, skip="hard")
+    assert len([w for w in caught if "compact execution" in str(w.message)]) == 1
+    assert "example inputs" in bank.compact.disabled_reason
+    _close_random(bank)
+    _close_random(pbank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not again at every forward
+        torch.testing.assert_close(model(x), per_layer(x))
+    assert bank.compact.stats.forwards == 0
+
+
+def test_paper_form_gates_run_per_layer_and_say_why():
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, bank = tg.attach_gates(ResNetCifar(8), x, skip="hard", gate_M=10.0)
+    assert "paper-form" in bank.compact.disabled_reason
+
+
+def test_copies_state_dict_and_export_of_a_compact_model():
+    compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    names = [n for n, _ in compact.named_parameters()]
+    _step(compact, x)
+    assert [n for n, _ in compact.named_parameters()] == names, "parameters are the full-size ones after a step"
+    for name, p in compact.named_parameters():
+        assert isinstance(p, nn.Parameter), name
+    twin = copy.deepcopy(compact)
+    assert twin.forward.model is twin and twin.tg_gates.compact is twin.forward
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), compact.eval()(x))
+    exported = tg.export(compact)
+    assert "forward" not in exported.__dict__
+    state = compact.state_dict()
+    assert all(state[n].shape == p.shape for n, p in compact.named_parameters())
+
+
+@pytest.mark.slow
+def test_compiled_compact_model_matches_eager():
+    compact, cbank, per_layer, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    compact.float()
+    x = x.float()
+    expected = _loss(compact, x)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in compact.named_parameters()}
+    compact.zero_grad(set_to_none=True)
+    compiled = torch.compile(compact)
+    actual = _loss(compiled, x)
+    actual.backward()
+    torch.testing.assert_close(actual, expected)
+    for name, p in compact.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert cbank.compact.stats.forwards >= 2
+
+
+# --------------------------------------------------------------------------------------------------
+# DistributedDataParallel: 2 gloo processes
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model, bank = tg.attach_gates(ResNetCifar(8), torch.randn(2, 3, 16, 16), skip="hard")
+        _close_random(bank)
+        ddp = nn.parallel.DistributedDataParallel(
+            model
+        )  # find_unused_parameters=False: every parameter gets a gradient
+        budget = tg.Budget(ddp, target=0.3, weight=0.5)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(100 + rank)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+            loss = nn.functional.cross_entropy(ddp(x), y) + budget()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert bank.compact.stats.forwards == 3
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_ranks_keep_identical_parameters(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert torch.equal(r0, r1)
+
+
+@pytest.mark.gpu
+def test_one_host_synchronisation_per_forward_on_cuda():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(ResNetCifar(20).cuda(), x, skip="hard")
+    _close_random(bank)
+    model(x).sum().backward()  # plans
+    torch.cuda.synchronize()
+    with mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("item() syncs")):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
