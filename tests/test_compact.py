@@ -56,6 +56,9 @@ def _pair(build, shape, seed: int = 0, **attach_options):
     torch.manual_seed(seed)
     base = build()
     _randomize_norms(base)
+    for m in base.modules():  # dropout draws other numbers at the compact width (the same distribution)
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     base.double()
     x = torch.randn(shape, dtype=torch.float64)
     with warnings.catch_warnings():
@@ -88,8 +91,8 @@ def _assert_grads_equal(a: dict, b: dict) -> None:
         if ga is None or gb is None:
             assert ga is None and gb is None, name
             continue
-        scale = max(gb.abs().max().item(), 1e-30)
-        assert (ga - gb).abs().max().item() <= 1e-9 * scale, name
+        scale = gb.abs().max().item()
+        assert (ga - gb).abs().max().item() <= 1e-9 * scale + 1e-11, name  # absolute part: gradients that are 0
 
 
 MODELS = [
@@ -135,8 +138,8 @@ def test_compact_hard_step_matches_per_layer_and_exported(build, shape):
             if target == name:
                 mapped = mapped.index_select(dim, index)
         expected = exported_params[name].grad
-        scale = max(expected.abs().max().item(), 1e-30)
-        assert (mapped - expected).abs().max().item() <= 1e-9 * scale, name
+        scale = expected.abs().max().item()
+        assert (mapped - expected).abs().max().item() <= 1e-9 * scale + 1e-11, name
         assert mapped.abs().sum().item() == pytest.approx(grad.abs().sum().item(), rel=1e-12), f"{name}: closed entries"
 
 
