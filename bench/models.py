@@ -13,13 +13,14 @@ same channels). Providers:
   removed: the target a skipping model approaches in training, and what you deploy for inference.
   Before timing, each case checks that the exported model's eval output equals the gated model's.
 
-Where attach_gates puts the gates decides what can skip. In the ResNet every gate follows a
-BatchNorm (conv -> BN -> gate; the residual stream's stem/conv2/shortcut outputs share one gate per
-stage), and each such conv becomes a ``GatedConv2d(gate_after_norm=True)``: in ``exact`` mode its
-forward stays full (batch statistics see every channel) and its backward skips closed channels, in
-``hard`` mode closed channels are skipped throughout, and the gate itself is a forward hook (the
-fused ``channel_gate``) after the norm. In the MLP block fc1 becomes a ``GatedLinear`` that skips
-closed hidden units; fc2's output joins the residual with the block's input, so it stays ungated.
+Gated models run compact (``tg_kernels.prune.compact``): in ``hard`` mode and without gradients the
+whole model runs its exported structure, with parameters gathered from the full tensors each
+forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported) model. ``exact``
+and ``none`` training keep the per-layer path, where closed gates get their task gradient: there each
+conv followed by its BatchNorm is a ``GatedConv2d(gate_after_norm=True)`` that skips closed channels
+in its backward, and in the MLP block fc1 is a ``GatedLinear`` that skips closed hidden units. The
+``hard`` train rows also record ``replan_ms``: what rebuilding the index tensors and size attributes
+costs when the open set changes (a gate crosses 0), a median of a few rebuilds.
 
 Train steps are forward + backward + parameter-gradient reset; inference is an eval-mode forward
 under ``torch.no_grad``.
@@ -28,6 +29,8 @@ under ``torch.no_grad``.
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 
@@ -170,6 +173,20 @@ def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return run
 
 
+def _replan_ms(bank: tg_kernels.GateBank, repeats: int = 5) -> float | None:
+    """Median time to rebuild compact execution's index tensors and size attributes for the current open set."""
+    runner = bank.compact
+    if runner is None or runner.disabled_reason is not None:
+        return None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner._build_plan(runner.open_masks())
+        times.append(time.perf_counter() - start)
+    runner._plan = None
+    return 1e3 * statistics.median(times)
+
+
 def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
     fractions = (0.5,) if quick else FRACTIONS
     rounds, min_run_time = (3, 0.05) if quick else (5, 0.2)
@@ -181,8 +198,11 @@ def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
             dense = _plain(build, device)
             train[("dense", "train")] = _train_step(dense, x)
             infer[("dense", "eval")] = _inference(copy.deepcopy(dense), x)
+            replan_ms = None
             for mode in MODES:
-                gated, _ = _gated(build, x, mode, fraction)
+                gated, bank = _gated(build, x, mode, fraction)
+                if mode == "hard":
+                    replan_ms = _replan_ms(bank)
                 if mode == "exact":
                     exported = tg_kernels.export(gated)
                     _check_export(gated, exported, x)
@@ -206,7 +226,8 @@ def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
                             rounds,
                             "dense",
                             base / median,
-                            {"vs_ideal": median / ideal},
+                            {"vs_ideal": median / ideal}
+                            | ({"replan_ms": replan_ms} if (kind, mode) == ("train", "hard") and replan_ms else {}),
                         )
                     )
             if progress is not None:

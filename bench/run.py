@@ -69,6 +69,7 @@ CSV_COLUMNS = [
     "copy_fraction",
     "vs_copy_time",
     "vs_ideal",
+    "replan_ms",
 ]
 
 

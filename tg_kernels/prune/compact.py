@@ -409,10 +409,10 @@ class CompactForward:
             for attr in attrs:
                 store = module._parameters if attr in module._parameters else module._buffers
                 saved[attr] = store[attr]
-                t = saved[attr]
+                shape = list(saved[attr].shape)
                 for dim, index in entries[f"{owner_name}.{attr}".lstrip(".")]:
-                    t = t.index_select(dim, index)
-                store[attr] = t
+                    shape[dim] = index.numel()
+                store[attr] = torch.empty(shape, device="meta")  # only the shape is read
             sync_module_attributes(module, owner_name in self._depthwise)
             for attr, t in saved.items():
                 (module._parameters if attr in module._parameters else module._buffers)[attr] = t
