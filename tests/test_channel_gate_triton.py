@@ -28,6 +28,7 @@ from tg_kernels import reference
 from tg_kernels.backends import triton_interpret
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # interpreted on CPU; on a GPU machine compiled, and part of `pytest -m gpu`
 
 if not (triton_interpret() or torch.cuda.is_available()):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)

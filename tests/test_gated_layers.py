@@ -502,7 +502,19 @@ def test_cuda_matches_cpu(mode):
             results.append(
                 [t.detach().cpu().double() for t in (y, xi.grad, m.weight.grad, m.bias.grad, m.gate.weight.grad)]
             )
-        assert_all_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+        # cuDNN runs float32 convs in TF32 unless the user's settings forbid it (torch's default allows
+        # it: about 1e-3 relative error here); float32 matmuls (the Linear layer) are IEEE by default.
+        tol = 5e-3 if isinstance(layer, GatedConv2d) and _cudnn_conv_allows_tf32() else 1e-4
+        assert_all_close(results[1], results[0], rtol=tol, atol=tol)
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    """Whether float32 cuDNN convolutions may use TF32 under the current torch settings (new API)."""
+    backends = torch.backends
+    for precision in (backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision, backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 @pytest.mark.parametrize("skip", ["none", "exact", "hard"])

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, resolve_backend
+from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, requested_backend, resolve_backend, restore_backend
 from tg_kernels.ops import gate_scatter as _fused
 
 MODES = ("exact", "hard")
@@ -450,14 +450,16 @@ def register_skip_autograd(forward_op, backward_op) -> None:
         x, weight, bias, gate = inputs[:4]
         ctx.save_for_backward(x, weight, bias, gate)
         ctx.params = inputs[4:]
+        ctx.backend = requested_backend()  # the backward may run on autograd's device thread
 
     def backward(ctx, grad_y: Tensor) -> tuple:
         x, weight, bias, gate = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_input, need_params = needs[0], any(needs[1:4])
-        grad_x, grad_w, grad_b, grad_gate = backward_op(
-            grad_y, x, weight, bias, gate, *ctx.params, need_input, need_params
-        )
+        with restore_backend(ctx.backend):
+            grad_x, grad_w, grad_b, grad_gate = backward_op(
+                grad_y, x, weight, bias, gate, *ctx.params, need_input, need_params
+            )
         return (
             grad_x if need_input else None,
             grad_w if needs[1] else None,
