@@ -312,6 +312,8 @@ def conv2d_open_channels(
     if skip == "none" and torch.is_grad_enabled():
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     mask = (gate.detach() != 0).to(gate.dtype)
+    host_gate = _skip.host_copy(gate)  # planned from the gate's host copy: no synchronisation of its own
+    _skip.remember_host(mask, (host_gate != 0).to(host_gate.dtype))
     x, weight, bias = _prepare_inputs(x, weight, bias, "conv2d_open_channels")
     if skip == "exact" and torch.is_grad_enabled():
         return _DenseForwardSkippingBackward.apply(x, weight, bias, mask, stride, padding, dilation, groups)
