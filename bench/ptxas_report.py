@@ -108,18 +108,31 @@ def report(n: int, channels: int, k: int, arch: int) -> list[dict]:
             dot = tgl._dot_config(dtype)
         opts = {"num_warps": p.num_warps, "num_stages": p.num_stages}
         scalars = {  # a contiguous grad_y, as autograd usually hands it over
-            "N": n, "C": channels, "K": k, "stride_dyn": channels, "stride_dyc": 1,
-            "m_tiles": -(-n // p.fwd_m), "k_tiles": -(-k // p.dw_k),
+            "N": n,
+            "C": channels,
+            "K": k,
+            "stride_dyn": channels,
+            "stride_dyc": 1,
+            "m_tiles": -(-n // p.fwd_m),
+            "k_tiles": -(-k // p.dw_k),
         }
         kernels = {
-            "forward": (tgl._forward_kernel, {"BLOCK_M": p.fwd_m, "BLOCK_N": p.fwd_n, "BLOCK_K": p.fwd_k,
-                                              "HAS_BIAS": True, "INT64": p.int64, **dot}),
-            "input_grad": (tgl._input_grad_kernel, {"BLOCK_M": p.dx_m, "BLOCK_K": p.dx_k, "BLOCK_C": p.dx_c,
-                                                    "INT64": p.int64, **dot}),
-            "weight_grad_exact": (tgl._weight_grad_kernel, {"BLOCK_C": p.dw_c, "BLOCK_K": p.dw_k, "BLOCK_N": p.dw_n,
-                                                            "HARD": False, "INT64": p.int64, **dot}),
-            "weight_grad_hard": (tgl._weight_grad_kernel, {"BLOCK_C": p.dw_c, "BLOCK_K": p.dw_k, "BLOCK_N": p.dw_n,
-                                                           "HARD": True, "INT64": p.int64, **dot}),
+            "forward": (
+                tgl._forward_kernel,
+                {"BLOCK_M": p.fwd_m, "BLOCK_N": p.fwd_n, "BLOCK_K": p.fwd_k, "HAS_BIAS": True, "INT64": p.int64, **dot},
+            ),
+            "input_grad": (
+                tgl._input_grad_kernel,
+                {"BLOCK_M": p.dx_m, "BLOCK_K": p.dx_k, "BLOCK_C": p.dx_c, "INT64": p.int64, **dot},
+            ),
+            "weight_grad_exact": (
+                tgl._weight_grad_kernel,
+                {"BLOCK_C": p.dw_c, "BLOCK_K": p.dw_k, "BLOCK_N": p.dw_n, "HARD": False, "INT64": p.int64, **dot},
+            ),
+            "weight_grad_hard": (
+                tgl._weight_grad_kernel,
+                {"BLOCK_C": p.dw_c, "BLOCK_K": p.dw_k, "BLOCK_N": p.dw_n, "HARD": True, "INT64": p.int64, **dot},
+            ),
         }
         for kname, (kernel, constexprs) in kernels.items():
             figures = ptxas_figures(compile_ptx(kernel, name, constexprs, arch, scalars, **opts), arch)
@@ -139,8 +152,10 @@ def main() -> None:
         return
     print(f"{'kernel':<18} {'dtype':<5} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
     for r in rows:
-        print(f"{r['kernel']:<18} {r['dtype']:<5} {r['arch']:<6} {r['registers']:>5} "
-              f"{r['spill_stores']:>8}B {r['spill_loads']:>8}B")
+        print(
+            f"{r['kernel']:<18} {r['dtype']:<5} {r['arch']:<6} {r['registers']:>5} "
+            f"{r['spill_stores']:>8}B {r['spill_loads']:>8}B"
+        )
 
 
 if __name__ == "__main__":

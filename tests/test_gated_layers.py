@@ -544,16 +544,26 @@ _SYNC_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "item", "masked_sel
 
 
 class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts synchronising ops, inside tg_kernels' custom ops too (their Python bodies run under the mode)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.on_host = 0  # > 0 inside host-side planning (its tensors are host copies)
         self.syncs: list[str] = []
+        self.bodies = {f"tg_kernels::{op._name}": op._init_fn for op in _CUSTOM_OPS}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS and not self.on_host:
             self.syncs.append(name)
+        body = self.bodies.get(func._schema.name)
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+_CUSTOM_OPS = (gated_conv2d_op, gated_conv2d_backward_op, gated_linear_op, gated_linear_backward_op)
 
 
 def _count_syncs(monkeypatch, run):
