@@ -658,3 +658,35 @@ def test_compile_fullgraph_chained_gated_convs(setting):
         expected = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+def test_gated_conv_on_cuda_synchronises_once_per_call(mode):
+    """On a GPU, counted by CUDA's own sync debug mode: one synchronisation per layer call, none in backward."""
+    import warnings
+
+    torch.manual_seed(0)
+    first = GatedConv2d(3, 16, 3, padding=1, skip=mode).cuda()
+    second = GatedConv2d(16, 16, 3, padding=1, skip=mode).cuda()
+    with torch.no_grad():
+        first.gate.weight[::3] = -1.0
+        second.gate.weight[1::4] = -1.0
+    second.input_gate = lambda like: first.gate()
+    x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    second(first(x)).sum().backward()  # warm-up: cuDNN algorithm choice, allocations
+    torch.cuda.synchronize()
+    counts = []
+    for phase in ("forward", "backward"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                if phase == "forward":
+                    y = second(first(x))
+                else:
+                    y.sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] <= 2 and counts[1] == 0, counts

@@ -410,7 +410,7 @@ def test_float32_is_ieee_unless_tf32_is_allowed():
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import triton
+    import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from tg_kernels.triton import gated_linear as tgl
@@ -418,7 +418,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     FP32_PTRS = {"gate_ptr", "partial_ptr", "sum_ptr", "gg_ptr"}
     I32_PTRS = {"perm_ptr", "n_active_ptr"}
 
-    def compile_for_sm90(kernel, dtype, constexprs, **options):
+    def compile_for(arch, kernel, dtype, constexprs, **options):
         sig = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -428,31 +428,30 @@ _COMPILE_SCRIPT = textwrap.dedent(
             else:
                 sig[name] = "i32"
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
-    dots = {
-        "fp16": {"DOT_F32": False, "PRECISION": None},
-        "bf16": {"DOT_F32": True, "PRECISION": "tf32"},
-        "fp32": {"DOT_F32": True, "PRECISION": "ieee"},
-    }
+    # the operand rule a GPU launch uses (bf16 stays bf16 there)
+    dots = {name: tgl._dot_config(getattr(torch, full), interpret=False)
+            for name, full in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32"))}
     opts = {"num_warps": 8, "num_stages": 3}
-    fwd = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True, "INT64": False}
-    compile_for_sm90(tgl._forward_kernel, "fp16", {**fwd, **dots["fp16"]}, **opts)
-    compile_for_sm90(tgl._forward_kernel, "bf16", {**fwd, **dots["bf16"]}, **opts)
-    dx = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_C": 32, "INT64": True}
-    compile_for_sm90(tgl._input_grad_kernel, "fp32", {**dx, **dots["fp32"]}, **opts)
-    dw = {"BLOCK_C": 128, "BLOCK_K": 128, "BLOCK_N": 64, "HARD": True, "INT64": False}
-    compile_for_sm90(tgl._weight_grad_kernel, "fp16", {**dw, **dots["fp16"]}, **opts)
-    gg = {"BLOCK_S": 16, "BLOCK_C": 256, "HAS_BIAS": True, "HARD": True}
-    compile_for_sm90(tgl._gate_grad_kernel, "bf16", gg, num_warps=4)
+    for arch in (80, 90):
+        fwd = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True, "INT64": False}
+        compile_for(arch, tgl._forward_kernel, "fp16", {**fwd, **dots["fp16"]}, **opts)
+        compile_for(arch, tgl._forward_kernel, "bf16", {**fwd, **dots["bf16"]}, **opts)
+        dx = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_C": 32, "INT64": True}
+        compile_for(arch, tgl._input_grad_kernel, "fp32", {**dx, **dots["fp32"]}, **opts)
+        dw = {"BLOCK_C": 128, "BLOCK_K": 128, "BLOCK_N": 64, "HARD": True, "INT64": False}
+        compile_for(arch, tgl._weight_grad_kernel, "bf16", {**dw, **dots["bf16"]}, **opts)
+        gg = {"BLOCK_S": 16, "BLOCK_C": 256, "HAS_BIAS": True, "HARD": True}
+        compile_for(arch, tgl._gate_grad_kernel, "bf16", gg, num_warps=4)
     print("compiled")
     """
 )
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90(tmp_path):
-    """The kernels go through the real compiler (TTIR -> PTX -> ptxas cubin for sm_90) without a GPU.
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """The kernels go through the real compiler (TTIR -> PTX -> ptxas cubin for sm_80, sm_90) without a GPU.
 
     The interpreter runs Python, so it accepts code the compiler rejects (e.g. a constexpr branch
     returning two dtypes); this catches that class of bug here.
