@@ -133,8 +133,9 @@ _host_copies = _HostCopies()
 
 
 def _trackable(t: Tensor) -> bool:
-    """Plain eager tensors only: fakes, functional wrappers and tracing never see the caches."""
-    return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    """Plain eager tensors with a version counter only: fakes, functional wrappers, tracing and
+    inference tensors never see the caches."""
+    return type(t) in (Tensor, torch.nn.Parameter) and not t.is_inference() and not torch.compiler.is_compiling()
 
 
 def _device_to_host(tensors: list[Tensor]) -> list[Tensor]:
@@ -214,19 +215,20 @@ def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = Fa
     still a grouped conv; groups with no open channel are dropped, with their input channels.
 
     Planned on the host from the gate's host copy (:func:`host_copy`: at most one synchronisation on
-    CUDA, none when the layer fetched it already) and remembered per gate tensor, so the backward of
-    the same call reuses the plan without a synchronisation.
+    CUDA, none when the layer fetched it already) and remembered per gate tensor (on CPU too), so the
+    backward of the same call reuses the plan without a synchronisation or a second planning.
     """
     key = (groups, in_channels, zero_row)
-    if _trackable(gate) and _needs_transfer(gate):
+    track = _trackable(gate)
+    if track:
         cached = _host_copies.get(gate)
         if cached is not None and key in cached[1]:
             return cached[1][key]
-    plan = _plan_from_host(host_copy(gate), groups, in_channels, zero_row, gate.device)
-    if _trackable(gate) and _needs_transfer(gate):
-        cached = _host_copies.get(gate)
-        if cached is not None:
-            cached[1][key] = plan
+    host = host_copy(gate)
+    plan = _plan_from_host(host, groups, in_channels, zero_row, gate.device)
+    if track:  # on CPU too: the backward then skips planning (about a dozen small ops)
+        cached = _host_copies.get(gate) or _host_copies.put(gate, host)
+        cached[1][key] = plan
     return plan
 
 
