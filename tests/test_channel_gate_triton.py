@@ -28,6 +28,7 @@ from tg_kernels import reference
 from tg_kernels.backends import triton_interpret
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # interpreted on CPU; on a GPU machine compiled, and part of `pytest -m gpu`
 
 if not (triton_interpret() or torch.cuda.is_available()):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -289,12 +290,15 @@ from tg_kernels.triton import channel_gate as k
 
 def compile_kernel(fn, pointers, scalars, constexprs, num_warps):
     sig, attrs, consts = {}, {}, dict(constexprs)
+    unspecialised = {fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize}
     for idx, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif name in unspecialised:
+            sig[name] = "i64" if scalars[name] >= 2**31 else "i32"
         elif scalars[name] == 1:
             sig[name] = "constexpr"
             consts[name] = 1

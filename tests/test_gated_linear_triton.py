@@ -32,6 +32,7 @@ from tg_kernels.ops import _skip
 from tg_kernels.ops.gated_linear import LinearMath
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # interpreted on CPU; on a GPU machine compiled, and part of `pytest -m gpu`
 
 if not (triton_interpret() or torch.cuda.is_available()):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -333,8 +334,16 @@ def _bad_call(**overrides):
         ({"mode": "none"}, ValueError, "mode must be one of"),
     ],
 )
+def _on_device(value):
+    """A CPU tensor moved to DEVICE with its strides kept (non-contiguous stays non-contiguous)."""
+    if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or DEVICE == "cpu":
+        return value
+    out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=DEVICE)
+    return out.copy_(value)
+
+
 def test_bad_inputs(overrides, error, match):
-    args = _bad_call(**overrides)
+    args = _bad_call(**{name: _on_device(value) for name, value in overrides.items()})
     with pytest.raises(error, match=match):
         tgl.gated_linear_backward(*args.values(), True, True)
     if not set(overrides) & {"grad_y", "mode"}:
@@ -350,9 +359,58 @@ def test_cpu_tensors_need_interpreter(monkeypatch):
         tgl.gated_linear_forward(*_inputs(4, 6, 5, torch.float32, "binary")[1:])
 
 
+_TF32_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    exec(sys.argv[1])  # the user's TF32 setting, before anything reads it
+    from tg_kernels.triton import gated_linear as tgl
+    device = "cuda" if torch.cuda.is_available() and not tgl._INTERPRETED else "cpu"
+    x, w, b = torch.randn(5, 7, device=device), torch.randn(6, 7, device=device), torch.randn(6, device=device)
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], device=device)
+    y = tgl.gated_linear_forward(x, w, b, gate)  # the float32 launch reads the TF32 setting
+    tgl.gated_linear_backward(torch.ones_like(y), x, w, b, gate, "exact", True, True)
+    torch.testing.assert_close(y, (x @ w.t() + b) * gate, rtol=2e-2, atol=2e-2)
+    print(tgl._dot_config(torch.float32, interpret=False)["PRECISION"])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "precision"),
+    [
+        ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),  # the new API
+        ("torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
+        ("torch.set_float32_matmul_precision('high')", "tf32"),  # the legacy API
+    ],
+    ids=["new-api", "new-api-override", "legacy-high"],
+)
+def test_float32_launch_reads_the_tf32_setting_through_either_api(setting, precision):
+    """A float32 launch works and uses TF32 exactly when the user's setting allows it, whichever API set it.
+
+    (Reading the legacy ``allow_tf32`` raised a RuntimeError once the new API had been used.) In a
+    subprocess: mixing the two APIs leaves process-wide state that later legacy reads trip over.
+    """
+    env = dict(os.environ)
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _TF32_SCRIPT, setting], env=env, capture_output=True, text=True, timeout=300, cwd=repo
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == precision
+
+
+def test_float32_is_ieee_unless_tf32_is_allowed():
+    """The default torch settings (no TF32 for float32 matmuls): IEEE float32 products, no tensor cores."""
+    assert tgl.matmul_allows_tf32() is False  # nothing in the test suite sets it
+    assert tgl._dot_config(torch.float32, interpret=False) == {"DOT_F32": True, "PRECISION": "ieee"}
+    assert tgl._dot_config(torch.bfloat16, interpret=False) == {"DOT_F32": False, "PRECISION": None}
+    assert tgl._dot_config(torch.bfloat16, interpret=True) == {"DOT_F32": True, "PRECISION": "tf32"}
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import triton
+    import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from tg_kernels.triton import gated_linear as tgl
@@ -360,7 +418,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     FP32_PTRS = {"gate_ptr", "partial_ptr", "sum_ptr", "gg_ptr"}
     I32_PTRS = {"perm_ptr", "n_active_ptr"}
 
-    def compile_for_sm90(kernel, dtype, constexprs, **options):
+    def compile_for(arch, kernel, dtype, constexprs, **options):
         sig = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -370,31 +428,30 @@ _COMPILE_SCRIPT = textwrap.dedent(
             else:
                 sig[name] = "i32"
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
-    dots = {
-        "fp16": {"DOT_F32": False, "PRECISION": None},
-        "bf16": {"DOT_F32": True, "PRECISION": "tf32"},
-        "fp32": {"DOT_F32": True, "PRECISION": "ieee"},
-    }
+    # the operand rule a GPU launch uses (bf16 stays bf16 there)
+    dots = {name: tgl._dot_config(getattr(torch, full), interpret=False)
+            for name, full in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32"))}
     opts = {"num_warps": 8, "num_stages": 3}
-    fwd = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True, "INT64": False}
-    compile_for_sm90(tgl._forward_kernel, "fp16", {**fwd, **dots["fp16"]}, **opts)
-    compile_for_sm90(tgl._forward_kernel, "bf16", {**fwd, **dots["bf16"]}, **opts)
-    dx = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_C": 32, "INT64": True}
-    compile_for_sm90(tgl._input_grad_kernel, "fp32", {**dx, **dots["fp32"]}, **opts)
-    dw = {"BLOCK_C": 128, "BLOCK_K": 128, "BLOCK_N": 64, "HARD": True, "INT64": False}
-    compile_for_sm90(tgl._weight_grad_kernel, "fp16", {**dw, **dots["fp16"]}, **opts)
-    gg = {"BLOCK_S": 16, "BLOCK_C": 256, "HAS_BIAS": True, "HARD": True}
-    compile_for_sm90(tgl._gate_grad_kernel, "bf16", gg, num_warps=4)
+    for arch in (80, 90):
+        fwd = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True, "INT64": False}
+        compile_for(arch, tgl._forward_kernel, "fp16", {**fwd, **dots["fp16"]}, **opts)
+        compile_for(arch, tgl._forward_kernel, "bf16", {**fwd, **dots["bf16"]}, **opts)
+        dx = {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_C": 32, "INT64": True}
+        compile_for(arch, tgl._input_grad_kernel, "fp32", {**dx, **dots["fp32"]}, **opts)
+        dw = {"BLOCK_C": 128, "BLOCK_K": 128, "BLOCK_N": 64, "HARD": True, "INT64": False}
+        compile_for(arch, tgl._weight_grad_kernel, "bf16", {**dw, **dots["bf16"]}, **opts)
+        gg = {"BLOCK_S": 16, "BLOCK_C": 256, "HAS_BIAS": True, "HARD": True}
+        compile_for(arch, tgl._gate_grad_kernel, "bf16", gg, num_warps=4)
     print("compiled")
     """
 )
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90(tmp_path):
-    """The kernels go through the real compiler (TTIR -> PTX -> ptxas cubin for sm_90) without a GPU.
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """The kernels go through the real compiler (TTIR -> PTX -> ptxas cubin for sm_80, sm_90) without a GPU.
 
     The interpreter runs Python, so it accepts code the compiler rejects (e.g. a constexpr branch
     returning two dtypes); this catches that class of bug here.
@@ -407,7 +464,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=repo
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900, cwd=repo
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
@@ -443,10 +500,10 @@ def test_gated_linear_module_on_the_triton_backend_matches_torch(skip, bias):
     from tg_kernels import GatedLinear, use_backend
 
     torch.manual_seed(0)
-    layer = GatedLinear(24, 40, bias=bias, skip=skip)
+    layer = GatedLinear(24, 40, bias=bias, skip=skip).to(DEVICE)
     with torch.no_grad():
         layer.gate.weight[torch.randperm(40)[:15]] = -0.3
-    x = torch.randn(3, 7, 24)
+    x = torch.randn(3, 7, 24, device=DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         layer.zero_grad()

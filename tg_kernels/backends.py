@@ -2,9 +2,10 @@
 
 Automatic per tensor device: CUDA tensors use ``triton``, else ``cuda``, else ``torch``; CPU tensors
 use ``cpp``, else ``torch``. Override with the environment variable ``TG_KERNELS_BACKEND`` or, with
-priority, the context manager :func:`use_backend`. Under ``TRITON_INTERPRET=1`` the ``triton``
-backend also runs CPU tensors (that is how Triton kernels are tested without a GPU), but it is only
-used there when asked for.
+priority, the context manager :func:`use_backend`; a backend forced around a forward also runs that
+op's backward (:func:`restore_backend`), although autograd may run it on another thread. Under
+``TRITON_INTERPRET=1`` the ``triton`` backend also runs CPU tensors (that is how Triton kernels are
+tested without a GPU), but it is only used there when asked for.
 """
 
 from __future__ import annotations
@@ -122,6 +123,22 @@ def _check_usable(name: str) -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Run tg_kernels ops inside the block with backend `name` (overrides TG_KERNELS_BACKEND)."""
     _check_usable(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@contextlib.contextmanager
+def restore_backend(name: str | None) -> Iterator[None]:
+    """Run the block with the backend a forward recorded (:func:`requested_backend` then), or none forced.
+
+    Autograd runs the backward of CUDA tensors on a per-device worker thread, which does not see the
+    caller's :func:`use_backend` (a ContextVar). Each op's autograd records the forced backend in its
+    forward and restores it around its backward with this, so a forced backend holds in both. ``None``
+    (nothing was forced) leaves the backward to automatic selection and TG_KERNELS_BACKEND.
+    """
     token = _override.set(name)
     try:
         yield

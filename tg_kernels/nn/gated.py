@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tg_kernels.gate import ShapeFn, TrainableGate
-from tg_kernels.ops._skip import check_skip
+from tg_kernels.ops._skip import check_skip, fetch_host, open_input_index
 from tg_kernels.ops.gated_conv import conv2d_open_channels, gated_conv2d
 from tg_kernels.ops.gated_linear import gated_linear
 
@@ -102,17 +102,22 @@ class GatedLinear(nn.Linear, _Gated):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
-def _drop_closed_inputs(x: Tensor, weight: Tensor, input_gate: Tensor) -> tuple[Tensor, Tensor]:
+def _drop_closed_inputs(x: Tensor, weight: Tensor, input_gate: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     """x and weight without the input channels whose gate is closed (those channels of x are zeros).
 
     Exact in the forward and for dW; dX of the dropped channels comes back as zero, which is what
     ``hard`` mode and no-grad evaluation need (DESIGN.md §3, chains). At least one channel is kept.
+    The input gate and the layer's own `gate` reach the host in one transfer (one synchronisation on
+    CUDA for the whole layer call, backward included; see :func:`tg_kernels.ops._skip.fetch_host`).
+    Under ``torch.compile`` nothing is dropped (a data-dependent shape would break the graph): the
+    closed inputs are zeros, so the result is the same.
     """
-    open_idx = torch.nonzero(input_gate.detach() != 0).flatten()
-    if open_idx.numel() == input_gate.numel():
+    if torch.compiler.is_compiling():
         return x, weight
-    if open_idx.numel() == 0:
-        open_idx = open_idx.new_zeros(1)
+    fetch_host([input_gate, gate])
+    open_idx = open_input_index(input_gate)
+    if open_idx is None:
+        return x, weight
     return x.index_select(1, open_idx), weight.index_select(1, open_idx)
 
 
@@ -185,15 +190,15 @@ class GatedConv2d(nn.Conv2d, _Gated):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 x = F.pad(x, pads, mode=mode)
             padding = (0, 0)
-        weight = self.weight
+        weight, gate = self.weight, self.gate()
         if self.input_gate is not None and self.groups == 1 and (self.skip == "hard" or not torch.is_grad_enabled()):
-            x, weight = _drop_closed_inputs(x, weight, self.input_gate(x))
+            x, weight = _drop_closed_inputs(x, weight, self.input_gate(x), gate)
         conv = conv2d_open_channels if self.gate_after_norm else gated_conv2d
         return conv(
             x,
             weight,
             self.bias,
-            self.gate(),
+            gate,
             list(self.stride),
             list(padding),
             list(self.dilation),

@@ -23,14 +23,16 @@ reuse per-thread :class:`Workspace` buffers.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, resolve_backend
+from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, requested_backend, resolve_backend, restore_backend
 from tg_kernels.ops import gate_scatter as _fused
 
 MODES = ("exact", "hard")
@@ -100,6 +102,110 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class _HostCopies:
+    """Host (CPU) copies of small device tensors (gate values), remembered per tensor object and version.
+
+    A planning decision needs the gate values on the host. Reading them from a CUDA tensor is a
+    synchronisation, so a layer reads every gate it needs in one transfer (:func:`fetch_host`) and
+    the plans built from them are remembered per gate tensor (:func:`plan_active`): the backward,
+    which receives the same saved gate tensor, plans without touching the device again. Entries die
+    with their tensor; an in-place change of the tensor (a new ``_version``) invalidates them.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, int, Tensor, dict]] = {}
+
+    def get(self, t: Tensor) -> tuple[Tensor, dict] | None:
+        entry = self.entries.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
+            return None
+        return entry[2], entry[3]
+
+    def put(self, t: Tensor, host: Tensor) -> tuple[Tensor, dict]:
+        key = id(t)
+        entries = self.entries
+        ref = weakref.ref(t, lambda _, key=key: entries.pop(key, None))
+        entries[key] = (ref, t._version, host, {})
+        return host, entries[key][3]
+
+
+_host_copies = _HostCopies()
+
+
+def _trackable(t: Tensor) -> bool:
+    """Plain eager tensors with a version counter only: fakes, functional wrappers, tracing and
+    inference tensors never see the caches."""
+    return type(t) in (Tensor, torch.nn.Parameter) and not t.is_inference() and not torch.compiler.is_compiling()
+
+
+def _device_to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """The one synchronising step: copy device tensors to the host in a single transfer."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # exact: zeros stay zeros
+    flat = torch.cat([t.detach().flatten().to(dtype) for t in tensors]) if len(tensors) > 1 else None
+    host = (flat if flat is not None else tensors[0].detach().flatten()).to("cpu")
+    if flat is None:
+        return [host.view(tensors[0].shape)]
+    pieces = torch.split(host, [t.numel() for t in tensors])
+    return [piece.view(t.shape) for piece, t in zip(pieces, tensors)]
+
+
+def _needs_transfer(t: Tensor) -> bool:
+    return t.device.type != "cpu"
+
+
+def fetch_host(tensors: list[Tensor | None]) -> None:
+    """Read the host copies of several gate tensors in one transfer (nothing to do on CPU)."""
+    wanted = [t for t in tensors if t is not None and _trackable(t) and _needs_transfer(t)]
+    wanted = [t for t in wanted if _host_copies.get(t) is None]
+    if wanted:
+        for t, host in zip(wanted, _device_to_host(wanted)):
+            _host_copies.put(t, host)
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """`t` (detached) on the host: a remembered copy, one transfer if none, `t` itself on CPU."""
+    if not _needs_transfer(t):
+        return t.detach()
+    if not _trackable(t):
+        return t.detach().to("cpu")
+    cached = _host_copies.get(t)
+    if cached is None:
+        fetch_host([t])
+        cached = _host_copies.get(t)
+    return cached[0]
+
+
+def remember_host(t: Tensor, host: Tensor) -> None:
+    """Record `host` as the host copy of the device tensor `t` (computed on the host from other copies)."""
+    if _trackable(t) and _needs_transfer(t):
+        _host_copies.put(t, host)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host index tensor on `device` without a synchronisation (pinned, asynchronous copy)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if torch.cuda.is_available() else t.to(device)
+
+
+def open_input_index(input_gate: Tensor) -> Tensor | None:
+    """The input channels whose gate is open, on `input_gate`'s device (None: all open), planned on the host.
+
+    At least one channel is kept. No synchronisation beyond the input gate's host copy.
+    """
+    host = host_copy(input_gate)
+    return _open_index_from_host(host, input_gate.device)
+
+
+def _open_index_from_host(host: Tensor, device: torch.device) -> Tensor | None:
+    open_idx = torch.nonzero(host != 0).flatten()
+    if open_idx.numel() == host.numel():
+        return None
+    if open_idx.numel() == 0:
+        open_idx = open_idx.new_zeros(1)
+    return _to_device(open_idx, device)
+
+
 def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = False) -> Plan:
     """Select the channels to compute: every open one (gate != 0), padded with closed ones as zero rows.
 
@@ -107,18 +213,37 @@ def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = Fa
     groups > 1: each group with an open channel keeps the same number k of channels (its open ones
     padded with its closed ones, k = the largest open count of any group) so the smaller conv is
     still a grouped conv; groups with no open channel are dropped, with their input channels.
-    Runs on the host (a few synchronisations on CUDA).
+
+    Planned on the host from the gate's host copy (:func:`host_copy`: at most one synchronisation on
+    CUDA, none when the layer fetched it already) and remembered per gate tensor (on CPU too), so the
+    backward of the same call reuses the plan without a synchronisation or a second planning.
     """
-    gate = gate.detach()
+    key = (groups, in_channels, zero_row)
+    track = _trackable(gate)
+    if track:
+        cached = _host_copies.get(gate)
+        if cached is not None and key in cached[1]:
+            return cached[1][key]
+    host = host_copy(gate)
+    plan = _plan_from_host(host, groups, in_channels, zero_row, gate.device)
+    if track:  # on CPU too: the backward then skips planning (about a dozen small ops)
+        cached = _host_copies.get(gate) or _host_copies.put(gate, host)
+        cached[1][key] = plan
+    return plan
+
+
+def _plan_from_host(host: Tensor, groups: int, in_channels: int, zero_row: bool, device: torch.device) -> Plan:
+    """:func:`plan_active` on the host values of the gate; index tensors are then moved to `device`."""
+    gate = host
     channels = gate.numel()
     is_open = gate != 0
     closed = torch.nonzero(~is_open).flatten()
     binary = bool((~is_open | (gate == 1)).all())
     n_open = channels - closed.numel()
     if n_open == channels:
-        return Plan("dense", groups, binary, closed)
+        return Plan("dense", groups, binary, _to_device(closed, device))
     if n_open == 0:
-        return Plan("empty", groups, binary, closed)
+        return Plan("empty", groups, binary, _to_device(closed, device))
     in_idx = None
     if groups == 1:
         n_keep = min(channels, _round_up(n_open + zero_row, PAD_MULTIPLE))
@@ -136,19 +261,20 @@ def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = Fa
         sel = torch.sort(order + (active_groups * per_group).view(-1, 1), dim=1).values.flatten()
         if active_groups.numel() < groups:
             in_per_group = in_channels // groups
-            offsets = torch.arange(in_per_group, device=gate.device).view(1, -1)
+            offsets = torch.arange(in_per_group).view(1, -1)
             in_idx = (active_groups.view(-1, 1) * in_per_group + offsets).flatten()
         groups = active_groups.numel()
     pad = torch.nonzero(~is_open[sel]).flatten()
     out_map = unsel = None
     if pad.numel():
-        out_map = torch.full((channels,), int(pad[0]), dtype=torch.long, device=gate.device)
-        out_map[sel] = torch.arange(sel.numel(), device=gate.device)
+        out_map = torch.full((channels,), int(pad[0]), dtype=torch.long)
+        out_map[sel] = torch.arange(sel.numel())
     else:
-        unselected = torch.ones(channels, dtype=torch.bool, device=gate.device)
+        unselected = torch.ones(channels, dtype=torch.bool)
         unselected[sel] = False
         unsel = torch.nonzero(unselected).flatten()
-    return Plan("skip", groups, binary, closed, sel, pad, out_map, unsel, in_idx)
+    moved = [_to_device(t, device) if t is not None else None for t in (closed, sel, pad, out_map, unsel, in_idx)]
+    return Plan("skip", groups, binary, *moved)
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -450,14 +576,16 @@ def register_skip_autograd(forward_op, backward_op) -> None:
         x, weight, bias, gate = inputs[:4]
         ctx.save_for_backward(x, weight, bias, gate)
         ctx.params = inputs[4:]
+        ctx.backend = requested_backend()  # the backward may run on autograd's device thread
 
     def backward(ctx, grad_y: Tensor) -> tuple:
         x, weight, bias, gate = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_input, need_params = needs[0], any(needs[1:4])
-        grad_x, grad_w, grad_b, grad_gate = backward_op(
-            grad_y, x, weight, bias, gate, *ctx.params, need_input, need_params
-        )
+        with restore_backend(ctx.backend):
+            grad_x, grad_w, grad_b, grad_gate = backward_op(
+                grad_y, x, weight, bias, gate, *ctx.params, need_input, need_params
+            )
         return (
             grad_x if need_input else None,
             grad_w if needs[1] else None,

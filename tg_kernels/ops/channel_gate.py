@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tg_kernels import _extension, reference
-from tg_kernels.backends import ALL_FLOATS, HALF_AND_SINGLE, resolve_backend
+from tg_kernels.backends import ALL_FLOATS, HALF_AND_SINGLE, requested_backend, resolve_backend, restore_backend
 
 SUPPORTED_DTYPES = {"torch": ALL_FLOATS, "cpp": ALL_FLOATS, "cuda": HALF_AND_SINGLE, "triton": HALF_AND_SINGLE}
 
@@ -88,11 +88,13 @@ _channel_gate_backward_op.register_fake(_backward_fake)
 def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
     x, gate = inputs
     ctx.save_for_backward(x, gate)
+    ctx.backend = requested_backend()  # the backward may run on autograd's device thread
 
 
 def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:
     x, gate = ctx.saved_tensors
-    grad_x, grad_gate = _channel_gate_backward_op(grad_y.contiguous(), x, gate)
+    with restore_backend(ctx.backend):
+        grad_x, grad_gate = _channel_gate_backward_op(grad_y.contiguous(), x, gate)
     return (grad_x if ctx.needs_input_grad[0] else None, grad_gate if ctx.needs_input_grad[1] else None)
 
 
@@ -115,15 +117,16 @@ class _EagerChannelGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor) -> Tensor:
-        forward, _ = _kernels_for(x)
+        forward, backward = _kernels_for(x)
         ctx.save_for_backward(x, gate)
+        ctx.backward_kernel = backward  # chosen with the forward's backend, on the forward's thread
         return forward(x, gate)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, gate = ctx.saved_tensors
-        _, backward = _kernels_for(x)
+        backward = ctx.backward_kernel
         grad_x, grad_gate = backward(grad_y.contiguous(), x, gate)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_gate if ctx.needs_input_grad[1] else None)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tg_kernels.backends import resolve_backend
+from tg_kernels.backends import requested_backend, resolve_backend, restore_backend
 from tg_kernels.ops import _skip
 from tg_kernels.ops.channel_gate import channel_gate
 
@@ -255,6 +255,7 @@ class _DenseForwardSkippingBackward(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask, stride, padding, dilation, groups):  # type: ignore[override]
         ctx.save_for_backward(x, weight, bias, mask)
         ctx.params = (stride, padding, dilation, groups)
+        ctx.backend = requested_backend()  # the backward may run on autograd's device thread
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -262,17 +263,18 @@ class _DenseForwardSkippingBackward(torch.autograd.Function):
         x, weight, bias, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_input, need_params = needs[0], needs[1] or needs[2]
-        grad_x, grad_w, grad_b, _ = gated_conv2d_backward_op(
-            grad_y.contiguous(memory_format=_skip.output_format(x)),
-            x,
-            weight,
-            bias,
-            mask,
-            *ctx.params,
-            "hard",
-            need_input,
-            need_params,
-        )
+        with restore_backend(ctx.backend):
+            grad_x, grad_w, grad_b, _ = gated_conv2d_backward_op(
+                grad_y.contiguous(memory_format=_skip.output_format(x)),
+                x,
+                weight,
+                bias,
+                mask,
+                *ctx.params,
+                "hard",
+                need_input,
+                need_params,
+            )
         return (
             grad_x if need_input else None,
             grad_w if needs[1] else None,
@@ -310,6 +312,8 @@ def conv2d_open_channels(
     if skip == "none" and torch.is_grad_enabled():
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     mask = (gate.detach() != 0).to(gate.dtype)
+    host_gate = _skip.host_copy(gate)  # planned from the gate's host copy: no synchronisation of its own
+    _skip.remember_host(mask, (host_gate != 0).to(host_gate.dtype))
     x, weight, bias = _prepare_inputs(x, weight, bias, "conv2d_open_channels")
     if skip == "exact" and torch.is_grad_enabled():
         return _DenseForwardSkippingBackward.apply(x, weight, bias, mask, stride, padding, dilation, groups)

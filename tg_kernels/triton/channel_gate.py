@@ -61,7 +61,7 @@ _MAX_PAD = 0.125
 _REDUCE_TILE = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["outer"])  # the batch-derived size: new batch sizes reuse the kernel
 def _forward_kernel(
     x_ptr,
     gate_ptr,
@@ -98,7 +98,7 @@ def _forward_kernel(
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["outer"])
 def _backward_kernel(
     grad_y_ptr,
     x_ptr,
@@ -352,7 +352,8 @@ def _constexprs(p: ChannelGatePlan) -> dict[str, int | bool]:
 
 
 def _forward_scalars(p: ChannelGatePlan) -> dict[str, int]:
-    """Integer arguments of the forward kernel (the JIT specializes them on value 1 and divisibility by 16)."""
+    """Integer arguments of the forward kernel (the JIT specializes them on value 1 and divisibility by 16,
+    except ``outer``: ``do_not_specialize``)."""
     n_i_tiles = triton.cdiv(p.inner, p.block_i)
     return {"outer": p.outer, "C": p.channels, "inner": p.inner, "n_c_tiles": p.c_tiles, "n_i_tiles": n_i_tiles}
 

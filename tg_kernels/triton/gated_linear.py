@@ -33,18 +33,22 @@ Kernels:
 
 ``tl.dot`` operand rule (one rule for GPU and interpreter):
 
-- float16: operands stay float16 (tensor cores, float32 accumulation).
-- bfloat16: operands are upcast to float32 and multiplied with ``input_precision="tf32"``. Every
-  bfloat16 value is exact in tf32, so this is the bf16 product with float32 accumulation, and the
-  interpreter (which cannot multiply bf16) runs the very same code. Cost on a GPU: tf32 tensor-core
-  rate (half the bf16 rate) and twice the operand registers/shared memory.
-- float32: ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (e.g. by
-  ``torch.set_float32_matmul_precision("high")``), else ``"ieee"`` (PyTorch's default for float32).
+- float16, and bfloat16 on a GPU: operands stay in the storage dtype (tensor cores at the 16-bit
+  rate, float32 accumulation).
+- bfloat16 in the interpreter (which cannot multiply bf16): operands are upcast to float32 and
+  multiplied with ``input_precision="tf32"``. Every bfloat16 value is exact in tf32, so this is the
+  same bf16 product with float32 accumulation.
+- float32: ``"tf32"`` when the user's torch settings allow TF32 for float32 matmuls
+  (:func:`matmul_allows_tf32`: ``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+  ``torch.set_float32_matmul_precision("high")``, ``allow_tf32 = True``), else ``"ieee"`` (PyTorch's
+  default for float32; no tensor cores).
 - The input gradient's ``grad_y * gate`` is rounded to the storage dtype before the dot, as the torch
   path does (the interpreter truncates fp32 -> bf16 where a GPU rounds).
 
 Block sizes are a plain function of the shape and dtype (:func:`plan`); no autotuning. Offsets are
-int32 unless a tensor reaches 2**31 elements, then int64 (a compile-time switch).
+int32 unless an offset into a tensor (grad_y's from its strides) can reach 2**31, then int64 (a
+compile-time switch). The row count and the arguments derived from it are not specialised
+(``do_not_specialize``), so a new batch or token count reuses the compiled kernel.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def _to_dot(t, DOT_F32: tl.constexpr):
     return t.to(tl.float32 if DOT_F32 else t.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "m_tiles"])
 def _forward_kernel(
     x_ptr,
     w_ptr,
@@ -104,28 +108,42 @@ def _forward_kernel(
     if INT64:
         rows = rows.to(tl.int64)
         ch = ch.to(tl.int64)
-    y_ptrs = y_ptr + rows[:, None] * C + ch[None, :]
-    out_mask = row_mask[:, None] & pos_mask[None, :]
+    # The [BLOCK_M, BLOCK_N] output pointers and mask are built where they are stored, not before the
+    # K loop: live across it they cost 2 registers per element and spill (ptxas -v, bench/ptxas_report.py).
     n_active = tl.load(n_active_ptr)
     if pid_n * BLOCK_N >= n_active:  # closed columns only: zeros, no GEMM
-        tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            y_ptr + rows[:, None] * C + ch[None, :],
+            tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & pos_mask[None, :],
+        )
         return
     active = pos < n_active
+    # Operand tiles need only the K mask: rows past N are clamped to row N - 1 (their results are not
+    # stored) and positions past n_active hold closed channels or channel 0 (valid rows of weight,
+    # whose results the gate test below zeroes). Pointers advance by BLOCK_K per step.
+    k_offs = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tl.minimum(rows, N - 1)[:, None] * K + k_offs[None, :]
+    b_ptrs = w_ptr + ch[None, :] * K + k_offs[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptr + ch[None, :] * K + kk[:, None], mask=k_mask[:, None] & active[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=(k_offs < K - k0)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(k_offs < K - k0)[:, None], other=0.0)
         acc = tl.dot(_to_dot(a, DOT_F32), _to_dot(b, DOT_F32), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     g = tl.load(gate_ptr + ch, mask=active, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=active, other=0.0).to(tl.float32)[None, :]
     out = tl.where((g != 0.0)[None, :], acc * g[None, :], 0.0)
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(
+        y_ptr + rows[:, None] * C + ch[None, :],
+        out.to(y_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & pos_mask[None, :],
+    )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "m_tiles"])
 def _input_grad_kernel(
     dy_ptr,
     w_ptr,
@@ -180,7 +198,7 @@ def _input_grad_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _weight_grad_kernel(
     dy_ptr,
     x_ptr,
@@ -221,12 +239,14 @@ def _weight_grad_kernel(
     ch = tl.load(perm_ptr + pos, mask=pos_mask, other=0) if HARD else pos
     if INT64:
         ch = ch.to(tl.int64)
-    gw_ptrs = gw_ptr + ch[:, None] * K + kk[None, :]
-    gw_mask = pos_mask[:, None] & k_mask[None, :]
-    if HARD:
+    if HARD:  # (grad_weight pointers are built at each store, not kept live across the row loop)
         n_active = tl.load(n_active_ptr)
         if pid_c * BLOCK_C >= n_active:  # closed channels only: zeros, no GEMM
-            tl.store(gw_ptrs, tl.zeros([BLOCK_C, BLOCK_K], dtype=gw_ptr.dtype.element_ty), mask=gw_mask)
+            tl.store(
+                gw_ptr + ch[:, None] * K + kk[None, :],
+                tl.zeros([BLOCK_C, BLOCK_K], dtype=gw_ptr.dtype.element_ty),
+                mask=pos_mask[:, None] & k_mask[None, :],
+            )
             zero = tl.zeros([BLOCK_C], dtype=tl.float32)
             tl.store(partial_ptr + pid_k * C + ch, zero, mask=pos_mask)
             tl.store(sum_ptr + ch, zero, mask=pos_mask & (pid_k == 0))
@@ -255,7 +275,8 @@ def _weight_grad_kernel(
     tl.store(sum_ptr + ch, tl.where(active, dy_sum, 0.0), mask=pos_mask & (pid_k == 0))
     g = tl.load(gate_ptr + ch, mask=active, other=0.0)
     gw = tl.where((g != 0.0)[:, None], acc * g[:, None], 0.0)
-    tl.store(gw_ptrs, gw.to(gw_ptr.dtype.element_ty), mask=gw_mask)
+    gw_mask = pos_mask[:, None] & k_mask[None, :]
+    tl.store(gw_ptr + ch[:, None] * K + kk[None, :], gw.to(gw_ptr.dtype.element_ty), mask=gw_mask)
 
 
 @triton.jit
@@ -282,7 +303,9 @@ def _gate_grad_kernel(
     acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for s0 in range(0, k_tiles, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        acc += tl.load(partial_ptr + s[:, None] * C + c[None, :], mask=(s < k_tiles)[:, None] & c_mask[None, :])
+        acc += tl.load(
+            partial_ptr + s[:, None] * C + c[None, :], mask=(s < k_tiles)[:, None] & c_mask[None, :], other=0.0
+        )
     grad_gate = tl.sum(acc, axis=0)
     g = tl.load(gate_ptr + c, mask=c_mask, other=0.0)
     is_open = g != 0.0
@@ -350,13 +373,29 @@ def plan(n: int, channels: int, k: int, dtype: torch.dtype, interpret: bool | No
     )
 
 
-def _dot_config(dtype: torch.dtype) -> dict[str, object]:
+def matmul_allows_tf32() -> bool:
+    """Whether the user's torch settings let float32 matmuls use TF32.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (falling back to ``torch.backends.fp32_precision``
+    when it is ``"none"``), which reflects both the new API and the legacy ones (``allow_tf32``,
+    ``torch.set_float32_matmul_precision``). Reading the legacy ``allow_tf32`` instead raises a
+    RuntimeError in torch 2.14 once the new API was used.
+    """
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
+def _dot_config(dtype: torch.dtype, interpret: bool | None = None) -> dict[str, object]:
     """DOT_F32 and PRECISION constexprs of the tl.dot operand rule (module docstring)."""
-    if dtype == torch.float16:
+    if interpret is None:
+        interpret = _INTERPRETED
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpret):
         return {"DOT_F32": False, "PRECISION": None}
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:  # the interpreter cannot multiply bf16: the same product in tf32
         return {"DOT_F32": True, "PRECISION": "tf32"}
-    return {"DOT_F32": True, "PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}
+    return {"DOT_F32": True, "PRECISION": "tf32" if matmul_allows_tf32() else "ieee"}
 
 
 def active_channels(gate: Tensor) -> tuple[Tensor, Tensor]:
@@ -369,6 +408,11 @@ def active_channels(gate: Tensor) -> tuple[Tensor, Tensor]:
     perm = torch.sort(closed.to(torch.int8), stable=True).indices.to(torch.int32)
     n_active = (~closed).sum(dtype=torch.int32).reshape(1)
     return perm, n_active
+
+
+def _max_offset(t: Tensor) -> int:
+    """The largest element offset (from the data pointer) a kernel computes from `t`'s strides."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
 
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
@@ -498,6 +542,8 @@ def gated_linear_backward(
     if not (need_input or need_params):
         return grad_x, grad_w, grad_b, grad_gate
     p = plan(n, channels, k, x.dtype)
+    if not p.int64 and _max_offset(grad_y) >= _INT32_LIMIT:  # a narrow view of a larger gradient
+        p = dataclasses.replace(p, int64=True)
     perm, n_active = active_channels(gate)
     dot = _dot_config(x.dtype)
     hard = mode == "hard"
