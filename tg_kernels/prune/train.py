@@ -34,6 +34,7 @@ from tg_kernels.prune.attach import BANK_NAME, attach_gates, gate_bank, unwrap
 from tg_kernels.prune.budget import Budget, BudgetStatus
 from tg_kernels.prune.export import export
 
+SKIP_MODES = ("none", "exact", "hard")
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
@@ -138,6 +139,7 @@ def prune(
     tol: float = 0.01,
     min_open: int | float = 1,
     evaluate: Callable[[nn.Module], float] | None = None,
+    skip: tuple[str, str] = ("exact", "hard"),
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PruneResult:
@@ -164,6 +166,9 @@ def prune(
         min_open: the per-group minimum of open channels (see :class:`~tg_kernels.Budget`).
         evaluate: optional ``evaluate(model) -> float`` (an accuracy, say), run after each epoch and
             recorded in the history.
+        skip: the skip modes of the search and of the fine-tuning (``GateBank.set_skip``; where
+            that is missing, gates attached here use the first and keep it). ``("none", "none")``
+            computes every step densely: the reference for timing the default.
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
 
@@ -178,6 +183,8 @@ def prune(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
+    if not (isinstance(skip, (tuple, list)) and len(skip) == 2 and all(m in SKIP_MODES for m in skip)):
+        raise ValueError(f"skip must be two modes (search, fine-tuning) out of {SKIP_MODES}, got {skip!r}")
     if max_gate_epochs < gate_epochs:
         raise ValueError(f"max_gate_epochs ({max_gate_epochs}) must be >= gate_epochs ({gate_epochs})")
     start = time.perf_counter()
@@ -190,10 +197,10 @@ def prune(
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
-            model, _ = attach_gates(model, example_inputs, skip="exact")
+            model, _ = attach_gates(model, example_inputs, skip=skip[0])
     bank = gate_bank(model)
     budget = Budget(bank, target=target, metric=metric, min_open=min_open)
-    _set_skip(model, "exact")
+    _set_skip(model, skip[0])
 
     gate_params = list(bank.parameters())
     gate_ids = {id(p) for p in gate_params}
@@ -257,7 +264,7 @@ def prune(
             say(f"settle: flipped {flips} gate(s) nearest their threshold; {metric} ratio {now:.4f}")
         for p in gate_params:
             p.requires_grad_(False)
-        _set_skip(model, "hard")
+        _set_skip(model, skip[1])
         if finetune_epochs:
             tune = torch.optim.AdamW(weights, lr=lr, weight_decay=weight_decay)
             n_steps = finetune_epochs * (steps_per_epoch or 1)
