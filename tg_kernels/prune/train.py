@@ -46,7 +46,7 @@ class PruneResult:
     gated: nn.Module  # the gated model it was exported from (gates frozen)
     budget: Budget
     status: BudgetStatus  # where the budget ended
-    history: list[dict[str, float | str | int]] = field(default_factory=list)  # one row per epoch
+    history: list[dict[str, float | str | int]] = field(default_factory=list)  # "start", then one row per epoch
     gate_steps: int = 0
     settled_flips: int = 0  # gates that Budget.settle flipped at the end of the search
     seconds: float = 0.0
@@ -192,9 +192,7 @@ def prune(
     if not hasattr(unwrap(model), BANK_NAME):
         if example_inputs is None:
             first_inputs, _ = _split(next(iter(_epoch_batches(data))))
-            example_inputs = (
-                tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
-            )
+            example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
             model, _ = attach_gates(model, example_inputs, skip=skip[0])
@@ -225,7 +223,9 @@ def prune(
             "seconds": time.perf_counter() - start,
         }
         if evaluate is not None:
+            was_training = model.training
             row["metric"] = float(evaluate(model))
+            model.train(was_training)
         history.append(row)
         extra = f"  eval {row['metric']:.4f}" if "metric" in row else ""
         info = f"{metric} {st.ratio:.4f} -> {st.target:.4f}  lambda {st.weight:.3g}  loss {loss:.4f}{extra}"
@@ -233,6 +233,7 @@ def prune(
         bar.update(phase, info)
 
     try:
+        record("start", 0, math.nan)
         model.train()
         for epoch in range(1, max_gate_epochs + 1):
             total, seen = 0.0, 0
