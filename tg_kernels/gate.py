@@ -126,9 +126,7 @@ def open_mask(w: Tensor, min_open: int = 0) -> Tensor:
     return step | forced
 
 
-def trainable_gate(
-    w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None, min_open: int = 0
-) -> Tensor:
+def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None, min_open: int = 0) -> Tensor:
     """Gate values TG(w) for gate parameters `w` (any shape), differentiable in `w`.
 
     Args:
