@@ -1,32 +1,32 @@
-"""Prune a small CNN on scikit-learn's digits to half its FLOPs with trainable gates, then export it.
+"""Prune a small CNN on scikit-learn's digits to a FLOPs target with trainable gates, then export it.
 
 The workflow of Kim et al. (AAAI 2020) end to end, on real data that ships with scikit-learn
 (``sklearn.datasets.load_digits``: 1797 grey 8x8 images of the digits 0-9, no download):
 
-1. train a dense CNN (conv 1->64->128->128 with BatchNorm and ReLU, max pooling, a Linear head);
-2. ``tg.attach_gates``: one trainable gate per prunable channel group;
-3. fine-tune with task loss + ``tg.Budget`` (FLOPs towards ``--target`` of the dense model) until
-   the FLOPs ratio lies within the tolerance, then freeze the gates and fine-tune the remaining weights;
-4. ``tg.export``: a plain ``torch.nn`` model with the closed channels removed (checked to compute what
-   the gated model computes), saved and loaded back with ``tg.save`` / ``tg.load``;
-5. print test accuracy, FLOPs, parameters and the CPU latency of the dense and the exported model.
+1. train a dense CNN (conv 1->64->128->128 with BatchNorm and ReLU, max pooling, a Linear head;
+   ``--widths 16,32,32`` for a narrow one, where pruning costs accuracy);
+2. ``tg.prune(model, batches, target=...)``: attach the gates, search with the adaptive budget
+   (skip mode ``"exact"``) until the FLOPs ratio is within ``--tol`` of the target, freeze the
+   gates and fine-tune the rest (``"hard"``: only open channels are computed), export;
+3. check that the exported plain ``torch.nn`` model computes what the gated model computes, save it
+   and load it back with ``tg.save`` / ``tg.load``;
+4. print test accuracy, FLOPs, parameters and CPU latency of the dense and the exported model,
+   and write a PNG (``--plot``) of the FLOPs ratio and test accuracy per epoch and of the channels
+   each layer kept. ``--compare-none`` runs the same pruning with every step in skip mode
+   ``"none"`` (dense compute) and prints both wall times.
 
-Run it (2-3 minutes on a busy 2-core CPU)::
+Run it (about a minute on a busy 2-core CPU)::
 
-    python examples/prune_digits.py                      # --epochs 20 --target 0.5 --seed 0
-    python examples/prune_digits.py --quick              # about 30 s: the smoke test's setting
+    python examples/prune_digits.py                      # --target 0.5 --seed 0
+    python examples/prune_digits.py --target 0.125 --widths 16,32,32
+    python examples/prune_digits.py --quick              # about 20 s: the smoke test's setting
 
 Seeds and the train/test split (1347 train / 450 test, stratified) are fixed. Training runs on one
 CPU thread by default (``--train-threads``): its batches are small, and on a shared machine two OpenMP
 threads that wait at barriers for a descheduled peer made a training step about 8x slower than one.
 Latencies are medians of ``torch.utils.benchmark`` timings, reported with ``--threads`` threads (default:
 all of them) and with one thread; the models are timed in interleaved rounds so that background load
-hits both alike.
-
-Gate training: Adam on the gate weights with lr 0.02 (cosine-annealed) and a budget weight of 0.2.
-A larger budget weight (2.0 here) moves every gate in lockstep, closes whole layers at once and ends
-in a dead network: once two coupled layers are both fully closed, the budget's gradient for either
-(a product of their open counts) is zero and nothing re-opens them.
+hits both alike. The test accuracy recorded per epoch is for the picture only; nothing is selected on it.
 """
 
 from __future__ import annotations
@@ -163,68 +163,6 @@ def train(
             log(f"  {tag:<6} epoch {epoch + 1:3d}/{epochs}  loss {total / len(data.y_train):.4f}  test acc {acc:.4f}")
 
 
-def train_gates(
-    model: nn.Module,
-    budget: tg.Budget,
-    data: Data,
-    *,
-    min_epochs: int,
-    max_epochs: int,
-    lr: float,
-    gate_lr: float,
-    tol: float,
-    batch_size: int,
-    gen: torch.Generator,
-    log,
-) -> int:
-    """Task loss + budget, weights and gates together, until the ratio is within ``tol`` of the target.
-
-    The abs penalty pushes every gate the same way until the ratio crosses the target, then back:
-    the ratio oscillates around the target with an amplitude set by the gate step size, which is
-    annealed (cosine over ``min_epochs``) so that the oscillation settles. After ``min_epochs`` the
-    phase ends at the first step whose ratio is within ``tol``. Returns the number of gate steps.
-    """
-    bank = model.tg_gates
-    gate_params = list(bank.parameters())
-    gate_ids = {id(p) for p in gate_params}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam(
-        [{"params": weights, "lr": lr}, {"params": gate_params, "lr": gate_lr, "betas": (0.9, 0.99)}]
-    )
-    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
-    anneal = min_epochs * steps_per_epoch
-    step = 0
-    model.train()
-    for epoch in range(max_epochs):
-        for xb, yb in batches(data, batch_size, gen):
-            opt.param_groups[1]["lr"] = gate_lr * max(cosine(step, anneal), 0.05)
-            task = F.cross_entropy(model(xb), yb)
-            loss = task + budget()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if epoch + 1 >= min_epochs and abs(budget.ratio().item() - budget.target) <= tol:
-                log(f"  gates  epoch {epoch + 1:3d}  step {step}: FLOPs ratio {budget.ratio().item():.4f}, stop")
-                return step
-        if epoch == max_epochs - 1 or (epoch + 1) % max(1, min_epochs // 5) == 0:
-            acc, _ = evaluate(model, data.x_test, data.y_test)
-            log(
-                f"  gates  epoch {epoch + 1:3d}  task {task.item():.4f}  FLOPs ratio {budget.ratio().item():.4f}  "
-                f"open {bank.open_fraction():.3f}  test acc {acc:.4f}"
-            )
-    return step
-
-
-def finetune(model: nn.Module, data: Data, epochs: int, lr: float, batch_size: int, gen: torch.Generator, log):
-    """Fine-tune the non-gate weights with the gates frozen (the FLOPs ratio cannot move)."""
-    gate_ids = {id(p) for p in model.tg_gates.parameters()}
-    for p in model.tg_gates.parameters():
-        p.requires_grad_(False)
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    train(model, weights, data, epochs, lr, batch_size, gen, log, "tune")
-
-
 # --------------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +208,7 @@ def latency(
 class Result:
     seed: int
     target: float
+    widths: tuple[int, int, int]
     dense_acc: float
     gated_acc: float
     pruned_acc: float
@@ -280,6 +219,11 @@ class Result:
     pruned_params: int
     kept_channels: dict[str, tuple[int, int]]
     latencies: dict[tuple[int, int], tuple[float, float]]  # (threads, batch) -> (dense s, pruned s)
+    history: list[dict]
+    prune_seconds: float  # tg.prune's wall time (search + fine-tuning + export)
+    none_seconds: float | None  # the same run with every step in skip mode "none" (--compare-none)
+    settled_flips: int
+    plot: str | None
     seconds: float
 
     def speedup(self, threads: int, batch: int) -> float:
@@ -309,9 +253,55 @@ def summary(r: Result) -> str:
     lines.append("kept channels: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in r.kept_channels.items()))
     lines.append(
         f"FLOPs target {r.target:.3f}, reached {r.flops_ratio:.4f} ({(r.flops_ratio / r.target - 1) * 100:+.2f}% "
-        f"of the target); gated model test accuracy {r.gated_acc:.4f}; seed {r.seed}; {r.seconds:.0f} s in all"
+        f"of the target; {r.settled_flips} gates flipped by Budget.settle); gated model test accuracy "
+        f"{r.gated_acc:.4f}; widths {'/'.join(map(str, r.widths))}; seed {r.seed}"
     )
+    timing = f"pruning run (tg.prune: exact search, hard fine-tuning, export) {r.prune_seconds:.1f} s"
+    if r.none_seconds is not None:
+        timing += f"; the same run with every step in skip mode 'none' {r.none_seconds:.1f} s"
+        timing += f" ({r.none_seconds / r.prune_seconds:.2f}x)"
+    lines.append(timing + f"; {r.seconds:.0f} s in all")
+    if r.plot:
+        lines.append(f"picture: {r.plot}")
     return "\n".join(lines)
+
+
+def plot(result_history: list[dict], kept: dict[str, tuple[int, int]], target: float, path: str, title: str) -> str:
+    """FLOPs ratio and test accuracy per epoch (left), kept channels per layer (right), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    x = [i for i, _ in enumerate(result_history)]  # the first row is the start (epoch 0)
+    ratio = [row["ratio"] for row in result_history]
+    ax.plot(x, ratio, "o-", color="tab:blue", label="FLOPs ratio")
+    ax.axhline(target, color="tab:blue", linestyle=":", label=f"target {target:g}")
+    ax.set_xlabel("epoch (0: gates attached; gate search, then fine-tuning with frozen gates)")
+    ax.set_ylabel("FLOPs / dense FLOPs", color="tab:blue")
+    ax.set_ylim(0, 1.05)
+    search = sum(1 for row in result_history if row["phase"] == "gates")
+    ax.axvline(search + 0.5, color="grey", linewidth=0.8)
+    ax.text(search + 0.6, 1.0, "gates frozen", fontsize=8, color="grey", va="top")
+    if any("metric" in row for row in result_history):
+        acc = ax.twinx()
+        acc.plot(x, [row.get("metric", float("nan")) for row in result_history], "s-", color="tab:orange")
+        acc.set_ylabel("test accuracy", color="tab:orange")
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    names = list(kept)
+    bars.bar(names, [b for _, b in kept.values()], color="lightgrey", label="dense")
+    bars.bar(names, [a for a, _ in kept.values()], color="tab:green", label="kept")
+    for i, (a, b) in enumerate(kept.values()):
+        bars.text(i, a, f"{a}/{b}", ha="center", va="bottom", fontsize=8)
+    bars.set_ylabel("output channels")
+    bars.set_title("channels kept per gated layer", fontsize=9)
+    bars.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,12 +312,12 @@ def summary(r: Result) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs (default 20)")
-    p.add_argument("--gate-epochs", type=int, default=8, help="minimum epochs with the budget (default 8)")
-    p.add_argument("--max-gate-epochs", type=int, default=30, help="give up reaching the target after these")
+    p.add_argument("--widths", default="64,128,128", help="the CNN's three conv widths (default 64,128,128)")
+    p.add_argument("--gate-epochs", type=int, default=8, help="minimum epochs of gate search (default 8)")
+    p.add_argument("--max-gate-epochs", type=int, default=30, help="end the search after these (default 30)")
     p.add_argument("--finetune-epochs", type=int, default=10, help="epochs with frozen gates at the end")
     p.add_argument("--target", type=float, default=0.5, help="FLOPs of the pruned model / dense (default 0.5)")
-    p.add_argument("--tol", type=float, default=0.01, help="stop when |ratio - target| <= tol (default 0.01)")
-    p.add_argument("--budget-weight", type=float, default=0.2, help="the budget's lambda (default 0.2)")
+    p.add_argument("--tol", type=float, default=0.01, help="stop when |ratio / target - 1| <= tol (default 0.01)")
     p.add_argument("--gate-lr", type=float, default=0.02, help="Adam lr of the gate weights (default 0.02)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW lr of the dense training (default 2e-3)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -336,11 +326,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for the latencies")
     p.add_argument("--latency-batch", type=int, default=256)
     p.add_argument("--latency-time", type=float, default=0.5, help="seconds per latency measurement")
+    p.add_argument("--plot", default="prune_digits.png", help="PNG to write ('' for none; default prune_digits.png)")
+    p.add_argument("--compare-none", action="store_true", help="also time the same run with skip mode 'none'")
     p.add_argument("--quick", action="store_true", help="a smoke test: 640 training images, few epochs, short timings")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--quiet", action="store_true", help="print only the summary (no progress bar)")
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:
         p.error(f"--target must be in (0, 1], got {args.target}")
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or min(widths) < 1:
+        p.error(f"--widths takes three positive ints separated by commas, got {args.widths!r}")
+    args.widths = widths
     if args.quick:
         args.epochs, args.gate_epochs, args.max_gate_epochs, args.finetune_epochs = 5, 4, 20, 2
         args.gate_lr, args.tol = 0.04, 0.02
@@ -364,6 +363,29 @@ def main(argv: Sequence[str] | None = None) -> Result:
     return result
 
 
+def prune_run(dense: nn.Module, data: Data, args: argparse.Namespace, skip: tuple[str, str], progress: bool):
+    """One tg.prune run on a copy of ``dense`` (the seed fixes the batches, so runs are comparable)."""
+    torch.manual_seed(args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    result = tg.prune(
+        copy.deepcopy(dense),
+        lambda: batches(data, args.batch_size, gen),
+        target=args.target,
+        example_inputs=data.x_test[:1],  # FLOPs are counted for one image
+        gate_epochs=args.gate_epochs,
+        max_gate_epochs=args.max_gate_epochs,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr / 4,
+        gate_lr=args.gate_lr,
+        tol=args.tol,
+        skip=skip,
+        evaluate=lambda m: evaluate(m, data.x_test, data.y_test)[0],
+        progress=progress,
+    )
+    return result, time.perf_counter() - start
+
+
 def run(args: argparse.Namespace, log, start: float) -> Result:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -373,49 +395,36 @@ def run(args: argparse.Namespace, log, start: float) -> Result:
     log(f"digits: {len(data.y_train)} train / {len(data.y_test)} test images, seed {args.seed}")
 
     # 1. the dense baseline
-    model = DigitsCNN()
+    model = DigitsCNN(args.widths)
     train(model, list(model.parameters()), data, args.epochs, args.lr, args.batch_size, gen, log, "dense")
     dense_acc, _ = evaluate(model, data.x_test, data.y_test)
     dense = copy.deepcopy(model).eval()
 
-    # 2. gates (FLOPs are counted for the example input: one image)
-    model, bank = tg.attach_gates(model, data.x_test[:1], skip="exact")
-    budget = tg.Budget(model, target=args.target, metric="flops", weight=args.budget_weight)
-    log(f"attached {len(bank.groups)} gate groups ({', '.join(g.key for g in bank.groups)}); ungated: {bank.skipped}")
-
-    # 3. train towards the budget, then fine-tune with frozen gates
-    train_gates(
-        model,
-        budget,
-        data,
-        min_epochs=args.gate_epochs,
-        max_epochs=args.max_gate_epochs,
-        lr=args.lr / 4,
-        gate_lr=args.gate_lr,
-        tol=args.tol,
-        batch_size=args.batch_size,
-        gen=gen,
-        log=log,
-    )
-    finetune(model, data, args.finetune_epochs, args.lr / 4, args.batch_size, gen, log)
-    gated_acc, gated_logits = evaluate(model, data.x_test, data.y_test)
+    # 2. gates, the adaptive budget, fine-tuning and export in one call
+    log(f"tg.prune: FLOPs target {args.target}, gate search in skip mode 'exact', fine-tuning in 'hard'")
+    result, prune_seconds = prune_run(dense, data, args, ("exact", "hard"), progress=not args.quiet)
+    none_seconds = None
+    if args.compare_none:
+        log("the same run with every step in skip mode 'none' (for its wall time) ...")
+        _, none_seconds = prune_run(dense, data, args, ("none", "none"), progress=not args.quiet)
+    gated, small, budget = result.gated, result.model.eval(), result.budget
+    gated_acc, gated_logits = evaluate(gated, data.x_test, data.y_test)
     usage = budget.usage()
     log("")
     log(budget.report())
 
-    # 4. export, check it computes what the gated model computes, save and load it back
-    small = tg.export(model).eval()
+    # 3. the exported model computes what the gated model computes; save and load it back
     pruned_acc, pruned_logits = evaluate(small, data.x_test, data.y_test)
     torch.testing.assert_close(pruned_logits, gated_logits, rtol=1e-4, atol=1e-5)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "digits_pruned.pt")
         tg.save(small, path)
-        loaded = tg.load(path, DigitsCNN()).eval()
+        loaded = tg.load(path, DigitsCNN(args.widths)).eval()
     _, loaded_logits = evaluate(loaded, data.x_test, data.y_test)
     torch.testing.assert_close(loaded_logits, pruned_logits, rtol=0, atol=0)
     log("export: outputs equal the gated model's (assert_close); tg.save / tg.load round-trip exact")
 
-    # 5. CPU latency of the dense and the exported model
+    # 4. CPU latency of the dense and the exported model
     log("measuring latencies ...")
     x_batch = data.x_test.repeat(math.ceil(args.latency_batch / len(data.y_test)), 1, 1, 1)[: args.latency_batch]
     rounds = 1 if args.quick else 3
@@ -425,9 +434,21 @@ def run(args: argparse.Namespace, log, start: float) -> Result:
             lat = latency({"dense": dense, "pruned": small}, x, threads, args.latency_time, rounds)
             latencies[threads, len(x)] = (lat["dense"], lat["pruned"])
 
+    kept = dict(result.status.kept)
+    picture = None
+    if args.plot:
+        title = (
+            f"digits CNN {'/'.join(map(str, args.widths))}, FLOPs target {args.target:g}: reached "
+            f"{usage.flops / usage.full_flops:.4f}, test accuracy {dense_acc:.3f} -> {pruned_acc:.3f}"
+        )
+        try:
+            picture = plot(result.history, kept, args.target, args.plot, title)
+        except ImportError:
+            log("matplotlib is not installed: no picture")
     return Result(
         seed=args.seed,
         target=args.target,
+        widths=args.widths,
         dense_acc=dense_acc,
         gated_acc=gated_acc,
         pruned_acc=pruned_acc,
@@ -436,8 +457,13 @@ def run(args: argparse.Namespace, log, start: float) -> Result:
         pruned_flops=usage.flops,
         dense_params=count_params(dense),
         pruned_params=count_params(small),
-        kept_channels={info.key: (bank.gates[info.key].num_open(), info.size) for info in bank.groups},
+        kept_channels=kept,
         latencies=latencies,
+        history=result.history,
+        prune_seconds=prune_seconds,
+        none_seconds=none_seconds,
+        settled_flips=result.settled_flips,
+        plot=picture,
         seconds=time.perf_counter() - start,
     )
 

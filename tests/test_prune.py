@@ -205,7 +205,7 @@ def test_torchvision_model_attach_train_export(name):
     model, bank = _attach(model, x)
     assert len(bank.groups) > 0
     before = {k: g.weight.detach().clone() for k, g in bank.gates.items()}
-    _train_step(model, x, tg.Budget(model, target=0.5))
+    _train_step(model, x, tg.Budget(model, target=0.5, weight=1.0))  # the fixed weight: one SGD step moves the gates
     assert any(not torch.equal(before[k], g.weight) for k, g in bank.gates.items()), "gates did not train"
     _check_export(model, bank, x[:1])
 

@@ -72,6 +72,11 @@ def _check_M(M: float | None) -> None:
         raise ValueError(f"M must be a positive finite number or None (the limit form), got {M}")
 
 
+def _check_min_open(min_open: int) -> None:
+    if isinstance(min_open, bool) or not isinstance(min_open, int) or min_open < 0:
+        raise ValueError(f"min_open must be an int >= 0 (gates always kept open), got {min_open!r}")
+
+
 def _evaluate_shape(shape_fn: ShapeFn, w: Tensor) -> Tensor:
     g = shape_fn(w)
     if not isinstance(g, Tensor):
@@ -88,23 +93,40 @@ def _evaluate_shape(shape_fn: ShapeFn, w: Tensor) -> Tensor:
 
 
 class _StepWithShapedGradient(torch.autograd.Function):
-    """Value b(w) (exact 0/1); gradient g(w) times the incoming gradient."""
+    """Value ``open`` as 0/1 (exact); gradient g(w) times the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, shape_fn: ShapeFn) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w: Tensor, shape_fn: ShapeFn, open_: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(w)
         ctx.shape_fn = shape_fn
-        return (w >= 0).to(w.dtype)
+        return open_.to(w.dtype)
 
     @staticmethod
-    def backward(ctx, grad_gate: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_gate: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (w,) = ctx.saved_tensors
         with torch.no_grad():
             g = _evaluate_shape(ctx.shape_fn, w)
-        return grad_gate * g, None
+        return grad_gate * g, None, None
 
 
-def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None) -> Tensor:
+def open_mask(w: Tensor, min_open: int = 0) -> Tensor:
+    """Which gates are open: ``w >= 0``, and at least the ``min_open`` largest ``w`` (ties: lowest index).
+
+    This is the one definition of "open" (the gate value is exactly 1 there in the limit form). It
+    needs no host synchronisation: the ``min_open`` largest entries are found with a stable sort on
+    the device whether or not the step alone keeps enough open.
+    """
+    step = w.detach() >= 0
+    k = min(int(min_open), w.numel())
+    if k <= 0:
+        return step
+    # a stable order (ties broken by index) so that every call picks the same channels
+    order = torch.sort(w.detach().flatten(), descending=True, stable=True).indices[:k]
+    forced = torch.zeros_like(step.flatten()).index_fill_(0, order, True).view_as(step)
+    return step | forced
+
+
+def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None, min_open: int = 0) -> Tensor:
     """Gate values TG(w) for gate parameters `w` (any shape), differentiable in `w`.
 
     Args:
@@ -114,16 +136,20 @@ def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | Non
             form differentiates it with autograd, so it must be differentiable there.
         M: None for the limit form (value exactly the step, gradient exactly g), or the paper's
             positive sawtooth frequency M (value within sup|g|/M of the step).
+        min_open: keep at least this many gates open (those with the largest ``w``; see
+            :func:`open_mask`), whatever their sign; their step is 1 and their gradient still g(w).
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"trainable_gate expects a tensor w, got {type(w).__name__}")
     if not w.dtype.is_floating_point:
         raise TypeError(f"trainable_gate expects a floating-point tensor w, got dtype {w.dtype}")
     _check_M(M)
+    _check_min_open(min_open)
     shape_fn = resolve_shape(shape)
+    is_open = open_mask(w, min_open)
     if M is None:
-        return _StepWithShapedGradient.apply(w, shape_fn)
-    step = (w >= 0).to(w.dtype)
+        return _StepWithShapedGradient.apply(w, shape_fn, is_open)
+    step = is_open.to(w.dtype)
     scaled = M * w
     sawtooth = (scaled - torch.floor(scaled)) / M  # floor has zero gradient: slope 1
     return step + sawtooth * _evaluate_shape(shape_fn, w)
@@ -132,7 +158,10 @@ def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | Non
 class TrainableGate(nn.Module):
     """One trainable gate per channel: holds ``weight`` (shape ``[num_channels]``); calling returns the gates.
 
-    All gates start open: ``weight`` is filled with ``init >= 0``.
+    All gates start open: ``weight`` is filled with ``init >= 0``. ``min_open`` gates (those with the
+    largest weights) stay open whatever their sign, in the forward and in :meth:`open_mask` alike, so
+    that a group never closes completely unless ``min_open=0``; :class:`~tg_kernels.Budget` sets it
+    on the gates it budgets.
     """
 
     def __init__(
@@ -142,10 +171,12 @@ class TrainableGate(nn.Module):
         shape: str | ShapeFn | None = None,
         M: float | None = None,
         init: float = 0.5,
+        min_open: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        _check_min_open(min_open)
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 0:
             raise ValueError(f"num_channels must be a non-negative int, got {num_channels!r}")
         if not (isinstance(init, (int, float)) and math.isfinite(init) and init >= 0):
@@ -154,6 +185,7 @@ class TrainableGate(nn.Module):
         resolve_shape(shape)  # validate now rather than at the first forward
         self.shape = shape
         self.M = M
+        self.min_open = min_open
         self.weight = nn.Parameter(torch.full((num_channels,), float(init), device=device, dtype=dtype))
 
     @property
@@ -161,11 +193,15 @@ class TrainableGate(nn.Module):
         return self.weight.numel()
 
     def forward(self) -> Tensor:
-        return trainable_gate(self.weight, self.shape, self.M)
+        return trainable_gate(self.weight, self.shape, self.M, self.min_open)
 
     def open_mask(self) -> Tensor:
-        """Boolean mask of open gates (``weight >= 0``)."""
-        return self.weight.detach() >= 0
+        """Boolean mask of open gates: ``weight >= 0``, plus the ``min_open`` largest weights.
+
+        The one source of truth for which channels are open: the forward's gate values are exactly 1
+        there (limit form) and 0 elsewhere, and :func:`~tg_kernels.export` keeps exactly these.
+        """
+        return open_mask(self.weight, self.min_open)
 
     def num_open(self) -> int:
         """How many gates are open (synchronises with the device)."""
@@ -179,4 +215,5 @@ class TrainableGate(nn.Module):
         )
         if isinstance(self.shape, partial):
             shape = f"{self.shape.func.__name__}({', '.join(f'{k}={v}' for k, v in self.shape.keywords.items())})"
-        return f"{self.num_channels}, shape={shape or 'constant'}, M={self.M}"
+        extra = f", min_open={self.min_open}" if self.min_open else ""
+        return f"{self.num_channels}, shape={shape or 'constant'}, M={self.M}{extra}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,9 +27,17 @@ FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
 
 
-def _kept_channels(gate_values: Tensor, round_to: int) -> Tensor:
-    """Indices of channels to keep: the open ones, padded with closed ones up to a multiple of round_to."""
-    return kept_channels(gate_values != 0, round_to)
+def _kept_channels(is_open: Tensor, round_to: int) -> Tensor:
+    """Indices of channels to keep: the open ones (``TrainableGate.open_mask()``, the one source of
+    truth, which respects ``min_open``), padded with closed ones up to a multiple of round_to. A
+    completely closed group (possible only with ``min_open=0``) keeps one channel, folded to zero,
+    because PyTorch layers cannot have zero channels."""
+    return kept_channels(is_open, round_to)
+
+
+def kept_open(gate: torch.nn.Module) -> bool:
+    """Whether a gate has any open channel."""
+    return bool(gate.open_mask().any())
 
 
 def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
@@ -124,7 +133,15 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
         if ebank.analysis is not None:
-            kept = {key: _kept_channels(v, round_to) for key, v in values.items()}
+            kept = {key: _kept_channels(gate.open_mask().cpu(), round_to) for key, gate in ebank.gates.items()}
+            closed = [key for key, gate in ebank.gates.items() if gate.num_channels and not kept_open(gate)]
+            if closed:
+                warnings.warn(
+                    f"tg_kernels.export: gate groups {closed} are completely closed (allowed by min_open=0); the "
+                    "model passes no signal through them. Each keeps one zeroed channel (layers cannot have zero "
+                    "channels), so the exported FLOPs and parameters are slightly above Budget.ratio()'s",
+                    stacklevel=2,
+                )
             _fold_gate_values(exported, ebank, values, kept)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
