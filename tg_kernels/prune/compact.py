@@ -200,7 +200,8 @@ class CompactForward:
         target = self.model.get_submodule(fold)
         at = self.model.get_submodule(point_module)
         if isinstance(target, _NORMS):
-            if not target.affine or not (point_module == fold or isinstance(at, _HOMOGENEOUS)):
+            plain = type(target).forward is nn.modules.batchnorm._BatchNorm.forward  # no activation inside
+            if not (plain and target.affine and (point_module == fold or isinstance(at, _HOMOGENEOUS))):
                 return None
             return fold
         if isinstance(target, (nn.modules.conv._ConvNd, nn.Linear)) and point_module == fold:
