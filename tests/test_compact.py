@@ -455,3 +455,15 @@ def test_one_host_synchronisation_per_forward_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+def test_gather_scaled_matches_index_select_and_passes_gradcheck():
+    from tg_kernels.prune.compact import gather_scaled
+
+    t = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    dims = [(0, torch.tensor([0, 2, 3, 5])), (1, torch.tensor([1, 4]))]
+    expected = t.index_select(0, dims[0][1]).index_select(1, dims[1][1]) * scale.view(-1, 1, 1)
+    torch.testing.assert_close(gather_scaled(t, dims, scale), expected)
+    assert torch.autograd.gradcheck(lambda t, s: gather_scaled(t, dims, s), (t, scale))
+    assert torch.autograd.gradcheck(lambda t: gather_scaled(t, dims[1:]), (t,))

@@ -118,37 +118,69 @@ class CompactStats:
     fallbacks: int = 0  # forwards that ran the per-layer path because compact execution was not active
 
 
-class _Gather(torch.autograd.Function):
-    """``t.index_select(dim, index)`` for sorted, unique indices, with a cheap backward.
+class _GatherScaled(torch.autograd.Function):
+    """``t`` gathered along several dims (sorted, unique indices), its rows then scaled by ``scale``.
 
-    The backward writes the gradient into zeros of the full shape. ATen's index_select backward
-    accumulates with scatter_add, which on CPU costs a hundred times more than a copy for dim 0;
-    with unique indices a copy (dim 0) or index_add (other dims, where it is the faster kernel)
-    gives the same result.
+    One autograd node per tensor, with a cheap backward: the gradient is written into zeros of the
+    full shape by a copy (dim 0) or index_add (other dims, where that is the faster CPU kernel).
+    ATen's own index_select backward accumulates with scatter_add, which on CPU costs a hundred
+    times more than a copy; with unique indices every way gives the same result.
     """
 
     @staticmethod
-    def forward(ctx, t: Tensor, dim: int, index: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.dim, ctx.shape = dim, t.shape
-        ctx.save_for_backward(index)
-        return t.index_select(dim, index)
+    def forward(ctx, t: Tensor, scale: Tensor | None, dims: tuple[int, ...], *indices: Tensor) -> Tensor:  # type: ignore[override]
+        shapes = []
+        out = t
+        for dim, index in zip(dims, indices):
+            shapes.append(out.shape)
+            out = out.index_select(dim, index)
+        ctx.dims, ctx.shapes = dims, shapes
+        ctx.has_scale = scale is not None
+        if scale is not None:
+            ctx.save_for_backward(out, scale, *indices)
+            out = out * scale.view(-1, *([1] * (out.dim() - 1)))
+        else:
+            ctx.save_for_backward(*indices)
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (index,) = ctx.saved_tensors
-        full = grad.new_zeros(ctx.shape)
-        if ctx.dim == 0:
-            full.index_copy_(0, index, grad)
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        grad_scale = None
+        if ctx.has_scale:
+            gathered, scale, *indices = saved
+            view = scale.view(-1, *([1] * (grad.dim() - 1)))
+            if ctx.needs_input_grad[1]:
+                grad_scale = (
+                    (grad * gathered).sum(dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else grad * gathered
+                )
+                grad_scale = grad_scale.to(scale.dtype)
+            grad = grad * view
         else:
-            full.index_add_(ctx.dim, index, grad)
-        return full, None, None
+            indices = list(saved)
+        for dim, index, shape in reversed(list(zip(ctx.dims, indices, ctx.shapes))):
+            full = grad.new_zeros(shape)
+            if dim == 0:
+                full.index_copy_(0, index, grad)
+            else:
+                full.index_add_(dim, index, grad)
+            grad = full
+        return (grad if ctx.needs_input_grad[0] else None), grad_scale, None, *([None] * len(indices))
 
 
-def gather(t: Tensor, dim: int, index: Tensor) -> Tensor:
-    """The entries ``index`` (sorted, unique) of ``t`` along ``dim``; gradients flow back into ``t``."""
-    if t.requires_grad and torch.is_grad_enabled():
-        return _Gather.apply(t, dim, index)
-    return t.index_select(dim, index)
+def gather_scaled(t: Tensor, dims: list[tuple[int, Tensor]], scale: Tensor | None = None) -> Tensor:
+    """``t``'s entries at ``dims`` (``[(dim, sorted unique indices)]``), rows scaled by ``scale``.
+
+    Differentiable in ``t`` and ``scale``: gradients flow back into the full-size ``t``.
+    """
+    if scale is not None:
+        scale = scale.to(t.dtype)
+    if torch.is_grad_enabled() and (t.requires_grad or (scale is not None and scale.requires_grad)):
+        return _GatherScaled.apply(t, scale, tuple(d for d, _ in dims), *(i for _, i in dims))
+    out = t
+    for dim, index in dims:
+        out = out.index_select(dim, index)
+    return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
 
 
 class CompactForward:
@@ -310,14 +342,12 @@ class CompactForward:
         full = store[spec.attr]
         if full is None:
             return
-        compact = full
-        for dim, index in spec.dims:
-            compact = gather(compact, dim, index)
+        scale = None
         if spec.fold is not None:
             scale = scales.get(id(spec.fold))
             if scale is None:
                 scale = scales[id(spec.fold)] = self._vector(spec.fold.parts, values, self._plan)
-            compact = compact * scale.to(compact.dtype).view(-1, *([1] * (compact.dim() - 1)))
+        compact = gather_scaled(full, spec.dims, scale)
         store[spec.attr] = compact
         swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
 
