@@ -89,6 +89,7 @@ class _Plan:
 
     mask: Tensor  # the concatenated open masks it was built for
     kept: dict[str, Tensor]  # group key -> kept channel indices
+    padded: dict[str, bool]  # group key -> whether closed channels are among the kept ones
     swaps: list[_SwapSpec]  # every tensor replaced in the forward
     # buffer name -> (its entries of open channels, their positions in the compact buffer)
     write_back: dict[str, tuple[Tensor, Tensor]]
@@ -358,7 +359,9 @@ class CompactForward:
             g = gate()
             if plan.kept[key].numel() != g.numel():
                 g = g.index_select(0, plan.kept[key])
-            values[key] = torch.where(g != 0, g, g.detach())
+            if plan.padded.get(key, True):  # kept closed channels (padding, or a group kept at one channel)
+                g = torch.where(g != 0, g, g.detach())
+            values[key] = g
         return values
 
     def _vector(self, parts: Parts, values: dict[str, Tensor], plan: _Plan | None) -> Tensor:
@@ -424,7 +427,8 @@ class CompactForward:
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
-        return _Plan(mask.clone(), kept, swaps, write_back, attributes, seconds)
+        padded = {key: kept[key].numel() != open_only[key].numel() for key in kept}
+        return _Plan(mask.clone(), kept, padded, swaps, write_back, attributes, seconds)
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""
