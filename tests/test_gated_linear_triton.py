@@ -312,6 +312,14 @@ def _bad_call(**overrides):
     return args
 
 
+def _on_device(value):
+    """A CPU tensor moved to DEVICE with its strides kept (non-contiguous stays non-contiguous)."""
+    if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or DEVICE == "cpu":
+        return value
+    out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=DEVICE)
+    return out.copy_(value)
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
@@ -334,14 +342,6 @@ def _bad_call(**overrides):
         ({"mode": "none"}, ValueError, "mode must be one of"),
     ],
 )
-def _on_device(value):
-    """A CPU tensor moved to DEVICE with its strides kept (non-contiguous stays non-contiguous)."""
-    if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or DEVICE == "cpu":
-        return value
-    out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=DEVICE)
-    return out.copy_(value)
-
-
 def test_bad_inputs(overrides, error, match):
     args = _bad_call(**{name: _on_device(value) for name, value in overrides.items()})
     with pytest.raises(error, match=match):
