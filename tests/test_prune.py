@@ -316,21 +316,39 @@ def test_user_net_groups_and_warning():
     assert "model output" in bank.skipped["head"]
 
 
-def test_unsupported_coupling_is_a_barrier_not_an_error():
-    class SEOverConcat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
-            self.se = nn.Conv2d(6, 6, 1)
-            self.out = nn.Conv2d(6, 3, 1)
+class SEOverConcat(nn.Module):
+    """Squeeze-excite over a concatenation: the SE conv's output must be cut to match the concat's parts."""
 
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+        self.se = nn.Conv2d(6, 6, 1)
+        self.out = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+
+
+def test_coupling_of_differently_cut_channels_cuts_the_producer():
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(SEOverConcat(), x)
+    assert sorted(info.producers for info in bank.groups) == [("a", "se"), ("b", "se")]
+    assert sorted(info.size for info in bank.groups) == [2, 4]
+    _check_export(model, bank, x)
+
+
+def test_unsupported_coupling_is_a_barrier_not_an_error():
+    class Flip(SEOverConcat):
         def forward(self, x):
             y = torch.cat([self.a(x), self.b(x)], 1)
-            return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+            return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))).flip(1))
 
     x = torch.randn(2, 3, 4, 4)
-    with pytest.warns(UserWarning, match="differently arranged channels"):
-        model, bank = tg.attach_gates(SEOverConcat(), x)
+    with pytest.warns(UserWarning, match="'flip'"):
+        model, bank = tg.attach_gates(Flip(), x)
     assert {"a", "b", "se"} <= set(bank.skipped)
     _check_export(model, bank, x) if bank.groups else _assert_plain(tg.export(model))
 

@@ -25,7 +25,7 @@ from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.prune.analysis import Analysis, analyze, record_shapes, trace
+from tg_kernels.prune.analysis import Analysis, analyze, analyze_export, export_trace, record_shapes, trace
 
 BANK_NAME = "tg_gates"
 
@@ -145,25 +145,68 @@ def _unique_key(name: str, taken: set[str]) -> str:
     return candidate
 
 
+TRACERS = ("auto", "export", "fx")
+
+
+def _analyse(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    excluded: set[str],
+    tracer: str,
+) -> tuple[Analysis | None, set[str], str | None]:
+    """(analysis or None, opaque submodules, why tracing failed) with the chosen tracer.
+
+    ``"auto"`` reads the ``torch.export`` graph and falls back to torch.fx (which can keep
+    untraceable submodules opaque) when torch.export cannot trace the model.
+    """
+    export_error: Exception | None = None
+    if tracer in ("auto", "export"):
+        try:
+            traced = export_trace(model, inputs, kwargs)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: try the next tracer
+            export_error = error
+            if tracer == "export":
+                return None, set(), f"torch.export failed: {type(error).__name__}: {error}"
+        else:
+            return analyze_export(model, traced, excluded), set(), None
+    if kwargs:
+        reason = "torch.fx cannot pass keyword inputs (example_kwargs)"
+        if export_error is not None:
+            reason = f"torch.export failed ({type(export_error).__name__}: {export_error}) and {reason}"
+        return None, set(), reason
+    try:
+        graph, opaque = trace(model)
+    except Exception as error:  # noqa: BLE001
+        return None, set(), f"{type(error).__name__}: {error}"
+    shapes, module_flops = record_shapes(model, graph, inputs)
+    return analyze(model, graph, shapes, excluded, module_flops), opaque, None
+
+
 def attach_gates(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Any, ...],
+    example_inputs: Tensor | tuple[Any, ...] = (),
     *,
+    example_kwargs: dict[str, Any] | None = None,
     skip: str = "exact",
     exclude: Iterable[str | type] | None = None,
     gate_shape: str | ShapeFn | None = None,
     gate_M: float | None = None,
     gate_init: float = 0.5,
+    tracer: str = "auto",
 ) -> tuple[nn.Module, GateBank]:
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
     Args:
         model: any ``nn.Module``; it is modified in place (a copy is not made).
         example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
+        example_kwargs: keyword inputs of the forward (``input_ids=...`` for Hugging Face models).
         skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
             (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
         exclude: submodule names or module classes whose output channels stay ungated.
         gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
+        tracer: ``"auto"`` (the ``torch.export`` graph, falling back to torch.fx where torch.export
+            cannot trace the model), ``"export"`` or ``"fx"``.
 
     Returns:
         The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
@@ -181,20 +224,21 @@ def attach_gates(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     excluded = _excluded_names(model, exclude)
 
-    try:
-        graph, opaque = trace(model)
-    except Exception as error:
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    analysis, opaque, failure = _analyse(model, inputs, dict(example_kwargs or {}), excluded, tracer)
+    if analysis is None:
         warnings.warn(
-            f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({type(error).__name__}: "
-            f"{error}); the model stays ungated",
+            f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({failure}); "
+            "the model stays ungated",
             stacklevel=2,
         )
         bank = GateBank({})
-        bank.skipped[type(model).__name__] = f"untraceable forward: {error}"
+        bank.skipped[type(model).__name__] = f"untraceable forward: {failure}"
         model.add_module(BANK_NAME, bank)
         return model, bank
-    shapes, module_flops = record_shapes(model, graph, inputs)
-    analysis = analyze(model, graph, shapes, excluded, module_flops)
 
     taken: set[str] = set()
     sizes = {group.space: group.size for group in analysis.groups}
