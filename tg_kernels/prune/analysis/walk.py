@@ -128,12 +128,38 @@ class Walk:
         for part, source in zip(info.parts, info.nonzero):
             if source is None or self.spaces.is_fixed(part):
                 continue
-            name = self.hookable(source) if isinstance(source, fx.Node) else None
+            name = self._regate_point(source) if isinstance(source, fx.Node) else None
             if name is not None and info.repeat == 1:
                 self.new_gate_points.add(name)
             else:
                 where = source.name if isinstance(source, fx.Node) else str(source)
                 self.fix([part], f"{reader} reads it after '{where}', which makes zeros non-zero")
+
+    def _regate_point(self, source: fx.Node) -> str | None:
+        """A module to gate again after ``source``: one that returns it, or returns the activation
+        chain that is all ``source`` feeds (timm's ``BatchNormAct2d`` applies its act inside)."""
+        node = source
+        while True:
+            name = self.hookable(node)
+            if name is not None:
+                return name
+            users = list(node.users)
+            if len(users) != 1 or _op_name(users[0]) not in ACTIVATION_OPS or users[0].args[0] is not node:
+                return None
+            node = users[0]
+
+    def _fold_for(self, name: str, node: fx.Node) -> str | None:
+        """The module whose rows export may scale by a regate's values: the gated module itself, or
+        the batch norm that the activations before ``node`` read."""
+        if _foldable(self.module_of(name)):
+            return name
+        while _op_name(node) in ACTIVATION_OPS and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        if _op_name(node) == "batch_norm":
+            stats = next((self.tensor_name(a) for a in node.args[1:5] if self.tensor_name(a)), None)
+            if stats is not None and _foldable(self.module_of(self.owner(stats))):
+                return self.owner(stats)
+        return None
 
     def request_cuts(self, info: ChannelInfo, cuts: Sequence[int]) -> bool:
         """Ask the next walk to cut spaces at these channel offsets of ``info``; True if any is new."""
@@ -275,7 +301,7 @@ class Walk:
                     return info
                 self.needed[name] = any(s is not None for s in info.nonzero)
                 parts = tuple((p, self.spaces.size(p)) for p in info.parts)
-                fold = self.fold_of.get(name, name if _foldable(self.module_of(name)) else None)
+                fold = self.fold_of[name] if name in self.fold_of else self._fold_for(name, node)
                 self.points.append(GatePoint(name, info.dim, parts, False, fold))
                 return ChannelInfo(info.parts, info.dim, (None,) * len(info.parts), info.repeat)
         return info
