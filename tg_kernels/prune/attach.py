@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear
@@ -99,6 +101,80 @@ class InputGate:
 
     def __call__(self, like: Tensor) -> Tensor:
         return self.bank.vector(self.parts, like)
+
+
+class OpenChannelStats(TorchFunctionMode):
+    """Inside one module's forward: norms over gated channels use the open channels' statistics.
+
+    At full width closed channels are exact zeros, so a mean over the channel dim divides by the
+    full width where the exported model divides by the open count. While the module runs, this mode
+    turns ``F.layer_norm`` / ``torch.rms_norm`` over a gated width into their open-channel versions
+    and a ``mean`` over a gated dim into ``sum / open count``, which is what the exported model computes.
+    """
+
+    def __init__(self, bank: GateBank, parts_by_width: dict[int, Parts]) -> None:
+        super().__init__()
+        self.bank = bank
+        self.parts_by_width = parts_by_width
+
+    def _mask(self, like: Tensor) -> Tensor:
+        return self.bank.vector(self.parts_by_width[like.shape[-1]], like)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm) or func is getattr(F, "rms_norm", None):
+            x = args[0]
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            if isinstance(x, Tensor) and len(shape) == 1 and shape[0] in self.parts_by_width:
+                names = ("weight", "bias", "eps") if func is not getattr(F, "rms_norm", None) else ("weight", "eps")
+                values = dict(zip(names, args[2:]))
+                values.update({k: v for k, v in kwargs.items() if k in names})
+                return _open_norm(x, self._mask(x), values, centered="bias" in names)
+        elif func in (torch.mean, Tensor.mean) and (len(args) >= 2 or "dim" in kwargs):
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            dims = dim if isinstance(dim, (list, tuple)) else [dim]
+            if isinstance(x, Tensor) and len(dims) == 1 and isinstance(dims[0], int):
+                d = dims[0] % x.dim()
+                if x.shape[d] in self.parts_by_width:
+                    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+                    g = self.bank.vector(self.parts_by_width[x.shape[d]], x)
+                    count = g.sum().clamp_min(1.0)
+                    return x.sum(d, keepdim=keepdim) / count
+        return func(*args, **kwargs)
+
+
+def _open_norm(x: Tensor, g: Tensor, values: dict[str, Any], centered: bool) -> Tensor:
+    """LayerNorm (``centered``) or RMSNorm over the last dim, over the channels where ``g`` != 0."""
+    eps = values.get("eps")
+    eps = 1e-5 if eps is None else eps
+    count = g.sum().clamp_min(1.0)
+    if centered:
+        mean = (x * g).sum(-1, keepdim=True) / count
+        x = x - mean
+    var = (x * g).square().sum(-1, keepdim=True) / count
+    y = x * torch.rsqrt(var + eps)
+    if values.get("weight") is not None:
+        y = y * values["weight"]
+    if values.get("bias") is not None:
+        y = y + values["bias"]
+    return y
+
+
+class _EnterMode:
+    def __init__(self, mode: OpenChannelStats) -> None:
+        self.mode = mode
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        self.mode.__enter__()
+
+
+class _ExitMode:
+    def __init__(self, mode: OpenChannelStats) -> None:
+        self.mode = mode
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.mode.__exit__(None, None, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -275,6 +351,15 @@ def attach_gates(
         conv = model.get_submodule(name)
         if isinstance(conv, GatedConv2d):
             conv.input_gate = InputGate(bank, bank.parts(space_parts))
+    widths: dict[str, dict[int, Parts]] = {}
+    for name, space_parts in analysis.norms:  # norms over gated channels: open-channel statistics
+        parts = bank.parts(space_parts)
+        widths.setdefault(name, {})[sum(size for _, size in parts)] = parts
+    for name, by_width in widths.items():
+        mode = OpenChannelStats(bank, by_width)
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(_EnterMode(mode))
+        module.register_forward_hook(_ExitMode(mode), always_call=True)
     model.add_module(BANK_NAME, bank)
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers

@@ -221,6 +221,7 @@ def conv(w: Walk, node: fx.Node) -> Any:
             w.slice_tensor(weight, 0, x)
             w.slice_tensor(bias, 0, x)
             out = ChannelInfo(x.parts, 1, tuple(node if bias is not None else s for s in x.nonzero))
+        w.costed_nodes.add(node)
         parts = w.cost_parts(out, out_channels)
         per_out = 1.0 if bias else 0.0
         first = w.first_call(module)
@@ -241,6 +242,7 @@ def conv(w: Walk, node: fx.Node) -> Any:
     out = w.producer(node, module, out_channels, 1, fixed, foldable=not transposed)
     w.slice_tensor(weight, out_dim, out)
     w.slice_tensor(bias, 0, out)
+    w.costed_nodes.add(node)
     w.layers.append(
         LayerCost(
             module,
@@ -282,6 +284,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
     out = w.producer(node, module, out_features, len(out_shape) - 1)
     w.slice_tensor(weight, 0, out)
     w.slice_tensor(bias, 0, out)
+    w.costed_nodes.add(node)
     w.layers.append(
         LayerCost(
             module,
@@ -315,6 +318,146 @@ def batch_norm(w: Walk, node: fx.Node) -> Any:
     affine = 2.0 if tensors[0] is not None else 0.0
     w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
     return _nonzero(x, node)
+
+
+@_rule("instance_norm")
+def instance_norm(w: Walk, node: fx.Node) -> Any:
+    """Per channel over the spatial dims: like batch norm, and zero stays zero without an affine bias."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    tensors = [w.tensor_name(a) for a in node.args[1:5]]
+    if x.dim != 1 or x.repeat != 1 or any(a is not None and t is None for a, t in zip(node.args[1:5], tensors)):
+        w.barrier(node, f"instance norm at '{node.name}'")
+        return None
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    if tensors[0] is not None or tensors[1] is not None:
+        module = w.owner(tensors[0] or tensors[1])
+        parts = w.cost_parts(x, w.width(x))
+        w.layers.append(LayerCost(module, "norm", 0.0, 0.0, 2.0, parts, parts, True, w.first_call(module)))
+    return _nonzero(x, node) if tensors[1] is not None else x
+
+
+@_rule("layer_norm", "rms_norm")
+def layer_norm(w: Walk, node: fx.Node) -> Any:
+    """A norm over the channel dim: exact after export when it normalises over the open channels only
+    (attach gives it open-channel statistics at full width: ``Analysis.norms``)."""
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    normalized = list(arg(node, 1, "normalized_shape", ()))
+    names = ("weight", "bias") if _op_name(node) == "layer_norm" else ("weight",)
+    raw = [arg(node, 2 + i, n) for i, n in enumerate(names)]
+    tensors = [w.tensor_name(a) for a in raw]
+    module = next((w.owner(t) for t in tensors if t), None) or w.scope_module(node)
+    if (
+        x.dim != len(shape) - 1
+        or len(normalized) != 1
+        or x.repeat != 1
+        or module is None
+        or any(a is not None and t is None for a, t in zip(raw, tensors))
+        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+    ):
+        w.barrier(node, f"'{_op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
+        return None
+    w.need_zero(x, f"norm '{module}'")
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    parts = w.cost_parts(x, w.width(x))
+    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+    w.layers.append(
+        LayerCost(
+            module,
+            "norm",
+            0.0,
+            0.0,
+            float(sum(t is not None for t in tensors)),
+            parts,
+            parts,
+            True,
+            w.first_call(module),
+        )
+    )
+    return _nonzero(x, node)
+
+
+@_rule("embedding")
+def embedding(w: Walk, node: fx.Node) -> Any:
+    """A table lookup makes new channels (the table's columns), like a producer."""
+    weight = w.tensor_name(node.args[0])
+    out_shape = w.shape(node)
+    if weight is None or out_shape is None:
+        return None
+    module = w.owner(weight)
+    channels = out_shape[-1]
+    fixed = "embedding table read more than once (tied weights)" if w.t.reads.get(weight, 0) != 1 else None
+    out = w.producer(node, module, channels, len(out_shape) - 1, fixed, foldable=False)
+    w.slice_tensor(weight, 1, out)
+    rows = w.shape(node.args[0])[0]
+    w.layers.append(
+        LayerCost(
+            module,
+            "embedding",
+            0.0,
+            float(rows),
+            0.0,
+            ((None, 1, 1),),
+            w.cost_parts(out, channels),
+            False,
+            w.first_call(module),
+        )
+    )
+    return out
+
+
+@_rule("addmm", "mm", "matmul", "bmm")
+def matmul(w: Walk, node: fx.Node) -> Any:
+    """``x @ W`` with a parameter ``W`` (GPT-2's Conv1D: ``addmm(bias, x, W)``) is a linear layer
+    with the weight stored transposed; a product of two activations is a barrier for their channels."""
+    name = _op_name(node)
+    bias_node, x_node, weight_node = (
+        (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, *node.args[:2])
+    )
+    weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
+    x = w.tracked(x_node)
+    in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
+    if in_shape is None or out_shape is None or w_shape is None:
+        return None
+    w.flops_of[node] = 2.0 * math.prod(out_shape) * in_shape[-1]
+    if weight is None or len(w_shape) != 2 or (bias_node is not None and bias is None):
+        if x is not None or w.tracked(weight_node) is not None:
+            w.barrier(node, f"'{name}' of gated activations at '{node.name}'")
+        return None
+    module = w.owner(weight)
+    in_features, out_features = w_shape
+    tokens = math.prod(in_shape[:-1])
+    if x is not None:
+        w.need_zero(x, f"'{name}' with '{weight}'")
+        if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
+            w.slice_tensor(weight, 0, x)
+        else:
+            w.fix(x.parts, f"'{weight}' is read twice or across another dim")
+            x = None
+    out = w.producer(node, module, out_features, len(out_shape) - 1, foldable=False)
+    w.slice_tensor(weight, 1, out)
+    w.slice_tensor(bias, 0, out)
+    w.layers.append(
+        LayerCost(
+            module,
+            "linear",
+            2.0 * tokens,
+            1.0,
+            1.0 if bias else 0.0,
+            w.cost_parts(x, in_features),
+            w.cost_parts(out, out_features),
+            False,
+            w.first_call(module),
+        )
+    )
+    w.costed_nodes.add(node)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +513,11 @@ def pad(w: Walk, node: fx.Node) -> Any:
     amounts = arg(node, 1, "pad")
     if x is None:
         return None
-    if in_shape is None or not isinstance(amounts, (list, tuple)) or x.dim >= len(in_shape) - len(amounts) // 2:
+    if in_shape is None or not isinstance(amounts, (list, tuple)):
+        w.barrier(node, f"pad at '{node.name}'")
+        return None
+    from_end = len(in_shape) - 1 - x.dim  # pads come in (before, after) pairs from the last dim
+    if 2 * from_end + 1 < len(amounts) and (amounts[2 * from_end] != 0 or amounts[2 * from_end + 1] != 0):
         w.barrier(node, f"pad over the channel dim at '{node.name}'")
         return None
     if _op_name(node) == "constant_pad_nd":
@@ -472,6 +619,21 @@ def permute(w: Walk, node: fx.Node) -> Any:
     return x.with_dim(order.index(x.dim))
 
 
+@_rule("roll", "flip")
+def roll(w: Walk, node: fx.Node) -> Any:
+    """Moves entries along other dims than the channel dim."""
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    dims = arg(node, 2, "dims", None) if _op_name(node) == "roll" else arg(node, 1, "dims", None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or x.dim in {d % len(shape) for d in dims} or x.repeat != 1:
+        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        return None
+    return x
+
+
 @_rule("unsqueeze")
 def unsqueeze(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
@@ -524,6 +686,15 @@ def reduce(w: Walk, node: fx.Node) -> Any:
         return None
     dims = {d % len(in_shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     if x.dim in dims:
+        name = _op_name(node)
+        module = w.scope_module(node)
+        if name == "sum" or (name == "mean" and dims == {x.dim} and module is not None):
+            # With closed channels exactly zero, a sum over them is the exported model's sum; a mean
+            # is too once it divides by the open count, which attach arranges at full width.
+            w.need_zero(x, f"'{name}' over the channels at '{node.name}'")
+            if name == "mean":
+                w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+            return None
         w.barrier(node, f"reduction over the channel dim at '{node.name}'")
         return None
     return x if keepdim else x.with_dim(x.dim - sum(1 for d in dims if d < x.dim))

@@ -66,6 +66,7 @@ class Walk:
         self.fold_of: dict[str, str | None] = {}
         self.flops_of: dict[fx.Node, float] = {}  # every op's FLOPs, for the coverage report
         self.node_reason: dict[fx.Node, str] = {}
+        self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
         self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
 
     # ---- names and values ----
@@ -116,6 +117,15 @@ class Walk:
     def fix(self, parts: Sequence[int], reason: str) -> None:
         self.spaces.fix(parts, reason)
 
+    def scope_module(self, node: fx.Node) -> str | None:
+        """The innermost module, called once, whose forward runs ``node``."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for entry in reversed(list(stack.values())):
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            if path and self.t.calls.get(path, 0) == 1:
+                return path
+        return None
+
     def hookable(self, node: fx.Node) -> str | None:
         """The innermost module, called once, whose call returns exactly ``node`` (None if none)."""
         for name in self.t.output_of.get(node, ()):
@@ -144,7 +154,7 @@ class Walk:
             if name is not None:
                 return name
             users = list(node.users)
-            if len(users) != 1 or _op_name(users[0]) not in ACTIVATION_OPS or users[0].args[0] is not node:
+            if len(users) != 1 or _op_name(users[0]) not in PASS_OPS or users[0].args[0] is not node:
                 return None
             node = users[0]
 
@@ -153,7 +163,7 @@ class Walk:
         the batch norm that the activations before ``node`` read."""
         if _foldable(self.module_of(name)):
             return name
-        while _op_name(node) in ACTIVATION_OPS and node.args and isinstance(node.args[0], fx.Node):
+        while _op_name(node) in PASS_OPS and node.args and isinstance(node.args[0], fx.Node):
             node = node.args[0]
         if _op_name(node) == "batch_norm":
             stats = next((self.tensor_name(a) for a in node.args[1:5] if self.tensor_name(a)), None)
@@ -334,9 +344,15 @@ ACTIVATION_OPS = {
 }
 
 
+# Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
+PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
+
+
 def _foldable(module: nn.Module | None) -> bool:
     if isinstance(module, nn.modules.conv._ConvNd):
         return not module.transposed
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine and getattr(module, "bias", None) is not None
     return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine)
 
 
@@ -472,6 +488,21 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         for name, param in model.named_parameters()
         if name not in counted and (name.rsplit(".", 1)[0] if "." in name else "") not in counted
     )
+    other_flops = w.other_flops
+    for node in trace.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node)
+        if name == "scaled_dot_product_attention":
+            q, k, v = (trace.shape(a) for a in node.args[:3])
+            if q is not None and k is not None and v is not None:
+                w.flops_of[node] = 2.0 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        elif name in ("baddbmm", "einsum") and trace.shape(node) is not None:
+            shapes = [trace.shape(a) for a in node.all_input_nodes]
+            if name == "baddbmm" and len(shapes) == 3 and shapes[1] is not None:
+                w.flops_of[node] = 2.0 * math.prod(trace.shape(node)) * shapes[1][-1]
+        if node in w.flops_of and node not in w.costed_nodes:
+            other_flops += w.flops_of[node]
     total = sum(w.flops_of.values())
     covered = sum(lc.flops_per_pair * _pairs(lc) for lc in layers if _gated(lc))
     uncovered: dict[str, float] = {}
@@ -487,7 +518,7 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         barriers=list(dict.fromkeys(w.barriers)),
         root_of=root_of,
         other_params=other_params,
-        other_flops=w.other_flops,
+        other_flops=other_flops,
         after_norm=[(name, space) for name, space in w.after_norm if space in root_of],
         conv_inputs=[
             (name, tuple((root_of.get(s), size) for s, size in parts))
