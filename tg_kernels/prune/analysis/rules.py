@@ -204,7 +204,7 @@ def conv(w: Walk, node: fx.Node) -> Any:
         if x is not None:
             w.barrier(node, f"convolution with a computed weight at '{node.name}'")
         return None
-    module = w.owner(weight)
+    module = w.module_reading(weight, node)
     out_channels = out_shape[1]
     in_channels = w_shape[0] if transposed else w_shape[1] * groups
     spatial = math.prod(out_shape[:1] + out_shape[2:])
@@ -270,7 +270,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
         if x is not None:
             w.barrier(node, f"linear with a computed weight at '{node.name}'")
         return None
-    module = w.owner(weight)
+    module = w.module_reading(weight, node)
     out_features, in_features = w_shape
     tokens = math.prod(in_shape[:-1])
     w.flops_of[node] = 2.0 * tokens * in_features * out_features
@@ -390,7 +390,7 @@ def embedding(w: Walk, node: fx.Node) -> Any:
     out_shape = w.shape(node)
     if weight is None or out_shape is None:
         return None
-    module = w.owner(weight)
+    module = w.module_reading(weight, node)
     channels = out_shape[-1]
     fixed = "embedding table read more than once (tied weights)" if w.t.reads.get(weight, 0) != 1 else None
     out = w.producer(node, module, channels, len(out_shape) - 1, fixed, foldable=False)
@@ -430,7 +430,7 @@ def matmul(w: Walk, node: fx.Node) -> Any:
         if x is not None or w.tracked(weight_node) is not None:
             w.barrier(node, f"'{name}' of gated activations at '{node.name}'")
         return None
-    module = w.owner(weight)
+    module = w.module_reading(weight, node)
     in_features, out_features = w_shape
     tokens = math.prod(in_shape[:-1])
     if x is not None:
@@ -585,7 +585,10 @@ def flatten(w: Walk, node: fx.Node) -> Any:
         return x
     if x.dim > end:
         return x.with_dim(x.dim - (end - start))
-    if math.prod(in_shape[start : x.dim]) != 1:
+    lead = math.prod(in_shape[start : x.dim])
+    if lead != 1:
+        if x.dim == end and x.repeat == 1:  # channels last in the merged dims: the spaces repeat (Swin)
+            return ChannelInfo(x.parts * lead, start, x.nonzero * lead)
         w.barrier(node, f"flatten of the channel dim with leading dims at '{node.name}'")
         return None
     return x.with_dim(start, x.repeat * math.prod(in_shape[x.dim + 1 : end + 1]))

@@ -79,6 +79,13 @@ class Walk:
     def owner(self, tensor: str) -> str:
         return tensor.rpartition(".")[0]
 
+    def module_reading(self, tensor: str, node: fx.Node) -> str:
+        """The module a layer op belongs to: its weight's owner, or, for a weight that several ops
+        read (tied embeddings), the module running this op."""
+        if self.t.reads.get(tensor, 0) > 1:
+            return self.scope_module(node) or f"{self.owner(tensor)}@{node.name}"
+        return self.owner(tensor)
+
     def tracked(self, arg: Any) -> ChannelInfo | None:
         value = self.info.get(arg) if isinstance(arg, fx.Node) else None
         return value if isinstance(value, ChannelInfo) else None
