@@ -13,6 +13,8 @@ backward (``exact``) or everywhere (``hard``).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -221,6 +223,177 @@ def _unique_key(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def _install(
+    model: nn.Module,
+    analysis: Analysis,
+    opaque: set[str],
+    skip: str,
+    gate_options: dict[str, Any],
+) -> GateBank:
+    """Put the gates the analysis placed into ``model`` (in place) and return their bank."""
+    taken: set[str] = set()
+    sizes = {group.space: group.size for group in analysis.groups}
+    keys = {group.space: _unique_key(group.name, taken) for group in analysis.groups}
+    param = next(model.parameters(), None)
+    bank = GateBank({keys[s]: n for s, n in sizes.items()}, **gate_options)
+    if param is not None:
+        bank.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+    bank.analysis = analysis
+    bank.key_of_space = {space: keys[root] for space, root in analysis.root_of.items()}
+    bank.groups = [GroupInfo(keys[g.space], g.size, tuple(g.producers)) for g in analysis.groups]
+    bank.skipped = dict(analysis.fixed)
+    for leaf in sorted(opaque):
+        bank.skipped[leaf] = "untraceable code (kept as an opaque module)"
+
+    for point in analysis.gate_points:
+        parts = bank.parts(point.parts)
+        module = model.get_submodule(point.module)
+        if point.replace:
+            gated_cls = GatedConv2d if isinstance(module, nn.Conv2d) else GatedLinear
+            make = gated_cls.from_conv if gated_cls is GatedConv2d else gated_cls.from_linear
+            gated = make(module, skip=skip)
+            gated.gate = bank.gates[parts[0][0]]
+            gated.train(module.training)
+            set_submodule(model, point.module, gated)
+        else:
+            module.register_forward_hook(GateHook(bank, parts, point.dim, hard=skip == "hard"))
+    for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
+        conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
+        conv.gate = bank.gates[bank.key_of_space[space]]
+        conv.train(model.get_submodule(name).training)
+        set_submodule(model, name, conv)
+    for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
+        conv = model.get_submodule(name)
+        if isinstance(conv, GatedConv2d):
+            conv.input_gate = InputGate(bank, bank.parts(space_parts))
+    widths: dict[str, dict[int, Parts]] = {}
+    for name, space_parts in analysis.norms:  # norms over gated channels: open-channel statistics
+        parts = bank.parts(space_parts)
+        widths.setdefault(name, {})[sum(size for _, size in parts)] = parts
+    for name, by_width in widths.items():
+        mode = OpenChannelStats(bank, by_width)
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(_EnterMode(mode))
+        module.register_forward_hook(_ExitMode(mode), always_call=True)
+    model.add_module(BANK_NAME, bank)
+
+    return bank
+
+
+def _leaves(value: Any) -> list[Tensor]:
+    """The floating-point tensors in a model output (tensors, tuples, dicts, Hugging Face outputs)."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
+    """The analysis with the groups whose space is in ``bad`` kept whole (ungated) for ``reason``."""
+    root_of = {s: r for s, r in analysis.root_of.items() if r not in bad}
+
+    def parts2(parts):
+        return tuple((r if r in root_of.values() else None, n) for r, n in parts)
+
+    def parts3(parts):
+        return tuple((s if s is not None and s in root_of else None, n, k) for s, n, k in parts)
+
+    fixed = dict(analysis.fixed)
+    for g in analysis.groups:
+        if g.space in bad:
+            for p in g.producers:
+                fixed[p] = reason
+    points = []
+    for gp in analysis.gate_points:
+        parts = parts2(gp.parts)
+        if any(r is not None for r, _ in parts):
+            points.append(dataclasses.replace(gp, parts=parts, replace=gp.replace and parts[0][0] is not None))
+    return dataclasses.replace(
+        analysis,
+        groups=[g for g in analysis.groups if g.space not in bad],
+        gate_points=points,
+        layers=[
+            dataclasses.replace(lc, in_parts=parts3(lc.in_parts), out_parts=parts3(lc.out_parts))
+            for lc in analysis.layers
+        ],
+        fixed=fixed,
+        root_of=root_of,
+        after_norm=[(n, s) for n, s in analysis.after_norm if s in root_of],
+        conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
+        norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
+    )
+
+
+def _export_differs(
+    model: nn.Module, analysis: Analysis, inputs: tuple[Any, ...], kwargs: dict[str, Any], closed: set[int]
+) -> bool:
+    """Gate a float64 copy, close a random half of the groups in ``closed``; does export change the output?"""
+    from tg_kernels.prune.export import export
+
+    trial = copy.deepcopy(model).double().eval()
+    bank = _install(trial, analysis, set(), "none", {})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for group in analysis.groups:
+            gate = bank.gates[bank.key_of_space[group.space]]
+            gate.weight.fill_(0.5)
+            if group.space in closed and group.size > 1:
+                gate.weight[torch.randperm(group.size, generator=g)[: group.size // 2]] = -0.5
+        args = tuple(a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs)
+        kw = {k: v.double() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        try:
+            expected = _leaves(trial(*args, **kw))
+            actual = _leaves(export(trial)(*args, **kw))
+        except Exception:  # noqa: BLE001 - an export that cannot run is a mismatch
+            return True
+    if len(expected) != len(actual):
+        return True
+    for e, a in zip(expected, actual):
+        if e.shape != a.shape:
+            return True
+        scale = e.abs().max().clamp_min(1e-30)
+        if not torch.allclose(a / scale, e / scale, rtol=0, atol=1e-6):
+            return True
+    return False
+
+
+def _self_check(
+    model: nn.Module, analysis: Analysis, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Analysis, list[str]]:
+    """Verify that export equals the gated model with half of every group closed; keep failing groups whole.
+
+    Failing groups are found by halving the set of closed groups. Returns the (possibly reduced)
+    analysis and the names of the groups kept whole.
+    """
+    spaces = [g.space for g in analysis.groups]
+    if not spaces or not _export_differs(model, analysis, inputs, kwargs, set(spaces)):
+        return analysis, []
+    bad: set[int] = set()
+
+    def search(candidates: list[int]) -> None:
+        if not _export_differs(model, analysis, inputs, kwargs, set(candidates)):
+            return
+        if len(candidates) == 1:
+            bad.add(candidates[0])
+            return
+        half = len(candidates) // 2
+        search(candidates[:half])
+        search(candidates[half:])
+
+    half = len(spaces) // 2
+    search(spaces[:half])
+    search(spaces[half:])
+    if not bad:  # only closing several groups together fails: keep them all whole
+        bad = set(spaces)
+    names = [g.name for g in analysis.groups if g.space in bad]
+    return _without_groups(
+        analysis, bad, "self-check: the exported model differed when these channels were removed"
+    ), names
+
+
 TRACERS = ("auto", "export", "fx")
 
 
@@ -270,6 +443,7 @@ def attach_gates(
     gate_M: float | None = None,
     gate_init: float = 0.5,
     tracer: str = "auto",
+    self_check: bool = True,
 ) -> tuple[nn.Module, GateBank]:
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
@@ -283,6 +457,10 @@ def attach_gates(
         gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
         tracer: ``"auto"`` (the ``torch.export`` graph, falling back to torch.fx where torch.export
             cannot trace the model), ``"export"`` or ``"fx"``.
+        self_check: verify the analysis on the example inputs before gating: with a random half
+            of every group closed, the exported model must compute what the gated model computes
+            (in float64, on a copy). Groups that break it are found by halving, kept whole and named
+            in a warning. It costs a few exports of the model; turn it off for very large models.
 
     Returns:
         The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
@@ -316,51 +494,18 @@ def attach_gates(
         model.add_module(BANK_NAME, bank)
         return model, bank
 
-    taken: set[str] = set()
-    sizes = {group.space: group.size for group in analysis.groups}
-    keys = {group.space: _unique_key(group.name, taken) for group in analysis.groups}
-    param = next(model.parameters(), None)
-    bank = GateBank({keys[s]: n for s, n in sizes.items()}, shape=gate_shape, M=gate_M, init=gate_init)
-    if param is not None:
-        bank.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-    bank.analysis = analysis
-    bank.key_of_space = {space: keys[root] for space, root in analysis.root_of.items()}
-    bank.groups = [GroupInfo(keys[g.space], g.size, tuple(g.producers)) for g in analysis.groups]
-    bank.skipped = dict(analysis.fixed)
-    for leaf in sorted(opaque):
-        bank.skipped[leaf] = "untraceable code (kept as an opaque module)"
-
-    for point in analysis.gate_points:
-        parts = bank.parts(point.parts)
-        module = model.get_submodule(point.module)
-        if point.replace:
-            gated_cls = GatedConv2d if isinstance(module, nn.Conv2d) else GatedLinear
-            make = gated_cls.from_conv if gated_cls is GatedConv2d else gated_cls.from_linear
-            gated = make(module, skip=skip)
-            gated.gate = bank.gates[parts[0][0]]
-            gated.train(module.training)
-            set_submodule(model, point.module, gated)
-        else:
-            module.register_forward_hook(GateHook(bank, parts, point.dim, hard=skip == "hard"))
-    for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
-        conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
-        conv.gate = bank.gates[bank.key_of_space[space]]
-        conv.train(model.get_submodule(name).training)
-        set_submodule(model, name, conv)
-    for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
-        conv = model.get_submodule(name)
-        if isinstance(conv, GatedConv2d):
-            conv.input_gate = InputGate(bank, bank.parts(space_parts))
-    widths: dict[str, dict[int, Parts]] = {}
-    for name, space_parts in analysis.norms:  # norms over gated channels: open-channel statistics
-        parts = bank.parts(space_parts)
-        widths.setdefault(name, {})[sum(size for _, size in parts)] = parts
-    for name, by_width in widths.items():
-        mode = OpenChannelStats(bank, by_width)
-        module = model.get_submodule(name)
-        module.register_forward_pre_hook(_EnterMode(mode))
-        module.register_forward_hook(_ExitMode(mode), always_call=True)
-    model.add_module(BANK_NAME, bank)
+    self_checked: list[str] = []
+    if self_check and analysis.groups:
+        analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
+    bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
+    if self_checked:
+        warnings.warn(
+            "tg_kernels.attach_gates: the self-check found that removing channels of these groups changes "
+            f"the model's output, so they stay whole: {', '.join(self_checked[:8])}"
+            + (f" and {len(self_checked) - 8} more" if len(self_checked) > 8 else "")
+            + " (a size read of a gated dim, or code the analysis misread)",
+            stacklevel=2,
+        )
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers
     if unhandled:

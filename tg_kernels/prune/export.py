@@ -124,6 +124,9 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
             module.groups = module.in_channels = module.out_channels
         else:
             module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):  # transposed: weight is (in, out / groups, *kernel)
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):

@@ -190,13 +190,13 @@ def _offsets(sizes: list[int]) -> set[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-@_rule("conv1d", "conv2d", "conv3d", "convolution")
+@_rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv(w: Walk, node: fx.Node) -> Any:
     name = _op_name(node)
     x_node, weight_node = node.args[0], node.args[1]
     bias_node = arg(node, 2, "bias")
     groups = arg(node, 8 if name == "convolution" else 6, "groups", 1)
-    transposed = bool(arg(node, 6, "transposed", False)) if name == "convolution" else False
+    transposed = bool(arg(node, 6, "transposed", False)) if name == "convolution" else name.startswith("conv_transpose")
     weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
     x = w.tracked(x_node)
     out_shape, w_shape = w.shape(node), w.shape(weight_node)
@@ -207,7 +207,8 @@ def conv(w: Walk, node: fx.Node) -> Any:
     module = w.module_reading(weight, node)
     out_channels = out_shape[1]
     in_channels = w_shape[0] if transposed else w_shape[1] * groups
-    spatial = math.prod(out_shape[:1] + out_shape[2:])
+    positions = w.shape(x_node) if transposed else out_shape  # a transposed conv's cost follows its input
+    spatial = math.prod(positions[:1] + positions[2:]) if positions is not None else 0
     kernel = math.prod(w_shape[2:])
     w.flops_of[node] = 2.0 * spatial * kernel * in_channels * out_channels / groups
     reused = w.t.reads.get(weight, 0) > 1
@@ -266,6 +267,8 @@ def linear(w: Walk, node: fx.Node) -> Any:
     weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
     x = w.tracked(x_node)
     in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
+    if in_shape is not None and w_shape is not None:
+        w.flops_of[node] = 2.0 * math.prod(in_shape[:-1]) * math.prod(w_shape)
     if weight is None or in_shape is None or out_shape is None or (bias_node is not None and bias is None):
         if x is not None:
             w.barrier(node, f"linear with a computed weight at '{node.name}'")
@@ -273,7 +276,6 @@ def linear(w: Walk, node: fx.Node) -> Any:
     module = w.module_reading(weight, node)
     out_features, in_features = w_shape
     tokens = math.prod(in_shape[:-1])
-    w.flops_of[node] = 2.0 * tokens * in_features * out_features
     if x is not None:
         w.need_zero(x, f"Linear '{module}'")
         if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
@@ -788,8 +790,15 @@ def split(w: Walk, node: fx.Node) -> Any:
 def slice_(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     shape = w.shape(node.args[0])
-    if x is None or shape is None:
+    if shape is None:
         return None
+    if x is None:  # a slice of a parameter (a position table cut to the sequence length)
+        pv = w.param_view(node.args[0])
+        if pv is None:
+            return None
+        dim = arg(node, 1, "dim", 0) % len(shape)
+        same = w.shape(node) == shape
+        return ParamView(pv.name, tuple(d if (i != dim or same) else None for i, d in enumerate(pv.dims)))
     dim = arg(node, 1, "dim", 0) % len(shape)
     start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
     start, end, _ = slice(start, end, step).indices(shape[dim])
