@@ -75,6 +75,7 @@ def _check(name: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
         model, bank = tg.attach_gates(model, args, example_kwargs=kwargs)
     assert bank.analysis.tracer == "export"
     assert len(bank.groups) > 0
+    assert 0 < bank.analysis.coverage <= 1 and "gates control" in bank.coverage()
     budget = tg.Budget(model)
     assert budget.usage().full_flops == pytest.approx(full_macs, rel=0.02)
     _close_half(bank)

@@ -74,6 +74,18 @@ class GateBank(nn.Module):
         total = sum(g.num_channels for g in self.gates.values())
         return sum(g.num_open() for g in self.gates.values()) / total if total else 1.0
 
+    def coverage(self, max_reasons: int = 10) -> str:
+        """Which share of the model's FLOPs (for the example inputs) the gates control, and why the
+        rest is fixed, largest first."""
+        if self.analysis is None:
+            return "no analysis: the model could not be traced"
+        a = self.analysis
+        lines = [f"gates control {a.coverage:.1%} of the FLOPs ({a.tracer} graph); the rest is fixed because:"]
+        total = sum(a.uncovered.values()) / (1 - a.coverage) if a.coverage < 1 else 0.0
+        for reason, flops in sorted(a.uncovered.items(), key=lambda kv: -kv[1])[:max_reasons]:
+            lines.append(f"  {flops / total if total else 0.0:6.1%}  {reason}")
+        return "\n".join(lines)
+
     def extra_repr(self) -> str:
         return f"groups={len(self.gates)}, channels={sum(g.num_channels for g in self.gates.values())}"
 

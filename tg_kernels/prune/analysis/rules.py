@@ -534,7 +534,7 @@ def pad(w: Walk, node: fx.Node) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-@_rule("view", "reshape", "_unsafe_view")
+@_rule("view", "reshape", "_unsafe_view", "unflatten")
 def reshape(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     in_shape, out_shape = w.shape(node.args[0]), w.shape(node)

@@ -510,13 +510,18 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
                 w.flops_of[node] = 2.0 * math.prod(trace.shape(node)) * shapes[1][-1]
         if node in w.flops_of and node not in w.costed_nodes:
             other_flops += w.flops_of[node]
-    total = sum(w.flops_of.values())
-    covered = sum(lc.flops_per_pair * _pairs(lc) for lc in layers if _gated(lc))
+    covered = 0.0
     uncovered: dict[str, float] = {}
-    for node, f in w.flops_of.items():
-        reason = w.node_reason.get(node)
-        if reason is not None:
+    for lc in layers:
+        f = lc.flops_per_pair * _pairs(lc)
+        if _gated(lc):
+            covered += f
+        elif f:
+            reason = fixed.get(lc.module, "its channels are never gated")
             uncovered[reason] = uncovered.get(reason, 0.0) + f
+    if other_flops:
+        uncovered["attention and other ops whose cost does not depend on gates"] = other_flops
+    total = covered + sum(uncovered.values())
     return Analysis(
         groups=list(groups.values()),
         gate_points=list(points.values()),
