@@ -597,3 +597,41 @@ def test_pooling_upsampling_and_padding_keep_channels_gated():
     assert {"enc.0", "dec.0"} <= producers
     assert any("down.1" in info.producers and "mid" in info.producers for info in bank.groups)
     assert "model output" in bank.skipped["head"]
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
+        (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32)),
+        (lambda: resnet_cifar(depth=8), (1, 3, 16, 16)),
+        (TinyUNet, (2, 3, 8, 8)),
+    ],
+    ids=["resnet18", "mobilenet_v2", "resnet8_cifar", "tiny_unet"],
+)
+def test_export_graph_gives_the_groups_of_the_fx_analysis(build, shape):
+    """The torch.export analysis reproduces the torch.fx one: groups, slices, gate points, costs."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    results = []
+    for tracer in ("fx", "export"):
+        _, bank = _attach(build(), x, tracer=tracer, self_check=False)
+        a = bank.analysis
+        assert a.tracer == tracer
+        name = {g.space: g.producers[0] for g in a.groups}
+        results.append(
+            (
+                sorted(
+                    (tuple(g.producers), g.size, sorted({(s.target, s.dim, s.offset, s.repeat) for s in g.slices}))
+                    for g in a.groups
+                ),
+                sorted(
+                    (p.module, p.dim, tuple((name.get(r), n) for r, n in p.parts), p.replace, p.fold)
+                    for p in a.gate_points
+                ),
+                sorted((lc.module, lc.kind, lc.flops_per_pair, lc.params_per_pair, lc.bias_per_out) for lc in a.layers),
+                sorted(a.fixed),
+                a.other_params,
+            )
+        )
+    assert results[0] == results[1]
