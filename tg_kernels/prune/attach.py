@@ -342,10 +342,14 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
 def _export_differs(
     model: nn.Module, analysis: Analysis, inputs: tuple[Any, ...], kwargs: dict[str, Any], closed: set[int]
 ) -> bool:
-    """Gate a float64 copy, close a random half of the groups in ``closed``; does export change the output?"""
+    """Gate a copy, close a random half of the groups in ``closed``; does export change the output?
+
+    The check runs in the model's own dtype (float64 convolutions are slow on CPU); a misread
+    structure changes outputs by far more than rounding does.
+    """
     from tg_kernels.prune.export import export
 
-    trial = copy.deepcopy(model).double().eval()
+    trial = copy.deepcopy(model).eval()
     bank = _install(trial, analysis, set(), "none", {})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -354,11 +358,9 @@ def _export_differs(
             gate.weight.fill_(0.5)
             if group.space in closed and group.size > 1:
                 gate.weight[torch.randperm(group.size, generator=g)[: group.size // 2]] = -0.5
-        args = tuple(a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs)
-        kw = {k: v.double() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
         try:
-            expected = _leaves(trial(*args, **kw))
-            actual = _leaves(export(trial)(*args, **kw))
+            expected = _leaves(trial(*inputs, **kwargs))
+            actual = _leaves(export(trial)(*inputs, **kwargs))
         except Exception:  # noqa: BLE001 - an export that cannot run is a mismatch
             return True
     if len(expected) != len(actual):
@@ -367,7 +369,8 @@ def _export_differs(
         if e.shape != a.shape:
             return True
         scale = e.abs().max().clamp_min(1e-30)
-        if not torch.allclose(a / scale, e / scale, rtol=0, atol=1e-6):
+        tolerance = 1e-10 if e.dtype == torch.float64 else 1e-3  # removed channels change outputs by O(1)
+        if not torch.allclose(a / scale, e / scale, rtol=0, atol=tolerance):
             return True
     return False
 
@@ -471,7 +474,7 @@ def attach_gates(
             cannot trace the model), ``"export"`` or ``"fx"``.
         self_check: verify the analysis on the example inputs before gating: with a random half
             of every group closed, the exported model must compute what the gated model computes
-            (in float64, on a copy). Groups that break it are found by halving, kept whole and named
+            (on a copy, in the model's dtype). Groups that break it are found by halving, kept whole and named
             in a warning. It costs a few exports of the model; turn it off for very large models.
 
     Returns:
