@@ -213,3 +213,22 @@ def test_layer_norm_over_gated_channels_uses_open_statistics():
         exported = tg.export(model)
         torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
     assert exported.norm.normalized_shape == (4,)
+
+
+def test_per_channel_prelu_and_conv_transpose_export_exactly():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.ConvTranspose2d(8, 6, 4, 2, 1), nn.PReLU(6), nn.Conv2d(6, 2, 1)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(model, x)
+    assert sorted(g.producers for g in bank.groups) == [("0",), ("2",)]
+    _close_half(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[1].weight.numel() == 4 and exported[2].out_channels == 3
+    usage = tg.Budget(model).usage()
+    assert usage.flops == pytest.approx(_macs(exported.float(), (x,), {}), rel=1e-6)

@@ -85,6 +85,23 @@ def zero_preserving(w: Walk, node: fx.Node) -> Any:
     return x
 
 
+@_rule("prelu")
+def prelu(w: Walk, node: fx.Node) -> Any:
+    """PReLU keeps zeros; a per-channel slope (weight of C entries) is sliced with the channels."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    weight = w.tensor_name(node.args[1])
+    shape = w.shape(node.args[1])
+    if shape is None or math.prod(shape) == 1:
+        return x
+    if weight is None or x.dim != 1 or x.repeat != 1 or w.t.reads.get(weight, 0) != 1:
+        w.barrier(node, f"per-channel prelu at '{node.name}'")
+        return None
+    w.slice_tensor(weight, 0, x)
+    return x
+
+
 @_rule("sigmoid", "hardsigmoid", "exp", "softplus", "cos", "log_sigmoid", "pow")
 def nonzero_elementwise(w: Walk, node: fx.Node) -> Any:
     """Elementwise with f(0) != 0 (finite): closed channels become non-zero here."""
