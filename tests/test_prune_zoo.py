@@ -232,3 +232,20 @@ def test_per_channel_prelu_and_conv_transpose_export_exactly():
     assert exported[1].weight.numel() == 4 and exported[2].out_channels == 3
     usage = tg.Budget(model).usage()
     assert usage.flops == pytest.approx(_macs(exported.float(), (x,), {}), rel=1e-6)
+
+
+def test_grouped_convs_prune_group_aligned():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 4, 1),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    model, bank = tg.attach_gates(model, x)
+    assert sorted(g.size for g in bank.groups) == [2, 3]  # channel i of each of the 4 groups shares a gate
+    _close_half(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[3].groups == 4 and exported[3].in_channels == 4 and exported[3].out_channels == 8

@@ -99,7 +99,14 @@ class GateHook:
         self.dim = dim
         self.hard = hard
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if isinstance(output, (tuple, list)):  # (attn_output, None) from nn.MultiheadAttention
+            tensors = [i for i, o in enumerate(output) if isinstance(o, Tensor)]
+            if len(tensors) != 1:
+                raise TypeError(f"cannot gate the output of {type(module).__name__}: it returns several tensors")
+            items = list(output)
+            items[tensors[0]] = self(module, inputs, items[tensors[0]])
+            return type(output)(items) if isinstance(output, tuple) else items
         gate = self.bank.vector(self.parts, output)
         if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
             gate = torch.where(gate != 0, gate, gate.detach())

@@ -253,13 +253,21 @@ def conv(w: Walk, node: fx.Node) -> Any:
             w.slice_tensor(weight, in_dim, x)
             if name == "conv2d":
                 w.conv_inputs.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+        elif groups > 1 and not transposed and x.dim == 1 and x.repeat == 1 and not reused:
+            first = _group_aligned(w, node, x, groups)  # channel i of every group shares one gate
+            if first is not None:
+                w.slice_tensor(weight, 1, first)
+            else:
+                x = None
         else:
             w.fix(x.parts, f"input of grouped or reused conv '{module}'")
             x = None
-    fixed = "grouped conv output (groups are not pruned)" if groups > 1 else None
+    fixed = "grouped transposed conv output" if groups > 1 and transposed else None
     out = w.producer(node, module, out_channels, 1, fixed, foldable=not transposed)
     w.slice_tensor(weight, out_dim, out)
     w.slice_tensor(bias, 0, out)
+    if groups > 1 and not transposed:
+        _group_aligned(w, node, out, groups)
     w.costed_nodes.add(node)
     w.layers.append(
         LayerCost(
@@ -275,6 +283,25 @@ def conv(w: Walk, node: fx.Node) -> Any:
         )
     )
     return out
+
+
+def _group_aligned(w: Walk, node: fx.Node, x: ChannelInfo, groups: int) -> ChannelInfo | None:
+    """Tie the channels of a grouped conv's groups (input or output) so that every group keeps the
+    same channels: cut ``x`` at the group boundaries and merge the groups' spaces one-to-one.
+    Returns the first group's channels (None while the cuts wait for the next walk, or if the
+    groups cannot be aligned, which fixes them)."""
+    per = w.width(x) // groups
+    pieces = _pieces(w, node, x, [(i * per, (i + 1) * per) for i in range(groups)])
+    if pieces is None:
+        return None
+    first = pieces[0]
+    if any(w.sizes(p) != w.sizes(first) for p in pieces[1:]):
+        w.fix(x.parts, f"groups of grouped conv at '{node.name}' are arranged differently")
+        return None
+    for piece in pieces[1:]:
+        for a, b in zip(first.parts, piece.parts):
+            w.spaces.union(a, b)
+    return first
 
 
 @_rule("linear")
