@@ -198,6 +198,7 @@ class CompactForward:
         self.enabled = True
         self.disabled_reason: str | None = None
         self.stats = CompactStats()
+        self.running = False  # between _enter and _exit: the model's tensors are the compact ones
         self._plan: _Plan | None = None
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         self._folds = self._build_folds()
@@ -290,6 +291,7 @@ class CompactForward:
                 self._cache = (plan, [(id(x.full), x.full._version) for x in swapped], [x.compact for x in swapped])
         for module, compact, _ in plan.attributes:
             module.__dict__.update(compact)
+        self.running = True
         for layer in self._layers:
             layer._tg_compact = True
         for fold in self._folds:
@@ -306,6 +308,7 @@ class CompactForward:
             if fold.hook is not None:
                 fold.hook.compact = False
                 fold.hook.compact_gate = None
+        self.running = False
         for layer in self._layers:
             layer._tg_compact = False
         for module, _, full in plan.attributes:
@@ -465,7 +468,13 @@ def _tensor_leaves(value: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, Tensor)]
 
 
-def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example_inputs: tuple[Any, ...]) -> None:
+def self_check(
+    model: nn.Module,
+    bank: GateBank,
+    runner: CompactForward,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+) -> None:
     """Run the example once compact and once per-layer with a random half of every group closed.
 
     A mismatch or an error means the model's code depends on a gated size in a way compact execution
@@ -474,6 +483,7 @@ def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example
     """
     if runner.disabled_reason is not None or not bank.gates:
         return
+    kwargs = example_kwargs or {}
     saved_gates = {key: gate.weight.detach().clone() for key, gate in bank.gates.items()}
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -486,12 +496,12 @@ def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example
                 gate.weight[closed.to(gate.weight.device)] = -1.0
             model.eval()
             runner.enabled = False
-            reference = _tensor_leaves(model(*example_inputs))
+            reference = _tensor_leaves(model(*example_inputs, **kwargs))
             runner.enabled = True
             try:
                 state = runner._enter()
                 try:
-                    compact = _tensor_leaves(runner.inner(*example_inputs))
+                    compact = _tensor_leaves(runner.inner(*example_inputs, **kwargs))
                 finally:
                     runner._exit(state, write_back=False)
             except Exception as error:
@@ -530,13 +540,19 @@ def _compare(reference: list[Tensor], compact: list[Tensor]) -> str | None:
     return None
 
 
-def install(model: nn.Module, bank: GateBank, example_inputs: tuple[Any, ...], check: bool = True) -> CompactForward:
+def install(
+    model: nn.Module,
+    bank: GateBank,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+    check: bool = True,
+) -> CompactForward:
     """Make ``model.forward`` a :class:`CompactForward` (and run the self-check unless ``check=False``)."""
     runner = CompactForward(model, bank, model.forward)
     model.__dict__["forward"] = runner
     bank.compact = runner
     if check:
-        self_check(model, bank, runner, example_inputs)
+        self_check(model, bank, runner, example_inputs, example_kwargs)
     return runner
 
 
