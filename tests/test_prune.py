@@ -316,21 +316,39 @@ def test_user_net_groups_and_warning():
     assert "model output" in bank.skipped["head"]
 
 
-def test_unsupported_coupling_is_a_barrier_not_an_error():
-    class SEOverConcat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
-            self.se = nn.Conv2d(6, 6, 1)
-            self.out = nn.Conv2d(6, 3, 1)
+class SEOverConcat(nn.Module):
+    """Squeeze-excite over a concatenation: the SE conv's output must be cut to match the concat's parts."""
 
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+        self.se = nn.Conv2d(6, 6, 1)
+        self.out = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+
+
+def test_coupling_of_differently_cut_channels_cuts_the_producer():
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(SEOverConcat(), x)
+    assert sorted(info.producers for info in bank.groups) == [("a", "se"), ("b", "se")]
+    assert sorted(info.size for info in bank.groups) == [2, 4]
+    _check_export(model, bank, x)
+
+
+def test_unsupported_coupling_is_a_barrier_not_an_error():
+    class Flip(SEOverConcat):
         def forward(self, x):
             y = torch.cat([self.a(x), self.b(x)], 1)
-            return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+            return self.out(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))).flip(1))
 
     x = torch.randn(2, 3, 4, 4)
-    with pytest.warns(UserWarning, match="differently arranged channels"):
-        model, bank = tg.attach_gates(SEOverConcat(), x)
+    with pytest.warns(UserWarning, match="'flip'"):
+        model, bank = tg.attach_gates(Flip(), x)
     assert {"a", "b", "se"} <= set(bank.skipped)
     _check_export(model, bank, x) if bank.groups else _assert_plain(tg.export(model))
 
@@ -592,3 +610,41 @@ def test_set_skip_switches_every_gated_layer_and_hook():
     assert all(layer.skip == "none" for layer in bank.gated_layers) and not any(hook.hard for hook in bank.hooks)
     with pytest.raises(ValueError, match="skip"):
         bank.set_skip("fast")
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
+        (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32)),
+        (lambda: resnet_cifar(depth=8), (1, 3, 16, 16)),
+        (TinyUNet, (2, 3, 8, 8)),
+    ],
+    ids=["resnet18", "mobilenet_v2", "resnet8_cifar", "tiny_unet"],
+)
+def test_export_graph_gives_the_groups_of_the_fx_analysis(build, shape):
+    """The torch.export analysis reproduces the torch.fx one: groups, slices, gate points, costs."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    results = []
+    for tracer in ("fx", "export"):
+        _, bank = _attach(build(), x, tracer=tracer, self_check=False)
+        a = bank.analysis
+        assert a.tracer == tracer
+        name = {g.space: g.producers[0] for g in a.groups}
+        results.append(
+            (
+                sorted(
+                    (tuple(g.producers), g.size, sorted({(s.target, s.dim, s.offset, s.repeat) for s in g.slices}))
+                    for g in a.groups
+                ),
+                sorted(
+                    (p.module, p.dim, tuple((name.get(r), n) for r, n in p.parts), p.replace, p.fold)
+                    for p in a.gate_points
+                ),
+                sorted((lc.module, lc.kind, lc.flops_per_pair, lc.params_per_pair, lc.bias_per_out) for lc in a.layers),
+                sorted(a.fixed),
+                a.other_params,
+            )
+        )
+    assert results[0] == results[1]

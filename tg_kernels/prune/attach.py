@@ -13,19 +13,23 @@ backward (``exact``) or everywhere (``hard``).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.prune.analysis import Analysis, analyze, record_shapes, trace
+from tg_kernels.prune.analysis import Analysis, analyze, analyze_export, export_trace, record_shapes, trace
 
 BANK_NAME = "tg_gates"
 
@@ -90,6 +94,18 @@ class GateBank(nn.Module):
         total = sum(g.num_channels for g in self.gates.values())
         return sum(g.num_open() for g in self.gates.values()) / total if total else 1.0
 
+    def coverage(self, max_reasons: int = 10) -> str:
+        """Which share of the model's FLOPs (for the example inputs) the gates control, and why the
+        rest is fixed, largest first."""
+        if self.analysis is None:
+            return "no analysis: the model could not be traced"
+        a = self.analysis
+        lines = [f"gates control {a.coverage:.1%} of the FLOPs ({a.tracer} graph); the rest is fixed because:"]
+        total = sum(a.uncovered.values()) / (1 - a.coverage) if a.coverage < 1 else 0.0
+        for reason, flops in sorted(a.uncovered.items(), key=lambda kv: -kv[1])[:max_reasons]:
+            lines.append(f"  {flops / total if total else 0.0:6.1%}  {reason}")
+        return "\n".join(lines)
+
     def extra_repr(self) -> str:
         return f"groups={len(self.gates)}, channels={sum(g.num_channels for g in self.gates.values())}"
 
@@ -107,7 +123,14 @@ class GateHook:
         self.compact = False
         self.compact_gate: Tensor | None = None
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if isinstance(output, (tuple, list)):  # (attn_output, None) from nn.MultiheadAttention
+            tensors = [i for i, o in enumerate(output) if isinstance(o, Tensor)]
+            if len(tensors) != 1:
+                raise TypeError(f"cannot gate the output of {type(module).__name__}: it returns several tensors")
+            items = list(output)
+            items[tensors[0]] = self(module, inputs, items[tensors[0]])
+            return type(output)(items) if isinstance(output, tuple) else items
         if self.compact:
             return output if self.compact_gate is None else channel_gate(output, self.compact_gate, self.dim)
         gate = self.bank.vector(self.parts, output)
@@ -125,6 +148,85 @@ class InputGate:
 
     def __call__(self, like: Tensor) -> Tensor:
         return self.bank.vector(self.parts, like)
+
+
+class OpenChannelStats(TorchFunctionMode):
+    """Inside one module's forward: norms over gated channels use the open channels' statistics.
+
+    At full width closed channels are exact zeros, so a mean over the channel dim divides by the
+    full width where the exported model divides by the open count. While the module runs, this mode
+    turns ``F.layer_norm`` / ``torch.rms_norm`` over a gated width into their open-channel versions
+    and a ``mean`` over a gated dim into ``sum / open count``, which is what the exported model computes.
+    """
+
+    def __init__(self, bank: GateBank, parts_by_width: dict[int, Parts]) -> None:
+        super().__init__()
+        self.bank = bank
+        self.parts_by_width = parts_by_width
+
+    def _mask(self, like: Tensor) -> Tensor:
+        return self.bank.vector(self.parts_by_width[like.shape[-1]], like)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm) or func is getattr(F, "rms_norm", None):
+            x = args[0]
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            if isinstance(x, Tensor) and len(shape) == 1 and shape[0] in self.parts_by_width:
+                names = ("weight", "bias", "eps") if func is not getattr(F, "rms_norm", None) else ("weight", "eps")
+                values = dict(zip(names, args[2:]))
+                values.update({k: v for k, v in kwargs.items() if k in names})
+                return _open_norm(x, self._mask(x), values, centered="bias" in names)
+        elif func in (torch.mean, Tensor.mean) and (len(args) >= 2 or "dim" in kwargs):
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            dims = dim if isinstance(dim, (list, tuple)) else [dim]
+            if isinstance(x, Tensor) and len(dims) == 1 and isinstance(dims[0], int):
+                d = dims[0] % x.dim()
+                if x.shape[d] in self.parts_by_width:
+                    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+                    g = self.bank.vector(self.parts_by_width[x.shape[d]], x)
+                    count = g.sum().clamp_min(1.0)
+                    return x.sum(d, keepdim=keepdim) / count
+        return func(*args, **kwargs)
+
+
+def _open_norm(x: Tensor, g: Tensor, values: dict[str, Any], centered: bool) -> Tensor:
+    """LayerNorm (``centered``) or RMSNorm over the last dim, over the channels where ``g`` != 0."""
+    eps = values.get("eps")
+    eps = 1e-5 if eps is None else eps
+    count = g.sum().clamp_min(1.0)
+    if centered:
+        mean = (x * g).sum(-1, keepdim=True) / count
+        x = x - mean
+    var = (x * g).square().sum(-1, keepdim=True) / count
+    y = x * torch.rsqrt(var + eps)
+    if values.get("weight") is not None:
+        y = y * values["weight"]
+    if values.get("bias") is not None:
+        y = y + values["bias"]
+    return y
+
+
+class _EnterMode:
+    def __init__(self, mode: OpenChannelStats) -> None:
+        self.mode = mode
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        # Compact execution runs at the open width, where a plain norm already is the open-channel one.
+        self.mode.entered = not getattr(self.mode.bank.compact, "running", False)
+        if self.mode.entered:
+            self.mode.__enter__()
+
+
+class _ExitMode:
+    def __init__(self, mode: OpenChannelStats) -> None:
+        self.mode = mode
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if getattr(self.mode, "entered", False):
+            self.mode.entered = False
+            self.mode.__exit__(None, None, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,66 +273,19 @@ def _unique_key(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def attach_gates(
+def _install(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Any, ...],
-    *,
-    skip: str = "exact",
-    exclude: Iterable[str | type] | None = None,
-    gate_shape: str | ShapeFn | None = None,
-    gate_M: float | None = None,
-    gate_init: float = 0.5,
-    compact: bool = True,
-) -> tuple[nn.Module, GateBank]:
-    """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
-
-    Args:
-        model: any ``nn.Module``; it is modified in place (a copy is not made).
-        example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
-        skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
-            (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
-        exclude: submodule names or module classes whose output channels stay ungated.
-        gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
-        compact: run the whole model compact (at the open width, as its exported model would) in
-            ``"hard"`` mode and without gradients (:mod:`tg_kernels.prune.compact`). A self-check on
-            the example inputs turns it off, with a warning, where the model's code cannot run compact.
-
-    Returns:
-        The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
-        (``bank.groups``) and the pieces left ungated with their reasons (``bank.skipped``).
-
-    Pieces the analysis cannot handle (untraceable code, unknown ops) stay ungated with one warning.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach_gates expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise TypeError("attach gates to the bare model first, then wrap it in DistributedDataParallel")
-    if hasattr(model, BANK_NAME):
-        raise ValueError("this model already has gates (model.tg_gates); attach_gates runs once per model")
-    check_skip(skip)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    excluded = _excluded_names(model, exclude)
-
-    try:
-        graph, opaque = trace(model)
-    except Exception as error:
-        warnings.warn(
-            f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({type(error).__name__}: "
-            f"{error}); the model stays ungated",
-            stacklevel=2,
-        )
-        bank = GateBank({})
-        bank.skipped[type(model).__name__] = f"untraceable forward: {error}"
-        model.add_module(BANK_NAME, bank)
-        return model, bank
-    shapes, module_flops = record_shapes(model, graph, inputs)
-    analysis = analyze(model, graph, shapes, excluded, module_flops)
-
+    analysis: Analysis,
+    opaque: set[str],
+    skip: str,
+    gate_options: dict[str, Any],
+) -> GateBank:
+    """Put the gates the analysis placed into ``model`` (in place) and return their bank."""
     taken: set[str] = set()
     sizes = {group.space: group.size for group in analysis.groups}
     keys = {group.space: _unique_key(group.name, taken) for group in analysis.groups}
     param = next(model.parameters(), None)
-    bank = GateBank({keys[s]: n for s, n in sizes.items()}, shape=gate_shape, M=gate_M, init=gate_init)
+    bank = GateBank({keys[s]: n for s, n in sizes.items()}, **gate_options)
     if param is not None:
         bank.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     bank.analysis = analysis
@@ -266,11 +321,257 @@ def attach_gates(
         conv = model.get_submodule(name)
         if isinstance(conv, GatedConv2d):
             conv.input_gate = InputGate(bank, bank.parts(space_parts))
+    widths: dict[str, dict[int, Parts]] = {}
+    for name, space_parts in analysis.norms:  # norms over gated channels: open-channel statistics
+        parts = bank.parts(space_parts)
+        widths.setdefault(name, {})[sum(size for _, size in parts)] = parts
+    for name, by_width in widths.items():
+        mode = OpenChannelStats(bank, by_width)
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(_EnterMode(mode))
+        module.register_forward_hook(_ExitMode(mode), always_call=True)
     model.add_module(BANK_NAME, bank)
-    if compact and bank.gates:
-        from tg_kernels.prune.compact import install
 
-        install(model, bank, inputs)
+    return bank
+
+
+def _leaves(value: Any) -> list[Tensor]:
+    """The floating-point tensors in a model output (tensors, tuples, dicts, Hugging Face outputs)."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
+    """The analysis with the groups whose space is in ``bad`` kept whole (ungated) for ``reason``."""
+    root_of = {s: r for s, r in analysis.root_of.items() if r not in bad}
+
+    def parts2(parts):
+        return tuple((r if r in root_of.values() else None, n) for r, n in parts)
+
+    def parts3(parts):
+        return tuple((s if s is not None and s in root_of else None, n, k) for s, n, k in parts)
+
+    fixed = dict(analysis.fixed)
+    for g in analysis.groups:
+        if g.space in bad:
+            for p in g.producers:
+                fixed[p] = reason
+    points = []
+    for gp in analysis.gate_points:
+        parts = parts2(gp.parts)
+        if any(r is not None for r, _ in parts):
+            points.append(dataclasses.replace(gp, parts=parts, replace=gp.replace and parts[0][0] is not None))
+    return dataclasses.replace(
+        analysis,
+        groups=[g for g in analysis.groups if g.space not in bad],
+        gate_points=points,
+        layers=[
+            dataclasses.replace(lc, in_parts=parts3(lc.in_parts), out_parts=parts3(lc.out_parts))
+            for lc in analysis.layers
+        ],
+        fixed=fixed,
+        root_of=root_of,
+        after_norm=[(n, s) for n, s in analysis.after_norm if s in root_of],
+        conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
+        norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
+    )
+
+
+def _export_differs(
+    model: nn.Module, analysis: Analysis, inputs: tuple[Any, ...], kwargs: dict[str, Any], closed: set[int]
+) -> bool:
+    """Gate a copy, close a random half of the groups in ``closed``; does export change the output?
+
+    The check runs in the model's own dtype (float64 convolutions are slow on CPU); a misread
+    structure changes outputs by far more than rounding does.
+    """
+    from tg_kernels.prune.export import export
+
+    trial = copy.deepcopy(model).eval()
+    bank = _install(trial, analysis, set(), "none", {})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for group in analysis.groups:
+            gate = bank.gates[bank.key_of_space[group.space]]
+            gate.weight.fill_(0.5)
+            if group.space in closed and group.size > 1:
+                gate.weight[torch.randperm(group.size, generator=g)[: group.size // 2]] = -0.5
+        try:
+            expected = _leaves(trial(*inputs, **kwargs))
+            actual = _leaves(export(trial)(*inputs, **kwargs))
+        except Exception:  # noqa: BLE001 - an export that cannot run is a mismatch
+            return True
+    if len(expected) != len(actual):
+        return True
+    for e, a in zip(expected, actual):
+        if e.shape != a.shape:
+            return True
+        scale = e.abs().max().clamp_min(1e-30)
+        tolerance = 1e-10 if e.dtype == torch.float64 else 1e-3  # removed channels change outputs by O(1)
+        if not torch.allclose(a / scale, e / scale, rtol=0, atol=tolerance):
+            return True
+    return False
+
+
+def _self_check(
+    model: nn.Module, analysis: Analysis, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Analysis, list[str]]:
+    """Verify that export equals the gated model with half of every group closed; keep failing groups whole.
+
+    Failing groups are found by halving the set of closed groups. Returns the (possibly reduced)
+    analysis and the names of the groups kept whole.
+    """
+    spaces = [g.space for g in analysis.groups]
+    if not spaces or not _export_differs(model, analysis, inputs, kwargs, set(spaces)):
+        return analysis, []
+    bad: set[int] = set()
+
+    def search(candidates: list[int]) -> None:
+        if not _export_differs(model, analysis, inputs, kwargs, set(candidates)):
+            return
+        if len(candidates) == 1:
+            bad.add(candidates[0])
+            return
+        half = len(candidates) // 2
+        search(candidates[:half])
+        search(candidates[half:])
+
+    half = len(spaces) // 2
+    search(spaces[:half])
+    search(spaces[half:])
+    if not bad:  # only closing several groups together fails: keep them all whole
+        bad = set(spaces)
+    names = [g.name for g in analysis.groups if g.space in bad]
+    return _without_groups(
+        analysis, bad, "self-check: the exported model differed when these channels were removed"
+    ), names
+
+
+TRACERS = ("auto", "export", "fx")
+
+
+def _analyse(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    excluded: set[str],
+    tracer: str,
+) -> tuple[Analysis | None, set[str], str | None]:
+    """(analysis or None, opaque submodules, why tracing failed) with the chosen tracer.
+
+    ``"auto"`` reads the ``torch.export`` graph and falls back to torch.fx (which can keep
+    untraceable submodules opaque) when torch.export cannot trace the model.
+    """
+    export_error: Exception | None = None
+    if tracer in ("auto", "export"):
+        try:
+            traced = export_trace(model, inputs, kwargs)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: try the next tracer
+            export_error = error
+            if tracer == "export":
+                return None, set(), f"torch.export failed: {type(error).__name__}: {error}"
+        else:
+            return analyze_export(model, traced, excluded), set(), None
+    if kwargs:
+        reason = "torch.fx cannot pass keyword inputs (example_kwargs)"
+        if export_error is not None:
+            reason = f"torch.export failed ({type(export_error).__name__}: {export_error}) and {reason}"
+        return None, set(), reason
+    try:
+        graph, opaque = trace(model)
+    except Exception as error:  # noqa: BLE001
+        return None, set(), f"{type(error).__name__}: {error}"
+    shapes, module_flops = record_shapes(model, graph, inputs)
+    return analyze(model, graph, shapes, excluded, module_flops), opaque, None
+
+
+def attach_gates(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...] = (),
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    skip: str = "exact",
+    exclude: Iterable[str | type] | None = None,
+    gate_shape: str | ShapeFn | None = None,
+    gate_M: float | None = None,
+    gate_init: float = 0.5,
+    tracer: str = "auto",
+    self_check: bool = True,
+    compact: bool = True,
+) -> tuple[nn.Module, GateBank]:
+    """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
+
+    Args:
+        model: any ``nn.Module``; it is modified in place (a copy is not made).
+        example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
+        example_kwargs: keyword inputs of the forward (``input_ids=...`` for Hugging Face models).
+        skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
+            (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
+        exclude: submodule names or module classes whose output channels stay ungated.
+        gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
+        tracer: ``"auto"`` (the ``torch.export`` graph, falling back to torch.fx where torch.export
+            cannot trace the model), ``"export"`` or ``"fx"``.
+        self_check: verify the analysis on the example inputs before gating: with a random half
+            of every group closed, the exported model must compute what the gated model computes
+            (on a copy, in the model's dtype). Groups that break it are found by halving, kept whole and named
+            in a warning. It costs a few exports of the model; turn it off for very large models.
+        compact: run the whole model compact (at the open width, as its exported model would) in
+            ``"hard"`` mode and without gradients (:mod:`tg_kernels.prune.compact`). A check on the
+            example inputs turns it off, with a warning, where the model's code cannot run compact.
+
+    Returns:
+        The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
+        (``bank.groups``) and the pieces left ungated with their reasons (``bank.skipped``).
+
+    Pieces the analysis cannot handle (untraceable code, unknown ops) stay ungated with one warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_gates expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("attach gates to the bare model first, then wrap it in DistributedDataParallel")
+    if hasattr(model, BANK_NAME):
+        raise ValueError("this model already has gates (model.tg_gates); attach_gates runs once per model")
+    check_skip(skip)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    excluded = _excluded_names(model, exclude)
+
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    analysis, opaque, failure = _analyse(model, inputs, dict(example_kwargs or {}), excluded, tracer)
+    if analysis is None:
+        warnings.warn(
+            f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({failure}); "
+            "the model stays ungated",
+            stacklevel=2,
+        )
+        bank = GateBank({})
+        bank.skipped[type(model).__name__] = f"untraceable forward: {failure}"
+        model.add_module(BANK_NAME, bank)
+        return model, bank
+
+    self_checked: list[str] = []
+    if self_check and analysis.groups:
+        analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
+    bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
+    if compact and bank.gates:
+        from tg_kernels.prune.compact import install  # compact imports this module
+
+        install(model, bank, inputs, dict(example_kwargs or {}))
+    if self_checked:
+        warnings.warn(
+            "tg_kernels.attach_gates: the self-check found that removing channels of these groups changes "
+            f"the model's output, so they stay whole: {', '.join(self_checked[:8])}"
+            + (f" and {len(self_checked) - 8} more" if len(self_checked) > 8 else "")
+            + " (a size read of a gated dim, or code the analysis misread)",
+            stacklevel=2,
+        )
 
     unhandled = [f"{leaf} (untraceable)" for leaf in sorted(opaque)] + analysis.barriers
     if unhandled:

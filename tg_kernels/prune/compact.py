@@ -81,6 +81,8 @@ class _SwapSpec:
     is_param: bool
     dims: list[tuple[int, Tensor]]  # (dim, kept entry indices)
     fold: _Fold | None
+    flat: Tensor | None = None  # the same entries as flat indices (for contiguous tensors)
+    shape: tuple[int, ...] = ()  # the compact shape
 
 
 @dataclass
@@ -169,6 +171,62 @@ class _GatherScaled(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), grad_scale, None, *([None] * len(indices))
 
 
+class _TakeScaled(torch.autograd.Function):
+    """``t.flatten()[flat].view(shape)``, rows scaled by ``scale``: the gather compact execution runs.
+
+    ``flat`` (sorted, unique) holds the entries of every sliced dim at once, so one index_select
+    forward and one index_copy backward (into zeros of the full shape) serve any number of sliced
+    dims; ATen's own index_select backward accumulates with scatter_add, which costs a hundred times
+    more on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, scale: Tensor | None, flat: Tensor, shape: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        out = t.reshape(-1).index_select(0, flat).view(shape)
+        ctx.full_shape = t.shape
+        ctx.has_scale = scale is not None
+        if scale is not None:
+            ctx.save_for_backward(flat, out, scale)
+            return out * scale.view(-1, *([1] * (out.dim() - 1)))
+        ctx.save_for_backward(flat)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad_scale = None
+        if ctx.has_scale:
+            flat, gathered, scale = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:
+                prod = grad * gathered
+                grad_scale = prod.sum(dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else prod
+            grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
+        else:
+            (flat,) = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_t = grad.new_zeros(ctx.full_shape.numel()).index_copy_(0, flat, grad.reshape(-1)).view(ctx.full_shape)
+        return grad_t, grad_scale, None, None
+
+
+def flat_entries(shape: torch.Size, dims: list[tuple[int, Tensor]]) -> tuple[Tensor, tuple[int, ...]]:
+    """The flat indices of the entries ``dims`` keeps in a contiguous tensor of ``shape``, and their shape."""
+    device = dims[0][1].device if dims else None
+    flat = torch.arange(shape.numel(), device=device).view(shape)
+    for dim, index in dims:
+        flat = flat.index_select(dim, index)
+    return flat.reshape(-1), tuple(flat.shape)
+
+
+def take_scaled(t: Tensor, flat: Tensor, shape: tuple[int, ...], scale: Tensor | None = None) -> Tensor:
+    """The entries ``flat`` of contiguous ``t`` as a tensor of ``shape``, rows scaled by ``scale``."""
+    if scale is not None:
+        scale = scale.to(t.dtype)
+    if torch.is_grad_enabled() and (t.requires_grad or (scale is not None and scale.requires_grad)):
+        return _TakeScaled.apply(t, scale, flat, shape)
+    out = t.reshape(-1).index_select(0, flat).view(shape)
+    return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
+
+
 def gather_scaled(t: Tensor, dims: list[tuple[int, Tensor]], scale: Tensor | None = None) -> Tensor:
     """``t``'s entries at ``dims`` (``[(dim, sorted unique indices)]``), rows scaled by ``scale``.
 
@@ -198,6 +256,7 @@ class CompactForward:
         self.enabled = True
         self.disabled_reason: str | None = None
         self.stats = CompactStats()
+        self.running = False  # between _enter and _exit: the model's tensors are the compact ones
         self._plan: _Plan | None = None
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         self._folds = self._build_folds()
@@ -290,6 +349,7 @@ class CompactForward:
                 self._cache = (plan, [(id(x.full), x.full._version) for x in swapped], [x.compact for x in swapped])
         for module, compact, _ in plan.attributes:
             module.__dict__.update(compact)
+        self.running = True
         for layer in self._layers:
             layer._tg_compact = True
         for fold in self._folds:
@@ -306,6 +366,7 @@ class CompactForward:
             if fold.hook is not None:
                 fold.hook.compact = False
                 fold.hook.compact_gate = None
+        self.running = False
         for layer in self._layers:
             layer._tg_compact = False
         for module, _, full in plan.attributes:
@@ -348,7 +409,10 @@ class CompactForward:
             scale = scales.get(id(spec.fold))
             if scale is None:
                 scale = scales[id(spec.fold)] = self._vector(spec.fold.parts, values, self._plan)
-        compact = gather_scaled(full, spec.dims, scale)
+        if spec.flat is not None and full.is_contiguous():
+            compact = take_scaled(full, spec.flat, spec.shape, scale)
+        else:
+            compact = gather_scaled(full, spec.dims, scale)
         store[spec.attr] = compact
         swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
 
@@ -421,9 +485,12 @@ class CompactForward:
             owner = model.get_submodule(owner_name)
             is_param = attr in owner._parameters
             if (owner._parameters if is_param else owner._buffers).get(attr) is not None:
-                swaps.append(
-                    _SwapSpec(target, owner, attr, is_param, entries.get(target, []), self._scaled.get(target))
-                )
+                dims = entries.get(target, [])
+                spec = _SwapSpec(target, owner, attr, is_param, dims, self._scaled.get(target))
+                if dims:
+                    full = (owner._parameters if is_param else owner._buffers)[attr]
+                    spec.flat, spec.shape = flat_entries(full.shape, dims)
+                swaps.append(spec)
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
@@ -465,7 +532,13 @@ def _tensor_leaves(value: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, Tensor)]
 
 
-def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example_inputs: tuple[Any, ...]) -> None:
+def self_check(
+    model: nn.Module,
+    bank: GateBank,
+    runner: CompactForward,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+) -> None:
     """Run the example once compact and once per-layer with a random half of every group closed.
 
     A mismatch or an error means the model's code depends on a gated size in a way compact execution
@@ -474,6 +547,7 @@ def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example
     """
     if runner.disabled_reason is not None or not bank.gates:
         return
+    kwargs = example_kwargs or {}
     saved_gates = {key: gate.weight.detach().clone() for key, gate in bank.gates.items()}
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -486,12 +560,12 @@ def self_check(model: nn.Module, bank: GateBank, runner: CompactForward, example
                 gate.weight[closed.to(gate.weight.device)] = -1.0
             model.eval()
             runner.enabled = False
-            reference = _tensor_leaves(model(*example_inputs))
+            reference = _tensor_leaves(model(*example_inputs, **kwargs))
             runner.enabled = True
             try:
                 state = runner._enter()
                 try:
-                    compact = _tensor_leaves(runner.inner(*example_inputs))
+                    compact = _tensor_leaves(runner.inner(*example_inputs, **kwargs))
                 finally:
                     runner._exit(state, write_back=False)
             except Exception as error:
@@ -530,13 +604,19 @@ def _compare(reference: list[Tensor], compact: list[Tensor]) -> str | None:
     return None
 
 
-def install(model: nn.Module, bank: GateBank, example_inputs: tuple[Any, ...], check: bool = True) -> CompactForward:
+def install(
+    model: nn.Module,
+    bank: GateBank,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+    check: bool = True,
+) -> CompactForward:
     """Make ``model.forward`` a :class:`CompactForward` (and run the self-check unless ``check=False``)."""
     runner = CompactForward(model, bank, model.forward)
     model.__dict__["forward"] = runner
     bank.compact = runner
     if check:
-        self_check(model, bank, runner, example_inputs)
+        self_check(model, bank, runner, example_inputs, example_kwargs)
     return runner
 
 

@@ -20,7 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from tg_kernels.nn import GatedConv2d, GatedLinear
-from tg_kernels.prune.attach import BANK_NAME, GateBank, GateHook, gate_bank, set_submodule, unwrap
+from tg_kernels.prune.attach import (
+    BANK_NAME,
+    GateBank,
+    GateHook,
+    _EnterMode,
+    _ExitMode,
+    gate_bank,
+    set_submodule,
+    unwrap,
+)
 from tg_kernels.prune.slicing import kept_channels, kept_entries, tensor_of
 
 FORMAT = "tg_kernels.exported_model"
@@ -68,7 +77,9 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
             continue
         module = model.get_submodule(point.fold) if point.fold is not None else None
         foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
-            isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+            isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+            and getattr(module, "weight", None) is not None
+            and getattr(module, "bias", None) is not None
         )
         if not foldable:
             raise ValueError(
@@ -99,12 +110,24 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
             module.groups = module.in_channels = module.out_channels
         else:
             module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):  # transposed: weight is (in, out / groups, *kernel)
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         stats = module.weight if module.weight is not None else module.running_mean
         if stats is not None:
             module.num_features = stats.shape[0]
+    elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        if getattr(module, "weight", None) is not None and len(module.normalized_shape) == 1:
+            module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
+        module.nf = module.weight.shape[1]
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -154,8 +177,12 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
     for module in exported.modules():
         for hook_id, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, GateHook):
+            if isinstance(hook, (GateHook, _ExitMode)):
                 del module._forward_hooks[hook_id]
+                module._forward_hooks_always_called.pop(hook_id, None)
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, _EnterMode):
+                del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 
     uninstall(exported)

@@ -142,6 +142,7 @@ def prune(
     skip: tuple[str, str] = ("exact", "hard"),
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    compact: bool = True,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
 
@@ -169,6 +170,8 @@ def prune(
         skip: the skip modes of the search and of the fine-tuning (``GateBank.set_skip``; where
             that is missing, gates attached here use the first and keep it). ``("none", "none")``
             computes every step densely: the reference for timing the default.
+        compact: attach with compact execution (the ``"hard"`` fine-tuning then runs at the exported
+            model's speed; see :mod:`tg_kernels.prune.compact`); ``False`` keeps the per-layer path.
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
 
@@ -195,10 +198,7 @@ def prune(
             example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
-            # compact=False: with the compact-execution draft (a42599e) on, hard-mode fine-tuning did not
-            # train on digits (test accuracy stayed at 0.65 where the per-layer hard path reached 0.99);
-            # turn it back on here once that is fixed.
-            model, _ = attach_gates(model, example_inputs, skip=skip[0], compact=False)
+            model, _ = attach_gates(model, example_inputs, skip=skip[0], compact=compact)
     bank = gate_bank(model)
     budget = Budget(bank, target=target, metric=metric, min_open=min_open)
     _set_skip(model, skip[0])

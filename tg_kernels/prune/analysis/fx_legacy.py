@@ -1,4 +1,4 @@
-"""Channel analysis of an arbitrary model: which channels are coupled, where gates go, what export slices.
+"""The torch.fx channel analysis (the fallback for models that torch.export cannot trace).
 
 The model is traced with ``torch.fx`` (analysis only: the model keeps running its own code) and
 run once on the example inputs to learn every tensor's shape. Each traced value that carries
@@ -22,12 +22,22 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+
+from tg_kernels.prune.analysis.types import (
+    Analysis,
+    AnalysisError,
+    ChannelInfo,
+    GatePoint,
+    Group,
+    LayerCost,
+    Slice,
+)
 
 # Modules and functions that map a zero channel to a zero channel and keep channel positions.
 ZERO_PRESERVING_MODULES = (
@@ -155,117 +165,6 @@ _BINARY = {
     "mul_": "mul",
     "div": "div",
 }
-
-
-class AnalysisError(RuntimeError):
-    """The model cannot be analysed at all (for example, it cannot be run on the example inputs)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Export removes closed channels of ``space`` from tensor ``target`` along ``dim``.
-
-    The space's channels sit at ``offset`` (in channels) within that dim, each occupying ``repeat``
-    consecutive entries (a Linear reading a flattened ``C x H x W`` map has ``repeat = H * W``).
-    """
-
-    target: str
-    dim: int
-    offset: int
-    repeat: int
-    space: int
-
-
-@dataclass(frozen=True)
-class GatePoint:
-    """Multiply the output of module ``module`` by the gates of ``parts`` along ``dim``.
-
-    ``parts`` is a tuple of ``(space, size)``; ``replace`` says the module is a Conv2d or Linear
-    producer that becomes a Gated layer (the only part is its own space). ``fold`` names the module
-    whose output rows export may scale by the gate values (the point itself, or the BatchNorm before
-    a gated activation; None where there is none).
-    """
-
-    module: str
-    dim: int
-    parts: tuple[tuple[int, int], ...]
-    replace: bool
-    fold: str | None = None
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """FLOPs and parameters of one Conv/Linear call as a function of its open input/output counts.
-
-    FLOPs = ``flops_per_pair * a * b`` (+ ``bias_flops_per_out * b``) where ``a`` and ``b`` are the
-    open input and output channel counts; ``in_parts`` / ``out_parts`` are ``(space, size, repeat)``
-    (``space`` None for channels that are never gated). A depthwise conv has ``a = 1`` per output.
-    """
-
-    module: str
-    kind: str
-    flops_per_pair: float
-    params_per_pair: float
-    bias_per_out: float
-    in_parts: tuple[tuple[int | None, int, int], ...]
-    out_parts: tuple[tuple[int | None, int, int], ...]
-    depthwise: bool
-    count_params: bool
-
-
-@dataclass
-class Group:
-    """Channels that share one gate: every space merged into ``space`` and what export slices."""
-
-    space: int
-    name: str
-    size: int
-    producers: list[str]
-    slices: list[Slice] = field(default_factory=list)
-
-
-@dataclass
-class Analysis:
-    """Everything attach, budget and export need to know about a model's channels."""
-
-    groups: list[Group]
-    gate_points: list[GatePoint]
-    layers: list[LayerCost]
-    fixed: dict[str, str]  # producer module -> why its channels are kept whole
-    barriers: list[str]  # human-readable pieces that stopped the analysis
-    root_of: dict[int, int]  # any space -> the group space it belongs to (gated spaces only)
-    other_params: int  # parameters not covered by any LayerCost (embeddings, LayerNorm, ...)
-    other_flops: float  # FLOPs of opaque layers counted as constant (attention)
-    after_norm: list[tuple[str, int]] = field(default_factory=list)  # (Conv2d gated after its BatchNorm, space)
-    conv_inputs: list[tuple[str, tuple[tuple[int | None, int], ...]]] = field(default_factory=list)
-    # (Conv2d with groups == 1, the (group space or None, size) parts of its input channels)
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-value channel information
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChannelInfo:
-    """Channels of one tensor: along ``dim`` the concatenation of ``parts`` (space ids).
-
-    ``nonzero[i]`` is None when closed channels of part i are exactly zero here, else the node
-    that made them non-zero. ``repeat`` > 1 after flattening channels with trailing dims.
-    """
-
-    parts: tuple[int, ...]
-    dim: int
-    nonzero: tuple[fx.Node | None, ...]
-    repeat: int = 1
-
-    def with_dim(self, dim: int, repeat: int | None = None) -> ChannelInfo:
-        return ChannelInfo(self.parts, dim, self.nonzero, self.repeat if repeat is None else repeat)
 
 
 @dataclass
@@ -1125,4 +1024,4 @@ def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analy
     )
 
 
-__all__ = ["Analysis", "AnalysisError", "GatePoint", "Group", "LayerCost", "Slice", "analyze", "record_shapes", "trace"]
+__all__ = ["analyze", "record_shapes", "trace"]

@@ -1,0 +1,144 @@
+"""Models for the plug-in tests beyond torchvision: small versions of the paper's task families
+(style transfer, optical flow, translation) and small Hugging Face configurations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StyleTransferNet(nn.Module):
+    """Johnson-style image transformation net: reflection padding, InstanceNorm, residual blocks, upsampling."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.ReflectionPad2d(k // 2), nn.Conv2d(cin, cout, k, stride))
+
+        self.down = nn.Sequential(
+            conv(3, width, 9), nn.InstanceNorm2d(width, affine=True), nn.ReLU(),
+            conv(width, 2 * width, 3, 2), nn.InstanceNorm2d(2 * width, affine=True), nn.ReLU(),
+        )  # fmt: skip
+        self.res = nn.ModuleList(
+            nn.Sequential(
+                conv(2 * width, 2 * width, 3),
+                nn.InstanceNorm2d(2 * width, affine=True),
+                nn.ReLU(),
+                conv(2 * width, 2 * width, 3),
+                nn.InstanceNorm2d(2 * width, affine=True),
+            )  # fmt: skip
+            for _ in range(2)
+        )
+        self.up = nn.Sequential(
+            nn.Upsample(scale_factor=2), conv(2 * width, width, 3), nn.InstanceNorm2d(width, affine=True), nn.ReLU()
+        )
+        self.out = conv(width, 3, 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(x)
+        for block in self.res:
+            y = y + block(y)
+        return self.out(self.up(y))
+
+
+class FlowNetS(nn.Module):
+    """A small FlowNetS: a conv encoder over two stacked frames, a ConvTranspose2d decoder that
+    concatenates skip features with upsampled flow predictions."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+
+        def down(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.LeakyReLU(0.1))
+
+        self.conv1, self.conv2, self.conv3 = down(6, width), down(width, 2 * width), down(2 * width, 4 * width)
+        self.predict3 = nn.Conv2d(4 * width, 2, 3, 1, 1)
+        self.deconv2 = nn.Sequential(nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.1))
+        self.upflow3 = nn.ConvTranspose2d(2, 2, 4, 2, 1)
+        self.predict2 = nn.Conv2d(4 * width + 2, 2, 3, 1, 1)
+        self.deconv1 = nn.Sequential(nn.ConvTranspose2d(4 * width + 2, width, 4, 2, 1), nn.LeakyReLU(0.1))
+        self.upflow2 = nn.ConvTranspose2d(2, 2, 4, 2, 1)
+        self.predict1 = nn.Conv2d(2 * width + 2, 2, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.conv1(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        flow3 = self.predict3(c3)
+        cat2 = torch.cat([c2, self.deconv2(c3), self.upflow3(flow3)], 1)
+        flow2 = self.predict2(cat2)
+        cat1 = torch.cat([c1, self.deconv1(cat2), self.upflow2(flow2)], 1)
+        return self.predict1(cat1)
+
+
+class Translator(nn.Module):
+    """A small translation model: embeddings, a learned position table, ``nn.Transformer``, an output projection."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, hidden: int = 64, length: int = 16) -> None:
+        super().__init__()
+        self.src_embed, self.tgt_embed = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        self.transformer = nn.Transformer(
+            dim, heads, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=hidden, dropout=0.0,
+            batch_first=True,
+        )  # fmt: skip
+        self.generator = nn.Linear(dim, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        s = self.src_embed(src) + self.pos[:, : src.shape[1]]
+        t = self.tgt_embed(tgt) + self.pos[:, : tgt.shape[1]]
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.generator(self.transformer(s, t, tgt_mask=mask, tgt_is_causal=True))
+
+
+def task_family_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+    """name -> (builder, example positional inputs, example keyword inputs)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (2, 10), generator=g)
+    return {
+        "style_transfer": (StyleTransferNet, (torch.randn(1, 3, 32, 32, generator=g),), {}),
+        "flownet_s": (FlowNetS, (torch.randn(1, 6, 32, 32, generator=g),), {}),
+        "translation": (Translator, (tokens, tokens[:, :8]), {}),
+    }
+
+
+def hf_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+    """Small Hugging Face configurations, built with random weights (needs ``transformers``)."""
+    import transformers as tf
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    common = {"vocab_size": 100}
+    return {
+        "bert": (
+            lambda: tf.BertForSequenceClassification(
+                tf.BertConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=16)
+            ),
+            (), {"input_ids": ids},
+        ),
+        "gpt2": (
+            lambda: tf.GPT2LMHeadModel(
+                tf.GPT2Config(**common, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+                              bos_token_id=0, eos_token_id=0)
+            ),
+            (), {"input_ids": ids},
+        ),
+        "llama_gqa": (
+            lambda: tf.LlamaForCausalLM(
+                tf.LlamaConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16,
+                               use_cache=False)
+            ),
+            (), {"input_ids": ids},
+        ),
+        "t5": (
+            lambda: tf.T5ForConditionalGeneration(
+                tf.T5Config(**common, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False,
+                            decoder_start_token_id=0)
+            ),
+            (), {"input_ids": ids, "decoder_input_ids": ids},
+        ),
+    }  # fmt: skip

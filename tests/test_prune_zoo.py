@@ -1,0 +1,251 @@
+"""attach_gates beyond torchvision: timm, Hugging Face transformers, the paper's task families.
+
+For each model: attach (through the torch.export graph), close a random half of every group,
+export, and check that (1) the exported model computes what the gated model computes (float64),
+(2) its MACs (counted by ``torch.utils.flop_counter.FlopCounterMode``) are at most the measured
+ratio plus a margin, and (3) ``Budget.usage()`` agrees with FlopCounterMode within 2% on both the
+full and the exported model. FlopCounterMode runs with the math attention backend and gradients
+enabled, because on CPU it counts neither the fused ``scaled_dot_product_attention`` kernel nor
+``nn.MultiheadAttention``'s inference fast path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tg_kernels as tg
+from tests.prune_zoo import hf_models, task_family_models
+
+# The exported/original MACs at 50% closed, measured on this CPU (see the README's table), with the
+# structural reason where it is above 0.35. The tests allow 0.03 above these.
+EXPECTED_RATIO = {
+    "efficientnet_b0": 0.28,
+    "mobilenetv3_large_100": 0.28,
+    "convnext_atto": 0.27,
+    "densenet121": 0.26,
+    "ghostnet_100": 0.29,
+    "repvgg_a0": 0.25,
+    "vit_tiny_patch16_224": 0.43,  # qkv is kept whole: attention heads are not pruned yet
+    "swin_tiny_patch4_window7_224": 0.35,  # the same
+    "bert": 0.41,  # the same (q, k, v kept whole)
+    "gpt2": 0.72,  # the same, and the residual stream is tied to the output embedding
+    "llama_gqa": 0.39,  # q, k, v kept whole
+    "t5": 0.83,  # q, k, v kept whole; the residual stream is tied to the shared embedding
+    "style_transfer": 0.34,
+    "flownet_s": 0.31,
+    "translation": 0.93,  # the position table is added in the root forward, where no gate can go
+}
+
+
+def _macs(model: nn.Module, args: tuple, kwargs: dict) -> float:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def _leaves(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "values"):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def _close_half(bank: tg.GateBank, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight.fill_(0.5)
+            gate.weight[torch.randperm(gate.num_channels, generator=g)[: gate.num_channels // 2]] = -0.5
+
+
+def _check(name: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    model.eval()
+    full_macs = _macs(model, args, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(model, args, example_kwargs=kwargs)
+    assert bank.analysis.tracer == "export"
+    assert len(bank.groups) > 0
+    assert 0 < bank.analysis.coverage <= 1 and "gates control" in bank.coverage()
+    budget = tg.Budget(model)
+    assert budget.usage().full_flops == pytest.approx(full_macs, rel=0.02)
+    _close_half(bank)
+    model.double()
+    dargs = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        expected = _leaves(model(*dargs, **kwargs))
+        exported = tg.export(model)
+        actual = _leaves(exported(*dargs, **kwargs))
+    for e, a in zip(expected, actual, strict=True):
+        if e.is_floating_point():
+            scale = e.abs().max().clamp_min(1e-30)
+            torch.testing.assert_close(a / scale, e / scale, rtol=0, atol=1e-6)
+    exported.float()
+    macs = _macs(exported, args, kwargs)
+    usage = budget.usage()
+    assert usage.flops == pytest.approx(macs, rel=0.02)
+    assert macs / full_macs <= EXPECTED_RATIO[name] + 0.03, f"{name}: {macs / full_macs:.3f}"
+
+
+@pytest.mark.parametrize("name", list(task_family_models()))
+def test_task_family_models(name):
+    torch.manual_seed(0)
+    build, args, kwargs = task_family_models()[name]
+    _check(name, build(), args, kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "t5"])
+def test_transformers_models(name):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    build, args, kwargs = hf_models()[name]
+    _check(name, build(), args, kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "efficientnet_b0",
+        "mobilenetv3_large_100",
+        "convnext_atto",
+        "densenet121",
+        "ghostnet_100",
+        "repvgg_a0",
+        "vit_tiny_patch16_224",
+        "swin_tiny_patch4_window7_224",
+    ],
+)
+def test_timm_models(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    size = 224 if ("vit" in name or "swin" in name) else 96
+    _check(name, timm.create_model(name, num_classes=10), (torch.randn(1, 3, size, size),), {})
+
+
+class ShapeRead(nn.Module):
+    """Reads a gated tensor's size and reshapes another tensor with it (DeiT-style attention does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.qkv = nn.Linear(8, 16), nn.Linear(8, 48)
+        self.out, self.proj = nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        B, N, C = h.shape
+        return self.out(h) + self.proj(self.qkv(x).reshape(B, N, -1, C).sum(2))
+
+
+def test_shape_read_is_caught_by_the_self_check():
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(UserWarning, match="self-check.*inp"):
+        model, bank = tg.attach_gates(ShapeRead(), x)
+    assert "self-check" in bank.skipped["inp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unchecked, unchecked_bank = tg.attach_gates(ShapeRead(), x, self_check=False)
+    assert [g.producers for g in unchecked_bank.groups] == [("inp",)]  # what the self-check removed
+    _close_half(bank)
+    torch.testing.assert_close(tg.export(model).eval()(x), model.eval()(x))
+
+
+def test_example_kwargs_and_tracer_choice():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x=None, **extra):
+            return self.b(torch.relu(self.a(x)))
+
+    x = torch.randn(3, 4)
+    model, bank = tg.attach_gates(Kw(), example_kwargs={"x": x})
+    assert [g.producers for g in bank.groups] == [("a",)]
+    with pytest.raises(TypeError, match="example_kwargs"):
+        tg.attach_gates(Kw(), example_kwargs=[x])
+    with pytest.raises(ValueError, match="tracer"):
+        tg.attach_gates(Kw(), x, tracer="jit")
+    _, fx_bank = tg.attach_gates(Kw(), x, tracer="fx")
+    assert fx_bank.analysis.tracer == "fx" and [g.producers for g in fx_bank.groups] == [("a",)]
+
+
+def test_layer_norm_over_gated_channels_uses_open_statistics():
+    """Pre-norm residual MLP stack: the stream is gated, LayerNorm runs over open channels at full width."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+    class Net(nn.Module):
+        def __init__(self, d=8):
+            super().__init__()
+            self.embed = nn.Linear(3, d)
+            self.blocks = nn.Sequential(Block(d), Block(d))
+            self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.blocks(self.embed(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3)
+    model, bank = tg.attach_gates(Net(), x)
+    stream = next(g for g in bank.groups if "embed" in g.producers)
+    assert {"embed", "blocks.0.fc2", "blocks.1.fc2"} <= set(stream.producers)
+    assert {name for name, _ in bank.analysis.norms} == {"blocks.0.norm", "blocks.1.norm", "norm"}
+    _close_half(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported.norm.normalized_shape == (4,)
+
+
+def test_per_channel_prelu_and_conv_transpose_export_exactly():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.ConvTranspose2d(8, 6, 4, 2, 1), nn.PReLU(6), nn.Conv2d(6, 2, 1)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(model, x)
+    assert sorted(g.producers for g in bank.groups) == [("0",), ("2",)]
+    _close_half(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[1].weight.numel() == 4 and exported[2].out_channels == 3
+    usage = tg.Budget(model).usage()
+    assert usage.flops == pytest.approx(_macs(exported.float(), (x,), {}), rel=1e-6)
+
+
+def test_grouped_convs_prune_group_aligned():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 4, 1),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    model, bank = tg.attach_gates(model, x)
+    assert sorted(g.size for g in bank.groups) == [2, 3]  # channel i of each of the 4 groups shares a gate
+    _close_half(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[3].groups == 4 and exported[3].in_channels == 4 and exported[3].out_channels == 8

@@ -1,0 +1,57 @@
+"""Channel analysis of an arbitrary model: which channels are coupled, where gates go, what export slices.
+
+The model is traced with ``torch.export`` (non-strict; analysis only: the model keeps running its
+own code). Every value that carries channels gets a :class:`ChannelInfo`: its channel dimension and
+the list of *spaces* its channels come from. A space is created by a producer (a Conv or Linear
+output) and merged with others where an op couples channels (a residual add shares one gate);
+``cat`` concatenates spaces; ``split`` / slicing cut a producer's output into pieces; a depthwise
+conv passes its input's spaces through. Anything the rules do not understand is a *barrier*: the
+spaces that reach it are fixed (kept whole, ungated) and named in a warning.
+
+Layout:
+
+- :mod:`.tracing`: the export trace and its map back to the model (parameters, module calls).
+- :mod:`.spaces`: the union-find over channel spaces.
+- :mod:`.rules`: one rule per ATen op (:data:`RULES`, extended with :func:`register_rule`).
+- :mod:`.walk`: the pass over the graph, repeated until stable, and the result.
+- :mod:`.types`: the result types (:class:`Analysis` and its parts).
+- :mod:`.fx_legacy`: the torch.fx analysis, used for models that torch.export cannot trace.
+
+Gates must zero what consumers read (DESIGN.md §4). A producer is gated at its output, or after
+the BatchNorm that is its only user (and the activations right after it). Ops that keep a zero
+channel zero pass that on; ops that do not (a norm, ``sigmoid``) break it, and a consumer that
+reads such a value asks for a gate right after the module that returns it ("regate"), or, where no
+module returns it, fixes the space.
+"""
+
+from tg_kernels.prune.analysis.fx_legacy import analyze, record_shapes, trace
+from tg_kernels.prune.analysis.rules import RULES, register_rule
+from tg_kernels.prune.analysis.tracing import Trace, export_trace
+from tg_kernels.prune.analysis.types import (
+    Analysis,
+    AnalysisError,
+    ChannelInfo,
+    GatePoint,
+    Group,
+    LayerCost,
+    Slice,
+)
+from tg_kernels.prune.analysis.walk import analyze_export
+
+__all__ = [
+    "RULES",
+    "Analysis",
+    "AnalysisError",
+    "ChannelInfo",
+    "GatePoint",
+    "Group",
+    "LayerCost",
+    "Slice",
+    "Trace",
+    "analyze",
+    "analyze_export",
+    "export_trace",
+    "record_shapes",
+    "register_rule",
+    "trace",
+]

@@ -1,0 +1,885 @@
+"""How channels flow through each ATen op: one rule per op, in one table (:data:`RULES`).
+
+A rule is ``rule(walk, node) -> value info``: it reads the infos of the node's inputs
+(``walk.tracked(arg)``: a :class:`ChannelInfo` or None for a value that carries no gated channels)
+and returns the node's. It may merge spaces (``walk.spaces.union``), say that a consumer reads
+channels that must be zero (``walk.need_zero``), list tensors that export must slice
+(``walk.slice_tensor``), record the layer's cost (``walk.layers``), or give up on what reaches it
+(``walk.barrier``, which keeps those channels whole and names the op in a warning). An op without
+a rule is a barrier for every gated value that reaches it.
+
+Ops are named as in ``torch.ops.aten`` without the overload and without the in-place underscore
+(``add_.Tensor`` is ``"add"``). Users extend the table with :func:`register_rule`, for their own
+custom ops too (a custom op ``mylib::fused`` is looked up as ``"fused"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx as fx
+
+from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost
+from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, ParamView, Walk, _op_name
+
+Rule = Callable[[Walk, fx.Node], Any]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(op: str, rule: Rule, *, replace: bool = False) -> None:
+    """Teach the analysis how channels flow through ``op`` (an ATen or custom op name, see above).
+
+    ``rule(walk, node)`` returns the output's :class:`ChannelInfo` (or None); see the module
+    docstring for what it may do. Existing rules are kept unless ``replace=True``.
+    """
+    if not isinstance(op, str) or not op:
+        raise TypeError(f"op must be a non-empty op name, got {op!r}")
+    if not callable(rule):
+        raise TypeError(f"rule must be callable as rule(walk, node), got {rule!r}")
+    if op in RULES and not replace:
+        raise ValueError(f"a rule for {op!r} exists already; pass replace=True to override it")
+    RULES[op] = rule
+
+
+def _rule(*names: str):
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """An op argument by position or keyword."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+def _nonzero(info: ChannelInfo, node: fx.Node) -> ChannelInfo:
+    return ChannelInfo(info.parts, info.dim, (node,) * len(info.parts), info.repeat)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops that carry no channels, and elementwise ops of one tensor
+# --------------------------------------------------------------------------------------------------
+
+for _name in ("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "size"):
+    RULES[_name] = lambda w, node: None
+
+
+@_rule(*ACTIVATION_OPS, "to", "_to_copy", "type_as", "neg", "abs", "square", "sin", "erf", "lift_fresh_copy")
+def zero_preserving(w: Walk, node: fx.Node) -> Any:
+    """Elementwise and f(0) = 0: closed channels stay zero (or stay as non-zero as they were)."""
+    x = w.tracked(node.args[0]) if node.args else None
+    if x is None:
+        pv = w.param_view(node.args[0]) if node.args else None
+        views = ("to", "_to_copy", "clone", "contiguous", "alias", "detach")
+        return pv if pv is not None and _op_name(node) in views else None
+    if w.all_tracked((node.args[1:], node.kwargs)):
+        w.barrier(node, f"'{_op_name(node)}' of several gated tensors at '{node.name}'")
+        return None
+    return x
+
+
+@_rule("prelu")
+def prelu(w: Walk, node: fx.Node) -> Any:
+    """PReLU keeps zeros; a per-channel slope (weight of C entries) is sliced with the channels."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    weight = w.tensor_name(node.args[1])
+    shape = w.shape(node.args[1])
+    if shape is None or math.prod(shape) == 1:
+        return x
+    if weight is None or x.dim != 1 or x.repeat != 1 or w.t.reads.get(weight, 0) != 1:
+        w.barrier(node, f"per-channel prelu at '{node.name}'")
+        return None
+    w.slice_tensor(weight, 0, x)
+    return x
+
+
+@_rule("sigmoid", "hardsigmoid", "exp", "softplus", "cos", "log_sigmoid", "pow")
+def nonzero_elementwise(w: Walk, node: fx.Node) -> Any:
+    """Elementwise with f(0) != 0 (finite): closed channels become non-zero here."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    if _op_name(node) == "pow":
+        exponent = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(exponent, (int, float)) or exponent < 0:
+            w.barrier(node, f"'pow' at '{node.name}'")
+            return None
+        return x if exponent > 0 else _nonzero(x, node)
+    return _nonzero(x, node)
+
+
+# --------------------------------------------------------------------------------------------------
+# Binary elementwise ops
+# --------------------------------------------------------------------------------------------------
+
+
+@_rule("add", "sub", "mul", "div", "rsub", "maximum", "minimum")
+def binary(w: Walk, node: fx.Node) -> Any:
+    kind = {"rsub": "sub", "maximum": "add", "minimum": "add"}.get(_op_name(node), _op_name(node))
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    ia, ib = w.tracked(a), w.tracked(b)
+    out_shape = w.shape(node)
+    if ia is None and ib is None:
+        return None
+    if out_shape is None:
+        w.barrier(node, f"'{kind}' at '{node.name}'")
+        return None
+    if ia is not None and ib is not None:
+        return _binary_tracked(w, node, kind, a, ia, b, ib, out_shape)
+    swapped = ia is None
+    x_node, x, other = (b, ib, a) if swapped else (a, ia, b)
+    if kind == "div" and swapped:
+        w.barrier(node, f"division by gated channels at '{node.name}'")
+        return None
+    dim = x.dim + len(out_shape) - len(w.shape(x_node))
+    if isinstance(other, (int, float, bool)):
+        if kind in ("mul", "div") or other == 0:
+            return x.with_dim(dim)
+        return ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
+    other_shape = w.shape(other)
+    if other_shape is None:
+        w.barrier(node, f"'{kind}' with an untracked operand at '{node.name}'")
+        return None
+    other_dim = dim - (len(out_shape) - len(other_shape))
+    other_size = other_shape[other_dim] if 0 <= other_dim < len(other_shape) else 1
+    if other_size != 1:
+        if isinstance(other, fx.Node) and other in w.t.inputs:  # a residual over the model input
+            w.barrier(node, f"'{kind}' with the model input '{other.name}'", warn=False)
+            return None
+        pv = w.param_view(other)
+        tensor_dim = pv.dims[other_dim] if pv is not None else None
+        if tensor_dim is None or x.repeat != 1:
+            w.barrier(node, f"'{kind}' with an untracked tensor over the channels at '{node.name}'")
+            return None
+        w.slice_tensor(pv.name, tensor_dim, x)
+        per_channel = math.prod(other_shape) / other_size
+        parts = w.cost_parts(x, other_size)
+        w.layers.append(LayerCost(pv.name, "param", 0.0, 0.0, per_channel, parts, parts, True, w.first_call(pv.name)))
+    if kind in ("mul", "div"):
+        return x.with_dim(dim)
+    return ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
+
+
+def _binary_tracked(w: Walk, node, kind, a, ia: ChannelInfo, b, ib: ChannelInfo, out_shape) -> Any:
+    dim_a = ia.dim + len(out_shape) - len(w.shape(a))
+    dim_b = ib.dim + len(out_shape) - len(w.shape(b))
+    sizes_a, sizes_b = w.sizes(ia), w.sizes(ib)
+    if dim_a != dim_b or ia.repeat != ib.repeat:
+        w.barrier(node, f"'{kind}' of differently arranged channels at '{node.name}'")
+        return None
+    if sizes_a != sizes_b:
+        if sum(sizes_a) == sum(sizes_b):  # the same channels, cut differently: cut both alike
+            offsets = _offsets(sizes_a) | _offsets(sizes_b)
+            if w.request_cuts(ia, sorted(offsets)) | w.request_cuts(ib, sorted(offsets)):
+                return None
+        w.barrier(node, f"'{kind}' of differently arranged channels at '{node.name}'")
+        return None
+    for pa, pb in zip(ia.parts, ib.parts):
+        w.spaces.union(pa, pb)
+    if kind == "mul":
+        nonzero = tuple(None if (sa is None or sb is None) else sa for sa, sb in zip(ia.nonzero, ib.nonzero))
+    elif kind == "div":
+        nonzero = ia.nonzero
+    else:
+        nonzero = tuple(sa if sa is not None else sb for sa, sb in zip(ia.nonzero, ib.nonzero))
+    return ChannelInfo(ia.parts, dim_a, nonzero, ia.repeat)
+
+
+def _offsets(sizes: list[int]) -> set[int]:
+    out, at = set(), 0
+    for s in sizes[:-1]:
+        at += s
+        out.add(at)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers: convolutions, linear maps, batch norm
+# --------------------------------------------------------------------------------------------------
+
+
+@_rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv(w: Walk, node: fx.Node) -> Any:
+    name = _op_name(node)
+    x_node, weight_node = node.args[0], node.args[1]
+    bias_node = arg(node, 2, "bias")
+    groups = arg(node, 8 if name == "convolution" else 6, "groups", 1)
+    transposed = bool(arg(node, 6, "transposed", False)) if name == "convolution" else name.startswith("conv_transpose")
+    weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
+    x = w.tracked(x_node)
+    out_shape, w_shape = w.shape(node), w.shape(weight_node)
+    if weight is None or out_shape is None or w_shape is None or (bias_node is not None and bias is None):
+        if x is not None:
+            w.barrier(node, f"convolution with a computed weight at '{node.name}'")
+        return None
+    module = w.module_reading(weight, node)
+    out_channels = out_shape[1]
+    in_channels = w_shape[0] if transposed else w_shape[1] * groups
+    positions = w.shape(x_node) if transposed else out_shape  # a transposed conv's cost follows its input
+    spatial = math.prod(positions[:1] + positions[2:]) if positions is not None else 0
+    kernel = math.prod(w_shape[2:])
+    w.flops_of[node] = 2.0 * spatial * kernel * in_channels * out_channels / groups
+    reused = w.t.reads.get(weight, 0) > 1
+    depthwise = groups > 1 and groups == in_channels == out_channels
+    if depthwise:
+        if x is None or x.dim != 1 or x.repeat != 1 or reused:
+            if x is not None:
+                w.fix(x.parts, f"depthwise conv '{module}' (input not traceable or module reused)")
+            out = ChannelInfo((w.spaces.new(out_channels, f"fixed:{module}", None, "depthwise"),), 1, (None,))
+        else:
+            w.slice_tensor(weight, 0, x)
+            w.slice_tensor(bias, 0, x)
+            out = ChannelInfo(x.parts, 1, tuple(node if bias is not None else s for s in x.nonzero))
+        w.costed_nodes.add(node)
+        parts = w.cost_parts(out, out_channels)
+        per_out = 1.0 if bias else 0.0
+        first = w.first_call(module)
+        w.layers.append(LayerCost(module, "conv", 2.0 * spatial * kernel, kernel, per_out, parts, parts, True, first))
+        return out
+    in_dim = 0 if transposed else 1
+    out_dim = 1 if transposed else 0
+    if x is not None:
+        w.need_zero(x, f"conv '{module}'")
+        if groups == 1 and x.dim == 1 and x.repeat == 1 and not reused:
+            w.slice_tensor(weight, in_dim, x)
+            if name == "conv2d":
+                w.conv_inputs.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+        elif groups > 1 and not transposed and x.dim == 1 and x.repeat == 1 and not reused:
+            first = _group_aligned(w, node, x, groups)  # channel i of every group shares one gate
+            if first is not None:
+                w.slice_tensor(weight, 1, first)
+            else:
+                x = None
+        else:
+            w.fix(x.parts, f"input of grouped or reused conv '{module}'")
+            x = None
+    fixed = "grouped transposed conv output" if groups > 1 and transposed else None
+    out = w.producer(node, module, out_channels, 1, fixed, foldable=not transposed)
+    w.slice_tensor(weight, out_dim, out)
+    w.slice_tensor(bias, 0, out)
+    if groups > 1 and not transposed:
+        _group_aligned(w, node, out, groups)
+    w.costed_nodes.add(node)
+    w.layers.append(
+        LayerCost(
+            module,
+            "conv",
+            2.0 * spatial * kernel / groups,
+            kernel / groups,
+            1.0 if bias else 0.0,
+            w.cost_parts(x, in_channels),
+            w.cost_parts(out, out_channels),
+            False,
+            w.first_call(module),
+        )
+    )
+    return out
+
+
+def _group_aligned(w: Walk, node: fx.Node, x: ChannelInfo, groups: int) -> ChannelInfo | None:
+    """Tie the channels of a grouped conv's groups (input or output) so that every group keeps the
+    same channels: cut ``x`` at the group boundaries and merge the groups' spaces one-to-one.
+    Returns the first group's channels (None while the cuts wait for the next walk, or if the
+    groups cannot be aligned, which fixes them)."""
+    per = w.width(x) // groups
+    pieces = _pieces(w, node, x, [(i * per, (i + 1) * per) for i in range(groups)])
+    if pieces is None:
+        return None
+    first = pieces[0]
+    if any(w.sizes(p) != w.sizes(first) for p in pieces[1:]):
+        w.fix(x.parts, f"groups of grouped conv at '{node.name}' are arranged differently")
+        return None
+    for piece in pieces[1:]:
+        for a, b in zip(first.parts, piece.parts):
+            w.spaces.union(a, b)
+    return first
+
+
+@_rule("linear")
+def linear(w: Walk, node: fx.Node) -> Any:
+    x_node, weight_node = node.args[0], node.args[1]
+    bias_node = arg(node, 2, "bias")
+    weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
+    x = w.tracked(x_node)
+    in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
+    if in_shape is not None and w_shape is not None:
+        w.flops_of[node] = 2.0 * math.prod(in_shape[:-1]) * math.prod(w_shape)
+    if weight is None or in_shape is None or out_shape is None or (bias_node is not None and bias is None):
+        if x is not None:
+            w.barrier(node, f"linear with a computed weight at '{node.name}'")
+        return None
+    module = w.module_reading(weight, node)
+    out_features, in_features = w_shape
+    tokens = math.prod(in_shape[:-1])
+    if x is not None:
+        w.need_zero(x, f"Linear '{module}'")
+        if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
+            w.slice_tensor(weight, 1, x)
+        else:
+            w.fix(x.parts, f"Linear '{module}' reads channels from a dimension other than the last")
+            x = None
+    out = w.producer(node, module, out_features, len(out_shape) - 1)
+    w.slice_tensor(weight, 0, out)
+    w.slice_tensor(bias, 0, out)
+    w.costed_nodes.add(node)
+    w.layers.append(
+        LayerCost(
+            module,
+            "linear",
+            2.0 * tokens,
+            1.0,
+            1.0 if bias else 0.0,
+            w.cost_parts(x, in_features),
+            w.cost_parts(out, out_features),
+            False,
+            w.first_call(module),
+        )
+    )
+    return out
+
+
+@_rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional")
+def batch_norm(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    tensors = [w.tensor_name(a) for a in node.args[1:5]]
+    stats = next((t for t in tensors if t), None)
+    if x is None:
+        return None
+    if x.dim != 1 or x.repeat != 1 or stats is None or w.t.reads.get(stats, 0) != 1:
+        w.barrier(node, f"batch norm at '{node.name}' (not over dim 1, or reused)")
+        return None
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    module = w.owner(stats)
+    parts = w.cost_parts(x, w.width(x))
+    affine = 2.0 if tensors[0] is not None else 0.0
+    w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
+    return _nonzero(x, node)
+
+
+@_rule("instance_norm")
+def instance_norm(w: Walk, node: fx.Node) -> Any:
+    """Per channel over the spatial dims: like batch norm, and zero stays zero without an affine bias."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    tensors = [w.tensor_name(a) for a in node.args[1:5]]
+    if x.dim != 1 or x.repeat != 1 or any(a is not None and t is None for a, t in zip(node.args[1:5], tensors)):
+        w.barrier(node, f"instance norm at '{node.name}'")
+        return None
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    if tensors[0] is not None or tensors[1] is not None:
+        module = w.owner(tensors[0] or tensors[1])
+        parts = w.cost_parts(x, w.width(x))
+        w.layers.append(LayerCost(module, "norm", 0.0, 0.0, 2.0, parts, parts, True, w.first_call(module)))
+    return _nonzero(x, node) if tensors[1] is not None else x
+
+
+@_rule("layer_norm", "rms_norm")
+def layer_norm(w: Walk, node: fx.Node) -> Any:
+    """A norm over the channel dim: exact after export when it normalises over the open channels only
+    (attach gives it open-channel statistics at full width: ``Analysis.norms``)."""
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    normalized = list(arg(node, 1, "normalized_shape", ()))
+    names = ("weight", "bias") if _op_name(node) == "layer_norm" else ("weight",)
+    raw = [arg(node, 2 + i, n) for i, n in enumerate(names)]
+    tensors = [w.tensor_name(a) for a in raw]
+    module = next((w.owner(t) for t in tensors if t), None) or w.scope_module(node)
+    if (
+        x.dim != len(shape) - 1
+        or len(normalized) != 1
+        or x.repeat != 1
+        or module is None
+        or any(a is not None and t is None for a, t in zip(raw, tensors))
+        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+    ):
+        w.barrier(node, f"'{_op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
+        return None
+    w.need_zero(x, f"norm '{module}'")
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    parts = w.cost_parts(x, w.width(x))
+    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+    w.layers.append(
+        LayerCost(
+            module,
+            "norm",
+            0.0,
+            0.0,
+            float(sum(t is not None for t in tensors)),
+            parts,
+            parts,
+            True,
+            w.first_call(module),
+        )
+    )
+    return _nonzero(x, node)
+
+
+@_rule("embedding")
+def embedding(w: Walk, node: fx.Node) -> Any:
+    """A table lookup makes new channels (the table's columns), like a producer."""
+    weight = w.tensor_name(node.args[0])
+    out_shape = w.shape(node)
+    if weight is None or out_shape is None:
+        return None
+    module = w.module_reading(weight, node)
+    channels = out_shape[-1]
+    fixed = "embedding table read more than once (tied weights)" if w.t.reads.get(weight, 0) != 1 else None
+    out = w.producer(node, module, channels, len(out_shape) - 1, fixed, foldable=False)
+    w.slice_tensor(weight, 1, out)
+    rows = w.shape(node.args[0])[0]
+    w.layers.append(
+        LayerCost(
+            module,
+            "embedding",
+            0.0,
+            float(rows),
+            0.0,
+            ((None, 1, 1),),
+            w.cost_parts(out, channels),
+            False,
+            w.first_call(module),
+        )
+    )
+    return out
+
+
+@_rule("addmm", "mm", "matmul", "bmm")
+def matmul(w: Walk, node: fx.Node) -> Any:
+    """``x @ W`` with a parameter ``W`` (GPT-2's Conv1D: ``addmm(bias, x, W)``) is a linear layer
+    with the weight stored transposed; a product of two activations is a barrier for their channels."""
+    name = _op_name(node)
+    bias_node, x_node, weight_node = (
+        (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, *node.args[:2])
+    )
+    weight, bias = w.tensor_name(weight_node), w.tensor_name(bias_node)
+    x = w.tracked(x_node)
+    in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
+    if in_shape is None or out_shape is None or w_shape is None:
+        return None
+    w.flops_of[node] = 2.0 * math.prod(out_shape) * in_shape[-1]
+    if weight is None or len(w_shape) != 2 or (bias_node is not None and bias is None):
+        if x is not None or w.tracked(weight_node) is not None:
+            w.barrier(node, f"'{name}' of gated activations at '{node.name}'")
+        return None
+    module = w.module_reading(weight, node)
+    in_features, out_features = w_shape
+    tokens = math.prod(in_shape[:-1])
+    if x is not None:
+        w.need_zero(x, f"'{name}' with '{weight}'")
+        if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
+            w.slice_tensor(weight, 0, x)
+        else:
+            w.fix(x.parts, f"'{weight}' is read twice or across another dim")
+            x = None
+    out = w.producer(node, module, out_features, len(out_shape) - 1, foldable=False)
+    w.slice_tensor(weight, 1, out)
+    w.slice_tensor(bias, 0, out)
+    w.layers.append(
+        LayerCost(
+            module,
+            "linear",
+            2.0 * tokens,
+            1.0,
+            1.0 if bias else 0.0,
+            w.cost_parts(x, in_features),
+            w.cost_parts(out, out_features),
+            False,
+            w.first_call(module),
+        )
+    )
+    w.costed_nodes.add(node)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling, padding, resampling: they act on the dims after the channel dim
+# --------------------------------------------------------------------------------------------------
+
+
+@_rule(
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+    "_upsample_nearest_exact2d",
+    "_upsample_bilinear2d_aa",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+    "max_pool2d_with_indices",
+)
+def spatial(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    if x.dim != 1 or x.repeat != 1:
+        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        return None
+    if _op_name(node) == "max_pool2d_with_indices":
+        return [x, None]
+    return x
+
+
+@_rule("pad", "constant_pad_nd")
+def pad(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    in_shape = w.shape(node.args[0])
+    amounts = arg(node, 1, "pad")
+    if x is None:
+        return None
+    if in_shape is None or not isinstance(amounts, (list, tuple)):
+        w.barrier(node, f"pad at '{node.name}'")
+        return None
+    from_end = len(in_shape) - 1 - x.dim  # pads come in (before, after) pairs from the last dim
+    if 2 * from_end + 1 < len(amounts) and (amounts[2 * from_end] != 0 or amounts[2 * from_end + 1] != 0):
+        w.barrier(node, f"pad over the channel dim at '{node.name}'")
+        return None
+    if _op_name(node) == "constant_pad_nd":
+        value = arg(node, 2, "value", 0)
+    else:
+        value = arg(node, 3, "value", None) if arg(node, 2, "mode", "constant") == "constant" else 0
+    return _nonzero(x, node) if value else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Shape ops
+# --------------------------------------------------------------------------------------------------
+
+
+@_rule("view", "reshape", "_unsafe_view", "unflatten")
+def reshape(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
+    if x is None:
+        return _view_param(w, node)
+    if in_shape is None or out_shape is None:
+        w.barrier(node, f"reshape at '{node.name}'")
+        return None
+    lead = math.prod(in_shape[: x.dim])
+    block = in_shape[x.dim]
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) != lead:
+            continue
+        if out_shape[k] == block:
+            return x.with_dim(k)
+        for j in range(x.dim + 1, len(in_shape) + 1):
+            if out_shape[k] == block * math.prod(in_shape[x.dim + 1 : j]):
+                return x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))
+    w.barrier(node, f"reshape that splits the channel dim at '{node.name}'")
+    return None
+
+
+def _view_param(w: Walk, node: fx.Node) -> ParamView | None:
+    """A view of a parameter that only adds or removes size-1 dims keeps track of the parameter's dims."""
+    pv = w.param_view(node.args[0])
+    in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
+    if pv is None or in_shape is None or out_shape is None:
+        return None
+    big_in = [(d, s) for d, s in enumerate(in_shape) if s != 1]
+    big_out = [(d, s) for d, s in enumerate(out_shape) if s != 1]
+    if [s for _, s in big_in] != [s for _, s in big_out]:
+        return None
+    dims: list[int | None] = [None] * len(out_shape)
+    for (di, _), (do, _) in zip(big_in, big_out):
+        dims[do] = pv.dims[di]
+    return ParamView(pv.name, tuple(dims))
+
+
+@_rule("flatten")
+def flatten(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    in_shape = w.shape(node.args[0])
+    if x is None:
+        return _view_param(w, node)
+    if in_shape is None:
+        return None
+    ndim = len(in_shape)
+    start, end = arg(node, 1, "start_dim", 0) % ndim, arg(node, 2, "end_dim", -1) % ndim
+    if x.dim < start:
+        return x
+    if x.dim > end:
+        return x.with_dim(x.dim - (end - start))
+    lead = math.prod(in_shape[start : x.dim])
+    if lead != 1:
+        if x.dim == end and x.repeat == 1:  # channels last in the merged dims: the spaces repeat (Swin)
+            return ChannelInfo(x.parts * lead, start, x.nonzero * lead)
+        w.barrier(node, f"flatten of the channel dim with leading dims at '{node.name}'")
+        return None
+    return x.with_dim(start, x.repeat * math.prod(in_shape[x.dim + 1 : end + 1]))
+
+
+@_rule("permute", "transpose", "t", "movedim", "swapaxes")
+def permute(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    pv = w.param_view(node.args[0])
+    in_shape = w.shape(node.args[0])
+    if (x is None and pv is None) or in_shape is None:
+        return None
+    ndim = len(in_shape)
+    name = _op_name(node)
+    if name == "permute":
+        order = [d % ndim for d in node.args[1]]
+    elif name == "t":
+        order = [1, 0] if ndim == 2 else [0]
+    elif name == "movedim":
+        order = list(range(ndim))
+        order.insert(node.args[2] % ndim, order.pop(node.args[1] % ndim))
+    else:
+        a, b = node.args[1] % ndim, node.args[2] % ndim
+        order = list(range(ndim))
+        order[a], order[b] = order[b], order[a]
+    if x is None:
+        return ParamView(pv.name, tuple(pv.dims[d] for d in order))
+    if x.repeat != 1:
+        w.barrier(node, f"{name} of flattened channels at '{node.name}'")
+        return None
+    return x.with_dim(order.index(x.dim))
+
+
+@_rule("roll", "flip")
+def roll(w: Walk, node: fx.Node) -> Any:
+    """Moves entries along other dims than the channel dim."""
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    dims = arg(node, 2, "dims", None) if _op_name(node) == "roll" else arg(node, 1, "dims", None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or x.dim in {d % len(shape) for d in dims} or x.repeat != 1:
+        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        return None
+    return x
+
+
+@_rule("unsqueeze")
+def unsqueeze(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    if x is None:
+        return _view_param(w, node)
+    d = node.args[1] % (len(w.shape(node.args[0])) + 1)
+    return x.with_dim(x.dim + 1 if d <= x.dim else x.dim)
+
+
+@_rule("squeeze")
+def squeeze(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    if x is None:
+        return _view_param(w, node)
+    in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
+    removed = [d for d in range(x.dim) if in_shape[d] == 1]
+    if len(in_shape) - len(out_shape) == sum(1 for s in in_shape if s == 1) or len(node.args) < 2:
+        return x.with_dim(x.dim - len(removed))
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    dims = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
+    return x.with_dim(x.dim - sum(1 for d in dims if d < x.dim))
+
+
+@_rule("expand", "expand_as")
+def expand(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
+    if in_shape is None or out_shape is None:
+        return None
+    lead = len(out_shape) - len(in_shape)
+    if x is None:
+        pv = w.param_view(node.args[0])
+        return ParamView(pv.name, (None,) * lead + pv.dims) if pv is not None else None
+    if out_shape[x.dim + lead] != in_shape[x.dim]:
+        w.barrier(node, f"expand of the channel dim at '{node.name}'")
+        return None
+    return x.with_dim(x.dim + lead)
+
+
+@_rule("mean", "sum", "amax", "amin")
+def reduce(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    in_shape = w.shape(node.args[0])
+    if x is None:
+        return None
+    dims = arg(node, 1, "dim")
+    keepdim = arg(node, 2, "keepdim", False)
+    if in_shape is None or dims is None or x.repeat != 1:
+        w.barrier(node, f"reduction at '{node.name}'")
+        return None
+    dims = {d % len(in_shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    if x.dim in dims:
+        name = _op_name(node)
+        module = w.scope_module(node)
+        if name == "sum" or (name == "mean" and dims == {x.dim} and module is not None):
+            # With closed channels exactly zero, a sum over them is the exported model's sum; a mean
+            # is too once it divides by the open count, which attach arranges at full width.
+            w.need_zero(x, f"'{name}' over the channels at '{node.name}'")
+            if name == "mean":
+                w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+            return None
+        w.barrier(node, f"reduction over the channel dim at '{node.name}'")
+        return None
+    return x if keepdim else x.with_dim(x.dim - sum(1 for d in dims if d < x.dim))
+
+
+@_rule("cat", "concat")
+def cat(w: Walk, node: fx.Node) -> Any:
+    tensors = node.args[0]
+    out_shape = w.shape(node)
+    dim = arg(node, 1, "dim", 0)
+    infos = [w.tracked(t) for t in tensors]
+    if all(i is None for i in infos) or out_shape is None:
+        return None
+    dim %= len(out_shape)
+    if all(i is not None and i.dim == dim and i.repeat == 1 for i in infos):
+        return ChannelInfo(tuple(p for i in infos for p in i.parts), dim, tuple(s for i in infos for s in i.nonzero))
+    if any(i is not None and i.dim == dim for i in infos):
+        w.barrier(node, f"cat over the channel dim at '{node.name}'")
+        return None
+    first = next(i for i in infos if i is not None)
+    nonzero = list(first.nonzero)
+    for t, other in zip(tensors, infos):
+        if other is None:  # an untracked piece: a parameter (class token) can be sliced alike
+            pv = w.param_view(t)
+            shape = w.shape(t)
+            tdim = pv.dims[first.dim] if pv is not None and first.repeat == 1 else None
+            if tdim is None or shape is None or shape[first.dim] != w.width(first):
+                w.barrier(node, f"cat of gated and untracked tensors at '{node.name}'")
+                return None
+            w.slice_tensor(pv.name, tdim, first)
+            nonzero = [node] * len(nonzero)
+            continue
+        if other.dim != first.dim or other.repeat != first.repeat or w.sizes(other) != w.sizes(first):
+            w.barrier(node, f"cat of differently arranged channels at '{node.name}'")
+            return None
+        for pa, pb in zip(first.parts, other.parts):
+            w.spaces.union(pa, pb)
+        nonzero = [n if n is not None else s for n, s in zip(nonzero, other.nonzero)]
+    return ChannelInfo(first.parts, first.dim, tuple(nonzero), first.repeat)
+
+
+def _pieces(w: Walk, node: fx.Node, x: ChannelInfo, bounds: list[tuple[int, int]]) -> list[ChannelInfo] | None:
+    """The infos of channel ranges ``[a, b)`` of ``x``; cuts spaces where a range ends inside one."""
+    offsets = _offsets(w.sizes(x)) | {0, w.width(x)}
+    wanted = {c for ab in bounds for c in ab}
+    if not wanted <= offsets:
+        if w.request_cuts(x, sorted(wanted)):
+            return None
+        w.barrier(node, f"slicing the channel dim at '{node.name}'")
+        return None
+    out = []
+    for a, b in bounds:
+        keep = [(p, s) for (p, at), s in zip(w.part_offsets(x), x.nonzero) if a <= at < b]
+        out.append(ChannelInfo(tuple(p for p, _ in keep), x.dim, tuple(s for _, s in keep), x.repeat))
+    return out
+
+
+@_rule("split", "split_with_sizes", "chunk", "unsafe_split")
+def split(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    name = _op_name(node)
+    dim = arg(node, 2, "dim", 0) % len(shape)
+    size = shape[dim]
+    if name == "chunk":
+        n = node.args[1]
+        step = -(-size // n)
+        sizes = [min(step, size - i) for i in range(0, size, step)]
+    elif isinstance(node.args[1], int):
+        sizes = [min(node.args[1], size - i) for i in range(0, size, node.args[1])]
+    else:
+        sizes = list(node.args[1])
+    if dim != x.dim:
+        return [x for _ in sizes]
+    if x.repeat != 1:
+        w.barrier(node, f"split of flattened channels at '{node.name}'")
+        return None
+    at, bounds = 0, []
+    for s in sizes:
+        bounds.append((at, at + s))
+        at += s
+    return _pieces(w, node, x, bounds)
+
+
+@_rule("slice")
+def slice_(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if shape is None:
+        return None
+    if x is None:  # a slice of a parameter (a position table cut to the sequence length)
+        pv = w.param_view(node.args[0])
+        if pv is None:
+            return None
+        dim = arg(node, 1, "dim", 0) % len(shape)
+        same = w.shape(node) == shape
+        return ParamView(pv.name, tuple(d if (i != dim or same) else None for i, d in enumerate(pv.dims)))
+    dim = arg(node, 1, "dim", 0) % len(shape)
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    start, end, _ = slice(start, end, step).indices(shape[dim])
+    if dim != x.dim:
+        return x
+    if (start, end, step) == (0, shape[dim], 1):
+        return x
+    if step != 1 or x.repeat != 1:
+        w.barrier(node, f"strided slicing of the channel dim at '{node.name}'")
+        return None
+    pieces = _pieces(w, node, x, [(start, end)])
+    return pieces[0] if pieces else None
+
+
+@_rule("select", "unbind")
+def select(w: Walk, node: fx.Node) -> Any:
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    dim = arg(node, 1, "dim", 0) % len(shape)
+    if dim == x.dim:
+        w.barrier(node, f"selecting a channel at '{node.name}'")
+        return None
+    out = x.with_dim(x.dim - 1 if dim < x.dim else x.dim)
+    return [out] * shape[dim] if _op_name(node) == "unbind" else out
+
+
+@_rule("getitem")
+def getitem(w: Walk, node: fx.Node) -> Any:
+    value = w.info.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    index = node.args[1]
+    if isinstance(value, (list, tuple)) and isinstance(index, int) and -len(value) <= index < len(value):
+        return value[index]
+    if isinstance(value, ChannelInfo):
+        w.barrier(node, f"indexing at '{node.name}'")
+    return None
+
+
+__all__ = ["RULES", "Rule", "arg", "register_rule"]

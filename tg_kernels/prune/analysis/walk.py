@@ -1,0 +1,561 @@
+"""The analysis pass over a model's export graph: one walk in graph order, repeated until stable.
+
+Each node's value gets a :class:`~tg_kernels.prune.analysis.types.ChannelInfo` (which channel
+spaces lie along which dim, and whether closed channels are exactly zero there) from the rule of
+its ATen op (:mod:`tg_kernels.prune.analysis.rules`). A walk learns things that the next walk must
+use: a module output to gate again ("regate", where a norm or a non-zero-preserving op sits
+between a gate and a consumer), a space to keep whole, a producer whose output the model cuts into
+pieces (``split``, ``chunk``, slicing). :func:`analyze_export` repeats walks until nothing new is
+learned, then :func:`finish` turns the last walk into an :class:`Analysis`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from tg_kernels.prune.analysis.spaces import Spaces
+from tg_kernels.prune.analysis.tracing import Trace
+from tg_kernels.prune.analysis.types import Analysis, AnalysisError, ChannelInfo, GatePoint, Group, LayerCost, Slice
+
+
+class ParamView:
+    """A value that is a view of one parameter or buffer: ``dims[i]`` is the tensor's dim at dim i
+    of this value (None for a dim that the view added)."""
+
+    def __init__(self, name: str, dims: tuple[int | None, ...]) -> None:
+        self.name = name
+        self.dims = dims
+
+
+class Walk:
+    """One propagation over the graph with a fixed set of gate points and cuts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trace: Trace,
+        gate_points: set[str],
+        forced_fixed: dict[str, str],
+        cuts: dict[str, set[int]],
+        excluded: set[str],
+    ) -> None:
+        self.model = model
+        self.t = trace
+        self.gate_points = gate_points
+        self.cuts = cuts
+        self.excluded = excluded
+        self.spaces = Spaces(forced_fixed)
+        self.info: dict[fx.Node, Any] = {}
+        self.slices: list[Slice] = []
+        self.points: list[GatePoint] = []
+        self.emitted: set[str] = set()
+        self.layers: list[LayerCost] = []
+        self.barriers: list[str] = []
+        self.new_gate_points: set[str] = set()
+        self.new_cuts: dict[str, set[int]] = {}
+        self.other_flops = 0.0
+        self.costed: set[str] = set()
+        self.after_norm: list[tuple[str, int]] = []
+        self.conv_inputs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+        self.norms: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+        self.fold_of: dict[str, str | None] = {}
+        self.flops_of: dict[fx.Node, float] = {}  # every op's FLOPs, for the coverage report
+        self.node_reason: dict[fx.Node, str] = {}
+        self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
+        self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
+
+    # ---- names and values ----
+    def shape(self, node: Any):
+        return self.t.shape(node)
+
+    def tensor_name(self, node: Any) -> str | None:
+        return self.t.tensor_of.get(node) if isinstance(node, fx.Node) else None
+
+    def owner(self, tensor: str) -> str:
+        return tensor.rpartition(".")[0]
+
+    def module_reading(self, tensor: str, node: fx.Node) -> str:
+        """The module a layer op belongs to: its weight's owner, or, for a weight that several ops
+        read (tied embeddings), the module running this op."""
+        if self.t.reads.get(tensor, 0) > 1:
+            return self.scope_module(node) or f"{self.owner(tensor)}@{node.name}"
+        return self.owner(tensor)
+
+    def tracked(self, arg: Any) -> ChannelInfo | None:
+        value = self.info.get(arg) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, ChannelInfo) else None
+
+    def param_view(self, arg: Any) -> ParamView | None:
+        value = self.info.get(arg) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, ParamView) else None
+
+    def all_tracked(self, value: Any) -> list[ChannelInfo]:
+        found: list[ChannelInfo] = []
+        fx.node.map_arg(value, lambda n: found.extend(_flatten_infos(self.info.get(n))))
+        return found
+
+    def sizes(self, info: ChannelInfo) -> list[int]:
+        return [self.spaces.size(p) for p in info.parts]
+
+    def width(self, info: ChannelInfo) -> int:
+        return sum(self.sizes(info))
+
+    def module_of(self, name: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    # ---- decisions ----
+    def barrier(self, node: fx.Node, what: str, warn: bool = True) -> None:
+        """Keep every space reaching ``node`` whole; ``warn`` lists it among the pieces not understood."""
+        infos = self.all_tracked((node.args, node.kwargs))
+        if infos:
+            if warn:
+                self.barriers.append(what)
+            for info in infos:
+                self.spaces.fix(info.parts, f"reaches {what}")
+
+    def fix(self, parts: Sequence[int], reason: str) -> None:
+        self.spaces.fix(parts, reason)
+
+    def scope_module(self, node: fx.Node) -> str | None:
+        """The innermost module, called once, whose forward runs ``node``."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for entry in reversed(list(stack.values())):
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            if path and self.t.calls.get(path, 0) == 1:
+                return path
+        return None
+
+    def hookable(self, node: fx.Node) -> str | None:
+        """The innermost module, called once, whose call returns exactly ``node`` (None if none)."""
+        for name in self.t.output_of.get(node, ()):
+            if self.t.calls.get(name, 0) == 1 and not isinstance(self.module_of(name), nn.ModuleList | nn.ModuleDict):
+                return name
+        return None
+
+    def need_zero(self, info: ChannelInfo, reader: str) -> None:
+        """A consumer reads ``info``: closed channels must be exactly zero there."""
+        for part, source in zip(info.parts, info.nonzero):
+            if source is None or self.spaces.is_fixed(part):
+                continue
+            name = self._regate_point(source) if isinstance(source, fx.Node) else None
+            if name is not None and info.repeat == 1:
+                self.new_gate_points.add(name)
+            else:
+                where = source.name if isinstance(source, fx.Node) else str(source)
+                self.fix([part], f"{reader} reads it after '{where}', which makes zeros non-zero")
+
+    def _regate_point(self, source: fx.Node) -> str | None:
+        """A module to gate again after ``source``: one that returns it, or returns the activation
+        chain that is all ``source`` feeds (timm's ``BatchNormAct2d`` applies its act inside)."""
+        node = source
+        while True:
+            name = self.hookable(node)
+            if name is not None:
+                return name
+            users = list(node.users)
+            if len(users) != 1 or _op_name(users[0]) not in PASS_OPS or users[0].args[0] is not node:
+                return None
+            node = users[0]
+
+    def _fold_for(self, name: str, node: fx.Node) -> str | None:
+        """The module whose rows export may scale by a regate's values: the gated module itself, or
+        the batch norm that the activations before ``node`` read."""
+        if _foldable(self.module_of(name)):
+            return name
+        while _op_name(node) in PASS_OPS and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        if _op_name(node) == "batch_norm":
+            stats = next((self.tensor_name(a) for a in node.args[1:5] if self.tensor_name(a)), None)
+            if stats is not None and _foldable(self.module_of(self.owner(stats))):
+                return self.owner(stats)
+        return None
+
+    def request_cuts(self, info: ChannelInfo, cuts: Sequence[int]) -> bool:
+        """Ask the next walk to cut spaces at these channel offsets of ``info``; True if any is new."""
+        new = False
+        at = 0
+        for p, size in zip(info.parts, self.sizes(info)):
+            inner = {c - at for c in cuts if at < c < at + size}
+            if inner:
+                for m in self.spaces.members(p):
+                    key = self.spaces.spaces[m].key
+                    have = self.cuts.get(key, set()) | self.new_cuts.get(key, set())
+                    if not inner <= have:
+                        self.new_cuts.setdefault(key, set()).update(inner)
+                        new = True
+            at += size
+        return new
+
+    def part_offsets(self, info: ChannelInfo) -> list[tuple[int, int]]:
+        offsets, at = [], 0
+        for p in info.parts:
+            offsets.append((p, at))
+            at += self.spaces.size(p)
+        return offsets
+
+    def slice_tensor(self, tensor: str | None, dim: int, info: ChannelInfo, offset: int = 0, repeat: int = 1) -> None:
+        """Export removes closed channels of ``info``'s spaces from ``tensor`` along ``dim``."""
+        if tensor is None:
+            return
+        for p, at in self.part_offsets(info):
+            self.slices.append(Slice(tensor, dim, offset + at, repeat * info.repeat, p))
+
+    def first_call(self, name: str) -> bool:
+        first = name not in self.costed
+        self.costed.add(name)
+        return first
+
+    def cost_parts(self, info: ChannelInfo | None, channels: int) -> tuple[tuple[int | None, int, int], ...]:
+        if info is None:
+            return ((None, channels, 1),)
+        return tuple((p, self.spaces.size(p), info.repeat) for p in info.parts)
+
+    def producer(
+        self, node: fx.Node, name: str, channels: int, dim: int, fixed: str | None = None, foldable: bool = True
+    ) -> ChannelInfo:
+        """The output of a layer that makes new channels (Conv, Linear): new spaces, and its gate.
+
+        ``name`` is the module owning the weight. The output is cut into several spaces where a
+        walk asked for it (the model splits this output). The gate goes at the module's output,
+        or after the BatchNorm that is its only user (then after the activations that follow).
+        """
+        if any(name == e or name.startswith(e + ".") for e in self.excluded):
+            fixed = "excluded by the user"
+        elif self.t.reads.get(_weight_of(self, node) or "", 1) > 1:
+            fixed = "module is called more than once"
+        key = f"producer:{name}"
+        fixed = fixed or self.spaces.forced_fixed.get(key)
+        cuts = sorted(c for c in self.cuts.get(key, ()) if 0 < c < channels)
+        if cuts:
+            bounds = [0, *cuts, channels]
+            parts = tuple(self.spaces.new(b - a, f"{key}#{a}", name, fixed) for a, b in zip(bounds[:-1], bounds[1:]))
+        else:
+            parts = (self.spaces.new(channels, key, name, fixed),)
+        sized = tuple((p, self.spaces.size(p)) for p in parts)
+        module = self.module_of(name)
+        point, fold = self._gate_point_for(node, name)
+        if point == name and node in self.t.output_of and name in self.t.output_of[node]:
+            replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear")
+            self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None))
+            self.emitted.add(name)
+            return ChannelInfo(parts, dim, (None,) * len(parts))
+        if point is not None and point != name:
+            self.gate_points.add(point)
+            self.fold_of[point] = fold
+            if isinstance(module, nn.Conv2d) and len(parts) == 1:
+                self.after_norm.append((name, parts[0]))
+        return ChannelInfo(parts, dim, (node,) * len(parts))
+
+    def _gate_point_for(self, node: fx.Node, name: str) -> tuple[str | None, str | None]:
+        """(module to gate, module to fold gate values into) for a producer's output."""
+        users = list(node.users)
+        if len(users) == 1 and _op_name(users[0]) == "batch_norm" and users[0].args[0] is node:
+            bn = users[0]
+            stats = next((self.tensor_name(a) for a in bn.args[1:5] if self.tensor_name(a)), None)
+            if stats is not None and self.t.reads.get(stats, 0) == 1:
+                chain = [bn]
+                while len(chain[-1].users) == 1:
+                    nxt = next(iter(chain[-1].users))
+                    if _op_name(nxt) not in ACTIVATION_OPS or nxt.args[0] is not chain[-1]:
+                        break
+                    chain.append(nxt)
+                bn_module = self.owner(stats)
+                for n in reversed(chain):
+                    point = self.hookable(n)
+                    if point is not None:
+                        return point, bn_module
+                return None, None
+        point = self.hookable(node)
+        if point == name:
+            return name, name
+        return None, None
+
+    # ---- the walk ----
+    def run(self) -> None:
+        from tg_kernels.prune.analysis.rules import RULES
+
+        for node in self.t.graph.nodes:
+            if node.op == "placeholder":
+                name = self.tensor_name(node)
+                self.info[node] = ParamView(name, tuple(range(len(self.shape(node) or ())))) if name else None
+                continue
+            if node.op == "output":
+                for info in self.all_tracked(node.args):
+                    self.fix(info.parts, "model output")
+                continue
+            if node.op != "call_function":
+                self.barrier(node, f"'{node.op}' node '{node.name}'")
+                self.info[node] = None
+                continue
+            name = _op_name(node)
+            rule = RULES.get(name)
+            tracked = self.all_tracked((node.args, node.kwargs))
+            if rule is None:
+                if tracked:
+                    self.barrier(node, f"'{name}' at '{node.name}' (no rule for this op)")
+                self.info[node] = None
+                continue
+            out = rule(self, node)
+            if isinstance(out, ChannelInfo):
+                out = self._emit(node, out)
+            self.info[node] = out
+
+    def _emit(self, node: fx.Node, info: ChannelInfo) -> ChannelInfo:
+        """Apply a requested gate where ``node`` is the output of a gated module."""
+        for name in self.t.output_of.get(node, ()):
+            if name in self.gate_points and name not in self.emitted:
+                self.emitted.add(name)
+                if info.repeat != 1:
+                    self.fix(info.parts, f"gate at '{name}' would sit on flattened channels")
+                    return info
+                self.needed[name] = any(s is not None for s in info.nonzero)
+                parts = tuple((p, self.spaces.size(p)) for p in info.parts)
+                fold = self.fold_of[name] if name in self.fold_of else self._fold_for(name, node)
+                self.points.append(GatePoint(name, info.dim, parts, False, fold))
+                return ChannelInfo(info.parts, info.dim, (None,) * len(info.parts), info.repeat)
+        return info
+
+
+ACTIVATION_OPS = {
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardtanh",
+    "tanh",
+    "softsign",
+    "softshrink",
+    "hardshrink",
+    "prelu",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+}
+
+
+# Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
+PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
+
+
+def _foldable(module: nn.Module | None) -> bool:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return not module.transposed
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine and getattr(module, "bias", None) is not None
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine)
+
+
+def _weight_of(w: Walk, node: fx.Node) -> str | None:
+    return w.tensor_name(node.args[1]) if len(node.args) > 1 else None
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
+    if name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    return name
+
+
+def _flatten_infos(value: Any) -> list[ChannelInfo]:
+    if isinstance(value, ChannelInfo):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [i for v in value for i in _flatten_infos(v)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Repeat until stable, then the result
+# --------------------------------------------------------------------------------------------------
+
+
+def analyze_export(model: nn.Module, trace: Trace, excluded: set[str] | None = None) -> Analysis:
+    """Analyse a model from its export trace (see the module docstring)."""
+    gate_points: set[str] = set()
+    requested: set[str] = set()
+    forced_fixed: dict[str, str] = {}
+    cuts: dict[str, set[int]] = {}
+
+    def walk(points: set[str]) -> Walk:
+        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()))
+        w.run()
+        return w
+
+    def learned(w: Walk, points: set[str]) -> bool:
+        return bool(w.new_gate_points - points or set(w.spaces.new_fixed) - set(forced_fixed) or w.new_cuts)
+
+    for _ in range(200):
+        w = walk(set(gate_points))
+        if not learned(w, gate_points):
+            break
+        if w.new_cuts:  # cuts change the spaces: what this walk fixed or gated may not hold after them
+            for key, c in w.new_cuts.items():
+                cuts.setdefault(key, set()).update(c)
+            continue
+        requested |= w.new_gate_points - gate_points
+        gate_points |= w.new_gate_points
+        forced_fixed.update(w.spaces.new_fixed)
+    else:  # pragma: no cover - each walk only adds
+        raise AnalysisError("channel analysis did not converge")
+    # A gate point requested early may have become unnecessary (a later regate upstream made the
+    # channels zero anyway); drop those, since export cannot fold gates into every kind of module.
+    for _ in range(len(requested) + 1):
+        idle = {name for name in requested & gate_points if not w.needed.get(name, True)}
+        if not idle:
+            break
+        trial = gate_points - idle
+        tried = walk(set(trial))
+        if learned(tried, trial):  # dropping them all at once does not hold: drop them one by one
+            for name in sorted(idle):
+                one = gate_points - {name}
+                if not learned(walk(set(one)), one):
+                    gate_points = one
+            break
+        gate_points, w = trial, tried
+    return finish(model, trace, walk(set(gate_points)))
+
+
+def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
+    """The result of a stable walk."""
+    sp = w.spaces
+    roots: dict[int, list[int]] = {}
+    for s in range(len(sp)):
+        roots.setdefault(sp.find(s), []).append(s)
+    groups: dict[int, Group] = {}
+    fixed: dict[str, str] = {}
+    for root, members in sorted(roots.items()):
+        producers = list(dict.fromkeys(sp.spaces[m].producer for m in members if sp.spaces[m].producer))
+        reason = next((sp.spaces[m].fixed for m in members if sp.spaces[m].fixed), None)
+        if reason is not None:
+            for prod in producers:
+                fixed.setdefault(prod, reason)
+            continue
+        if not producers:
+            continue
+        first = next(sp.spaces[m] for m in members if sp.spaces[m].producer)
+        label = first.key.split(":", 1)[1]
+        groups[root] = Group(root, label.replace("#", "_"), sp.size(root), producers)
+    root_of = {s: sp.find(s) for s in range(len(sp)) if sp.find(s) in groups}
+    for sl in dict.fromkeys(w.slices):
+        if sl.space in root_of:
+            groups[root_of[sl.space]].slices.append(sl)
+    for name in [n for n in fixed if any(n in g.producers for g in groups.values())]:
+        del fixed[name]  # a producer cut into pieces: some gated, some not
+
+    def gated(parts):
+        return tuple((root_of.get(s), size) for s, size in parts)
+
+    points: dict[str, GatePoint] = {}
+    for gp in w.points:
+        parts = gated(gp.parts)
+        if all(r is None for r, _ in parts) or gp.module in points:
+            continue
+        replace = gp.replace and len(parts) == 1
+        points[gp.module] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold)
+
+    def cost(parts):
+        return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
+
+    layers = [
+        LayerCost(
+            lc.module,
+            lc.kind,
+            lc.flops_per_pair,
+            lc.params_per_pair,
+            lc.bias_per_out,
+            cost(lc.in_parts),
+            cost(lc.out_parts),
+            lc.depthwise,
+            lc.count_params,
+        )
+        for lc in w.layers
+    ]
+    counted = {lc.module for lc in layers}
+    other_params = sum(
+        param.numel()
+        for name, param in model.named_parameters()
+        if name not in counted and (name.rsplit(".", 1)[0] if "." in name else "") not in counted
+    )
+    other_flops = w.other_flops
+    for node in trace.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node)
+        if name == "scaled_dot_product_attention":
+            q, k, v = (trace.shape(a) for a in node.args[:3])
+            if q is not None and k is not None and v is not None:
+                w.flops_of[node] = 2.0 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        elif name in ("baddbmm", "einsum") and trace.shape(node) is not None:
+            shapes = [trace.shape(a) for a in node.all_input_nodes]
+            if name == "baddbmm" and len(shapes) == 3 and shapes[1] is not None:
+                w.flops_of[node] = 2.0 * math.prod(trace.shape(node)) * shapes[1][-1]
+        if node in w.flops_of and node not in w.costed_nodes:
+            other_flops += w.flops_of[node]
+    covered = 0.0
+    uncovered: dict[str, float] = {}
+    for lc in layers:
+        f = lc.flops_per_pair * _pairs(lc)
+        if _gated(lc):
+            covered += f
+        elif f:
+            reason = fixed.get(lc.module, "its channels are never gated")
+            uncovered[reason] = uncovered.get(reason, 0.0) + f
+    if other_flops:
+        uncovered["attention and other ops whose cost does not depend on gates"] = other_flops
+    total = covered + sum(uncovered.values())
+    return Analysis(
+        groups=list(groups.values()),
+        gate_points=list(points.values()),
+        layers=layers,
+        fixed=fixed,
+        barriers=list(dict.fromkeys(w.barriers)),
+        root_of=root_of,
+        other_params=other_params,
+        other_flops=other_flops,
+        after_norm=[(name, space) for name, space in w.after_norm if space in root_of],
+        conv_inputs=[
+            (name, tuple((root_of.get(s), size) for s, size in parts))
+            for name, parts in w.conv_inputs
+            if any(s in root_of for s, _ in parts)
+        ],
+        tracer="export",
+        norms=[(name, gated(parts)) for name, parts in w.norms if any(s in root_of for s, _ in parts)],
+        coverage=covered / total if total else 0.0,
+        uncovered=uncovered,
+    )
+
+
+def _pairs(lc: LayerCost) -> float:
+    a = sum(size * rep for _, size, rep in lc.in_parts)
+    b = sum(size * rep for _, size, rep in lc.out_parts)
+    return b if lc.depthwise else a * b
+
+
+def _gated(lc: LayerCost) -> bool:
+    return any(s is not None for s, _, _ in lc.in_parts + lc.out_parts)
+
+
+def _prod(xs) -> int:
+    return math.prod(xs)
+
+
+__all__ = ["ParamView", "Walk", "analyze_export", "finish"]
