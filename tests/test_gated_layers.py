@@ -690,3 +690,15 @@ def test_gated_conv_on_cuda_synchronises_once_per_call(mode):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] <= 2 and counts[1] == 0, counts
+
+
+def test_a_gated_conv_runs_outside_inference_mode_after_running_inside_it():
+    conv = GatedConv2d(8, 16, 3, padding=1, skip="hard")
+    with torch.no_grad():
+        conv.gate.weight[::2] = -1.0
+    x = torch.randn(2, 8, 8, 8)
+    with torch.inference_mode():
+        expected = conv(x)
+    actual = conv(x)
+    actual.sum().backward()
+    torch.testing.assert_close(actual, expected)

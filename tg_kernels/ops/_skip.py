@@ -328,6 +328,8 @@ class Workspace(threading.local):
         numel = math.prod(shape)
         if device.type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
             return torch.empty(shape, dtype=dtype, device=device)
+        if torch.is_inference_mode_enabled():  # a buffer made here would be an inference tensor for good
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = self.buffers.get((slot, dtype))
         if buf is None or buf.numel() < numel:
             buf = self.buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
