@@ -22,3 +22,16 @@ def devices() -> list[str]:
 def backend_device_params() -> list:
     """(backend, device) pairs: every available backend on every device it runs on."""
     return [pytest.param(b, d, id=f"{b}-{d}") for d in devices() for b in backends_for(d)]
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that a misplaced gate or slice shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)

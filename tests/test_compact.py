@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import randomize_norms
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,18 +27,6 @@ from tg_kernels.ops import _skip
 from tg_kernels.prune.slicing import kept_channels, kept_entries
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
 
 
 def _close_random(bank: tg.GateBank, seed: int = 1) -> None:
@@ -55,7 +44,7 @@ def _pair(build, shape, seed: int = 0, **attach_options):
     """The same float64 model gated twice: compact (default) and per-layer (compact=False), hard mode."""
     torch.manual_seed(seed)
     base = build()
-    _randomize_norms(base)
+    randomize_norms(base)
     for m in base.modules():  # dropout draws other numbers at the compact width (the same distribution)
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -224,7 +213,7 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for skip in ("none", "exact", "hard"):
         base = ResNetCifar(8).double()
-        _randomize_norms(base)
+        randomize_norms(base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, bank = tg.attach_gates(base, x, skip=skip)

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_norms
 from torch import nn
 
 import tg_kernels as tg
@@ -123,19 +124,6 @@ class TinyUNet(nn.Module):
         return self.head(y)
 
 
-def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so that a misplaced gate shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-
-
 def _close_random(bank: tg.GateBank, fraction_closed: float = 0.5, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -201,7 +189,7 @@ def test_torchvision_model_attach_train_export(name):
         nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero
     size = 224 if name == "vit_b_16" else 64
     x = torch.randn(2, 3, size, size)
-    _randomize_norms(model)
+    randomize_norms(model)
     model, bank = _attach(model, x)
     assert len(bank.groups) > 0
     before = {k: g.weight.detach().clone() for k, g in bank.gates.items()}
@@ -230,7 +218,7 @@ def test_own_models_attach_train_export(build, shape):
     torch.manual_seed(0)
     model = build()
     x = torch.randn(shape)
-    _randomize_norms(model)
+    randomize_norms(model)
     model, bank = _attach(model, x)
     assert len(bank.groups) > 0
     _train_step(model, x, tg.Budget(model))
@@ -277,7 +265,7 @@ def test_conv_bn_gate_modes_match_none():
     """exact: the same outputs and gradients as none; hard: the same, except closed gates get none."""
     torch.manual_seed(0)
     base = resnet_cifar(depth=8).double()
-    _randomize_norms(base)
+    randomize_norms(base)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     results = {}
     for skip in ("none", "exact", "hard"):
@@ -468,7 +456,7 @@ def test_export_round_to_keeps_multiples_and_stays_exact():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     model = resnet_cifar(depth=8)
-    _randomize_norms(model)
+    randomize_norms(model)
     model, bank = _attach(model, x)
     exported = _check_export(model, bank, x, round_to=8)
     for m in exported.modules():
@@ -488,7 +476,7 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     model = torchvision.models.resnet18(num_classes=10)
-    _randomize_norms(model)
+    randomize_norms(model)
     model, bank = _attach(model, x)
     _close_random(bank)
     exported = tg.export(model).eval()
@@ -525,7 +513,7 @@ def test_errors_are_clear():
 def test_attach_leaves_weights_and_buffers_untouched():
     torch.manual_seed(0)
     model = resnet_cifar(depth=8)
-    _randomize_norms(model)
+    randomize_norms(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     model, _ = _attach(model, torch.randn(4, 3, 32, 32))
@@ -557,7 +545,7 @@ def test_convs_drop_closed_input_channels_exactly(skip):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     model, bank = _attach(resnet_cifar(8).double(), x, skip=skip)
-    _randomize_norms(model)
+    randomize_norms(model)
     _close_random(bank)
     chained = [m for m in model.modules() if isinstance(m, tg.GatedConv2d) and m.input_gate is not None]
     assert len(chained) >= 4
