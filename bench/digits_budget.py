@@ -168,10 +168,12 @@ def run_one(widths, seed, target, args, data, log) -> dict:
         "tg_gated_acc": gated_acc,
         "tg_ratio_budget": result.status.ratio,
         "tg_ratio_counted": reached,
+        "tg_ratio_search_end": [r["ratio"] for r in result.history if r["phase"] == "gates"][-1],  # before settle
         "tg_rel_error": reached / target - 1,
         "tg_kept": {k: v[0] for k, v in result.status.kept.items()},
         "tg_at_min": list(result.status.at_minimum),
         "tg_gate_epochs": gate_epochs,
+        "tg_tune_epochs": tune_epochs,
         "tg_gate_steps": result.gate_steps,
         "tg_settled_flips": result.settled_flips,
         "tg_final_weight": result.status.weight,
