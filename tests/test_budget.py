@@ -341,6 +341,16 @@ def test_prune_attaches_gates_itself_and_is_callable_as_the_package():
     assert tg.prune.prune is tg.prune.train.prune  # the package stays a package
 
 
+def test_prune_default_searches_gate_epochs_then_settles():
+    """max_gate_epochs=None (the default): the search runs gate_epochs epochs, Budget.settle lands the rest."""
+    torch.manual_seed(0)
+    result = tg.prune(SmallNet(), synthetic_data(), target=0.3, gate_epochs=2, finetune_epochs=1, progress=False)
+    phases = [row["phase"] for row in result.history]
+    assert phases.count("gates") <= 2 and phases.count("tune") == 1
+    assert result.status.within(0.01), result.summary()
+    assert abs(result.status.ratio / 0.3 - 1) <= 0.01
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
