@@ -126,6 +126,33 @@ def open_mask(w: Tensor, min_open: int = 0) -> Tensor:
     return step | forced
 
 
+def open_masks(weights: list[Tensor], min_opens: list[int]) -> Tensor:
+    """:func:`open_mask` of every ``(w, min_open)`` pair, concatenated, in a fixed number of ops.
+
+    Compact execution checks every gate of a model each forward; one gate at a time that is a sort
+    per gate. Here one stable sort by value and one by gate order rank each gate's entries (ties:
+    lowest index, as in :func:`open_mask`), so the result is the same entry for entry.
+    """
+    if not weights:
+        return torch.zeros(0, dtype=torch.bool)
+    with torch.no_grad():
+        w = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in weights])
+    step = w >= 0
+    if not any(k > 0 for k in min_opens):
+        return step
+    device = w.device
+    sizes = torch.tensor([t.numel() for t in weights], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(weights), device=device), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    by_value = torch.sort(w, descending=True, stable=True).indices
+    order = by_value[torch.sort(segment[by_value], stable=True).indices]  # per gate, largest w first
+    owner = segment[order]
+    rank = torch.arange(w.numel(), device=device) - starts[owner]
+    forced_sorted = rank < torch.tensor(min_opens, device=device)[owner]
+    forced = torch.zeros_like(step).index_put_((order,), forced_sorted)
+    return step | forced
+
+
 def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None, min_open: int = 0) -> Tensor:
     """Gate values TG(w) for gate parameters `w` (any shape), differentiable in `w`.
 
