@@ -234,6 +234,28 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
             assert bank.compact.stats.fallbacks == fallbacks + 1
 
 
+def test_conversions_after_attach_replan_and_still_match_per_layer():
+    """.float(), channels_last and in-place parameter changes between forwards: compact follows each."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    for model in (compact, per_layer):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), per_layer(x), rtol=1e-10, atol=1e-12)  # caches compact tensors
+        plans = cbank.compact.stats.plans
+        for model in (compact, per_layer):
+            model.float().to(memory_format=torch.channels_last)
+        xf = x.float().to(memory_format=torch.channels_last)
+        torch.testing.assert_close(compact(xf), per_layer(xf), rtol=1e-4, atol=1e-5)
+        assert cbank.compact.stats.plans == plans + 1, "new dtype and strides: the plan is rebuilt once"
+        for model in (compact, per_layer):
+            model.blocks[0].conv1.weight.mul_(-2.0)  # bumps _version: the cached compact tensors are stale
+        torch.testing.assert_close(compact(xf), per_layer(xf), rtol=1e-4, atol=1e-5)
+        assert cbank.compact.stats.plans == plans + 1
+    compact.train()
+    per_layer.train()
+    torch.testing.assert_close(_loss(compact, xf), _loss(per_layer, xf), rtol=1e-4, atol=1e-5)
+
+
 def test_set_skip_switches_a_model_into_and_out_of_compact_training():
     compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
     cbank.set_skip("exact")
