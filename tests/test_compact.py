@@ -256,6 +256,29 @@ def test_conversions_after_attach_replan_and_still_match_per_layer():
     torch.testing.assert_close(_loss(compact, xf), _loss(per_layer, xf), rtol=1e-4, atol=1e-5)
 
 
+def test_reused_buffers_never_overwrite_gradients_someone_still_holds():
+    """Compact execution reuses its gather and gradient buffers step to step only when nothing holds them."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    x2 = torch.randn_like(x)
+    _, first = _step(compact, x)
+    held = {n: g for n, g in first.items() if g is not None}  # the very tensors, not copies
+    copies = {n: g.clone() for n, g in held.items()}
+    _step(compact, x2)  # zero_grad(set_to_none=True), then a step on other data
+    for name, g in held.items():
+        assert torch.equal(g, copies[name]), f"{name}: a gradient held from the last step was overwritten"
+    del held, first
+    # accumulation over two steps (no zero_grad in between) equals the sum of the two
+    compact.zero_grad(set_to_none=True)
+    for inputs in (x, x2, x, x2):
+        _loss(compact, inputs).backward()
+    _, g1 = _step(per_layer, x)
+    g1 = {n: g.clone() for n, g in g1.items() if g is not None}
+    _, g2 = _step(per_layer, x2)
+    for name, p in compact.named_parameters():
+        if name in g1:
+            torch.testing.assert_close(p.grad, 2 * (g1[name] + g2[name]), rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_set_skip_switches_a_model_into_and_out_of_compact_training():
     compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
     cbank.set_skip("exact")

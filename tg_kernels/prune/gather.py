@@ -15,7 +15,7 @@ group's kept channels, with the gradient of ``hard`` mode.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,6 +54,42 @@ def memory_order_entries(t: Tensor, dims: Sequence[tuple[int, Tensor]]) -> tuple
     return offsets.reshape(-1), shape
 
 
+def _use_count(t: Tensor) -> int:
+    """How many tensors (and storage handles) share ``t``'s storage; -1 where torch does not say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if count is None else count(t.untyped_storage()._cdata)
+
+
+class ReusableBuffer:
+    """A flat buffer handed out again, step after step, while nothing else holds its storage.
+
+    Compact execution needs a few buffers of a model's parameter size every step (the gathered
+    parameters, the full-size gradients). Freshly allocated, the CPU allocator maps new pages for
+    each and the page faults cost more than the copies. A buffer is reused only when no view of it
+    is alive (storage use count back to what it was when it was made): when a gradient handed out
+    last step is still held (``param.grad``, a user's reference), a new buffer is made instead.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._alone = 0
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        b = self._buffer
+        if (
+            b is not None
+            and self._alone > 0
+            and b.numel() == numel
+            and b.dtype == dtype
+            and b.device == device
+            and _use_count(b) == self._alone
+        ):
+            return b[:]
+        b = torch.empty(numel, dtype=dtype, device=device)
+        self._buffer, self._alone = b, _use_count(b)
+        return b[:]  # a view: whoever keeps it (autograd's saved tensors too) holds the storage
+
+
 @dataclass
 class Bundle:
     """The layout of one gather: parameters of one dtype and device, with their kept entries.
@@ -75,6 +111,9 @@ class Bundle:
     elementwise: int  # leading compact elements scaled element by element
     scale_rows: int  # length of the scale vector the gather takes
     global_index: Tensor  # every kept entry's position in the concatenated full gradient
+    gathered_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+    scaled_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+    grad_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
 
     @staticmethod
     def build(
@@ -144,13 +183,13 @@ class _GatherBundle(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bundle: Bundle, scale: Tensor | None, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        gathered = torch.empty(bundle.offsets[-1], dtype=bundle.dtype, device=bundle.device)
+        gathered = bundle.gathered_buffer.get(bundle.offsets[-1], bundle.dtype, bundle.device)
         for i, full in enumerate(fulls):
             source = full.as_strided((full.numel(),), (1,))
             torch.index_select(source, 0, bundle.entries[i], out=gathered[bundle.offsets[i] : bundle.offsets[i + 1]])
         out = gathered
         if scale is not None:
-            out = gathered.clone()
+            out = bundle.scaled_buffer.get(gathered.numel(), bundle.dtype, bundle.device).copy_(gathered)
             _scale_rows(out, scale, bundle)
         ctx.bundle = bundle
         ctx.save_for_backward(gathered if scale is not None and ctx.needs_input_grad[1] else None, scale)
@@ -179,7 +218,7 @@ class _GatherBundle(torch.autograd.Function):
             grad_scale = torch.cat(pieces)
         if scale is not None:
             _scale_rows(grad, scale, bundle)
-        full = grad.new_zeros(bundle.full_offsets[-1])
+        full = bundle.grad_buffer.get(bundle.full_offsets[-1], bundle.dtype, bundle.device).zero_()
         full.index_copy_(0, bundle.global_index, grad)
         grads_full = [
             full.as_strided(shape, stride, bundle.full_offsets[i]) if ctx.needs_input_grad[2 + i] else None
