@@ -806,6 +806,40 @@ def test_gated_convs_on_cuda_synchronise_only_when_their_gates_change(mode):
     assert counts == [0, 0, 1, 0], counts
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gated_convs_capture_in_a_cuda_graph():
+    """With unchanged gates a forward and backward plan nothing on the host, so they capture in a CUDA
+    graph (the graph keeps the open set it was captured with: capture again after the gates change)."""
+    model = _chain("hard").cuda()
+    static_x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: plans, cuDNN algorithms
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(static_x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.square().sum().backward()
+    new_x = torch.randn(2, 3, 8, 8, device="cuda")
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [static_y.detach().clone(), static_x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    model.zero_grad(set_to_none=True)
+    x = new_x.clone().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    eager = [y.detach(), x.grad, *(p.grad for p in model.parameters())]
+    assert_all_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_a_gated_conv_runs_outside_inference_mode_after_running_inside_it():
     conv = GatedConv2d(8, 16, 3, padding=1, skip="hard")
     with torch.no_grad():

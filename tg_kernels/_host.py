@@ -23,6 +23,7 @@ bypasses PyTorch's version counter, outside an optimizer step). After such an ed
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class _Gates:
     def __init__(self) -> None:
         self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (state, values) | None
         self.epoch = 0  # bumped by every optimizer step
+        self.lock = threading.Lock()  # DataParallel replicas plan from several threads
 
 
 _gates = _Gates()
@@ -122,13 +124,12 @@ def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
     (host copies returned) in one transfer per device; nothing is read for fresh gates."""
     from tg_kernels.gate import open_mask  # here: tg_kernels.gate imports this module
 
-    for gate in gates:
-        _gates.entries.setdefault(gate, None)
-    devices = {g.weight.device for g in gates} | {t.device for t in extra}
-    stale = [
-        g for g in list(_gates.entries.keys()) if g.weight.device in devices and _usable(g) and _fresh_values(g) is None
-    ]
-    with torch.inference_mode(False):  # cached tensors must outlive an inference-mode caller
+    with _gates.lock, torch.inference_mode(False):  # cached tensors must outlive an inference-mode caller
+        for gate in gates:
+            _gates.entries.setdefault(gate, None)
+        devices = {g.weight.device for g in gates} | {t.device for t in extra}
+        tracked = [g for g in (ref() for ref in list(_gates.entries.data)) if g is not None]
+        stale = [g for g in tracked if g.weight.device in devices and _usable(g) and _fresh_values(g) is None]
         states = [_state(g) for g in stale]
         hosts = _to_host_plain([g.weight for g in stale] + list(extra))
         for gate, state, host_weight in zip(stale, states, hosts):
