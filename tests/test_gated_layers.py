@@ -655,14 +655,12 @@ def test_gated_convs_synchronise_only_when_their_gates_change(count_syncs, mode,
 
 
 def _freshly_planned(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's output from copies of its layers that plan from scratch (nothing remembered)."""
-    from tg_kernels import _host
-
-    _host.forget()
+    """The model's output from copies of its layers (new gate modules: they plan from scratch)."""
     copy = nn.Sequential(*(GatedConv2d.from_conv(m, skip=m.skip, gate_after_norm=m.gate_after_norm) for m in model))
     for new, old in zip(copy, model):
         with torch.no_grad():
             new.gate.weight.copy_(old.gate.weight)
+        new.gate.min_open, new.gate.M = old.gate.min_open, old.gate.M
     for i in range(1, len(copy)):
         copy[i].input_gate = lambda like, g=copy[i - 1].gate: g()
     with torch.no_grad():
@@ -692,6 +690,29 @@ def test_gates_changed_out_of_sight_are_read_again(count_syncs):
         model[0].gate.weight.data[:8] = -1.0  # invisible to the version counter
         forget_open_sets()
         torch.testing.assert_close(model(x), _freshly_planned(model, x))
+
+
+def test_the_remembered_open_set_follows_every_visible_change(count_syncs):
+    """min_open, a new tensor assigned through .data, a dtype change: each makes the layer read its gate
+    again, and its output stays that of a layer planned from scratch. The paper form is read every call."""
+    model = _chain("hard")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        gate = model[2].gate
+        gate.min_open = 7  # keeps 7 open where the step keeps 6
+        assert count_syncs(lambda: model(x))[0] == [1]
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+        gate.weight.data = -gate.weight.detach().clone()  # new storage, version unchanged
+        assert count_syncs(lambda: model(x))[0] == [1]
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+        model.double()
+        assert count_syncs(lambda: model(x.double()))[0] == [3]
+        torch.testing.assert_close(model(x.double()), _freshly_planned(model, x.double()))
+        paper = GatedConv2d(3, 8, 3, padding=1, gate_M=4.0)
+        paper.gate.weight[::2] = -0.5  # M * w an integer: the paper form's value is exactly 0 there
+        first = count_syncs(lambda: paper(x))[0]
+        assert first == [1] and count_syncs(lambda: paper(x))[0] == [1], "paper-form gates are read every call"
 
 
 def test_gated_conv_no_grad_chain_synchronises_once_per_new_gate(count_syncs):

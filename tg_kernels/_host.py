@@ -57,7 +57,7 @@ def _needs_transfer(t: Tensor) -> bool:
 
 
 def _device_to_host(tensors: list[Tensor]) -> list[Tensor]:
-    """The one synchronising step: copy device tensors to the host in a single transfer."""
+    """The one synchronising step: copy device tensors (of one device) to the host in a single transfer."""
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # exact: zeros stay zeros
     flat = torch.cat([t.detach().flatten().to(dtype) for t in tensors]) if len(tensors) > 1 else None
     host = (flat if flat is not None else tensors[0].detach().flatten()).to("cpu")
@@ -77,6 +77,7 @@ class _GateState:
     weight: weakref.ref
     version: int
     data_ptr: int
+    device: torch.device
     min_open: int
     epoch: int
 
@@ -85,6 +86,7 @@ class _GateState:
             self.weight() is other.weight()
             and self.version == other.version
             and self.data_ptr == other.data_ptr
+            and self.device == other.device
             and self.min_open == other.min_open
             and self.epoch == other.epoch
         )
@@ -109,7 +111,7 @@ def _usable(gate) -> bool:
 
 def _state(gate) -> _GateState:
     w = gate.weight
-    return _GateState(weakref.ref(w), w._version, w.data_ptr(), gate.min_open, _gates.epoch)
+    return _GateState(weakref.ref(w), w._version, w.data_ptr(), w.device, gate.min_open, _gates.epoch)
 
 
 def _fresh_values(gate) -> HostValues | None:
@@ -136,18 +138,6 @@ def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
             values = open_mask(host_weight, gate.min_open).to(host_weight.dtype)
             _gates.entries[gate] = (state, HostValues(values))
     return hosts[len(stale) :]
-
-
-def gate_values(gate) -> HostValues | None:
-    """The host values of ``gate()`` (a limit-form gate module), read in a batched transfer only when
-    stale; None for gates the cache cannot follow (paper form)."""
-    if not _usable(gate):
-        return None
-    values = _fresh_values(gate)
-    if values is None:
-        _refresh([gate])
-        values = _fresh_values(gate)
-    return values
 
 
 def _bump_epoch(*_) -> None:
@@ -285,9 +275,12 @@ def _to_host_plain(tensors: list[Tensor]) -> list[Tensor]:
     if not tensors:
         return []
     with torch.inference_mode(False):
-        on_device = [t for t in tensors if _needs_transfer(t)]
-        copies = iter(_device_to_host(on_device) if on_device else [])
-        return [next(copies) if _needs_transfer(t) else t.detach() for t in tensors]
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in tensors:
+            if _needs_transfer(t):
+                by_device.setdefault(t.device, []).append(t)
+        copies = {id(t): host for group in by_device.values() for t, host in zip(group, _device_to_host(group))}
+        return [copies[id(t)] if _needs_transfer(t) else t.detach() for t in tensors]
 
 
 def host_values(t: Tensor) -> HostValues:
