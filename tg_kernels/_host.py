@@ -43,7 +43,7 @@ class HostValues:
 
 def _trackable(t: Tensor) -> bool:
     """Plain eager tensors only: fakes, functional wrappers and tracing never see the caches."""
-    return type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter)
 
 
 def _version(t: Tensor) -> int:
