@@ -22,6 +22,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from tg_kernels import _host
+
 ShapeFn = Callable[[Tensor], Tensor]
 
 
@@ -220,7 +222,10 @@ class TrainableGate(nn.Module):
         return self.weight.numel()
 
     def forward(self) -> Tensor:
-        return trainable_gate(self.weight, self.shape, self.M, self.min_open)
+        values = trainable_gate(self.weight, self.shape, self.M, self.min_open)
+        if self.M is None:  # 0/1 values: the skipping layers plan from this module's host copy (no sync)
+            _host.track(values, [self])
+        return values
 
     def open_mask(self) -> Tensor:
         """Boolean mask of open gates: ``weight >= 0``, plus the ``min_open`` largest weights.
