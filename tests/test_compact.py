@@ -256,6 +256,33 @@ def test_conversions_after_attach_replan_and_still_match_per_layer():
     torch.testing.assert_close(_loss(compact, xf), _loss(per_layer, xf), rtol=1e-4, atol=1e-5)
 
 
+def test_eval_after_a_fused_optimizer_step_or_a_data_edit_sees_the_new_parameters():
+    """The no-grad cache of compact tensors: fused optimizers and .data edits bypass _version."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    compact.float(), per_layer.float()
+    x = x.float()
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (compact, per_layer)]
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        model.train()
+        return out
+
+    for _ in range(2):
+        torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+        for model, opt in zip((compact, per_layer), opts):
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+    for model in (compact, per_layer):
+        model.blocks[0].conv2.weight.data.mul_(3.0)  # invisible to _version
+    tg.nn.forget_open_sets()
+    torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+
+
 def test_reused_buffers_never_overwrite_gradients_someone_still_holds():
     """Compact execution reuses its gather and gradient buffers step to step only when nothing holds them."""
     compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))

@@ -147,6 +147,12 @@ def _bump_epoch(*_) -> None:
 register_optimizer_step_post_hook(_bump_epoch)
 
 
+def epoch() -> int:
+    """A counter that moves on every ``torch.optim`` step and every :func:`forget`: caches keyed on
+    tensor versions add it, since fused optimizers update parameters without bumping ``_version``."""
+    return _gates.epoch
+
+
 def forget() -> None:
     """Forget every remembered host copy: the next planning call reads its gate again (needed only after
     gate weights changed without PyTorch seeing it, e.g. in-place through ``.data``)."""

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from tg_kernels import _host
 from tg_kernels.gate import open_masks, resolve_shape
 from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
@@ -110,7 +111,12 @@ _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward
 
 
 def _key(t: Tensor | None) -> tuple[int, int, int] | None:
-    """What identifies a tensor's contents between forwards (in-place changes bump ``_version``)."""
+    """What identifies a tensor's contents between forwards (in-place changes bump ``_version``).
+
+    Fused optimizers and edits through ``.data`` bypass ``_version``: the cache of compact tensors
+    is also keyed on :func:`tg_kernels._host.epoch` (every optimizer step, and
+    ``tg_kernels.nn.forget_open_sets()`` after an edit PyTorch cannot see).
+    """
     return None if t is None else (id(t), t._version, t.data_ptr())
 
 
@@ -249,7 +255,8 @@ class CompactForward:
             values = self._gate_values(plan)
             swapped = self._swap_in(plan, values)
             if not torch.is_grad_enabled():
-                self._cache = (plan, [_key(full) for _, full, _ in swapped], [compact for _, _, compact in swapped])
+                keys = [_host.epoch(), *(_key(full) for _, full, _ in swapped)]
+                self._cache = (plan, keys, [compact for _, _, compact in swapped])
         for spec, _, compact in swapped:
             spec.slot[spec.attr] = compact
         for module, compact, _ in plan.attributes:
@@ -310,7 +317,7 @@ class CompactForward:
             return None
         _, keys, compacts = self._cache
         fulls = [spec.slot[spec.attr] for spec in plan.swaps]
-        if [_key(full) for full in fulls] != keys:
+        if [_host.epoch(), *(_key(full) for full in fulls)] != keys:
             return None
         return list(zip(plan.swaps, fulls, compacts))
 
