@@ -15,6 +15,7 @@ return ``dL/dgate`` and this module's backward turns it into ``dL/dw``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -128,6 +129,16 @@ def open_mask(w: Tensor, min_open: int = 0) -> Tensor:
     return step | forced
 
 
+@functools.lru_cache(maxsize=64)
+def _segments(sizes: tuple[int, ...], min_opens: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
+    """Index tensors of :func:`open_masks` for one layout, made once (no host-to-device copy per call)."""
+    with torch.inference_mode(False):  # cached: must not be inference tensors
+        n = torch.tensor(sizes, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), n)
+        starts = torch.cumsum(n, 0) - n
+        return segment, starts, torch.tensor(min_opens, device=device), torch.arange(sum(sizes), device=device)
+
+
 def open_masks(weights: list[Tensor], min_opens: list[int]) -> Tensor:
     """:func:`open_mask` of every ``(w, min_open)`` pair, concatenated, in a fixed number of ops.
 
@@ -142,15 +153,11 @@ def open_masks(weights: list[Tensor], min_opens: list[int]) -> Tensor:
     step = w >= 0
     if not any(k > 0 for k in min_opens):
         return step
-    device = w.device
-    sizes = torch.tensor([t.numel() for t in weights], device=device)
-    segment = torch.repeat_interleave(torch.arange(len(weights), device=device), sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
+    segment, starts, least, positions = _segments(tuple(t.numel() for t in weights), tuple(min_opens), w.device)
     by_value = torch.sort(w, descending=True, stable=True).indices
     order = by_value[torch.sort(segment[by_value], stable=True).indices]  # per gate, largest w first
     owner = segment[order]
-    rank = torch.arange(w.numel(), device=device) - starts[owner]
-    forced_sorted = rank < torch.tensor(min_opens, device=device)[owner]
+    forced_sorted = positions - starts[owner] < least[owner]
     forced = torch.zeros_like(step).index_put_((order,), forced_sorted)
     return step | forced
 
