@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tg_kernels as tg  # noqa: E402
+from bench.flops import conv_linear_flops  # noqa: E402
 
 
 def load_example():
@@ -50,28 +51,6 @@ def load_example():
 
 
 ex = load_example()
-
-
-def conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
-    """Independent FLOPs count of a plain model (Conv2d and Linear only, as the budget counts them)."""
-    total = 0.0
-
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2.0 * out.numel() * math.prod(m.kernel_size) * m.in_channels / m.groups
-        else:
-            total += 2.0 * out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    model.train(was)
-    for h in handles:
-        h.remove()
-    return total
 
 
 def dense_model(widths: tuple[int, int, int], seed: int, data, epochs: int, cache: Path, log) -> nn.Module:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tg_kernels as tg
+from bench.flops import conv_linear_flops
 from tg_kernels.gate import open_mask, trainable_gate
 
 
@@ -33,25 +34,6 @@ class SmallNet(nn.Module):
 
     def forward(self, x):
         return self.head(torch.flatten(self.features(x), 1))
-
-
-def conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
-    """Independent count: 2 * outputs * kernel * in_channels / groups (Conv), 2 * outputs * in_features (Linear)."""
-    total = 0.0
-
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2.0 * out.numel() * math.prod(m.kernel_size) * m.in_channels / m.groups
-        else:
-            total += 2.0 * out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in handles:
-        h.remove()
-    return total
 
 
 def gated(widths=(8, 16, 16), seed=0):

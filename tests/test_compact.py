@@ -234,6 +234,78 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
             assert bank.compact.stats.fallbacks == fallbacks + 1
 
 
+def test_conversions_after_attach_replan_and_still_match_per_layer():
+    """.float(), channels_last and in-place parameter changes between forwards: compact follows each."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    for model in (compact, per_layer):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), per_layer(x), rtol=1e-10, atol=1e-12)  # caches compact tensors
+        plans = cbank.compact.stats.plans
+        for model in (compact, per_layer):
+            model.float().to(memory_format=torch.channels_last)
+        xf = x.float().to(memory_format=torch.channels_last)
+        torch.testing.assert_close(compact(xf), per_layer(xf), rtol=1e-4, atol=1e-5)
+        assert cbank.compact.stats.plans == plans + 1, "new dtype and strides: the plan is rebuilt once"
+        for model in (compact, per_layer):
+            model.blocks[0].conv1.weight.mul_(-2.0)  # bumps _version: the cached compact tensors are stale
+        torch.testing.assert_close(compact(xf), per_layer(xf), rtol=1e-4, atol=1e-5)
+        assert cbank.compact.stats.plans == plans + 1
+    compact.train()
+    per_layer.train()
+    torch.testing.assert_close(_loss(compact, xf), _loss(per_layer, xf), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_after_a_fused_optimizer_step_or_a_data_edit_sees_the_new_parameters():
+    """The no-grad cache of compact tensors: fused optimizers and .data edits bypass _version."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    compact.float(), per_layer.float()
+    x = x.float()
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (compact, per_layer)]
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        model.train()
+        return out
+
+    for _ in range(2):
+        torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+        for model, opt in zip((compact, per_layer), opts):
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+    for model in (compact, per_layer):
+        model.blocks[0].conv2.weight.data.mul_(3.0)  # invisible to _version
+    tg.nn.forget_open_sets()
+    torch.testing.assert_close(evaluate(compact), evaluate(per_layer), rtol=1e-5, atol=1e-5)
+
+
+def test_reused_buffers_never_overwrite_gradients_someone_still_holds():
+    """Compact execution reuses its gather and gradient buffers step to step only when nothing holds them."""
+    compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    x2 = torch.randn_like(x)
+    _, first = _step(compact, x)
+    held = {n: g for n, g in first.items() if g is not None}  # the very tensors, not copies
+    copies = {n: g.clone() for n, g in held.items()}
+    _step(compact, x2)  # zero_grad(set_to_none=True), then a step on other data
+    for name, g in held.items():
+        assert torch.equal(g, copies[name]), f"{name}: a gradient held from the last step was overwritten"
+    del held, first
+    # accumulation over two steps (no zero_grad in between) equals the sum of the two
+    compact.zero_grad(set_to_none=True)
+    for inputs in (x, x2, x, x2):
+        _loss(compact, inputs).backward()
+    _, g1 = _step(per_layer, x)
+    g1 = {n: g.clone() for n, g in g1.items() if g is not None}
+    _, g2 = _step(per_layer, x2)
+    for name, p in compact.named_parameters():
+        if name in g1:
+            torch.testing.assert_close(p.grad, 2 * (g1[name] + g2[name]), rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_set_skip_switches_a_model_into_and_out_of_compact_training():
     compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
     cbank.set_skip("exact")
@@ -448,27 +520,85 @@ def test_one_host_synchronisation_per_forward_on_cuda():
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
 
 
-def test_gather_scaled_matches_index_select_and_passes_gradcheck():
-    from tg_kernels.prune.compact import gather_scaled
+def _bundle_case():
+    """Four float64 tensors: scaled 1-D and 4-D (one channels_last), an unscaled 2-D one (transposed), a 1-D one."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.randn(6, 5, 3, 2, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+    tensors = [
+        torch.randn(7, dtype=torch.float64, generator=g),
+        conv,
+        torch.randn(4, 6, dtype=torch.float64, generator=g).t(),  # dense, not contiguous
+        torch.randn(5, dtype=torch.float64, generator=g),
+    ]
+    dims = [
+        [(0, torch.tensor([1, 2, 6]))],
+        [(0, torch.tensor([0, 2, 3, 5])), (1, torch.tensor([1, 4]))],
+        [(1, torch.tensor([0, 3]))],
+        [],
+    ]
+    scaled = [True, True, False, False]
+    return [t.requires_grad_() for t in tensors], dims, scaled
 
-    t = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    dims = [(0, torch.tensor([0, 2, 3, 5])), (1, torch.tensor([1, 4]))]
-    expected = t.index_select(0, dims[0][1]).index_select(1, dims[1][1]) * scale.view(-1, 1, 1)
-    torch.testing.assert_close(gather_scaled(t, dims, scale), expected)
-    assert torch.autograd.gradcheck(lambda t, s: gather_scaled(t, dims, s), (t, scale))
-    assert torch.autograd.gradcheck(lambda t: gather_scaled(t, dims[1:]), (t,))
+
+def _reference_gather(t, dims, scale=None):
+    out = t
+    for dim, index in dims:
+        out = out.index_select(dim, index)
+    return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
 
 
-def test_take_scaled_matches_index_select_and_passes_gradcheck():
-    from tg_kernels.prune.compact import flat_entries, take_scaled
+def test_gather_bundle_matches_index_select_and_passes_gradcheck():
+    from tg_kernels.prune.gather import Bundle, gather_bundle
 
-    t = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    dims = [(0, torch.tensor([0, 2, 3, 5])), (1, torch.tensor([1, 4]))]
-    flat, shape = flat_entries(t.shape, dims)
-    expected = t.index_select(0, dims[0][1]).index_select(1, dims[1][1]) * scale.view(-1, 1, 1)
-    torch.testing.assert_close(take_scaled(t, flat, shape, scale), expected)
-    assert torch.autograd.gradcheck(lambda t, s: take_scaled(t, flat, shape, s), (t, scale))
-    flat1, shape1 = flat_entries(t.shape, dims[1:])
-    assert torch.autograd.gradcheck(lambda t: take_scaled(t, flat1, shape1), (t,))
+    tensors, dims, scaled = _bundle_case()
+    bundle, order = Bundle.build(tensors, dims, scaled)
+    assert bundle.matches([tensors[i] for i in order])
+    assert not bundle.matches([tensors[i].contiguous() for i in order])  # the strides changed
+    rows = [3, 4]  # the scaled tensors' kept rows, in bundle order (the 1-D one first)
+    scale = torch.rand(sum(rows), dtype=torch.float64, requires_grad=True)
+    out = gather_bundle(bundle, [tensors[i] for i in order], scale)
+    pieces = dict(zip(order, out))
+    torch.testing.assert_close(pieces[0], _reference_gather(tensors[0], dims[0], scale[:3]))
+    torch.testing.assert_close(pieces[1], _reference_gather(tensors[1], dims[1], scale[3:]))
+    torch.testing.assert_close(pieces[2], _reference_gather(tensors[2], dims[2]))
+    torch.testing.assert_close(pieces[3], tensors[3])
+
+    def run(s, *ts):
+        return gather_bundle(bundle, ts, s)
+
+    assert torch.autograd.gradcheck(run, (scale, *[tensors[i] for i in order]))
+    # the full-size gradients keep their tensors' layouts (so AccumulateGrad need not copy them)
+    sum(o.sum() for o in gather_bundle(bundle, [tensors[i] for i in order], scale)).backward()
+    assert tensors[1].grad.stride() == tensors[1].stride() and tensors[2].grad.stride() == tensors[2].stride()
+    with pytest.raises(ValueError, match="scale vector has 2 entries"):
+        gather_bundle(bundle, [tensors[i] for i in order], scale[:2])
+
+
+def test_kept_gate_values_are_the_open_masks_with_hard_mode_gradients():
+    from tg_kernels.gate import gaussian_shape
+    from tg_kernels.prune.gather import kept_gate_values
+
+    weights = [torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64)]
+    weights = [w.requires_grad_() for w in weights]
+    kept = torch.tensor([0, 1, 4])  # channel 1 of the first gate is closed but kept (padding)
+    open_kept = torch.tensor([True, False, True])
+    values = kept_gate_values(gaussian_shape, weights, kept, open_kept)
+    torch.testing.assert_close(values, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+    (values * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)).sum().backward()
+    g = gaussian_shape(torch.tensor([0.5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(weights[0].grad, torch.tensor([g[0], 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(weights[1].grad, torch.tensor([0.0, 3 * g[1]], dtype=torch.float64))
+
+
+def test_open_masks_equals_open_mask_gate_by_gate():
+    from tg_kernels.gate import open_mask, open_masks
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        weights = [
+            torch.randn(int(torch.randint(0, 9, (1,), generator=g)), generator=g).round() - 0.5 for _ in range(n)
+        ]
+        min_opens = [int(torch.randint(0, 4, (1,), generator=g)) for _ in range(n)]  # ties above, k > size too
+        expected = torch.cat([open_mask(w, k) for w, k in zip(weights, min_opens)])
+        assert torch.equal(open_masks(weights, min_opens), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -537,10 +538,11 @@ def test_linear_without_input_features_gives_gated_bias(skip):
 
 
 # Host synchronisations. On CUDA every read of a gate value on the host (nonzero, item, bool(...), a
-# copy to the CPU) stalls until the GPU catches up. Here on CPU the layer is made to take its device
-# path (_needs_transfer -> True), the one device-to-host transfer is counted, and a dispatch mode
-# counts every other synchronising op outside the host-side planning functions.
-_SYNC_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "item", "masked_select", "unique"}
+# copy to the CPU) stalls until the GPU catches up. Here on CPU the layers are made to take their
+# device path (_host._needs_transfer -> True), each device-to-host transfer is counted (with how many
+# tensors it carries), and a dispatch mode counts every other synchronising op outside the host-side
+# planning functions.
+_SYNC_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "item", "masked_select", "unique", "equal"}
 
 
 class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -566,130 +568,297 @@ class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
 _CUSTOM_OPS = (gated_conv2d_op, gated_conv2d_backward_op, gated_linear_op, gated_linear_backward_op)
 
 
-def _count_syncs(monkeypatch, run):
-    from tg_kernels.ops import _skip
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """``count_syncs(run) -> (transfers, syncs)``: the sizes of the device-to-host transfers `run` made
+    and the other synchronising ops it ran, with every tensor treated as a device tensor."""
+    from tg_kernels import _host
+    from tg_kernels.ops import gated_conv
 
+    _host.forget()  # only this test's gates are tracked
     counter = _SyncCounter()
-    transfers = []
-    monkeypatch.setattr(_skip, "_needs_transfer", lambda t: True)
-    original_transfer = _skip._device_to_host
+    transfers: list[int] = []
+    monkeypatch.setattr(_host, "_needs_transfer", lambda t: True)
 
-    def transfer(tensors):
-        transfers.append(len(tensors))
-        counter.on_host += 1
-        try:
-            return original_transfer(tensors)
-        finally:
-            counter.on_host -= 1
-
-    monkeypatch.setattr(_skip, "_device_to_host", transfer)
-    for name in ("_plan_from_host", "_open_index_from_host"):
-        original = getattr(_skip, name)
-
-        def on_host(*args, _original=original):
+    def on_host(original, record=None):
+        def wrapped(*args, **kwargs):
+            if record is not None:
+                record.append(len(args[0]))
             counter.on_host += 1
             try:
-                return _original(*args)
+                return original(*args, **kwargs)
             finally:
                 counter.on_host -= 1
 
-        monkeypatch.setattr(_skip, name, on_host)
-    with counter:
-        run()
-    return transfers, counter.syncs
+        return wrapped
+
+    monkeypatch.setattr(_host, "_device_to_host", on_host(_host._device_to_host, transfers))
+    host_side = ((_skip, "_plan_from_host"), (_skip, "_open_index_from_host"), (_host, "_refresh"))
+    for module, name in (*host_side, (_host, "_concat"), (gated_conv, "_open_mask_values")):
+        monkeypatch.setattr(module, name, on_host(getattr(module, name)))
+
+    def count(run):
+        transfers.clear()
+        counter.syncs = []
+        with counter:
+            run()
+        return list(transfers), counter.syncs
+
+    yield count
+    _host.forget()
+
+
+def _chain(mode: str, after_norm: bool = False) -> nn.Sequential:
+    """Three gated convs; the second and third read their input gates (hard mode drops closed inputs)."""
+    torch.manual_seed(0)
+    first = GatedConv2d(3, 16, 3, padding=1, skip=mode)
+    second = GatedConv2d(16, 16, 3, padding=1, skip=mode, gate_after_norm=after_norm)
+    third = GatedConv2d(16, 8, 3, padding=1, skip=mode)
+    with torch.no_grad():
+        first.gate.weight[::3] = -1.0
+        second.gate.weight[1::4] = -1.0
+        third.gate.weight[:2] = -1.0
+    second.input_gate = lambda like: first.gate()
+    third.input_gate = lambda like: second.gate()
+    return nn.Sequential(first, second, third)
 
 
 @pytest.mark.parametrize("mode", ["exact", "hard"])
 @pytest.mark.parametrize("after_norm", [False, True])
-def test_gated_conv_synchronises_once_per_call(monkeypatch, mode, after_norm):
-    """One device-to-host transfer per GatedConv2d call (its gate and input gate together), none in the
-    backward and no other synchronising op (before: about 5 per plan, planned again in the backward)."""
-    torch.manual_seed(0)
-    first = GatedConv2d(3, 16, 3, padding=1, skip=mode)
-    second = GatedConv2d(16, 16, 3, padding=1, skip=mode, gate_after_norm=after_norm)
-    with torch.no_grad():
-        first.gate.weight[::3] = -1.0
-        second.gate.weight[1::4] = -1.0
-    second.input_gate = lambda like: first.gate()
+def test_gated_convs_synchronise_only_when_their_gates_change(count_syncs, mode, after_norm):
+    """Steady state: no synchronisation per GatedConv2d forward or backward while the gates are unchanged,
+    one transfer for every gate of the model after an optimizer step (before: one per layer per forward)."""
+    model = _chain(mode, after_norm)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    forward = {}
+    out = {}
 
-    def run():
-        forward["y"] = second(first(x))
+    def forward():
+        out["y"] = model(x)
 
-    transfers, syncs = _count_syncs(monkeypatch, run)
-    # the second layer reads its input gate too in hard mode (it drops closed inputs): still one transfer
-    assert (transfers, syncs) == ([1, 2] if mode == "hard" else [1, 1], [])
-    transfers, syncs = _count_syncs(monkeypatch, lambda: forward["y"].square().sum().backward())
-    assert (transfers, syncs) == ([], []), "the backward planned again"
-    assert x.grad is not None and first.gate.weight.grad is not None
+    def backward():
+        out["y"].square().sum().backward()
 
-
-def test_gated_conv_no_grad_chain_synchronises_once_per_layer(monkeypatch):
-    torch.manual_seed(0)
-    first = GatedConv2d(3, 16, 3, padding=1)
-    second = GatedConv2d(16, 8, 3, padding=1)
+    # first call: each layer reads its newly seen gate (input gates come from the gates already read)
+    assert count_syncs(forward) == ([1, 1, 1], [])
+    assert count_syncs(backward) == ([], []), "the backward planned again"
+    assert count_syncs(forward) == ([], []), "unchanged gates were read again"
+    assert count_syncs(backward) == ([], [])
+    opt.step()  # changes every gate weight: one transfer for all of them, at the first layer
+    assert count_syncs(forward) == ([3], [])
+    assert count_syncs(backward) == ([], [])
     with torch.no_grad():
-        first.gate.weight[::2] = -1.0
-    second.input_gate = lambda like: first.gate()
+        assert count_syncs(lambda: model(x)) == ([], [])
+        model[1].gate.weight[2] = -1.0  # an in-place change of one gate: only that gate is read again
+        assert count_syncs(lambda: out.update(y=model(x))) == ([1], [])
+    torch.testing.assert_close(out["y"], _freshly_planned(model, x))
+
+
+def _freshly_planned(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output from copies of its layers (new gate modules: they plan from scratch)."""
+    copy = nn.Sequential(*(GatedConv2d.from_conv(m, skip=m.skip, gate_after_norm=m.gate_after_norm) for m in model))
+    for new, old in zip(copy, model):
+        with torch.no_grad():
+            new.gate.weight.copy_(old.gate.weight)
+        new.gate.min_open, new.gate.M = old.gate.min_open, old.gate.M
+    for i in range(1, len(copy)):
+        copy[i].input_gate = lambda like, g=copy[i - 1].gate: g()
+    with torch.no_grad():
+        return copy(x)
+
+
+def test_gates_changed_out_of_sight_are_read_again(count_syncs):
+    """A fused optimizer's step does not bump the gate weight's version, a ``.data`` edit neither: the
+    step still counts as a change (optimizer hook), and forget_open_sets() covers the rest."""
+    from tg_kernels.nn import forget_open_sets
+
+    model = _chain("hard")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    gates = [m.gate.weight for m in model]
+    opt = torch.optim.Adam(gates, lr=10.0, fused=True)
+    versions = [g._version for g in gates]
+    model(x).sum().backward()
+    opt.step()  # lr 10: every gate with a gradient changes sign
+    assert [g._version for g in gates] == versions, "fused Adam bumps versions now: the hook is redundant"
+    with torch.no_grad():
+        transfers, _ = count_syncs(lambda: model(x))
+        assert transfers == [3]
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+        model(x)  # remembered again
+        model[0].gate.weight.data[:8] = -1.0  # invisible to the version counter
+        forget_open_sets()
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+
+
+def test_the_remembered_open_set_follows_every_visible_change(count_syncs):
+    """min_open, a new tensor assigned through .data, a dtype change: each makes the layer read its gate
+    again, and its output stays that of a layer planned from scratch. The paper form is read every call."""
+    model = _chain("hard")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        gate = model[2].gate
+        gate.min_open = 7  # keeps 7 open where the step keeps 6
+        assert count_syncs(lambda: model(x))[0] == [1]
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+        gate.weight.data = -gate.weight.detach().clone()  # new storage, version unchanged
+        assert count_syncs(lambda: model(x))[0] == [1]
+        torch.testing.assert_close(model(x), _freshly_planned(model, x))
+        model.double()
+        assert count_syncs(lambda: model(x.double()))[0] == [3]
+        torch.testing.assert_close(model(x.double()), _freshly_planned(model, x.double()))
+        paper = GatedConv2d(3, 8, 3, padding=1, gate_M=4.0)
+        paper.gate.weight[::2] = -0.5  # M * w an integer: the paper form's value is exactly 0 there
+        first = count_syncs(lambda: paper(x))[0]
+        assert first == [1] and count_syncs(lambda: paper(x))[0] == [1], "paper-form gates are read every call"
+
+
+def test_gated_conv_no_grad_chain_synchronises_once_per_new_gate(count_syncs):
+    model = _chain("exact")
     x = torch.randn(2, 3, 8, 8)
     out = {}
     with torch.no_grad():
-        expected = second(first(x))
-        transfers, syncs = _count_syncs(monkeypatch, lambda: out.setdefault("y", second(first(x))))
-    assert (transfers, syncs) == ([1, 2], [])
-    torch.testing.assert_close(out["y"], expected)
+        assert count_syncs(lambda: out.setdefault("y", model(x))) == ([1, 1, 1], [])
+        assert count_syncs(lambda: model(x)) == ([], [])
+        with torch.inference_mode():
+            assert count_syncs(lambda: model(x)) == ([], [])
+    torch.testing.assert_close(out["y"], _freshly_planned(model, x))
+
+
+def test_an_attached_model_synchronises_once_per_training_step(count_syncs):
+    """attach_gates without compact execution (per-layer skipping, input gates concatenated from the
+    bank): one transfer per training step for the whole model, none in backward or evaluation."""
+    import tg_kernels as tg
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    model, bank = tg.attach_gates(net, x, skip="hard", compact=False)
+    gc.collect()  # the copies attach_gates checked itself with (their gates were read too)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight[::3] = -1.0
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out = {}
+
+    def step():
+        opt.zero_grad()
+        out["loss"] = model(x).square().mean()
+        out["loss"].backward()
+        opt.step()
+
+    step()
+    counts = [count_syncs(step) for _ in range(3)]
+    assert counts == [([len(bank.gates)], [])] * 3
+    with torch.no_grad():
+        assert count_syncs(lambda: model(x)) == ([len(bank.gates)], [])  # the last step changed them
+        assert count_syncs(lambda: model(x)) == ([], [])
 
 
 @pytest.mark.parametrize("setting", ["hard", "no_grad"])
 def test_compile_fullgraph_chained_gated_convs(setting):
-    """torch.compile(fullgraph=True) on gated convs that drop closed inputs (hard mode, no_grad)."""
-    torch.manual_seed(0)
+    """torch.compile(fullgraph=True) on gated convs that drop closed inputs (hard mode, no_grad): the
+    same outputs and hard mode's gradients; the compiled graph still skips closed output channels (the
+    custom op plans at run time) but drops no closed inputs (a data-dependent shape)."""
     skip = "hard" if setting == "hard" else "exact"
-    first = GatedConv2d(3, 8, 3, padding=1, skip=skip)
-    second = GatedConv2d(8, 8, 3, padding=1, skip=skip)
-    with torch.no_grad():
-        first.gate.weight[::2] = -1.0
-    second.input_gate = lambda like: first.gate()
-    model = nn.Sequential(first, second)
-    x = torch.randn(2, 3, 8, 8)
+    model = _chain(skip)
+    x = torch.randn(2, 3, 8, 8, requires_grad=setting == "hard")
     context = torch.no_grad() if setting == "no_grad" else contextlib.nullcontext()
-    with context:
-        expected = model(x)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(compiled, expected)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    kinds = []
+    plan_active = _skip.plan_active
+
+    def recording(*args, **kwargs):
+        plan = plan_active(*args, **kwargs)
+        kinds.append(plan.kind)
+        return plan
+
+    for fn in (model, compiled):
+        model.zero_grad()
+        x.grad = None
+        with context, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_skip, "plan_active", recording)
+            y = fn(x)
+            if setting == "hard":
+                y.square().sum().backward()
+        grads = [x.grad, *(p.grad for p in model.parameters())] if setting == "hard" else []
+        results.append([y.detach(), *grads])
+    assert_all_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    assert kinds and set(kinds) == {"skip"}, kinds
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["exact", "hard"])
-def test_gated_conv_on_cuda_synchronises_once_per_call(mode):
-    """On a GPU, counted by CUDA's own sync debug mode: one synchronisation per layer call, none in backward."""
+def test_gated_convs_on_cuda_synchronise_only_when_their_gates_change(mode):
+    """On a GPU, counted by CUDA's own sync debug mode: no synchronisation in a forward or backward
+    with unchanged gates, one for the whole chain after an optimizer step."""
     import warnings
 
-    torch.manual_seed(0)
-    first = GatedConv2d(3, 16, 3, padding=1, skip=mode).cuda()
-    second = GatedConv2d(16, 16, 3, padding=1, skip=mode).cuda()
-    with torch.no_grad():
-        first.gate.weight[::3] = -1.0
-        second.gate.weight[1::4] = -1.0
-    second.input_gate = lambda like: first.gate()
+    model = _chain(mode).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
-    second(first(x)).sum().backward()  # warm-up: cuDNN algorithm choice, allocations
+    model(x).sum().backward()  # warm-up: cuDNN algorithm choice, allocations, first reads of the gates
     torch.cuda.synchronize()
-    counts = []
-    for phase in ("forward", "backward"):
+    out = {}
+
+    def syncs(run) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                if phase == "forward":
-                    y = second(first(x))
-                else:
-                    y.sum().backward()
+                run()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    assert counts[0] <= 2 and counts[1] == 0, counts
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    counts = [syncs(lambda: out.update(y=model(x))), syncs(lambda: out["y"].sum().backward())]
+    opt.step()
+    counts += [syncs(lambda: out.update(y=model(x))), syncs(lambda: out["y"].sum().backward())]
+    assert counts == [0, 0, 1, 0], counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gated_convs_capture_in_a_cuda_graph():
+    """With unchanged gates a forward and backward plan nothing on the host, so they capture in a CUDA
+    graph (the graph keeps the open set it was captured with: capture again after the gates change)."""
+    model = _chain("hard").cuda()
+    static_x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: plans, cuDNN algorithms
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(static_x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.square().sum().backward()
+    new_x = torch.randn(2, 3, 8, 8, device="cuda")
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [static_y.detach().clone(), static_x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    model.zero_grad(set_to_none=True)
+    x = new_x.clone().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    eager = [y.detach(), x.grad, *(p.grad for p in model.parameters())]
+    assert_all_close(replayed, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_a_gated_conv_runs_outside_inference_mode_after_running_inside_it():

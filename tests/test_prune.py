@@ -7,7 +7,6 @@ eval output equals the gated model's (in float64, so that only real differences 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
@@ -17,6 +16,7 @@ from helpers import randomize_norms
 from torch import nn
 
 import tg_kernels as tg
+from bench.flops import conv_linear_flops
 from bench.models import MLPBlock as BenchMLPBlock
 from bench.models import ResNetCifar
 from tg_kernels.prune.attach import GateHook
@@ -376,38 +376,19 @@ def test_exclude_keeps_a_layer_whole():
 # --------------------------------------------------------------------------------------------------
 
 
-def _conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
-    """Independent count: 2 * outputs * kernel * in_channels / groups (Conv), 2 * outputs * in_features (Linear)."""
-    total = 0.0
-
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2.0 * out.numel() * math.prod(m.kernel_size) * m.in_channels / m.groups
-        else:
-            total += 2.0 * out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total
-
-
 @pytest.mark.parametrize("build, shape", [(lambda: resnet_cifar(depth=14), (2, 3, 32, 32)), (UserNet, (2, 3, 8, 8))])
 def test_budget_counts_what_export_removes(build, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
     dense = build()
-    dense_flops = _conv_linear_flops(dense, x)
+    dense_flops = conv_linear_flops(dense, x)
     model, bank = _attach(dense, x)
     _close_random(bank, 0.4)
     budget = tg.Budget(model, metric="flops")
     usage = budget.usage()
     exported = tg.export(model).eval()
     assert usage.full_flops == pytest.approx(dense_flops)
-    assert usage.flops == pytest.approx(_conv_linear_flops(exported, x))
+    assert usage.flops == pytest.approx(conv_linear_flops(exported, x))
     assert usage.params == sum(p.numel() for p in exported.parameters())
     assert float(budget.ratio().detach()) == pytest.approx(usage.flops / usage.full_flops)
 

@@ -15,12 +15,15 @@ return ``dL/dgate`` and this module's backward turns it into ``dL/dw``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import Tensor, nn
+
+from tg_kernels import _host
 
 ShapeFn = Callable[[Tensor], Tensor]
 
@@ -126,6 +129,39 @@ def open_mask(w: Tensor, min_open: int = 0) -> Tensor:
     return step | forced
 
 
+@functools.lru_cache(maxsize=64)
+def _segments(sizes: tuple[int, ...], min_opens: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
+    """Index tensors of :func:`open_masks` for one layout, made once (no host-to-device copy per call)."""
+    with torch.inference_mode(False):  # cached: must not be inference tensors
+        n = torch.tensor(sizes, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), n)
+        starts = torch.cumsum(n, 0) - n
+        return segment, starts, torch.tensor(min_opens, device=device), torch.arange(sum(sizes), device=device)
+
+
+def open_masks(weights: list[Tensor], min_opens: list[int]) -> Tensor:
+    """:func:`open_mask` of every ``(w, min_open)`` pair, concatenated, in a fixed number of ops.
+
+    Compact execution checks every gate of a model each forward; one gate at a time that is a sort
+    per gate. Here one stable sort by value and one by gate order rank each gate's entries (ties:
+    lowest index, as in :func:`open_mask`), so the result is the same entry for entry.
+    """
+    if not weights:
+        return torch.zeros(0, dtype=torch.bool)
+    with torch.no_grad():
+        w = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in weights])
+    step = w >= 0
+    if not any(k > 0 for k in min_opens):
+        return step
+    segment, starts, least, positions = _segments(tuple(t.numel() for t in weights), tuple(min_opens), w.device)
+    by_value = torch.sort(w, descending=True, stable=True).indices
+    order = by_value[torch.sort(segment[by_value], stable=True).indices]  # per gate, largest w first
+    owner = segment[order]
+    forced_sorted = positions - starts[owner] < least[owner]
+    forced = torch.zeros_like(step).index_put_((order,), forced_sorted)
+    return step | forced
+
+
 def trainable_gate(w: Tensor, shape: str | ShapeFn | None = None, M: float | None = None, min_open: int = 0) -> Tensor:
     """Gate values TG(w) for gate parameters `w` (any shape), differentiable in `w`.
 
@@ -193,7 +229,10 @@ class TrainableGate(nn.Module):
         return self.weight.numel()
 
     def forward(self) -> Tensor:
-        return trainable_gate(self.weight, self.shape, self.M, self.min_open)
+        values = trainable_gate(self.weight, self.shape, self.M, self.min_open)
+        if self.M is None:  # 0/1 values: the skipping layers plan from this module's host copy (no sync)
+            _host.track(values, [self])
+        return values
 
     def open_mask(self) -> Tensor:
         """Boolean mask of open gates: ``weight >= 0``, plus the ``min_open`` largest weights.

@@ -14,10 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tg_kernels import _host
 from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.ops._skip import check_skip, fetch_host, open_input_index
 from tg_kernels.ops.gated_conv import conv2d_open_channels, gated_conv2d
 from tg_kernels.ops.gated_linear import gated_linear
+
+
+def forget_open_sets() -> None:
+    """Make every gated layer read its gates again at its next call.
+
+    The layers plan which channels to skip from a host copy of each gate, read again only when the
+    gate weight changes as PyTorch sees it: an in-place op on it, a new tensor, a changed
+    ``min_open``, or any ``torch.optim`` optimizer step. Call this after changing gate weights in a
+    way PyTorch does not see (in place through ``.data``, or from outside PyTorch).
+    """
+    _host.forget()
 
 
 class _Gated:
@@ -107,8 +119,9 @@ def _drop_closed_inputs(x: Tensor, weight: Tensor, input_gate: Tensor, gate: Ten
 
     Exact in the forward and for dW; dX of the dropped channels comes back as zero, which is what
     ``hard`` mode and no-grad evaluation need (DESIGN.md §3, chains). At least one channel is kept.
-    The input gate and the layer's own `gate` reach the host in one transfer (one synchronisation on
-    CUDA for the whole layer call, backward included; see :func:`tg_kernels.ops._skip.fetch_host`).
+    The input gate and the layer's own `gate` reach the host together: from their gate modules' host
+    copies (no synchronisation while the gate weights are unchanged, see :mod:`tg_kernels._host`),
+    else in one transfer for the whole layer call, backward included.
     Under ``torch.compile`` nothing is dropped (a data-dependent shape would break the graph): the
     closed inputs are zeros, so the result is the same.
     """

@@ -23,15 +23,14 @@ reuse per-thread :class:`Workspace` buffers.
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from tg_kernels import _host
 from tg_kernels.backends import ALL_FLOATS, BackendUnavailableError, requested_backend, resolve_backend, restore_backend
 from tg_kernels.ops import gate_scatter as _fused
 
@@ -102,83 +101,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class _HostCopies:
-    """Host (CPU) copies of small device tensors (gate values), remembered per tensor object and version.
-
-    A planning decision needs the gate values on the host. Reading them from a CUDA tensor is a
-    synchronisation, so a layer reads every gate it needs in one transfer (:func:`fetch_host`) and
-    the plans built from them are remembered per gate tensor (:func:`plan_active`): the backward,
-    which receives the same saved gate tensor, plans without touching the device again. Entries die
-    with their tensor; an in-place change of the tensor (a new ``_version``) invalidates them.
-    """
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[weakref.ref, int, Tensor, dict]] = {}
-
-    def get(self, t: Tensor) -> tuple[Tensor, dict] | None:
-        entry = self.entries.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] != t._version:
-            return None
-        return entry[2], entry[3]
-
-    def put(self, t: Tensor, host: Tensor) -> tuple[Tensor, dict]:
-        key = id(t)
-        entries = self.entries
-        ref = weakref.ref(t, lambda _, key=key: entries.pop(key, None))
-        entries[key] = (ref, t._version, host, {})
-        return host, entries[key][3]
-
-
-_host_copies = _HostCopies()
-
-
-def _trackable(t: Tensor) -> bool:
-    """Plain eager tensors with a version counter only: fakes, functional wrappers, tracing and
-    inference tensors never see the caches."""
-    return type(t) in (Tensor, torch.nn.Parameter) and not t.is_inference() and not torch.compiler.is_compiling()
-
-
-def _device_to_host(tensors: list[Tensor]) -> list[Tensor]:
-    """The one synchronising step: copy device tensors to the host in a single transfer."""
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # exact: zeros stay zeros
-    flat = torch.cat([t.detach().flatten().to(dtype) for t in tensors]) if len(tensors) > 1 else None
-    host = (flat if flat is not None else tensors[0].detach().flatten()).to("cpu")
-    if flat is None:
-        return [host.view(tensors[0].shape)]
-    pieces = torch.split(host, [t.numel() for t in tensors])
-    return [piece.view(t.shape) for piece, t in zip(pieces, tensors)]
-
-
-def _needs_transfer(t: Tensor) -> bool:
-    return t.device.type != "cpu"
-
-
 def fetch_host(tensors: list[Tensor | None]) -> None:
-    """Read the host copies of several gate tensors in one transfer (nothing to do on CPU)."""
-    wanted = [t for t in tensors if t is not None and _trackable(t) and _needs_transfer(t)]
-    wanted = [t for t in wanted if _host_copies.get(t) is None]
-    if wanted:
-        for t, host in zip(wanted, _device_to_host(wanted)):
-            _host_copies.put(t, host)
+    """Make the host values of several gate tensors known with at most one transfer (see :mod:`tg_kernels._host`)."""
+    _host.fetch(tensors)
 
 
 def host_copy(t: Tensor) -> Tensor:
-    """`t` (detached) on the host: a remembered copy, one transfer if none, `t` itself on CPU."""
-    if not _needs_transfer(t):
-        return t.detach()
-    if not _trackable(t):
-        return t.detach().to("cpu")
-    cached = _host_copies.get(t)
-    if cached is None:
-        fetch_host([t])
-        cached = _host_copies.get(t)
-    return cached[0]
-
-
-def remember_host(t: Tensor, host: Tensor) -> None:
-    """Record `host` as the host copy of the device tensor `t` (computed on the host from other copies)."""
-    if _trackable(t) and _needs_transfer(t):
-        _host_copies.put(t, host)
+    """`t` (detached) on the host: remembered, derived from its gate module's host copy, or read (one transfer)."""
+    return _host.host_values(t).host
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -191,10 +121,14 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 def open_input_index(input_gate: Tensor) -> Tensor | None:
     """The input channels whose gate is open, on `input_gate`'s device (None: all open), planned on the host.
 
-    At least one channel is kept. No synchronisation beyond the input gate's host copy.
+    At least one channel is kept. No synchronisation beyond the input gate's host copy; remembered with it.
     """
-    host = host_copy(input_gate)
-    return _open_index_from_host(host, input_gate.device)
+    values = _host.host_values(input_gate)
+    key = ("open_inputs", input_gate.device)
+    if key not in values.plans:
+        with torch.inference_mode(False):  # remembered beyond an inference-mode caller
+            values.plans[key] = _open_index_from_host(values.host, input_gate.device)
+    return values.plans[key]
 
 
 def _open_index_from_host(host: Tensor, device: torch.device) -> Tensor | None:
@@ -214,21 +148,17 @@ def plan_active(gate: Tensor, groups: int, in_channels: int, zero_row: bool = Fa
     padded with its closed ones, k = the largest open count of any group) so the smaller conv is
     still a grouped conv; groups with no open channel are dropped, with their input channels.
 
-    Planned on the host from the gate's host copy (:func:`host_copy`: at most one synchronisation on
-    CUDA, none when the layer fetched it already) and remembered per gate tensor (on CPU too), so the
-    backward of the same call reuses the plan without a synchronisation or a second planning.
+    Planned on the host from the gate's host values (:func:`tg_kernels._host.host_values`: for the
+    output of a limit-form :class:`~tg_kernels.TrainableGate`, its module's host copy, read only when
+    the gate weight changed; else at most one transfer per tensor) and remembered with them, so the
+    backward of the same call, and every call while the gate weight is unchanged, plans nothing.
     """
-    key = (groups, in_channels, zero_row)
-    track = _trackable(gate)
-    if track:
-        cached = _host_copies.get(gate)
-        if cached is not None and key in cached[1]:
-            return cached[1][key]
-    host = host_copy(gate)
-    plan = _plan_from_host(host, groups, in_channels, zero_row, gate.device)
-    if track:  # on CPU too: the backward then skips planning (about a dozen small ops)
-        cached = _host_copies.get(gate) or _host_copies.put(gate, host)
-        cached[1][key] = plan
+    values = _host.host_values(gate)
+    key = (groups, in_channels, zero_row, gate.device)
+    plan = values.plans.get(key)
+    if plan is None:
+        with torch.inference_mode(False):  # remembered beyond an inference-mode caller
+            plan = values.plans[key] = _plan_from_host(values.host, groups, in_channels, zero_row, gate.device)
     return plan
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tg_kernels import _host
 from tg_kernels.backends import requested_backend, resolve_backend, restore_backend
 from tg_kernels.ops import _skip
 from tg_kernels.ops.channel_gate import channel_gate
@@ -287,6 +288,16 @@ class _DenseForwardSkippingBackward(torch.autograd.Function):
         )
 
 
+def _open_mask_values(values: _host.HostValues) -> _host.HostValues:
+    """Host values of ``gate != 0`` from the gate's: the same object (and plans) for 0/1 gates."""
+    mask = values.plans.get("open_mask")
+    if mask is None:
+        with torch.inference_mode(False):
+            host = (values.host != 0).to(values.host.dtype)
+        mask = values.plans["open_mask"] = values if torch.equal(host, values.host) else _host.HostValues(host)
+    return mask
+
+
 def conv2d_open_channels(
     x: Tensor,
     weight: Tensor,
@@ -312,8 +323,8 @@ def conv2d_open_channels(
     if skip == "none" and torch.is_grad_enabled():
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     mask = (gate.detach() != 0).to(gate.dtype)
-    host_gate = _skip.host_copy(gate)  # planned from the gate's host copy: no synchronisation of its own
-    _skip.remember_host(mask, (host_gate != 0).to(host_gate.dtype))
+    if not torch.compiler.is_compiling():  # planned from the gate's host values: no synchronisation of its own
+        _host.remember(mask, _open_mask_values(_host.host_values(gate)))
     x, weight, bias = _prepare_inputs(x, weight, bias, "conv2d_open_channels")
     if skip == "exact" and torch.is_grad_enabled():
         return _DenseForwardSkippingBackward.apply(x, weight, bias, mask, stride, padding, dilation, groups)

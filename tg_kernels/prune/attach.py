@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from tg_kernels import _host
 from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
@@ -145,9 +146,13 @@ class InputGate:
     def __init__(self, bank: GateBank, parts: Parts) -> None:
         self.bank = bank
         self.parts = parts
+        self._host = _host.ConcatCache()
 
     def __call__(self, like: Tensor) -> Tensor:
-        return self.bank.vector(self.parts, like)
+        values = self.bank.vector(self.parts, like)
+        # its host copy (what the layer plans from) comes from the gates' host copies, without a sync
+        _host.track(values, [self.bank.gates[key] if key is not None else size for key, size in self.parts], self._host)
+        return values
 
 
 class OpenChannelStats(TorchFunctionMode):

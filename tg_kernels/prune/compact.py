@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from tg_kernels import _host
+from tg_kernels.gate import open_masks, resolve_shape
 from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
+from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
 from tg_kernels.prune.slicing import kept_channels, kept_entries
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
@@ -81,8 +85,8 @@ class _SwapSpec:
     is_param: bool
     dims: list[tuple[int, Tensor]]  # (dim, kept entry indices)
     fold: _Fold | None
-    flat: Tensor | None = None  # the same entries as flat indices (for contiguous tensors)
-    shape: tuple[int, ...] = ()  # the compact shape
+    slot: dict[str, Any]  # the owner's _parameters or _buffers
+    write_back: tuple[Tensor, Tensor | None] | None = None  # running statistics: (open entries, compact positions)
 
 
 @dataclass
@@ -91,24 +95,33 @@ class _Plan:
 
     mask: Tensor  # the concatenated open masks it was built for
     kept: dict[str, Tensor]  # group key -> kept channel indices
-    padded: dict[str, bool]  # group key -> whether closed channels are among the kept ones
-    swaps: list[_SwapSpec]  # every tensor replaced in the forward
-    # buffer name -> (its entries of open channels, their positions in the compact buffer)
-    write_back: dict[str, tuple[Tensor, Tensor]]
+    # gate values of the kept channels, all groups concatenated, then a 1 (for ungated channels):
+    kept_global: Tensor  # their indices into the concatenated gate weights
+    open_kept: Tensor  # whether each is open
+    value_offsets: dict[str, int]  # group key -> where its values start
+    fold_rows: dict[int, Tensor]  # id(fold) -> its gate vector, as rows of the values
+    params: list[tuple[Bundle, list[_SwapSpec], Tensor | None]]  # gathered together, with their scale rows
+    buffers: list[_SwapSpec]  # gathered one by one, without gradients
+    swaps: list[_SwapSpec]  # every tensor replaced in the forward (params, then buffers)
     attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]  # module, compact values, full values
     build_seconds: float
 
 
-@dataclass
-class _Swapped:
-    """A full-size tensor replaced by its compact version for one forward."""
+_Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
 
-    target: str
-    owner: nn.Module
-    attr: str
-    is_param: bool
-    full: Tensor
-    compact: Tensor
+
+def _key(t: Tensor | None) -> tuple[int, int, int] | None:
+    """What identifies a tensor's contents between forwards (in-place changes bump ``_version``).
+
+    Fused optimizers and edits through ``.data`` bypass ``_version``: the cache of compact tensors
+    is also keyed on :func:`tg_kernels._host.epoch` (every optimizer step, and
+    ``tg_kernels.nn.forget_open_sets()`` after an edit PyTorch cannot see).
+    """
+    return None if t is None else (id(t), t._version, t.data_ptr())
+
+
+class _Unsupported(Exception):
+    """Raised while planning when compact execution cannot represent the model (the reason is the message)."""
 
 
 @dataclass
@@ -119,127 +132,6 @@ class CompactStats:
     plans: int = 0  # times the open set changed and index tensors were rebuilt
     last_plan_seconds: float = 0.0  # how long the last rebuild took
     fallbacks: int = 0  # forwards that ran the per-layer path because compact execution was not active
-
-
-class _GatherScaled(torch.autograd.Function):
-    """``t`` gathered along several dims (sorted, unique indices), its rows then scaled by ``scale``.
-
-    One autograd node per tensor, with a cheap backward: the gradient is written into zeros of the
-    full shape by a copy (dim 0) or index_add (other dims, where that is the faster CPU kernel).
-    ATen's own index_select backward accumulates with scatter_add, which on CPU costs a hundred
-    times more than a copy; with unique indices every way gives the same result.
-    """
-
-    @staticmethod
-    def forward(ctx, t: Tensor, scale: Tensor | None, dims: tuple[int, ...], *indices: Tensor) -> Tensor:  # type: ignore[override]
-        shapes = []
-        out = t
-        for dim, index in zip(dims, indices):
-            shapes.append(out.shape)
-            out = out.index_select(dim, index)
-        ctx.dims, ctx.shapes = dims, shapes
-        ctx.has_scale = scale is not None
-        if scale is not None:
-            ctx.save_for_backward(out, scale, *indices)
-            out = out * scale.view(-1, *([1] * (out.dim() - 1)))
-        else:
-            ctx.save_for_backward(*indices)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        grad_scale = None
-        if ctx.has_scale:
-            gathered, scale, *indices = saved
-            view = scale.view(-1, *([1] * (grad.dim() - 1)))
-            if ctx.needs_input_grad[1]:
-                grad_scale = (
-                    (grad * gathered).sum(dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else grad * gathered
-                )
-                grad_scale = grad_scale.to(scale.dtype)
-            grad = grad * view
-        else:
-            indices = list(saved)
-        for dim, index, shape in reversed(list(zip(ctx.dims, indices, ctx.shapes))):
-            full = grad.new_zeros(shape)
-            if dim == 0:
-                full.index_copy_(0, index, grad)
-            else:
-                full.index_add_(dim, index, grad)
-            grad = full
-        return (grad if ctx.needs_input_grad[0] else None), grad_scale, None, *([None] * len(indices))
-
-
-class _TakeScaled(torch.autograd.Function):
-    """``t.flatten()[flat].view(shape)``, rows scaled by ``scale``: the gather compact execution runs.
-
-    ``flat`` (sorted, unique) holds the entries of every sliced dim at once, so one index_select
-    forward and one index_copy backward (into zeros of the full shape) serve any number of sliced
-    dims; ATen's own index_select backward accumulates with scatter_add, which costs a hundred times
-    more on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, t: Tensor, scale: Tensor | None, flat: Tensor, shape: tuple[int, ...]) -> Tensor:  # type: ignore[override]
-        out = t.reshape(-1).index_select(0, flat).view(shape)
-        ctx.full_shape = t.shape
-        ctx.has_scale = scale is not None
-        if scale is not None:
-            ctx.save_for_backward(flat, out, scale)
-            return out * scale.view(-1, *([1] * (out.dim() - 1)))
-        ctx.save_for_backward(flat)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_scale = None
-        if ctx.has_scale:
-            flat, gathered, scale = ctx.saved_tensors
-            if ctx.needs_input_grad[1]:
-                prod = grad * gathered
-                grad_scale = prod.sum(dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else prod
-            grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
-        else:
-            (flat,) = ctx.saved_tensors
-        grad_t = None
-        if ctx.needs_input_grad[0]:
-            grad_t = grad.new_zeros(ctx.full_shape.numel()).index_copy_(0, flat, grad.reshape(-1)).view(ctx.full_shape)
-        return grad_t, grad_scale, None, None
-
-
-def flat_entries(shape: torch.Size, dims: list[tuple[int, Tensor]]) -> tuple[Tensor, tuple[int, ...]]:
-    """The flat indices of the entries ``dims`` keeps in a contiguous tensor of ``shape``, and their shape."""
-    device = dims[0][1].device if dims else None
-    flat = torch.arange(shape.numel(), device=device).view(shape)
-    for dim, index in dims:
-        flat = flat.index_select(dim, index)
-    return flat.reshape(-1), tuple(flat.shape)
-
-
-def take_scaled(t: Tensor, flat: Tensor, shape: tuple[int, ...], scale: Tensor | None = None) -> Tensor:
-    """The entries ``flat`` of contiguous ``t`` as a tensor of ``shape``, rows scaled by ``scale``."""
-    if scale is not None:
-        scale = scale.to(t.dtype)
-    if torch.is_grad_enabled() and (t.requires_grad or (scale is not None and scale.requires_grad)):
-        return _TakeScaled.apply(t, scale, flat, shape)
-    out = t.reshape(-1).index_select(0, flat).view(shape)
-    return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
-
-
-def gather_scaled(t: Tensor, dims: list[tuple[int, Tensor]], scale: Tensor | None = None) -> Tensor:
-    """``t``'s entries at ``dims`` (``[(dim, sorted unique indices)]``), rows scaled by ``scale``.
-
-    Differentiable in ``t`` and ``scale``: gradients flow back into the full-size ``t``.
-    """
-    if scale is not None:
-        scale = scale.to(t.dtype)
-    if torch.is_grad_enabled() and (t.requires_grad or (scale is not None and scale.requires_grad)):
-        return _GatherScaled.apply(t, scale, tuple(d for d, _ in dims), *(i for _, i in dims))
-    out = t
-    for dim, index in dims:
-        out = out.index_select(dim, index)
-    return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
 
 
 class CompactForward:
@@ -262,6 +154,7 @@ class CompactForward:
         self._folds = self._build_folds()
         self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
         self._layers = list(bank.gated_layers)
+        self._quiet = self._hooks_to_silence()
         self._depthwise = {name for name, m in model.named_modules() if _is_depthwise(m)}
         if any(gate.M is not None for gate in bank.gates.values()):
             self.disabled_reason = "paper-form gates (gate_M set) are not exactly 0 for closed channels"
@@ -300,6 +193,19 @@ class CompactForward:
             return fold
         return None
 
+    def _hooks_to_silence(self) -> list[nn.Module]:
+        """Modules whose only forward hooks are gates folded into rows: compact forwards run them hook-free.
+
+        A module without hooks takes ``nn.Module``'s fast call path; a folded gate's hook would only
+        return its input.
+        """
+        folded = {id(fold.hook) for fold in self._folds if fold.hook is not None and fold.module is not None}
+        return [
+            module
+            for module in self.model.modules()
+            if module._forward_hooks and all(id(hook) in folded for hook in module._forward_hooks.values())
+        ]
+
     # ---- when it applies ----
     def active(self) -> bool:
         """Compact execution runs for ``skip="hard"`` and for every forward without gradients."""
@@ -322,7 +228,11 @@ class CompactForward:
         if not self.active():
             self.stats.fallbacks += 1
             return self.inner(*args, **kwargs)
-        state = self._enter()
+        try:
+            state = self._enter()
+        except _Unsupported as reason:
+            self.disable(str(reason))
+            return self.inner(*args, **kwargs)
         try:
             out = self.inner(*args, **kwargs)
         except Exception as compact_error:
@@ -337,24 +247,34 @@ class CompactForward:
     @torch.compiler.disable
     def _enter(self) -> list[_Swapped]:
         plan = self._current_plan()
-        swapped: list[_Swapped] = []
-        if not torch.is_grad_enabled() and self._reuse(plan, swapped):
-            pass  # inference with unchanged parameters: the compact tensors of the last forward serve again
-        else:
+        values = None
+        swapped = self._reuse(plan) if not torch.is_grad_enabled() else None
+        if swapped is None:  # (with no_grad and unchanged parameters the last forward's compact tensors serve)
+            if not self._tensors_match(plan):  # converted (.to, .double, channels_last) since the plan was built
+                plan = self._plan = self._build_plan(plan.mask)
             values = self._gate_values(plan)
-            scales: dict[int, Tensor] = {}
-            for spec in plan.swaps:
-                self._swap(spec, values, scales, swapped)
+            swapped = self._swap_in(plan, values)
             if not torch.is_grad_enabled():
-                self._cache = (plan, [(id(x.full), x.full._version) for x in swapped], [x.compact for x in swapped])
+                keys = [_host.epoch(), *(_key(full) for _, full, _ in swapped)]
+                self._cache = (plan, keys, [compact for _, _, compact in swapped])
+        for spec, _, compact in swapped:
+            spec.slot[spec.attr] = compact
         for module, compact, _ in plan.attributes:
             module.__dict__.update(compact)
         self.running = True
+        # (module.__dict__ directly: nn.Module.__setattr__ costs more than the rest of this loop)
         for layer in self._layers:
-            layer._tg_compact = True
+            layer.__dict__["_tg_compact"] = True
+        for module in self._quiet:
+            module.__dict__["_tg_hooks"] = module._forward_hooks
+            module.__dict__["_forward_hooks"] = OrderedDict()
         for fold in self._folds:
             if fold.hook is not None:
-                fold.hook.compact_gate = None if fold.module is not None else self._vector(fold.parts, values, plan)
+                if values is None and fold.module is None:
+                    values = self._gate_values(plan)
+                fold.hook.compact_gate = (
+                    None if fold.module is not None else values.index_select(0, plan.fold_rows[id(fold)])
+                )
                 fold.hook.compact = True
         return swapped
 
@@ -368,87 +288,100 @@ class CompactForward:
                 fold.hook.compact_gate = None
         self.running = False
         for layer in self._layers:
-            layer._tg_compact = False
+            layer.__dict__["_tg_compact"] = False
+        for module in self._quiet:
+            added = module._forward_hooks  # hooks registered during the forward, if any, are kept
+            module.__dict__["_forward_hooks"] = module.__dict__.pop("_tg_hooks")
+            module._forward_hooks.update(added)
         for module, _, full in plan.attributes:
             module.__dict__.update(full)
-        for s in swapped:
-            (s.owner._parameters if s.is_param else s.owner._buffers)[s.attr] = s.full
+        for spec, full, compact in swapped:
+            spec.slot[spec.attr] = full
             # Norms update running statistics in place in training mode (without bumping _version).
-            if not s.is_param and write_back and s.owner.training and s.target in plan.write_back:
-                entries, positions = plan.write_back[s.target]
+            if spec.write_back is not None and write_back and spec.owner.training:
+                entries, positions = spec.write_back
                 with torch.no_grad():
-                    s.full.index_copy_(0, entries, s.compact.index_select(0, positions).to(s.full.dtype))
+                    values = compact if positions is None else compact.index_select(0, positions)
+                    full.index_copy_(0, entries, values.to(full.dtype))
 
-    def _reuse(self, plan: _Plan, swapped: list[_Swapped]) -> bool:
-        """Swap in the cached compact tensors if they were made for this plan from these exact tensors."""
+    @staticmethod
+    def _tensors_match(plan: _Plan) -> bool:
+        """Whether the model's tensors still have the dtypes, devices, shapes and strides the plan was made for."""
+        return all(bundle.matches([s.slot[s.attr] for s in specs]) for bundle, specs, _ in plan.params) and all(
+            spec.slot[spec.attr] is not None for spec in plan.buffers
+        )
+
+    def _reuse(self, plan: _Plan) -> list[_Swapped] | None:
+        """The cached compact tensors, if they were made for this plan from these exact tensors."""
         if self._cache is None or self._cache[0] is not plan:
-            return False
+            return None
         _, keys, compacts = self._cache
-        specs = [
-            spec
-            for spec in plan.swaps
-            if (spec.owner._parameters if spec.is_param else spec.owner._buffers)[spec.attr] is not None
-        ]
-        if len(specs) != len(keys):
-            return False
-        fulls = [(spec.owner._parameters if spec.is_param else spec.owner._buffers)[spec.attr] for spec in specs]
-        if any((id(f), f._version) != key for f, key in zip(fulls, keys)):
-            return False
-        for spec, full, compact in zip(specs, fulls, compacts):
-            (spec.owner._parameters if spec.is_param else spec.owner._buffers)[spec.attr] = compact
-            swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
-        return True
+        fulls = [spec.slot[spec.attr] for spec in plan.swaps]
+        if [_host.epoch(), *(_key(full) for full in fulls)] != keys:
+            return None
+        return list(zip(plan.swaps, fulls, compacts))
 
-    def _swap(self, spec: _SwapSpec, values: dict[str, Tensor], scales: dict[int, Tensor], swapped: list[_Swapped]):
-        store = spec.owner._parameters if spec.is_param else spec.owner._buffers
-        full = store[spec.attr]
-        if full is None:
-            return
-        scale = None
-        if spec.fold is not None:
-            scale = scales.get(id(spec.fold))
-            if scale is None:
-                scale = scales[id(spec.fold)] = self._vector(spec.fold.parts, values, self._plan)
-        if spec.flat is not None and full.is_contiguous():
-            compact = take_scaled(full, spec.flat, spec.shape, scale)
-        else:
-            compact = gather_scaled(full, spec.dims, scale)
-        store[spec.attr] = compact
-        swapped.append(_Swapped(spec.target, spec.owner, spec.attr, spec.is_param, full, compact))
+    def _swap_in(self, plan: _Plan, values: Tensor) -> list[_Swapped]:
+        """Every listed tensor with its compact version (parameters in one gather per bundle)."""
+        swapped = []
+        for bundle, specs, scale_rows in plan.params:
+            fulls = [spec.slot[spec.attr] for spec in specs]
+            scale = None if scale_rows is None else values.index_select(0, scale_rows)
+            swapped += zip(specs, fulls, gather_bundle(bundle, fulls, scale))
+        for spec in plan.buffers:
+            full = compact = spec.slot[spec.attr]
+            for dim, index in spec.dims:
+                compact = compact.index_select(dim, index)
+            swapped.append((spec, full, compact))
+        return swapped
 
-    def _gate_values(self, plan: _Plan) -> dict[str, Tensor]:
-        """Each group's gate values at its kept channels; closed (padding) ones get no task gradient."""
-        values = {}
+    def _gate_values(self, plan: _Plan) -> Tensor:
+        """The gate values of every group's kept channels, concatenated, then a 1 (for ungated channels).
+
+        Open channels get their task gradient (``g(w)`` times the incoming gradient); closed kept
+        channels (padding, or a group kept at one channel) get none, as in ``hard`` mode.
+        """
+        gates = list(self.bank.gates.values())
+        shape_fns = {id(resolve_shape(gate.shape)) for gate in gates}
+        if len(shape_fns) == 1 and len({(g.weight.dtype, g.weight.device) for g in gates}) == 1:
+            weights = [gate.weight for gate in gates]
+            return kept_gate_values(resolve_shape(gates[0].shape), weights, plan.kept_global, plan.open_kept)
+        pieces = []  # gates with different shapes, dtypes or devices: one at a time
         for key, gate in self.bank.gates.items():
-            g = gate()
-            if plan.kept[key].numel() != g.numel():
-                g = g.index_select(0, plan.kept[key])
-            if plan.padded.get(key, True):  # kept closed channels (padding, or a group kept at one channel)
-                g = torch.where(g != 0, g, g.detach())
-            values[key] = g
-        return values
+            g = gate().index_select(0, plan.kept[key])
+            open_ = plan.open_kept[plan.value_offsets[key] : plan.value_offsets[key] + g.numel()]
+            pieces.append(torch.where(open_.to(g.device), g, g.detach()))
+        like = pieces[0]
+        return torch.cat([p.to(like.dtype, like.device) for p in pieces] + [like.new_ones(1)])
 
-    def _vector(self, parts: Parts, values: dict[str, Tensor], plan: _Plan | None) -> Tensor:
-        assert plan is not None
-        pieces = []
+    def _plan_rows(self, parts: Parts, value_offsets: dict[str, int], kept: dict[str, Tensor], ones: int) -> Tensor:
+        """A gate point's gate vector as rows of the concatenated values (``ones``: the row holding 1)."""
+        rows = []
         for key, size in parts:
             if key is None:
-                like = next(iter(values.values()))
-                pieces.append(like.new_ones(size))
+                rows.append(torch.full((size,), ones, dtype=torch.int64))
             else:
-                pieces.append(values[key])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                start = value_offsets[key]
+                rows.append(torch.arange(start, start + kept[key].numel()))
+        return torch.cat(rows)
 
     # ---- the plan ----
     def open_masks(self) -> Tensor:
         """Every gate's open mask, concatenated (the one comparison per forward)."""
-        masks = [gate.open_mask() for gate in self.bank.gates.values()]
-        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+        gates = list(self.bank.gates.values())
+        if len({(g.weight.device, g.weight.dtype) for g in gates}) > 1:
+            return torch.cat([gate.open_mask().cpu() for gate in gates])
+        return open_masks([gate.weight for gate in gates], [gate.min_open for gate in gates])
 
     def _current_plan(self) -> _Plan:
         mask = self.open_masks()
         plan = self._plan
-        if plan is None or plan.mask.shape != mask.shape or not torch.equal(plan.mask, mask):
+        if (
+            plan is None
+            or plan.mask.shape != mask.shape
+            or plan.mask.device != mask.device
+            or not torch.equal(plan.mask, mask)
+        ):
             plan = self._build_plan(mask)
             self._plan = plan
         return plan
@@ -477,25 +410,65 @@ class CompactForward:
                     continue  # only per-channel statistics (one dim) are updated by a forward
                 index = dims[0][1]
                 full = open_entries.get((target, 0), index)
-                write_back[target] = (full, torch.searchsorted(index, full))
+                write_back[target] = (full, None if full.numel() == index.numel() else torch.searchsorted(index, full))
         attributes = self._compact_attributes(entries, kept)
-        swaps = []
+
+        # gate values: every group's kept channels, in bank order, then the 1 of ungated channels
+        value_offsets, kept_global, starts = {}, [], 0
+        for key, gate in bank.gates.items():
+            value_offsets[key] = sum(k.numel() for k in kept_global)
+            kept_global.append(kept[key] + starts)
+            starts += gate.num_channels
+        kept_all = torch.cat(kept_global) if kept_global else torch.zeros(0, dtype=torch.int64, device=device)
+        ones_row = kept_all.numel()
+        fold_rows = {
+            id(fold): self._plan_rows(fold.parts, value_offsets, kept, ones_row).to(device) for fold in self._folds
+        }
+
+        params: dict[tuple[torch.dtype, torch.device], list[tuple[_SwapSpec, Tensor]]] = {}
+        buffers = []
         for target in dict.fromkeys([*entries, *self._scaled]):
             owner_name, _, attr = target.rpartition(".")
             owner = model.get_submodule(owner_name)
             is_param = attr in owner._parameters
-            if (owner._parameters if is_param else owner._buffers).get(attr) is not None:
-                dims = entries.get(target, [])
-                spec = _SwapSpec(target, owner, attr, is_param, dims, self._scaled.get(target))
-                if dims:
-                    full = (owner._parameters if is_param else owner._buffers)[attr]
-                    spec.flat, spec.shape = flat_entries(full.shape, dims)
-                swaps.append(spec)
+            full = (owner._parameters if is_param else owner._buffers).get(attr)
+            if full is None:
+                continue
+            slot = owner._parameters if is_param else owner._buffers
+            spec = _SwapSpec(target, owner, attr, is_param, entries.get(target, []), self._scaled.get(target), slot)
+            if not is_param:
+                spec.write_back = write_back.get(target)
+                buffers.append(spec)
+                continue
+            if not is_dense(full):
+                raise _Unsupported(f"parameter {target} is a strided view (not dense in memory)")
+            params.setdefault((full.dtype, full.device), []).append((spec, full))
+        bundles = []
+        for members in params.values():
+            specs = [spec for spec, _ in members]
+            bundle, order = Bundle.build(
+                [full for _, full in members], [spec.dims for spec in specs], [spec.fold is not None for spec in specs]
+            )
+            specs = [specs[i] for i in order]
+            scaled = [fold_rows[id(spec.fold)] for spec in specs if spec.fold is not None]
+            bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
+        swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
-        padded = {key: kept[key].numel() != open_only[key].numel() for key in kept}
-        return _Plan(mask.clone(), kept, padded, swaps, write_back, attributes, seconds)
+        return _Plan(
+            mask.clone(),
+            kept,
+            kept_all,
+            mask[kept_all],
+            value_offsets,
+            fold_rows,
+            bundles,
+            buffers,
+            swaps,
+            attributes,
+            seconds,
+        )
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""

@@ -1,0 +1,300 @@
+"""Differentiable gathers for compact execution: every parameter of a model in one autograd node.
+
+Each compact forward replaces a model's full-size parameters by their kept entries (rows of the
+open output channels, columns of the open inputs), with the gate values folded into some of them
+as per-row scales. Done one tensor at a time, that is a few hundred small autograd nodes and
+about ten small ops per tensor per step, which on a CPU costs more than the layers they serve at
+small widths. :class:`Bundle` lays out, once per open set, every parameter of one dtype and device
+side by side, so that :func:`gather_bundle` gathers all of them in one node (one index_select per
+tensor, into one buffer) and its backward writes every full-size gradient with one ``index_copy``.
+
+:func:`kept_gate_values` does the same for the gates: one node evaluates the gate values of every
+group's kept channels, with the gradient of ``hard`` mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tg_kernels.gate import ShapeFn, _evaluate_shape
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of its storage exactly once (contiguous in some dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def memory_order_entries(t: Tensor, dims: Sequence[tuple[int, Tensor]]) -> tuple[Tensor, tuple[int, ...]]:
+    """Storage offsets (relative to ``t``'s first element) of the entries ``dims`` keeps, and their shape.
+
+    ``dims`` is ``[(dim, sorted unique indices)]``; other dims keep every entry. The offsets are in
+    the logical order of the kept block, so gathering them gives a contiguous tensor of that shape.
+    ``t`` must be dense (:func:`is_dense`), as contiguous and channels_last tensors are.
+    """
+    device = dims[0][1].device if dims else t.device
+    kept = {dim: index for dim, index in dims}
+    offsets = torch.zeros((), dtype=torch.int64, device=device)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        index = kept.get(dim)
+        if index is None:
+            index = torch.arange(size, device=device)
+        offsets = offsets.unsqueeze(-1) + index.to(torch.int64) * stride
+    shape = tuple(offsets.shape)
+    return offsets.reshape(-1), shape
+
+
+def _use_count(t: Tensor) -> int:
+    """How many tensors (and storage handles) share ``t``'s storage; -1 where torch does not say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if count is None else count(t.untyped_storage()._cdata)
+
+
+class ReusableBuffer:
+    """A flat buffer handed out again, step after step, while nothing else holds its storage.
+
+    Compact execution needs a few buffers of a model's parameter size every step (the gathered
+    parameters, the full-size gradients). Freshly allocated, the CPU allocator maps new pages for
+    each and the page faults cost more than the copies. A buffer is reused only when no view of it
+    is alive (storage use count back to what it was when it was made): when a gradient handed out
+    last step is still held (``param.grad``, a user's reference), a new buffer is made instead.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._alone = 0
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        b = self._buffer
+        if (
+            b is not None
+            and self._alone > 0
+            and b.numel() == numel
+            and b.dtype == dtype
+            and b.device == device
+            and _use_count(b) == self._alone
+        ):
+            return b[:]
+        b = torch.empty(numel, dtype=dtype, device=device)
+        self._buffer, self._alone = b, _use_count(b)
+        return b[:]  # a view: whoever keeps it (autograd's saved tensors too) holds the storage
+
+
+@dataclass
+class Bundle:
+    """The layout of one gather: parameters of one dtype and device, with their kept entries.
+
+    Parameters whose rows take a gate scale come first: 1-D ones (norm weights and biases, where
+    a row is one element) in the first ``elementwise`` elements of the compact buffer, so one
+    multiply scales them all; then scaled tensors with more dims, then unscaled ones.
+    """
+
+    dtype: torch.dtype
+    device: torch.device
+    entries: list[Tensor]  # per tensor: storage offsets of its kept entries (memory_order_entries)
+    shapes: list[tuple[int, ...]]  # per tensor: its compact shape
+    full_shapes: list[tuple[int, ...]]
+    full_strides: list[tuple[int, ...]]
+    offsets: list[int]  # compact buffer offsets, len n + 1
+    full_offsets: list[int]  # offsets in the concatenated full gradient, len n + 1
+    scaled_rows: list[tuple[int, int] | None]  # per tensor: (first scale row, rows) for tensors of > 1 dim
+    elementwise: int  # leading compact elements scaled element by element
+    scale_rows: int  # length of the scale vector the gather takes
+    global_index: Tensor  # every kept entry's position in the concatenated full gradient
+    gathered_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+    scaled_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+    grad_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+
+    @staticmethod
+    def build(
+        tensors: Sequence[Tensor], dims: Sequence[Sequence[tuple[int, Tensor]]], scaled: Sequence[bool]
+    ) -> tuple[Bundle, list[int]]:
+        """Lay out ``tensors`` (dense, one dtype and device); returns the bundle and the tensor order it uses.
+
+        ``dims[i]`` lists tensor i's kept entries per sliced dim; ``scaled[i]`` says whether its rows
+        (dim 0) are scaled. The caller passes tensors and scale rows in the returned order.
+        """
+        order = sorted(
+            range(len(tensors)),
+            key=lambda i: (0 if scaled[i] and tensors[i].dim() == 1 else 1 if scaled[i] else 2, i),
+        )
+        entries, shapes, scaled_rows = [], [], []
+        offsets, full_offsets = [0], [0]
+        elementwise = rows = 0
+        pieces = []
+        for i in order:
+            t = tensors[i]
+            flat, shape = memory_order_entries(t, dims[i])
+            entries.append(flat)
+            shapes.append(shape)
+            pieces.append(flat + full_offsets[-1])
+            n = flat.numel()
+            if scaled[i] and t.dim() == 1:
+                elementwise += n
+                scaled_rows.append(None)
+            elif scaled[i]:
+                scaled_rows.append((rows + elementwise, shape[0]))
+                rows += shape[0]
+            else:
+                scaled_rows.append(None)
+            offsets.append(offsets[-1] + n)
+            full_offsets.append(full_offsets[-1] + t.numel())
+        first = tensors[order[0]] if order else None
+        bundle = Bundle(
+            dtype=first.dtype if first is not None else torch.float32,
+            device=first.device if first is not None else torch.device("cpu"),
+            entries=entries,
+            shapes=shapes,
+            full_shapes=[tuple(tensors[i].shape) for i in order],
+            full_strides=[tuple(tensors[i].stride()) for i in order],
+            offsets=offsets,
+            full_offsets=full_offsets,
+            scaled_rows=scaled_rows,
+            elementwise=elementwise,
+            scale_rows=elementwise + rows,
+            global_index=torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64),
+        )
+        return bundle, order
+
+    def matches(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether ``tensors`` (in bundle order) still have the dtype, device, shapes and strides it was built for."""
+        return all(
+            t is not None
+            and t.dtype == self.dtype
+            and t.device == self.device
+            and tuple(t.shape) == shape
+            and tuple(t.stride()) == stride
+            for t, shape, stride in zip(tensors, self.full_shapes, self.full_strides)
+        )
+
+
+class _GatherBundle(torch.autograd.Function):
+    """Every tensor of a bundle at its kept entries, rows scaled by ``scale``: one node forward and back."""
+
+    @staticmethod
+    def forward(ctx, bundle: Bundle, scale: Tensor | None, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        gathered = bundle.gathered_buffer.get(bundle.offsets[-1], bundle.dtype, bundle.device)
+        for i, full in enumerate(fulls):
+            source = full.as_strided((full.numel(),), (1,))
+            torch.index_select(source, 0, bundle.entries[i], out=gathered[bundle.offsets[i] : bundle.offsets[i + 1]])
+        out = gathered
+        if scale is not None:
+            out = bundle.scaled_buffer.get(gathered.numel(), bundle.dtype, bundle.device).copy_(gathered)
+            _scale_rows(out, scale, bundle)
+        ctx.bundle = bundle
+        ctx.save_for_backward(gathered if scale is not None and ctx.needs_input_grad[1] else None, scale)
+        ctx.set_materialize_grads(False)
+        return tuple(
+            out[bundle.offsets[i] : bundle.offsets[i + 1]].view(shape) for i, shape in enumerate(bundle.shapes)
+        )
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        bundle: Bundle = ctx.bundle
+        gathered, scale = ctx.saved_tensors
+        grad = torch.cat(
+            [
+                (g if g is not None else torch.zeros(shape, dtype=bundle.dtype, device=bundle.device)).reshape(-1)
+                for g, shape in zip(grads, bundle.shapes)
+            ]
+        )
+        grad_scale = None
+        if gathered is not None:
+            pieces = [grad[: bundle.elementwise] * gathered[: bundle.elementwise]]
+            for i, rows in enumerate(bundle.scaled_rows):
+                if rows is not None:
+                    lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
+                    pieces.append((grad[lo:hi].view(rows[1], -1) * gathered[lo:hi].view(rows[1], -1)).sum(1))
+            grad_scale = torch.cat(pieces)
+        if scale is not None:
+            _scale_rows(grad, scale, bundle)
+        full = bundle.grad_buffer.get(bundle.full_offsets[-1], bundle.dtype, bundle.device).zero_()
+        full.index_copy_(0, bundle.global_index, grad)
+        grads_full = [
+            full.as_strided(shape, stride, bundle.full_offsets[i]) if ctx.needs_input_grad[2 + i] else None
+            for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides))
+        ]
+        return None, grad_scale, *grads_full
+
+
+def _scale_rows(flat: Tensor, scale: Tensor, bundle: Bundle) -> None:
+    """Multiply, in place, each scaled tensor's rows in the compact buffer ``flat`` by its scales."""
+    n = bundle.elementwise
+    flat[:n].mul_(scale[:n])
+    for i, rows in enumerate(bundle.scaled_rows):
+        if rows is not None:
+            lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
+            flat[lo:hi].view(rows[1], -1).mul_(scale[rows[0] : rows[0] + rows[1], None])
+
+
+def gather_bundle(bundle: Bundle, fulls: Sequence[Tensor], scale: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The compact tensors of ``fulls`` (in bundle order), rows scaled by ``scale`` (``bundle.scale_rows`` long).
+
+    Differentiable in ``fulls`` and ``scale``: the gradients of the full-size tensors are zeros
+    outside the kept entries and have their tensors' strides.
+    """
+    if scale is not None:
+        if scale.numel() != bundle.scale_rows:
+            raise ValueError(
+                f"the scale vector has {scale.numel()} entries, the bundle scales {bundle.scale_rows} rows"
+            )
+        scale = scale.to(bundle.dtype)
+    if torch.is_grad_enabled() and (any(t.requires_grad for t in fulls) or (scale is not None and scale.requires_grad)):
+        return _GatherBundle.apply(bundle, scale, *fulls)
+    return _GatherBundle.forward(_NoContext(), bundle, scale, *fulls)
+
+
+class _NoContext:
+    """Stands in for autograd's ctx when the gather runs without gradients."""
+
+    needs_input_grad = (False, False)
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+class _KeptGateValues(torch.autograd.Function):
+    """The gate values of every group's kept channels, plus a trailing 1 (for ungated channels).
+
+    The values are the open masks (exactly 0/1, the limit form of the gate); the gradient reaching
+    a kept channel's ``w`` is ``g(w)`` times the incoming gradient for open channels and zero for
+    closed ones, as ``hard`` mode gives it.
+    """
+
+    @staticmethod
+    def forward(ctx, shape_fn: ShapeFn, kept: Tensor, open_kept: Tensor, *weights: Tensor) -> Tensor:  # type: ignore[override]
+        w = torch.cat([t.reshape(-1) for t in weights]).index_select(0, kept)
+        ctx.shape_fn = shape_fn
+        ctx.sizes = [t.numel() for t in weights]
+        ctx.save_for_backward(w, kept, open_kept)
+        values = open_kept.to(w.dtype)
+        return torch.cat([values, values.new_ones(1)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        w, kept, open_kept = ctx.saved_tensors
+        g = _evaluate_shape(ctx.shape_fn, w)
+        local = torch.where(open_kept, grad[:-1] * g, torch.zeros_like(g))
+        full = local.new_zeros(sum(ctx.sizes)).index_copy_(0, kept, local)
+        return None, None, None, *full.split(ctx.sizes)
+
+
+def kept_gate_values(shape_fn: ShapeFn, weights: Sequence[Tensor], kept: Tensor, open_kept: Tensor) -> Tensor:
+    """Gate values at ``kept`` (indices into the concatenated ``weights``), then a 1; see :class:`_KeptGateValues`."""
+    return _KeptGateValues.apply(shape_fn, kept, open_kept, *weights)
+
+
+__all__ = ["Bundle", "gather_bundle", "is_dense", "kept_gate_values", "memory_order_entries"]
