@@ -113,11 +113,12 @@ class GateBank(nn.Module):
 class GateHook:
     """Forward hook: multiply a module's output by the gates of its channels (fused channel_gate)."""
 
-    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False) -> None:
+    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False, repeat: int = 1) -> None:
         self.bank = bank
         self.parts = parts
         self.dim = dim
         self.hard = hard
+        self.repeat = repeat  # entries per gate along dim (a head of head_dim entries)
         # Set by compact execution for one forward: the output is compact; multiply it by
         # compact_gate, or leave it alone when the gate was folded into a module's rows (None).
         self.compact = False
@@ -136,6 +137,8 @@ class GateHook:
         gate = self.bank.vector(self.parts, output)
         if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
             gate = torch.where(gate != 0, gate, gate.detach())
+        if self.repeat != 1:
+            gate = gate.repeat_interleave(self.repeat)
         return channel_gate(output, gate, self.dim)
 
 
@@ -308,7 +311,7 @@ def _install(
             set_submodule(model, point.module, gated)
             bank.gated_layers.append(gated)
         else:
-            hook = GateHook(bank, parts, point.dim, hard=skip == "hard")
+            hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat)
             module.register_forward_hook(hook)
             bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
@@ -379,6 +382,11 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         after_norm=[(n, s) for n, s in analysis.after_norm if s in root_of],
         conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
         norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
+        size_attrs=[
+            dataclasses.replace(sa, parts=parts2(sa.parts))
+            for sa in analysis.size_attrs
+            if any(r is not None for r, _ in parts2(sa.parts))
+        ],
     )
 
 
@@ -560,7 +568,14 @@ def attach_gates(
     if self_check and analysis.groups:
         analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
     bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
-    if compact and bank.gates:
+    heads = analysis.size_attrs or any(p.repeat != 1 for p in analysis.gate_points)
+    if compact and bank.gates and heads:  # the compact plan slices channels one by one, not whole heads
+        warnings.warn(
+            "tg_kernels.attach_gates: compact execution is off for this model: it does not run models with "
+            "gated attention heads yet (the per-layer path is correct, slower)",
+            stacklevel=2,
+        )
+    elif compact and bank.gates:
         from tg_kernels.prune.compact import install  # compact imports this module
 
         install(model, bank, inputs, dict(example_kwargs or {}))

@@ -73,6 +73,8 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
                 for key, size in parts
             ]
         )
+        if point.repeat != 1:
+            scale, keep = scale.repeat_interleave(point.repeat), keep.repeat_interleave(point.repeat)
         if torch.all(scale[keep] == 1):
             continue
         module = model.get_submodule(point.fold) if point.fold is not None else None
@@ -91,11 +93,16 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
 
 
 def _replace_tensor(model: nn.Module, target: str, new: Tensor) -> None:
+    """Replace a parameter or buffer, and every alias of it (a tied LM head holds the embedding's)."""
     owner_name, _, attr = target.rpartition(".")
     owner = model.get_submodule(owner_name)
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        param = nn.Parameter(new, requires_grad=old.requires_grad)
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is old:
+                    module._parameters[name] = param
     elif attr in owner._buffers:
         owner._buffers[attr] = new
     else:  # pragma: no cover - the analysis only lists parameters and buffers
@@ -172,6 +179,9 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
                 _replace_tensor(exported, target, tensor.detach().index_select(dim, entries.to(tensor.device)))
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
+            for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
+                counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
+                setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
