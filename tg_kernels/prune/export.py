@@ -92,17 +92,31 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
         _scale_rows(module, scale, ("weight", "bias"))
 
 
-def _replace_tensor(model: nn.Module, target: str, new: Tensor) -> None:
+Aliases = dict[int, tuple[Tensor, list[tuple[nn.Module, str]]]]
+
+
+def _aliases(model: nn.Module) -> Aliases:
+    """Every (module, name) holding each parameter, by the parameter's id (the parameter is kept, so
+    that its id stays its own)."""
+    found: Aliases = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                found.setdefault(id(p), (p, []))[1].append((module, name))
+    return found
+
+
+def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases | None = None) -> None:
     """Replace a parameter or buffer, and every alias of it (a tied LM head holds the embedding's)."""
     owner_name, _, attr = target.rpartition(".")
     owner = model.get_submodule(owner_name)
     if attr in owner._parameters:
         old = owner._parameters[attr]
         param = nn.Parameter(new, requires_grad=old.requires_grad)
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is old:
-                    module._parameters[name] = param
+        owner._parameters[attr] = param
+        held, holders = (aliases or {}).get(id(old), (None, []))
+        for module, name in holders if held is old else ():
+            module._parameters[name] = param
     elif attr in owner._buffers:
         owner._buffers[attr] = new
     else:  # pragma: no cover - the analysis only lists parameters and buffers
@@ -174,9 +188,11 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
                 )
             _fold_gate_values(exported, ebank, values, kept)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
+            aliases = _aliases(exported)
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
                 tensor = tensor_of(exported, target)
-                _replace_tensor(exported, target, tensor.detach().index_select(dim, entries.to(tensor.device)))
+                new = tensor.detach().index_select(dim, entries.to(tensor.device))
+                _replace_tensor(exported, target, new, aliases)
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like

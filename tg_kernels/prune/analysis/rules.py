@@ -475,6 +475,8 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     w.flops_of[node] = 2.0 * math.prod(out_shape) * in_shape[-1]
     if weight is None or len(w_shape) != 2 or (bias_node is not None and bias is None):
         if x is not None or w.tracked(weight_node) is not None:
+            if name in ("matmul", "bmm"):
+                return _batched_matmul(w, node, x_node, weight_node)
             w.barrier(node, f"'{name}' of gated activations at '{node.name}'")
         return None
     module = w.module_reading(weight, node)
@@ -647,19 +649,40 @@ def _split_channels(w: Walk, node: fx.Node, x: ChannelInfo, out_shape, k: int, m
 
 
 def _view_param(w: Walk, node: fx.Node) -> ParamView | None:
-    """A view of a parameter that only adds or removes size-1 dims keeps track of the parameter's dims."""
+    """A view of a parameter keeps track of the parameter's dims that it keeps whole (same size, and
+    the same number of entries before them)."""
     pv = w.param_view(node.args[0])
     in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
     if pv is None or in_shape is None or out_shape is None:
         return None
-    big_in = [(d, s) for d, s in enumerate(in_shape) if s != 1]
-    big_out = [(d, s) for d, s in enumerate(out_shape) if s != 1]
-    if [s for _, s in big_in] != [s for _, s in big_out]:
-        return None
     dims: list[int | None] = [None] * len(out_shape)
-    for (di, _), (do, _) in zip(big_in, big_out):
-        dims[do] = pv.dims[di]
+    for di, size in enumerate(in_shape):
+        if size == 1 or pv.dims[di] is None:
+            continue
+        before = math.prod(in_shape[:di])
+        for do, out_size in enumerate(out_shape):
+            if out_size == size and math.prod(out_shape[:do]) == before:
+                dims[do] = pv.dims[di]
+                break
+    if not any(d is not None for d in dims):
+        return None
     return ParamView(pv.name, tuple(dims))
+
+
+@_rule("index")
+def index(w: Walk, node: fx.Node) -> Any:
+    """A table indexed along its first dims (a relative position bias ``table[index]``) keeps its other dims."""
+    pv = w.param_view(node.args[0])
+    indices = node.args[1]
+    if w.tracked(node.args[0]) is not None or w.all_tracked(indices):
+        w.barrier(node, f"indexing at '{node.name}'")
+        return None
+    if pv is None or not isinstance(indices, (list, tuple)) or any(i is None for i in indices):
+        return None
+    shapes = [w.shape(i) for i in indices]
+    if any(sh is None for sh in shapes) or len({tuple(sh) for sh in shapes}) != 1:
+        return None
+    return ParamView(pv.name, (None,) * len(shapes[0]) + tuple(pv.dims[len(indices) :]))
 
 
 @_rule("flatten")
@@ -1084,3 +1107,47 @@ def where(w: Walk, node: fx.Node) -> Any:
             return None
     zero = isinstance(other, (int, float)) and other == 0
     return x.with_dim(dim) if zero else ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
+
+
+def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
+    """``a @ b`` of activations (attention's ``q @ k^T`` and ``p @ v``): channels along a batch dim
+    (the heads) are tied between a and b; the output's head i is zero where a's or b's is."""
+    ia, ib = w.tracked(a), w.tracked(b)
+    sa, sb, out_shape = w.shape(a), w.shape(b), w.shape(node)
+    if sa is None or sb is None or out_shape is None or len(sa) < 3 or len(sb) < 3:
+        w.barrier(node, f"'{_op_name(node)}' of gated activations at '{node.name}'")
+        return None
+    n = len(out_shape)
+    dims = []
+    for info, shape in ((ia, sa), (ib, sb)):
+        if info is None:
+            dims.append(None)
+            continue
+        d = info.dim + n - len(shape)
+        if info.dim >= len(shape) - 2:
+            w.barrier(node, f"'{_op_name(node)}' over gated channels at '{node.name}'")
+            return None
+        dims.append(d)
+    if ia is not None and ib is not None:
+        if dims[0] != dims[1] or _heads_agree(w, node, ia, out_shape[dims[0]], ib, out_shape[dims[1]]) is not True:
+            w.barrier(node, f"'{_op_name(node)}' of differently arranged channels at '{node.name}'")
+            return None
+        x, d = ia, dims[0]
+        nonzero = tuple(None if (p is None or q is None) else p for p, q in zip(ia.nonzero, ib.nonzero))
+    else:
+        x, d = (ia, dims[0]) if ia is not None else (ib, dims[1])
+        other = sb if ia is not None else sa
+        at = d - (n - len(other))
+        if at >= 0 and other[at] != 1:
+            w.barrier(node, f"'{_op_name(node)}' with an untracked tensor over the channels at '{node.name}'")
+            return None
+        nonzero = x.nonzero
+    out = ChannelInfo(x.parts, d, nonzero, x.repeat)
+    total = 2.0 * math.prod(out_shape) * sa[-1]
+    w.flops_of[node] = total
+    w.costed_nodes.add(node)
+    parts = w.cost_parts(out, out_shape[d])
+    module = w.scope_module(node) or node.name
+    per = total / out_shape[d]
+    w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per, 0.0, 0.0, parts, parts, True, False))
+    return out
