@@ -31,15 +31,15 @@ EXPECTED_RATIO = {
     "densenet121": 0.26,
     "ghostnet_100": 0.29,
     "repvgg_a0": 0.25,
-    "vit_tiny_patch16_224": 0.43,  # qkv is kept whole: attention heads are not pruned yet
-    "swin_tiny_patch4_window7_224": 0.35,  # the same
-    "bert": 0.41,  # the same (q, k, v kept whole)
-    "gpt2": 0.72,  # the same, and the residual stream is tied to the output embedding
-    "llama_gqa": 0.39,  # q, k, v kept whole
-    "t5": 0.83,  # q, k, v kept whole; the residual stream is tied to the shared embedding
+    "vit_tiny_patch16_224": 0.34,
+    "swin_tiny_patch4_window7_224": 0.27,
+    "bert": 0.27,
+    "gpt2": 0.29,
+    "llama_gqa": 0.30,
+    "t5": 0.63,  # the residual stream is an output (encoder_last_hidden_state); cross-attention keeps its heads
     "style_transfer": 0.34,
     "flownet_s": 0.31,
-    "translation": 0.93,  # the position table is added in the root forward, where no gate can go
+    "translation": 0.93,  # nn.MultiheadAttention: packed in_proj_weight, heads folded into the batch dim
 }
 
 
@@ -155,7 +155,9 @@ def test_shape_read_is_caught_by_the_self_check():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unchecked, unchecked_bank = tg.attach_gates(ShapeRead(), x, self_check=False)
-    assert [g.producers for g in unchecked_bank.groups] == [("inp",)]  # what the self-check removed
+    unchecked_groups = [g.producers for g in unchecked_bank.groups]
+    assert ("inp",) in unchecked_groups and ("inp",) not in [g.producers for g in bank.groups]  # what it removed
+    assert ("qkv",) in unchecked_groups  # qkv in heads of C entries: removing whole ones stays exact
     _close_half(bank)
     torch.testing.assert_close(tg.export(model).eval()(x), model.eval()(x))
 
