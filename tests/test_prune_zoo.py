@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -251,3 +252,129 @@ def test_grouped_convs_prune_group_aligned():
         exported = tg.export(model)
         torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
     assert exported[3].groups == 4 and exported[3].in_channels == 4 and exported[3].out_channels == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention heads, on small models written the ways the model zoos write them
+# --------------------------------------------------------------------------------------------------
+
+
+class HeadsAttention(nn.Module):
+    """Self-attention in the styles of Hugging Face (separate q/k/v, ``view(B, N, -1, D)``), of timm
+    (fused qkv, ``reshape(B, N, 3, self.num_heads, self.head_dim)``, ``reshape(B, N, self.attn_dim)``),
+    with grouped KV heads (``repeat_kv``: expand + reshape) and unfused (``q @ k^T``, softmax, a
+    relative position bias table indexed per head)."""
+
+    def __init__(self, dim: int, heads: int, style: str, kv_heads: int | None = None, tokens: int = 5) -> None:
+        super().__init__()
+        self.style, self.num_heads, self.head_dim = style, heads, dim // heads
+        self.kv_heads = kv_heads or heads
+        self.attn_dim = heads * self.head_dim
+        if style == "fused":
+            self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        else:
+            self.q = nn.Linear(dim, self.attn_dim)
+            self.k = nn.Linear(dim, self.kv_heads * self.head_dim)
+            self.v = nn.Linear(dim, self.kv_heads * self.head_dim)
+        if style == "unfused":
+            self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+            pos = torch.arange(tokens)
+            self.register_buffer("index", (pos[:, None] - pos[None, :] + tokens - 1).flatten(), persistent=False)
+        self.o = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        if self.style == "fused":
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (t(x).view(B, N, -1, self.head_dim).transpose(1, 2) for t in (self.q, self.k, self.v))
+        if k.shape[1] != q.shape[1]:  # repeat_kv, sizes read from the tensors (as Hugging Face does)
+            b, h, n, d = k.shape
+            n_rep = q.shape[1] // h
+            k, v = (t[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d) for t in (k, v))
+        if self.style == "unfused":
+            bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
+            y = attn.softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        if self.style == "fused":
+            return self.o(y.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, pre-norm blocks of attention and MLP, and an LM head (tied to the embedding if asked)."""
+
+    def __init__(self, style: str, kv_heads: int | None = None, tied: bool = False, dim: int = 24, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(20, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "attn": HeadsAttention(dim, heads, style, kv_heads),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim),
+        }) for _ in range(2))  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 20, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b["attn"](b["norm1"](h))
+            h = h + b["fc2"](torch.relu(b["fc1"](b["norm2"](h))))
+        return self.head(self.norm(h))
+
+
+def _exact_and_counted(model: nn.Module, ids: torch.Tensor) -> tuple[tg.GateBank, nn.Module]:
+    """Attach, close half of every group, export: the export is exact and Budget counts its FLOPs."""
+    torch.manual_seed(0)
+    model.eval()
+    full = _macs(model, (ids,), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(model, ids)
+    budget = tg.Budget(model, target=1.0)
+    assert budget.usage().full_flops == pytest.approx(full, rel=1e-6)
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        expected = model(ids)
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(ids), expected, rtol=1e-10, atol=1e-12)
+    assert budget.usage().flops == pytest.approx(_macs(exported.float(), (ids,), {}), rel=1e-6)
+    return bank, exported
+
+
+@pytest.mark.parametrize("style", ["separate", "fused", "unfused"])
+def test_attention_prunes_whole_heads(style):
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer(style), ids)
+    names = ("qkv",) if style == "fused" else ("q", "k", "v")
+    for i in range(2):
+        heads = next(g for g in bank.groups if f"blocks.{i}.attn.{names[0]}" in g.producers)
+        assert heads.size == 4 and set(heads.producers) >= {f"blocks.{i}.attn.{n}" for n in names}
+        attn = exported.blocks[i]["attn"]
+        assert attn.o.in_features == 2 * attn.head_dim  # two of four heads, each whole
+        if style == "fused":
+            assert attn.num_heads == 2 and attn.attn_dim == 12 and attn.qkv.out_features == 36
+    stream = next(g for g in bank.groups if "embed" in g.producers)
+    assert {"blocks.0.attn.o", "blocks.1.fc2"} <= set(stream.producers)
+
+
+def test_grouped_kv_heads_are_tied_to_their_query_heads():
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer("separate", kv_heads=2), ids)
+    heads = next(g for g in bank.groups if "blocks.0.attn.q" in g.producers)
+    assert heads.size == 2  # one gate per KV head, covering its two query heads
+    attn = exported.blocks[0]["attn"]
+    assert (attn.q.out_features, attn.k.out_features) == (12, 6)
+
+
+def test_tied_embedding_and_lm_head_prune_the_residual_stream():
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer("separate", tied=True), ids)
+    stream = next(g for g in bank.groups if "embed" in g.producers)
+    assert stream.size == 24
+    assert exported.head.weight is exported.embed.weight and exported.embed.weight.shape == (20, 12)
