@@ -170,9 +170,15 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    return _export(model, round_to, in_place=False)
+
+
+def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
+    """:func:`export`; ``in_place`` turns ``model`` itself into the exported model (attach's
+    self-check exports a throwaway copy, and saves a second copy of the model that way)."""
     model = unwrap(model)
     gate_bank(model)  # a clear error for a model without gates
-    exported = copy.deepcopy(model)
+    exported = model if in_place else copy.deepcopy(model)
     ebank = gate_bank(exported)
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
