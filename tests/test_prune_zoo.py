@@ -378,3 +378,31 @@ def test_tied_embedding_and_lm_head_prune_the_residual_stream():
     stream = next(g for g in bank.groups if "embed" in g.producers)
     assert stream.size == 24
     assert exported.head.weight is exported.embed.weight and exported.embed.weight.shape == (20, 12)
+
+
+def test_group_norm_prunes_group_aligned_with_open_statistics():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.gn = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12)
+            self.conv, self.gn2 = nn.Conv2d(12, 12, 3, padding=1), nn.GroupNorm(4, 12)
+            self.head = nn.Conv2d(12, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.gn(self.stem(x)))
+            return self.head(h + torch.relu(self.gn2(self.conv(h))))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model, bank = tg.attach_gates(Net().eval(), x)
+    assert [(g.size, set(g.producers)) for g in bank.groups] == [(1, {"stem", "conv"})]  # lcm of 3 and 4 groups
+    assert {name for name, _ in bank.analysis.norms} == {"gn", "gn2"}
+    single = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(3, 12), nn.ReLU(), nn.Conv2d(12, 2, 1))
+    model, bank = tg.attach_gates(single.eval(), x)
+    assert [g.size for g in bank.groups] == [4]  # channel i of each of the 3 groups shares a gate
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[1].num_groups == 3 and exported[1].num_channels == 6 and exported[0].out_channels == 6

@@ -180,6 +180,14 @@ class OpenChannelStats(TorchFunctionMode):
                 values = dict(zip(names, args[2:]))
                 values.update({k: v for k, v in kwargs.items() if k in names})
                 return _open_norm(x, self._mask(x), values, centered="bias" in names)
+        elif func is F.group_norm:
+            x = args[0]
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] in self.parts_by_width:
+                names = ("num_groups", "weight", "bias", "eps")
+                values = dict(zip(names, args[1:]))
+                values.update({k: v for k, v in kwargs.items() if k in names})
+                g = self.bank.vector(self.parts_by_width[x.shape[1]], x)
+                return _open_group_norm(x, g, values)
         elif func in (torch.mean, Tensor.mean) and (len(args) >= 2 or "dim" in kwargs):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -208,6 +216,27 @@ def _open_norm(x: Tensor, g: Tensor, values: dict[str, Any], centered: bool) -> 
         y = y * values["weight"]
     if values.get("bias") is not None:
         y = y + values["bias"]
+    return y
+
+
+def _open_group_norm(x: Tensor, g: Tensor, values: dict[str, Any]) -> Tensor:
+    """GroupNorm over the channels where ``g`` != 0 (the same count in every group: group-aligned)."""
+    groups = values["num_groups"]
+    eps = values.get("eps")
+    eps = 1e-5 if eps is None else eps
+    shape = x.shape
+    xg = x.reshape(shape[0], groups, -1)
+    mask = g.to(x.dtype).reshape(groups, -1, *([1] * (x.dim() - 2))).expand(groups, -1, *shape[2:])
+    mask = mask.reshape(1, groups, -1)
+    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (xg * mask).sum(-1, keepdim=True) / count
+    var = ((xg - mean) * mask).square().sum(-1, keepdim=True) / count
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(shape)
+    affine = [1, -1] + [1] * (x.dim() - 2)
+    if values.get("weight") is not None:
+        y = y * values["weight"].reshape(affine)
+    if values.get("bias") is not None:
+        y = y + values["bias"].reshape(affine)
     return y
 
 

@@ -143,6 +143,9 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
     elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
         if getattr(module, "weight", None) is not None and len(module.normalized_shape) == 1:
             module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):

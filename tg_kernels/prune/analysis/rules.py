@@ -1151,3 +1151,37 @@ def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
     per = total / out_shape[d]
     w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per, 0.0, 0.0, parts, parts, True, False))
     return out
+
+
+@_rule("group_norm")
+def group_norm(w: Walk, node: fx.Node) -> Any:
+    """GroupNorm over gated channels: group-aligned (channel i of every group shares a gate, so every
+    group keeps as many channels and the exported norm keeps its group count), with open-channel
+    statistics at full width (``Analysis.norms``)."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    groups = arg(node, 1, "num_groups")
+    raw = [arg(node, 2, "weight"), arg(node, 3, "bias")]
+    tensors = [w.tensor_name(a) for a in raw]
+    module = next((w.owner(t) for t in tensors if t), None) or w.scope_module(node)
+    if (
+        x.dim != 1
+        or x.repeat != 1
+        or not isinstance(groups, int)
+        or module is None
+        or any(a is not None and t is None for a, t in zip(raw, tensors))
+        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+    ):
+        w.barrier(node, f"group norm at '{node.name}'")
+        return None
+    if groups > 1 and _group_aligned(w, node, x, groups) is None:
+        return None
+    w.need_zero(x, f"norm '{module}'")
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+    parts = w.cost_parts(x, w.width(x))
+    affine = float(sum(t is not None for t in tensors))
+    w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
+    return _nonzero(x, node)
