@@ -22,7 +22,7 @@ from typing import Any
 import torch.fx as fx
 
 from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, StackedInfo
-from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, ParamView, Walk, _op_name
+from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
 
 Rule = Callable[[Walk, fx.Node], Any]
 RULES: dict[str, Rule] = {}
@@ -75,8 +75,10 @@ for _name in ("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", 
 def zero_preserving(w: Walk, node: fx.Node) -> Any:
     """Elementwise and f(0) = 0: closed channels stay zero (or stay as non-zero as they were)."""
     x = w.tracked(node.args[0]) if node.args else None
-    if node.args and isinstance(w.info.get(node.args[0]), StackedInfo) and len(node.all_input_nodes) == 1:
-        return w.info[node.args[0]]  # clone, contiguous, alias, detach of stacked pieces
+    copies = ("clone", "contiguous", "alias", "detach", "to", "_to_copy")
+    value = w.info.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if isinstance(value, StackedInfo | Filled) and len(node.all_input_nodes) == 1 and _op_name(node) in copies:
+        return value  # a copy of stacked pieces or of a filled tensor
     if x is None:
         pv = w.param_view(node.args[0]) if node.args else None
         views = ("to", "_to_copy", "clone", "contiguous", "alias", "detach")
@@ -783,6 +785,10 @@ def expand(w: Walk, node: fx.Node) -> Any:
         return None
     lead = len(out_shape) - len(in_shape)
     if x is None:
+        value = w.info.get(node.args[0])
+        if isinstance(value, Filled):
+            grown = [d if in_shape[i] == out_shape[lead + i] else None for i, d in enumerate(value.dims)]
+            return Filled(value.node, value.arg_index, (None,) * lead + tuple(grown))
         pv = w.param_view(node.args[0])
         return ParamView(pv.name, (None,) * lead + pv.dims) if pv is not None else None
     if out_shape[x.dim + lead] != in_shape[x.dim]:
@@ -1059,6 +1065,11 @@ def _mask_heads(w: Walk, node: fx.Node, mask: Any, iq: ChannelInfo, heads: int) 
             w.barrier(node, f"attention mask arranged differently from the heads at '{node.name}'")
             return False
         return True
+    filled = w.info.get(mask) if isinstance(mask, fx.Node) else None
+    if isinstance(filled, Filled) and filled.dims[len(shape) - 3] is not None:
+        # a bias the forward fills per head (zeros of n_heads): its size follows the kept heads
+        w.size_attr(filled.node, filled.dims[len(shape) - 3], iq, filled.arg_index)
+        return True
     pv = w.param_view(mask)
     tensor_dim = pv.dims[len(shape) - 3] if pv is not None else None
     if tensor_dim is None or iq.repeat != 1:
@@ -1091,7 +1102,8 @@ def where(w: Walk, node: fx.Node) -> Any:
     if ia is None and ib is None:
         if w.tracked(cond) is not None:
             w.barrier(node, f"'where' with a gated condition at '{node.name}'")
-        return None
+            return None
+        return _filled_through(w, node, (cond, a, b))
     if out_shape is None or w.tracked(cond) is not None:
         w.barrier(node, f"'where' at '{node.name}'")
         return None
@@ -1185,3 +1197,32 @@ def group_norm(w: Walk, node: fx.Node) -> Any:
     affine = float(sum(t is not None for t in tensors))
     w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
     return _nonzero(x, node)
+
+
+@_rule("zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty")
+def factory(w: Walk, node: fx.Node) -> Any:
+    """A tensor filled with one value: constant along every dim (:class:`Filled`)."""
+    index = 1 if _op_name(node).startswith("new_") else 0
+    shape = w.shape(node)
+    return Filled(node, index, tuple(range(len(shape)))) if shape is not None else None
+
+
+def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
+    """An elementwise op of a :class:`Filled` value and untracked ones: still constant along the
+    dims where every other operand has size 1."""
+    out_shape = w.shape(node)
+    filled = [w.info.get(t) for t in operands if isinstance(t, fx.Node) and isinstance(w.info.get(t), Filled)]
+    if out_shape is None or len(filled) != 1:
+        return None
+    source = next(t for t in operands if isinstance(t, fx.Node) and w.info.get(t) is filled[0])
+    lead = len(out_shape) - len(w.shape(source))
+    dims: list[int | None] = [None] * lead + list(filled[0].dims)
+    for t in operands:
+        shape = w.shape(t)
+        if t is source or shape is None:
+            continue
+        off = len(out_shape) - len(shape)
+        for i, size in enumerate(shape):
+            if size != 1:
+                dims[off + i] = None
+    return Filled(filled[0].node, filled[0].arg_index, tuple(dims))

@@ -42,6 +42,18 @@ class ParamView:
         self.dims = dims
 
 
+class Filled:
+    """A value that a factory (``zeros``, ``full``, ...) filled with one value, maybe combined with
+    values that do not vary along some of its dims: ``dims[i]`` is the position in the factory's
+    size argument of dim i, for the dims along which the value is still constant (None otherwise).
+    Such a dim may lose entries with the heads it meets, if the factory's size follows them."""
+
+    def __init__(self, node: fx.Node, arg_index: int, dims: tuple[int | None, ...]) -> None:
+        self.node = node
+        self.arg_index = arg_index
+        self.dims = dims
+
+
 class Walk:
     """One propagation over the graph with a fixed set of gate points and cuts."""
 
@@ -237,12 +249,12 @@ class Walk:
                 new = True
         return new
 
-    def size_attr(self, node: fx.Node, position: int | None, info: ChannelInfo) -> None:
-        """The forward passes a literal size for a gated dim: the view's size at ``position`` of its
-        shape argument, or (``position`` None) the op's int argument (``split(self.split_size)``).
-        Export sets the int attributes of the module running it that hold that size
-        (``self.num_heads``) to the kept size; the self-check catches a wrong guess."""
-        shape = node.args[1] if len(node.args) > 1 else None
+    def size_attr(self, node: fx.Node, position: int | None, info: ChannelInfo, arg_index: int = 1) -> None:
+        """The forward passes a literal size for a gated dim: the size at ``position`` of the op's
+        shape argument (``node.args[arg_index]``), or (``position`` None) that int argument itself
+        (``split(self.split_size)``). Export sets the int attributes of the module running it that
+        hold that size (``self.num_heads``) to the kept size; the self-check catches a wrong guess."""
+        shape = node.args[arg_index] if len(node.args) > arg_index else None
         if position is not None:
             shape = shape[position] if isinstance(shape, (list, tuple)) and position < len(shape) else None
         if not isinstance(shape, int) or isinstance(shape, bool) or shape == -1:
