@@ -604,6 +604,9 @@ def reshape(w: Walk, node: fx.Node) -> Any:
                 out = x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))
                 w.size_attr(node, k, out)  # (B, N, self.attn_dim): merged heads
                 return out
+    for k in range(len(out_shape)):  # after every same-size match: a leading size-1 dim is no split
+        if math.prod(out_shape[:k]) != lead or out_shape[k] == 1:
+            continue
         for m in range(k + 2, len(out_shape) + 1):
             if math.prod(out_shape[k:m]) == block:
                 return _split_channels(w, node, x, out_shape, k, m)
