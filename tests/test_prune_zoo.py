@@ -271,6 +271,7 @@ class HeadsAttention(nn.Module):
         self.style, self.num_heads, self.head_dim = style, heads, dim // heads
         self.kv_heads = kv_heads or heads
         self.attn_dim = heads * self.head_dim
+        self.layer_idx = heads  # a position that equals the head count: export must leave it alone
         if style == "fused":
             self.qkv = nn.Linear(dim, 3 * self.attn_dim)
         else:
@@ -364,6 +365,7 @@ def test_attention_prunes_whole_heads(style):
         assert attn.o.in_features == 2 * attn.head_dim  # two of four heads, each whole
         if style == "fused":
             assert attn.num_heads == 2 and attn.attn_dim == 12 and attn.qkv.out_features == 36
+            assert attn.layer_idx == 4
         if style == "biased":
             assert attn.num_heads == 2
     stream = next(g for g in bank.groups if "embed" in g.producers)

@@ -267,7 +267,7 @@ class Walk:
                 continue
             parts = tuple((p, self.spaces.size(p)) for p in info.parts)
             for attr, value in vars(module).items():
-                if type(value) is int and value == shape and not attr.startswith("_"):
+                if type(value) is int and value == shape and not attr.startswith("_") and not _is_index_name(attr):
                     self.size_attrs.append(SizeAttr(path, attr, parts, info.repeat))
             return
 
@@ -444,6 +444,11 @@ ACTIVATION_OPS = {
 
 # Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
 PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
+
+
+def _is_index_name(attr: str) -> bool:
+    """An attribute that names a position (``layer_idx``), never a size: size attributes leave it alone."""
+    return attr.endswith(("idx", "index", "_id")) or attr in ("id", "rank")
 
 
 def _foldable(module: nn.Module | None) -> bool:
