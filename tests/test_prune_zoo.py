@@ -415,3 +415,22 @@ def test_group_norm_prunes_group_aligned_with_open_statistics():
         exported = tg.export(model)
         torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
     assert exported[1].num_groups == 3 and exported[1].num_channels == 6 and exported[0].out_channels == 6
+
+
+def test_gate_on_flattened_channels_covers_each_channels_entries():
+    """A gate needed after a flatten (a sigmoid makes closed channels non-zero) covers H * W entries."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Sigmoid(),
+        nn.Linear(8 * 6 * 6, 4),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(model.eval(), x)
+    assert [(p.module, p.repeat) for p in bank.analysis.gate_points if p.module == "5"] == [("5", 36)]
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[6].in_features == 4 * 36

@@ -600,8 +600,9 @@ def attach_gates(
     heads = analysis.size_attrs or any(p.repeat != 1 for p in analysis.gate_points)
     if compact and bank.gates and heads:  # the compact plan slices channels one by one, not whole heads
         warnings.warn(
-            "tg_kernels.attach_gates: compact execution is off for this model: it does not run models with "
-            "gated attention heads yet (the per-layer path is correct, slower)",
+            "tg_kernels.attach_gates: compact execution is off for this model: it does not yet run gates that "
+            "cover several entries each (whole attention heads, flattened channels) or module size attributes "
+            "(self.num_heads) that export resizes; the per-layer path is correct, slower",
             stacklevel=2,
         )
     elif compact and bank.gates:

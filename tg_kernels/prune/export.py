@@ -73,8 +73,6 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
                 for key, size in parts
             ]
         )
-        if point.repeat != 1:
-            scale, keep = scale.repeat_interleave(point.repeat), keep.repeat_interleave(point.repeat)
         if torch.all(scale[keep] == 1):
             continue
         module = model.get_submodule(point.fold) if point.fold is not None else None
@@ -89,6 +87,11 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
                 "closed gates there must be exactly 0 and open ones 1 (limit-form gates, gate_M=None), "
                 "and round_to must be 1"
             )
+        rows = module.weight.shape[0]
+        if point.repeat != 1 and rows == scale.numel() * point.repeat:  # a head's rows share its gate
+            scale = scale.repeat_interleave(point.repeat)
+        elif rows != scale.numel():  # pragma: no cover - the analysis folds only into matching rows
+            raise ValueError(f"cannot fold gate values of '{point.module}' into the rows of '{point.fold}'")
         _scale_rows(module, scale, ("weight", "bias"))
 
 
