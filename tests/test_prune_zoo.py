@@ -291,7 +291,7 @@ class HeadsAttention(nn.Module):
             q, k, v = qkv.unbind(0)
         else:
             q, k, v = (t(x).view(B, N, -1, self.head_dim).transpose(1, 2) for t in (self.q, self.k, self.v))
-        if k.shape[1] != q.shape[1]:  # repeat_kv, sizes read from the tensors (as Hugging Face does)
+        if k.shape[1] != q.shape[1] and self.style != "gqa":  # repeat_kv, sizes read from the tensors (as HF does)
             b, h, n, d = k.shape
             n_rep = q.shape[1] // h
             k, v = (t[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d) for t in (k, v))
@@ -304,7 +304,7 @@ class HeadsAttention(nn.Module):
             causal = torch.ones(N, N, dtype=torch.bool).tril()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(causal, bias, -1e9))
         else:
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.style == "gqa")
         if self.style == "fused":
             return self.o(y.transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
@@ -372,9 +372,10 @@ def test_attention_prunes_whole_heads(style):
     assert {"blocks.0.attn.o", "blocks.1.fc2"} <= set(stream.producers)
 
 
-def test_grouped_kv_heads_are_tied_to_their_query_heads():
+@pytest.mark.parametrize("style", ["separate", "gqa"])  # repeat_kv, or scaled_dot_product_attention(enable_gqa)
+def test_grouped_kv_heads_are_tied_to_their_query_heads(style):
     ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
-    bank, exported = _exact_and_counted(TinyTransformer("separate", kv_heads=2), ids)
+    bank, exported = _exact_and_counted(TinyTransformer(style, kv_heads=2), ids)
     heads = next(g for g in bank.groups if "blocks.0.attn.q" in g.producers)
     assert heads.size == 2  # one gate per KV head, covering its two query heads
     attn = exported.blocks[0]["attn"]
