@@ -134,6 +134,13 @@ def hf_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
             ),
             (), {"input_ids": ids},
         ),
+        "vit": (
+            lambda: tf.ViTForImageClassification(
+                tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8, num_labels=5)
+            ),
+            (), {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))},
+        ),
         "t5": (
             lambda: tf.T5ForConditionalGeneration(
                 tf.T5Config(**common, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False,

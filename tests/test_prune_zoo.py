@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,15 +32,16 @@ EXPECTED_RATIO = {
     "densenet121": 0.26,
     "ghostnet_100": 0.29,
     "repvgg_a0": 0.25,
-    "vit_tiny_patch16_224": 0.43,  # qkv is kept whole: attention heads are not pruned yet
-    "swin_tiny_patch4_window7_224": 0.35,  # the same
-    "bert": 0.41,  # the same (q, k, v kept whole)
-    "gpt2": 0.72,  # the same, and the residual stream is tied to the output embedding
-    "llama_gqa": 0.39,  # q, k, v kept whole
-    "t5": 0.83,  # q, k, v kept whole; the residual stream is tied to the shared embedding
+    "vit_tiny_patch16_224": 0.34,
+    "swin_tiny_patch4_window7_224": 0.27,
+    "bert": 0.27,
+    "gpt2": 0.29,
+    "llama_gqa": 0.30,
+    "vit": 0.33,  # transformers' ViTForImageClassification
+    "t5": 0.54,  # the residual stream is an output (encoder_last_hidden_state), tied to the decoder's
     "style_transfer": 0.34,
     "flownet_s": 0.31,
-    "translation": 0.93,  # the position table is added in the root forward, where no gate can go
+    "translation": 0.93,  # nn.MultiheadAttention: packed in_proj_weight, heads folded into the batch dim
 }
 
 
@@ -104,7 +106,7 @@ def test_task_family_models(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "t5"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5"])
 def test_transformers_models(name):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -155,7 +157,9 @@ def test_shape_read_is_caught_by_the_self_check():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unchecked, unchecked_bank = tg.attach_gates(ShapeRead(), x, self_check=False)
-    assert [g.producers for g in unchecked_bank.groups] == [("inp",)]  # what the self-check removed
+    unchecked_groups = [g.producers for g in unchecked_bank.groups]
+    assert ("inp",) in unchecked_groups and ("inp",) not in [g.producers for g in bank.groups]  # what it removed
+    assert ("qkv",) in unchecked_groups  # qkv in heads of C entries: removing whole ones stays exact
     _close_half(bank)
     torch.testing.assert_close(tg.export(model).eval()(x), model.eval()(x))
 
@@ -249,3 +253,185 @@ def test_grouped_convs_prune_group_aligned():
         exported = tg.export(model)
         torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
     assert exported[3].groups == 4 and exported[3].in_channels == 4 and exported[3].out_channels == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention heads, on small models written the ways the model zoos write them
+# --------------------------------------------------------------------------------------------------
+
+
+class HeadsAttention(nn.Module):
+    """Self-attention in the styles of Hugging Face (separate q/k/v, ``view(B, N, -1, D)``), of timm
+    (fused qkv, ``reshape(B, N, 3, self.num_heads, self.head_dim)``, ``reshape(B, N, self.attn_dim)``),
+    with grouped KV heads (``repeat_kv``: expand + reshape), unfused (``q @ k^T``, softmax, a
+    relative position bias table indexed per head) and with a bias of ``zeros(1, num_heads, N, N)``."""
+
+    def __init__(self, dim: int, heads: int, style: str, kv_heads: int | None = None, tokens: int = 5) -> None:
+        super().__init__()
+        self.style, self.num_heads, self.head_dim = style, heads, dim // heads
+        self.kv_heads = kv_heads or heads
+        self.attn_dim = heads * self.head_dim
+        self.layer_idx = heads  # a position that equals the head count: export must leave it alone
+        if style == "fused":
+            self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        else:
+            self.q = nn.Linear(dim, self.attn_dim)
+            self.k = nn.Linear(dim, self.kv_heads * self.head_dim)
+            self.v = nn.Linear(dim, self.kv_heads * self.head_dim)
+        if style == "unfused":
+            self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+            pos = torch.arange(tokens)
+            self.register_buffer("index", (pos[:, None] - pos[None, :] + tokens - 1).flatten(), persistent=False)
+        self.o = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        if self.style == "fused":
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (t(x).view(B, N, -1, self.head_dim).transpose(1, 2) for t in (self.q, self.k, self.v))
+        if k.shape[1] != q.shape[1] and self.style != "gqa":  # repeat_kv, sizes read from the tensors (as HF does)
+            b, h, n, d = k.shape
+            n_rep = q.shape[1] // h
+            k, v = (t[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d) for t in (k, v))
+        if self.style == "unfused":
+            bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
+            y = attn.softmax(-1) @ v
+        elif self.style == "biased":  # a bias filled per head, sized by self.num_heads (T5's cross-attention)
+            bias = torch.zeros((1, self.num_heads, N, N), dtype=q.dtype)
+            causal = torch.ones(N, N, dtype=torch.bool).tril()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(causal, bias, -1e9))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.style == "gqa")
+        if self.style == "fused":
+            return self.o(y.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, pre-norm blocks of attention and MLP, and an LM head (tied to the embedding if asked)."""
+
+    def __init__(self, style: str, kv_heads: int | None = None, tied: bool = False, dim: int = 24, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(20, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "attn": HeadsAttention(dim, heads, style, kv_heads),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim),
+        }) for _ in range(2))  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 20, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b["attn"](b["norm1"](h))
+            h = h + b["fc2"](torch.relu(b["fc1"](b["norm2"](h))))
+        return self.head(self.norm(h))
+
+
+def _exact_and_counted(model: nn.Module, ids: torch.Tensor) -> tuple[tg.GateBank, nn.Module]:
+    """Attach, close half of every group, export: the export is exact and Budget counts its FLOPs."""
+    torch.manual_seed(0)
+    model.eval()
+    full = _macs(model, (ids,), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(model, ids)
+    budget = tg.Budget(model, target=1.0)
+    assert budget.usage().full_flops == pytest.approx(full, rel=1e-6)
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        expected = model(ids)
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(ids), expected, rtol=1e-10, atol=1e-12)
+    assert budget.usage().flops == pytest.approx(_macs(exported.float(), (ids,), {}), rel=1e-6)
+    return bank, exported
+
+
+@pytest.mark.parametrize("style", ["separate", "fused", "unfused", "biased"])
+def test_attention_prunes_whole_heads(style):
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer(style), ids)
+    names = ("qkv",) if style == "fused" else ("q", "k", "v")
+    for i in range(2):
+        heads = next(g for g in bank.groups if f"blocks.{i}.attn.{names[0]}" in g.producers)
+        assert heads.size == 4 and set(heads.producers) >= {f"blocks.{i}.attn.{n}" for n in names}
+        attn = exported.blocks[i]["attn"]
+        assert attn.o.in_features == 2 * attn.head_dim  # two of four heads, each whole
+        if style == "fused":
+            assert attn.num_heads == 2 and attn.attn_dim == 12 and attn.qkv.out_features == 36
+            assert attn.layer_idx == 4
+        if style == "biased":
+            assert attn.num_heads == 2
+    stream = next(g for g in bank.groups if "embed" in g.producers)
+    assert {"blocks.0.attn.o", "blocks.1.fc2"} <= set(stream.producers)
+
+
+@pytest.mark.parametrize("style", ["separate", "gqa"])  # repeat_kv, or scaled_dot_product_attention(enable_gqa)
+def test_grouped_kv_heads_are_tied_to_their_query_heads(style):
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer(style, kv_heads=2), ids)
+    heads = next(g for g in bank.groups if "blocks.0.attn.q" in g.producers)
+    assert heads.size == 2  # one gate per KV head, covering its two query heads
+    attn = exported.blocks[0]["attn"]
+    assert (attn.q.out_features, attn.k.out_features) == (12, 6)
+
+
+def test_tied_embedding_and_lm_head_prune_the_residual_stream():
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    bank, exported = _exact_and_counted(TinyTransformer("separate", tied=True), ids)
+    stream = next(g for g in bank.groups if "embed" in g.producers)
+    assert stream.size == 24
+    assert exported.head.weight is exported.embed.weight and exported.embed.weight.shape == (20, 12)
+
+
+def test_group_norm_prunes_group_aligned_with_open_statistics():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.gn = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12)
+            self.conv, self.gn2 = nn.Conv2d(12, 12, 3, padding=1), nn.GroupNorm(4, 12)
+            self.head = nn.Conv2d(12, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.gn(self.stem(x)))
+            return self.head(h + torch.relu(self.gn2(self.conv(h))))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model, bank = tg.attach_gates(Net().eval(), x)
+    assert [(g.size, set(g.producers)) for g in bank.groups] == [(1, {"stem", "conv"})]  # lcm of 3 and 4 groups
+    assert {name for name, _ in bank.analysis.norms} == {"gn", "gn2"}
+    single = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(3, 12), nn.ReLU(), nn.Conv2d(12, 2, 1))
+    model, bank = tg.attach_gates(single.eval(), x)
+    assert [g.size for g in bank.groups] == [4]  # channel i of each of the 3 groups shares a gate
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[1].num_groups == 3 and exported[1].num_channels == 6 and exported[0].out_channels == 6
+
+
+def test_gate_on_flattened_channels_covers_each_channels_entries():
+    """A gate needed after a flatten (a sigmoid makes closed channels non-zero) covers H * W entries."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Sigmoid(),
+        nn.Linear(8 * 6 * 6, 4),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(model.eval(), x)
+    assert [(p.module, p.repeat) for p in bank.analysis.gate_points if p.module == "5"] == [("5", 36)]
+    _close_half(bank)
+    model.double()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported[6].in_features == 4 * 36

@@ -114,11 +114,12 @@ class GateBank(nn.Module):
 class GateHook:
     """Forward hook: multiply a module's output by the gates of its channels (fused channel_gate)."""
 
-    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False) -> None:
+    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False, repeat: int = 1) -> None:
         self.bank = bank
         self.parts = parts
         self.dim = dim
         self.hard = hard
+        self.repeat = repeat  # entries per gate along dim (a head of head_dim entries)
         # Set by compact execution for one forward: the output is compact; multiply it by
         # compact_gate, or leave it alone when the gate was folded into a module's rows (None).
         self.compact = False
@@ -137,6 +138,8 @@ class GateHook:
         gate = self.bank.vector(self.parts, output)
         if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
             gate = torch.where(gate != 0, gate, gate.detach())
+        if self.repeat != 1:
+            gate = gate.repeat_interleave(self.repeat)
         return channel_gate(output, gate, self.dim)
 
 
@@ -182,6 +185,14 @@ class OpenChannelStats(TorchFunctionMode):
                 values = dict(zip(names, args[2:]))
                 values.update({k: v for k, v in kwargs.items() if k in names})
                 return _open_norm(x, self._mask(x), values, centered="bias" in names)
+        elif func is F.group_norm:
+            x = args[0]
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] in self.parts_by_width:
+                names = ("num_groups", "weight", "bias", "eps")
+                values = dict(zip(names, args[1:]))
+                values.update({k: v for k, v in kwargs.items() if k in names})
+                g = self.bank.vector(self.parts_by_width[x.shape[1]], x)
+                return _open_group_norm(x, g, values)
         elif func in (torch.mean, Tensor.mean) and (len(args) >= 2 or "dim" in kwargs):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -210,6 +221,27 @@ def _open_norm(x: Tensor, g: Tensor, values: dict[str, Any], centered: bool) -> 
         y = y * values["weight"]
     if values.get("bias") is not None:
         y = y + values["bias"]
+    return y
+
+
+def _open_group_norm(x: Tensor, g: Tensor, values: dict[str, Any]) -> Tensor:
+    """GroupNorm over the channels where ``g`` != 0 (the same count in every group: group-aligned)."""
+    groups = values["num_groups"]
+    eps = values.get("eps")
+    eps = 1e-5 if eps is None else eps
+    shape = x.shape
+    xg = x.reshape(shape[0], groups, -1)
+    mask = g.to(x.dtype).reshape(groups, -1, *([1] * (x.dim() - 2))).expand(groups, -1, *shape[2:])
+    mask = mask.reshape(1, groups, -1)
+    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (xg * mask).sum(-1, keepdim=True) / count
+    var = ((xg - mean) * mask).square().sum(-1, keepdim=True) / count
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(shape)
+    affine = [1, -1] + [1] * (x.dim() - 2)
+    if values.get("weight") is not None:
+        y = y * values["weight"].reshape(affine)
+    if values.get("bias") is not None:
+        y = y + values["bias"].reshape(affine)
     return y
 
 
@@ -313,7 +345,7 @@ def _install(
             set_submodule(model, point.module, gated)
             bank.gated_layers.append(gated)
         else:
-            hook = GateHook(bank, parts, point.dim, hard=skip == "hard")
+            hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat)
             module.register_forward_hook(hook)
             bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
@@ -384,6 +416,11 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         after_norm=[(n, s) for n, s in analysis.after_norm if s in root_of],
         conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
         norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
+        size_attrs=[
+            dataclasses.replace(sa, parts=parts2(sa.parts))
+            for sa in analysis.size_attrs
+            if any(r is not None for r, _ in parts2(sa.parts))
+        ],
     )
 
 
@@ -395,7 +432,7 @@ def _export_differs(
     The check runs in the model's own dtype (float64 convolutions are slow on CPU); a misread
     structure changes outputs by far more than rounding does.
     """
-    from tg_kernels.prune.export import export
+    from tg_kernels.prune.export import _export
 
     trial = copy.deepcopy(model).eval()
     bank = _install(trial, analysis, set(), "none", {})
@@ -408,7 +445,7 @@ def _export_differs(
                 gate.weight[torch.randperm(group.size, generator=g)[: group.size // 2]] = -0.5
         try:
             expected = _leaves(trial(*inputs, **kwargs))
-            actual = _leaves(export(trial)(*inputs, **kwargs))
+            actual = _leaves(_export(trial, 1, in_place=True)(*inputs, **kwargs))  # trial is a throwaway copy
         except Exception:  # noqa: BLE001 - an export that cannot run is a mismatch
             return True
     if len(expected) != len(actual):
@@ -565,7 +602,15 @@ def attach_gates(
     if self_check and analysis.groups:
         analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
     bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
-    if compact and bank.gates:
+    heads = analysis.size_attrs or any(p.repeat != 1 for p in analysis.gate_points)
+    if compact and bank.gates and heads:  # the compact plan slices channels one by one, not whole heads
+        warnings.warn(
+            "tg_kernels.attach_gates: compact execution is off for this model: it does not yet run gates that "
+            "cover several entries each (whole attention heads, flattened channels) or module size attributes "
+            "(self.num_heads) that export resizes; the per-layer path is correct, slower",
+            stacklevel=2,
+        )
+    elif compact and bank.gates:
         from tg_kernels.prune.compact import install  # compact imports this module
 
         install(model, bank, inputs, dict(example_kwargs or {}))

@@ -87,15 +87,39 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
                 "closed gates there must be exactly 0 and open ones 1 (limit-form gates, gate_M=None), "
                 "and round_to must be 1"
             )
+        rows = module.weight.shape[0]
+        if point.repeat != 1 and rows == scale.numel() * point.repeat:  # a head's rows share its gate
+            scale = scale.repeat_interleave(point.repeat)
+        elif rows != scale.numel():  # pragma: no cover - the analysis folds only into matching rows
+            raise ValueError(f"cannot fold gate values of '{point.module}' into the rows of '{point.fold}'")
         _scale_rows(module, scale, ("weight", "bias"))
 
 
-def _replace_tensor(model: nn.Module, target: str, new: Tensor) -> None:
+Aliases = dict[int, tuple[Tensor, list[tuple[nn.Module, str]]]]
+
+
+def _aliases(model: nn.Module) -> Aliases:
+    """Every (module, name) holding each parameter, by the parameter's id (the parameter is kept, so
+    that its id stays its own)."""
+    found: Aliases = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                found.setdefault(id(p), (p, []))[1].append((module, name))
+    return found
+
+
+def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases | None = None) -> None:
+    """Replace a parameter or buffer, and every alias of it (a tied LM head holds the embedding's)."""
     owner_name, _, attr = target.rpartition(".")
     owner = model.get_submodule(owner_name)
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        param = nn.Parameter(new, requires_grad=old.requires_grad)
+        owner._parameters[attr] = param
+        held, holders = (aliases or {}).get(id(old), (None, []))
+        for module, name in holders if held is old else ():
+            module._parameters[name] = param
     elif attr in owner._buffers:
         owner._buffers[attr] = new
     else:  # pragma: no cover - the analysis only lists parameters and buffers
@@ -122,6 +146,9 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
     elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
         if getattr(module, "weight", None) is not None and len(module.normalized_shape) == 1:
             module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
@@ -149,9 +176,15 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    return _export(model, round_to, in_place=False)
+
+
+def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
+    """:func:`export`; ``in_place`` turns ``model`` itself into the exported model (attach's
+    self-check exports a throwaway copy, and saves a second copy of the model that way)."""
     model = unwrap(model)
     gate_bank(model)  # a clear error for a model without gates
-    exported = copy.deepcopy(model)
+    exported = model if in_place else copy.deepcopy(model)
     ebank = gate_bank(exported)
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
@@ -167,11 +200,16 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
                 )
             _fold_gate_values(exported, ebank, values, kept)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
+            aliases = _aliases(exported)
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
                 tensor = tensor_of(exported, target)
-                _replace_tensor(exported, target, tensor.detach().index_select(dim, entries.to(tensor.device)))
+                new = tensor.detach().index_select(dim, entries.to(tensor.device))
+                _replace_tensor(exported, target, new, aliases)
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
+            for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
+                counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
+                setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())

@@ -60,9 +60,9 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
         removed[keep] = False
         removed_idx = torch.nonzero(removed).flatten()
         for sl in group.slices:
-            tensor = tensor_of(model, sl.target)
             key = (sl.target, sl.dim)
             if key not in masks:
+                tensor = tensor_of(model, sl.target)
                 masks[key] = torch.ones(tensor.shape[sl.dim], dtype=torch.bool, device=keep.device)
             entries = (sl.offset + removed_idx)[:, None] * sl.repeat + torch.arange(sl.repeat, device=keep.device)
             masks[key][entries.flatten()] = False

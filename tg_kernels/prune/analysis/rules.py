@@ -21,8 +21,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost
-from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, ParamView, Walk, _op_name
+from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, StackedInfo
+from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
 
 Rule = Callable[[Walk, fx.Node], Any]
 RULES: dict[str, Rule] = {}
@@ -75,6 +75,10 @@ for _name in ("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", 
 def zero_preserving(w: Walk, node: fx.Node) -> Any:
     """Elementwise and f(0) = 0: closed channels stay zero (or stay as non-zero as they were)."""
     x = w.tracked(node.args[0]) if node.args else None
+    copies = ("clone", "contiguous", "alias", "detach", "to", "_to_copy")
+    value = w.info.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if isinstance(value, StackedInfo | Filled) and len(node.all_input_nodes) == 1 and _op_name(node) in copies:
+        return value  # a copy of stacked pieces or of a filled tensor
     if x is None:
         pv = w.param_view(node.args[0]) if node.args else None
         views = ("to", "_to_copy", "clone", "contiguous", "alias", "detach")
@@ -322,7 +326,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
     tokens = math.prod(in_shape[:-1])
     if x is not None:
         w.need_zero(x, f"Linear '{module}'")
-        if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
+        if x.dim == len(in_shape) - 1:  # a weight read elsewhere too (tied) is sliced alike there
             w.slice_tensor(weight, 1, x)
         else:
             w.fix(x.parts, f"Linear '{module}' reads channels from a dimension other than the last")
@@ -438,8 +442,7 @@ def embedding(w: Walk, node: fx.Node) -> Any:
         return None
     module = w.module_reading(weight, node)
     channels = out_shape[-1]
-    fixed = "embedding table read more than once (tied weights)" if w.t.reads.get(weight, 0) != 1 else None
-    out = w.producer(node, module, channels, len(out_shape) - 1, fixed, foldable=False)
+    out = w.producer(node, module, channels, len(out_shape) - 1, foldable=False)
     w.slice_tensor(weight, 1, out)
     rows = w.shape(node.args[0])[0]
     w.layers.append(
@@ -474,6 +477,8 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     w.flops_of[node] = 2.0 * math.prod(out_shape) * in_shape[-1]
     if weight is None or len(w_shape) != 2 or (bias_node is not None and bias is None):
         if x is not None or w.tracked(weight_node) is not None:
+            if name in ("matmul", "bmm"):
+                return _batched_matmul(w, node, x_node, weight_node)
             w.barrier(node, f"'{name}' of gated activations at '{node.name}'")
         return None
     module = w.module_reading(weight, node)
@@ -481,7 +486,7 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     tokens = math.prod(in_shape[:-1])
     if x is not None:
         w.need_zero(x, f"'{name}' with '{weight}'")
-        if x.dim == len(in_shape) - 1 and w.t.reads.get(weight, 0) == 1:
+        if x.dim == len(in_shape) - 1:  # a tied weight is sliced alike at every read
             w.slice_tensor(weight, 0, x)
         else:
             w.fix(x.parts, f"'{weight}' is read twice or across another dim")
@@ -596,25 +601,93 @@ def reshape(w: Walk, node: fx.Node) -> Any:
             return x.with_dim(k)
         for j in range(x.dim + 1, len(in_shape) + 1):
             if out_shape[k] == block * math.prod(in_shape[x.dim + 1 : j]):
-                return x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))
+                out = x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))
+                w.size_attr(node, k, out)  # (B, N, self.attn_dim): merged heads
+                return out
+    for k in range(len(out_shape)):  # after every same-size match: a leading size-1 dim is no split
+        if math.prod(out_shape[:k]) != lead or out_shape[k] == 1:
+            continue
+        for m in range(k + 2, len(out_shape) + 1):
+            if math.prod(out_shape[k:m]) == block:
+                return _split_channels(w, node, x, out_shape, k, m)
     w.barrier(node, f"reshape that splits the channel dim at '{node.name}'")
     return None
 
 
+def _split_channels(w: Walk, node: fx.Node, x: ChannelInfo, out_shape, k: int, m: int) -> Any:
+    """The channel dim becomes dims ``k .. m-1`` (``(B, N, H * D) -> (B, N, H, D)``).
+
+    The last of them must lie within one channel: a first walk makes the channels that coarse
+    (each head of ``D`` entries becomes one channel of its producer). The channels then lie along
+    dim ``k``, or along dim ``k + 1`` with dim ``k`` picking equal pieces (``(B, N, 3, H, D)`` of a
+    fused qkv projection: q, k and v).
+    """
+    inner = out_shape[m - 1]
+    r = x.repeat
+    if r % inner:
+        factor = inner // math.gcd(r, inner)
+        if w.request_units(x, factor):
+            return None
+        w.barrier(node, f"reshape that splits channels at '{node.name}'")
+        return None
+    trail = [math.prod(out_shape[j + 1 : m]) for j in range(k, m)]
+    j = next(j for j in range(k, m) if r % trail[j - k] == 0)
+    if j == k:
+        out = ChannelInfo(x.parts, k, x.nonzero, r // trail[0])
+        w.size_attr(node, k, out)
+        return out
+    if j == k + 1 and len(x.parts) >= 1:
+        n = out_shape[k]
+        width = w.width(x)
+        if width % n:
+            w.barrier(node, f"reshape that splits channels unevenly at '{node.name}'")
+            return None
+        per = width // n
+        pieces = _pieces(w, node, x, [(i * per, (i + 1) * per) for i in range(n)])
+        if pieces is None:
+            return None
+        items = tuple(ChannelInfo(p.parts, k + 1, p.nonzero, r // trail[1]) for p in pieces)
+        w.size_attr(node, k + 1, items[0])
+        return StackedInfo(k, items)
+    w.barrier(node, f"reshape that splits the channel dim into several dims at '{node.name}'")
+    return None
+
+
 def _view_param(w: Walk, node: fx.Node) -> ParamView | None:
-    """A view of a parameter that only adds or removes size-1 dims keeps track of the parameter's dims."""
+    """A view of a parameter keeps track of the parameter's dims that it keeps whole (same size, and
+    the same number of entries before them)."""
     pv = w.param_view(node.args[0])
     in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
     if pv is None or in_shape is None or out_shape is None:
         return None
-    big_in = [(d, s) for d, s in enumerate(in_shape) if s != 1]
-    big_out = [(d, s) for d, s in enumerate(out_shape) if s != 1]
-    if [s for _, s in big_in] != [s for _, s in big_out]:
-        return None
     dims: list[int | None] = [None] * len(out_shape)
-    for (di, _), (do, _) in zip(big_in, big_out):
-        dims[do] = pv.dims[di]
+    for di, size in enumerate(in_shape):
+        if size == 1 or pv.dims[di] is None:
+            continue
+        before = math.prod(in_shape[:di])
+        for do, out_size in enumerate(out_shape):
+            if out_size == size and math.prod(out_shape[:do]) == before:
+                dims[do] = pv.dims[di]
+                break
+    if not any(d is not None for d in dims):
+        return None
     return ParamView(pv.name, tuple(dims))
+
+
+@_rule("index")
+def index(w: Walk, node: fx.Node) -> Any:
+    """A table indexed along its first dims (a relative position bias ``table[index]``) keeps its other dims."""
+    pv = w.param_view(node.args[0])
+    indices = node.args[1]
+    if w.tracked(node.args[0]) is not None or w.all_tracked(indices):
+        w.barrier(node, f"indexing at '{node.name}'")
+        return None
+    if pv is None or not isinstance(indices, (list, tuple)) or any(i is None for i in indices):
+        return None
+    shapes = [w.shape(i) for i in indices]
+    if any(sh is None for sh in shapes) or len({tuple(sh) for sh in shapes}) != 1:
+        return None
+    return ParamView(pv.name, (None,) * len(shapes[0]) + tuple(pv.dims[len(indices) :]))
 
 
 @_rule("flatten")
@@ -644,8 +717,10 @@ def flatten(w: Walk, node: fx.Node) -> Any:
 def permute(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     pv = w.param_view(node.args[0])
+    stacked = w.info.get(node.args[0])
+    stacked = stacked if isinstance(stacked, StackedInfo) else None
     in_shape = w.shape(node.args[0])
-    if (x is None and pv is None) or in_shape is None:
+    if (x is None and pv is None and stacked is None) or in_shape is None:
         return None
     ndim = len(in_shape)
     name = _op_name(node)
@@ -660,12 +735,11 @@ def permute(w: Walk, node: fx.Node) -> Any:
         a, b = node.args[1] % ndim, node.args[2] % ndim
         order = list(range(ndim))
         order[a], order[b] = order[b], order[a]
+    if stacked is not None:
+        return StackedInfo(order.index(stacked.dim), tuple(i.with_dim(order.index(i.dim)) for i in stacked.items))
     if x is None:
         return ParamView(pv.name, tuple(pv.dims[d] for d in order))
-    if x.repeat != 1:
-        w.barrier(node, f"{name} of flattened channels at '{node.name}'")
-        return None
-    return x.with_dim(order.index(x.dim))
+    return x.with_dim(order.index(x.dim))  # entries along the channel dim keep their order
 
 
 @_rule("roll", "flip")
@@ -714,6 +788,10 @@ def expand(w: Walk, node: fx.Node) -> Any:
         return None
     lead = len(out_shape) - len(in_shape)
     if x is None:
+        value = w.info.get(node.args[0])
+        if isinstance(value, Filled):
+            grown = [d if in_shape[i] == out_shape[lead + i] else None for i, d in enumerate(value.dims)]
+            return Filled(value.node, value.arg_index, (None,) * lead + tuple(grown))
         pv = w.param_view(node.args[0])
         return ParamView(pv.name, (None,) * lead + pv.dims) if pv is not None else None
     if out_shape[x.dim + lead] != in_shape[x.dim]:
@@ -820,14 +898,17 @@ def split(w: Walk, node: fx.Node) -> Any:
         sizes = list(node.args[1])
     if dim != x.dim:
         return [x for _ in sizes]
-    if x.repeat != 1:
+    if any(s % x.repeat for s in sizes):
         w.barrier(node, f"split of flattened channels at '{node.name}'")
         return None
     at, bounds = 0, []
     for s in sizes:
-        bounds.append((at, at + s))
-        at += s
-    return _pieces(w, node, x, bounds)
+        bounds.append((at, at + s // x.repeat))  # in channels of repeat entries each
+        at += s // x.repeat
+    pieces = _pieces(w, node, x, bounds)
+    if pieces and name != "chunk" and isinstance(node.args[1], int):
+        w.size_attr(node, None, pieces[0])  # split(self.split_size): every piece keeps as many channels
+    return pieces
 
 
 @_rule("slice")
@@ -850,10 +931,10 @@ def slice_(w: Walk, node: fx.Node) -> Any:
         return x
     if (start, end, step) == (0, shape[dim], 1):
         return x
-    if step != 1 or x.repeat != 1:
+    if step != 1 or start % x.repeat or end % x.repeat:
         w.barrier(node, f"strided slicing of the channel dim at '{node.name}'")
         return None
-    pieces = _pieces(w, node, x, [(start, end)])
+    pieces = _pieces(w, node, x, [(start // x.repeat, end // x.repeat)])
     return pieces[0] if pieces else None
 
 
@@ -861,6 +942,17 @@ def slice_(w: Walk, node: fx.Node) -> Any:
 def select(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     shape = w.shape(node.args[0])
+    stacked = w.info.get(node.args[0])
+    if isinstance(stacked, StackedInfo) and shape is not None:
+        dim = arg(node, 1, "dim", 0) % len(shape)
+        if dim != stacked.dim:
+            w.barrier(node, f"'{_op_name(node)}' across stacked channel pieces at '{node.name}'")
+            return None
+        items = [i.with_dim(i.dim - 1 if i.dim > dim else i.dim) for i in stacked.items]
+        if _op_name(node) == "unbind":
+            return items
+        index = node.args[2]
+        return items[index] if isinstance(index, int) and -len(items) <= index < len(items) else None
     if x is None or shape is None:
         return None
     dim = arg(node, 1, "dim", 0) % len(shape)
@@ -883,3 +975,257 @@ def getitem(w: Walk, node: fx.Node) -> Any:
 
 
 __all__ = ["RULES", "Rule", "arg", "register_rule"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention: whole heads
+# --------------------------------------------------------------------------------------------------
+
+
+def _heads_agree(w: Walk, node: fx.Node, a: ChannelInfo, ha: int, b: ChannelInfo, hb: int) -> bool | None:
+    """Tie head ``i`` of ``a`` (``ha`` heads) to the head(s) of ``b`` (``hb`` heads) it is paired
+    with, ``hb`` dividing ``ha`` (grouped KV heads: ``ha / hb`` query heads share one KV head).
+
+    True when tied; None when a coarser channel was requested for the next walk (a channel of
+    ``a`` must cover as many heads as one of ``b``); False when they cannot be tied."""
+    if ha % hb:
+        return False
+    ra, rb = a.repeat, b.repeat * (ha // hb)  # heads of a per channel of a / per channel of b
+    if ra != rb:
+        finer, factor = (a, rb // ra) if ra < rb else (b, ra // rb)
+        if max(ra, rb) % min(ra, rb) == 0 and w.request_units(finer, factor):
+            return None
+        return False
+    sizes_a, sizes_b = w.sizes(a), w.sizes(b)
+    if sizes_a != sizes_b:
+        if sum(sizes_a) == sum(sizes_b):
+            offsets = _offsets(sizes_a) | _offsets(sizes_b)
+            if w.request_cuts(a, sorted(offsets)) | w.request_cuts(b, sorted(offsets)):
+                return None
+        return False
+    for pa, pb in zip(a.parts, b.parts):
+        w.spaces.union(pa, pb)
+    return True
+
+
+@_rule("scaled_dot_product_attention")
+def attention(w: Walk, node: fx.Node) -> Any:
+    """``softmax(q k^T) v`` per head (dim -3): heads of q, k and v are tied (a query head to the KV
+    head it reads, with grouped KV heads), and head i of the output is zero where v's head i is, so
+    closed heads are removed from q, k, v and from whatever reads the output. Head dims (the last
+    dim) are not pruned. The mask may be a tensor over the heads (a bias table), sliced alike."""
+    q, k, v = node.args[:3]
+    mask = arg(node, 3, "attn_mask")
+    infos = [w.tracked(t) for t in (q, k, v)]
+    shapes = [w.shape(t) for t in (q, k, v)]
+    mask_info = w.tracked(mask)
+    out_shape = w.shape(node)
+    if all(i is None for i in infos) and mask_info is None:
+        return None
+    if out_shape is None or any(s is None or len(s) < 3 for s in shapes):
+        w.barrier(node, f"attention at '{node.name}'")
+        return None
+    heads = [s[-3] for s in shapes]
+    if any(i is None or i.dim != len(s) - 3 for i, s in zip(infos, shapes)):
+        w.barrier(node, f"attention over channels other than whole heads at '{node.name}'")
+        return None
+    iq, ik, iv = infos
+    for a, ha, b, hb in ((ik, heads[1], iv, heads[2]), (iq, heads[0], ik, heads[1])):
+        tied = _heads_agree(w, node, a, ha, b, hb)
+        if tied is None:
+            return None
+        if not tied:
+            w.barrier(node, f"attention with heads arranged differently at '{node.name}'")
+            return None
+    if mask is not None and not _mask_heads(w, node, mask, iq, heads[0]):
+        return None
+    nonzero = iv.nonzero if len(iv.nonzero) == len(iq.parts) else (node,) * len(iq.parts)
+    out = ChannelInfo(iq.parts, len(out_shape) - 3, nonzero, iq.repeat)
+    total = 2.0 * math.prod(shapes[0][:-1]) * shapes[1][-2] * (shapes[0][-1] + shapes[2][-1])
+    w.flops_of[node] = total
+    w.costed_nodes.add(node)
+    parts = w.cost_parts(out, heads[0])
+    module = w.scope_module(node) or node.name
+    per_head = total / heads[0]
+    w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per_head, 0.0, 0.0, parts, parts, True, False))
+    return out
+
+
+def _mask_heads(w: Walk, node: fx.Node, mask: Any, iq: ChannelInfo, heads: int) -> bool:
+    """An attention mask or bias: broadcast over the heads, or per head (tracked, or a parameter view)."""
+    shape = w.shape(mask)
+    if shape is None:
+        return True  # a bool or None
+    if len(shape) < 3 or shape[-3] == 1:
+        info = w.tracked(mask)
+        if info is not None:
+            w.barrier(node, f"attention mask over gated channels at '{node.name}'")
+            return False
+        return True
+    info = w.tracked(mask)
+    if info is not None:
+        if info.dim != len(shape) - 3 or _heads_agree(w, node, iq, heads, info, heads) is not True:
+            w.barrier(node, f"attention mask arranged differently from the heads at '{node.name}'")
+            return False
+        return True
+    filled = w.info.get(mask) if isinstance(mask, fx.Node) else None
+    if isinstance(filled, Filled) and filled.dims[len(shape) - 3] is not None:
+        # a bias the forward fills per head (zeros of n_heads): its size follows the kept heads
+        w.size_attr(filled.node, filled.dims[len(shape) - 3], iq, filled.arg_index)
+        return True
+    pv = w.param_view(mask)
+    tensor_dim = pv.dims[len(shape) - 3] if pv is not None else None
+    if tensor_dim is None or iq.repeat != 1:
+        w.barrier(node, f"attention with a per-head mask that is not a parameter at '{node.name}'")
+        return False
+    w.slice_tensor(pv.name, tensor_dim, iq)
+    return True
+
+
+@_rule("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+def softmax(w: Walk, node: fx.Node) -> Any:
+    """Over another dim than the channels: per channel, and zeros become non-zero."""
+    x = w.tracked(node.args[0])
+    shape = w.shape(node.args[0])
+    if x is None or shape is None:
+        return None
+    if arg(node, 1, "dim", -1) % len(shape) == x.dim:
+        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        return None
+    return _nonzero(x, node)
+
+
+@_rule("where")
+def where(w: Walk, node: fx.Node) -> Any:
+    """``where(cond, a, b)``: channels of a and b are coupled like a sum's; the condition must be
+    the same for every channel (broadcast over the channel dim)."""
+    cond, a, b = (node.args + (None, None, None))[:3]
+    out_shape = w.shape(node)
+    ia, ib = w.tracked(a), w.tracked(b)
+    if ia is None and ib is None:
+        if w.tracked(cond) is not None:
+            w.barrier(node, f"'where' with a gated condition at '{node.name}'")
+            return None
+        return _filled_through(w, node, (cond, a, b))
+    if out_shape is None or w.tracked(cond) is not None:
+        w.barrier(node, f"'where' at '{node.name}'")
+        return None
+    if ia is not None and ib is not None:
+        return _binary_tracked(w, node, "add", a, ia, b, ib, out_shape)
+    x_node, x, other = (a, ia, b) if ia is not None else (b, ib, a)
+    dim = x.dim + len(out_shape) - len(w.shape(x_node))
+    for t in (cond, other):
+        shape = w.shape(t)
+        at = dim - (len(out_shape) - len(shape)) if shape is not None else -1
+        if at >= 0 and shape[at] != 1:
+            w.barrier(node, f"'where' that differs across the channels at '{node.name}'")
+            return None
+    zero = isinstance(other, (int, float)) and other == 0
+    return x.with_dim(dim) if zero else ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
+
+
+def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
+    """``a @ b`` of activations (attention's ``q @ k^T`` and ``p @ v``): channels along a batch dim
+    (the heads) are tied between a and b; the output's head i is zero where a's or b's is."""
+    ia, ib = w.tracked(a), w.tracked(b)
+    sa, sb, out_shape = w.shape(a), w.shape(b), w.shape(node)
+    if sa is None or sb is None or out_shape is None or len(sa) < 3 or len(sb) < 3:
+        w.barrier(node, f"'{_op_name(node)}' of gated activations at '{node.name}'")
+        return None
+    n = len(out_shape)
+    dims = []
+    for info, shape in ((ia, sa), (ib, sb)):
+        if info is None:
+            dims.append(None)
+            continue
+        d = info.dim + n - len(shape)
+        if info.dim >= len(shape) - 2:
+            w.barrier(node, f"'{_op_name(node)}' over gated channels at '{node.name}'")
+            return None
+        dims.append(d)
+    if ia is not None and ib is not None:
+        if dims[0] != dims[1] or _heads_agree(w, node, ia, out_shape[dims[0]], ib, out_shape[dims[1]]) is not True:
+            w.barrier(node, f"'{_op_name(node)}' of differently arranged channels at '{node.name}'")
+            return None
+        x, d = ia, dims[0]
+        nonzero = tuple(None if (p is None or q is None) else p for p, q in zip(ia.nonzero, ib.nonzero))
+    else:
+        x, d = (ia, dims[0]) if ia is not None else (ib, dims[1])
+        other = sb if ia is not None else sa
+        at = d - (n - len(other))
+        if at >= 0 and other[at] != 1:
+            w.barrier(node, f"'{_op_name(node)}' with an untracked tensor over the channels at '{node.name}'")
+            return None
+        nonzero = x.nonzero
+    out = ChannelInfo(x.parts, d, nonzero, x.repeat)
+    total = 2.0 * math.prod(out_shape) * sa[-1]
+    w.flops_of[node] = total
+    w.costed_nodes.add(node)
+    parts = w.cost_parts(out, out_shape[d])
+    module = w.scope_module(node) or node.name
+    per = total / out_shape[d]
+    w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per, 0.0, 0.0, parts, parts, True, False))
+    return out
+
+
+@_rule("group_norm")
+def group_norm(w: Walk, node: fx.Node) -> Any:
+    """GroupNorm over gated channels: group-aligned (channel i of every group shares a gate, so every
+    group keeps as many channels and the exported norm keeps its group count), with open-channel
+    statistics at full width (``Analysis.norms``)."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    groups = arg(node, 1, "num_groups")
+    raw = [arg(node, 2, "weight"), arg(node, 3, "bias")]
+    tensors = [w.tensor_name(a) for a in raw]
+    module = next((w.owner(t) for t in tensors if t), None) or w.scope_module(node)
+    if (
+        x.dim != 1
+        or x.repeat != 1
+        or not isinstance(groups, int)
+        or module is None
+        or any(a is not None and t is None for a, t in zip(raw, tensors))
+        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+    ):
+        w.barrier(node, f"group norm at '{node.name}'")
+        return None
+    if groups > 1 and _group_aligned(w, node, x, groups) is None:
+        return None
+    w.need_zero(x, f"norm '{module}'")
+    for t in tensors:
+        w.slice_tensor(t, 0, x)
+    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+    parts = w.cost_parts(x, w.width(x))
+    affine = float(sum(t is not None for t in tensors))
+    w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
+    return _nonzero(x, node)
+
+
+@_rule("zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty")
+def factory(w: Walk, node: fx.Node) -> Any:
+    """A tensor filled with one value: constant along every dim (:class:`Filled`)."""
+    index = 1 if _op_name(node).startswith("new_") else 0
+    shape = w.shape(node)
+    return Filled(node, index, tuple(range(len(shape)))) if shape is not None else None
+
+
+def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
+    """An elementwise op of a :class:`Filled` value and untracked ones: still constant along the
+    dims where every other operand has size 1."""
+    out_shape = w.shape(node)
+    filled = [w.info.get(t) for t in operands if isinstance(t, fx.Node) and isinstance(w.info.get(t), Filled)]
+    if out_shape is None or len(filled) != 1:
+        return None
+    source = next(t for t in operands if isinstance(t, fx.Node) and w.info.get(t) is filled[0])
+    lead = len(out_shape) - len(w.shape(source))
+    dims: list[int | None] = [None] * lead + list(filled[0].dims)
+    for t in operands:
+        shape = w.shape(t)
+        if t is source or shape is None:
+            continue
+        off = len(out_shape) - len(shape)
+        for i, size in enumerate(shape):
+            if size != 1:
+                dims[off + i] = None
+    return Filled(filled[0].node, filled[0].arg_index, tuple(dims))

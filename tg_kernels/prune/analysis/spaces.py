@@ -22,6 +22,7 @@ class Space:
     key: str
     producer: str | None
     fixed: str | None = None
+    unit: int = 1  # entries of the producer's output per channel (a head of ``unit`` entries is one channel)
 
 
 class Spaces:
@@ -39,12 +40,12 @@ class Spaces:
         self.forced_fixed = forced_fixed
         self.new_fixed: dict[str, str] = {}
 
-    def new(self, size: int, key: str, producer: str | None, fixed: str | None = None) -> int:
+    def new(self, size: int, key: str, producer: str | None, fixed: str | None = None, unit: int = 1) -> int:
         """The space named ``key`` (made on first use)."""
         if key in self.by_key:
             return self.by_key[key]
         sid = len(self.spaces)
-        self.spaces.append(Space(size, key, producer, fixed or self.forced_fixed.get(key)))
+        self.spaces.append(Space(size, key, producer, fixed or self.forced_fixed.get(key), unit))
         self.parent.append(sid)
         self.by_key[key] = sid
         return sid

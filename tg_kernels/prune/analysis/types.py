@@ -42,7 +42,8 @@ class GatePoint:
     ``parts`` is a tuple of ``(space, size)``; ``replace`` says the module is a Conv2d or Linear
     producer that becomes a Gated layer (the only part is its own space). ``fold`` names the module
     whose output rows export may scale by the gate values (the point itself, or the BatchNorm before
-    a gated activation; None where there is none).
+    a gated activation; None where there is none). Each gate covers ``repeat`` consecutive entries
+    along ``dim`` (an attention head of ``repeat`` entries shares one gate).
     """
 
     module: str
@@ -50,6 +51,7 @@ class GatePoint:
     parts: tuple[tuple[int, int], ...]
     replace: bool
     fold: str | None = None
+    repeat: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,20 @@ class Analysis:
     norms: list[tuple[str, tuple[tuple[int | None, int], ...]]] = field(default_factory=list)
     coverage: float = 0.0
     uncovered: dict[str, float] = field(default_factory=dict)
+    size_attrs: list[SizeAttr] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SizeAttr:
+    """An int attribute of a module that the forward uses as the size of a gated dim (``self.num_heads``
+    in ``x.reshape(B, N, self.num_heads, self.head_dim)``): export sets it to the kept size,
+    ``sum(kept channels of each part) * repeat`` (``parts`` as in :class:`GatePoint`, space None for
+    channels that are never gated)."""
+
+    module: str
+    attr: str
+    parts: tuple[tuple[int | None, int], ...]
+    repeat: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,4 +150,24 @@ class ChannelInfo:
         return ChannelInfo(self.parts, dim, self.nonzero, self.repeat if repeat is None else repeat)
 
 
-__all__ = ["Analysis", "AnalysisError", "ChannelInfo", "GatePoint", "Group", "LayerCost", "Slice"]
+@dataclass(frozen=True)
+class StackedInfo:
+    """A value whose dim ``dim`` indexes equal pieces of channels (``qkv.reshape(B, N, 3, H, D)``:
+    dim 2 picks q, k or v); ``items[i]`` is the :class:`ChannelInfo` of piece i, its dims counted in
+    the whole value. Only ops that pick a piece (``unbind``, ``select``) or move dims accept it."""
+
+    dim: int
+    items: tuple[ChannelInfo, ...]
+
+
+__all__ = [
+    "Analysis",
+    "AnalysisError",
+    "ChannelInfo",
+    "GatePoint",
+    "Group",
+    "LayerCost",
+    "SizeAttr",
+    "Slice",
+    "StackedInfo",
+]

@@ -20,7 +20,17 @@ from torch import nn
 
 from tg_kernels.prune.analysis.spaces import Spaces
 from tg_kernels.prune.analysis.tracing import Trace
-from tg_kernels.prune.analysis.types import Analysis, AnalysisError, ChannelInfo, GatePoint, Group, LayerCost, Slice
+from tg_kernels.prune.analysis.types import (
+    Analysis,
+    AnalysisError,
+    ChannelInfo,
+    GatePoint,
+    Group,
+    LayerCost,
+    SizeAttr,
+    Slice,
+    StackedInfo,
+)
 
 
 class ParamView:
@@ -29,6 +39,18 @@ class ParamView:
 
     def __init__(self, name: str, dims: tuple[int | None, ...]) -> None:
         self.name = name
+        self.dims = dims
+
+
+class Filled:
+    """A value that a factory (``zeros``, ``full``, ...) filled with one value, maybe combined with
+    values that do not vary along some of its dims: ``dims[i]`` is the position in the factory's
+    size argument of dim i, for the dims along which the value is still constant (None otherwise).
+    Such a dim may lose entries with the heads it meets, if the factory's size follows them."""
+
+    def __init__(self, node: fx.Node, arg_index: int, dims: tuple[int | None, ...]) -> None:
+        self.node = node
+        self.arg_index = arg_index
         self.dims = dims
 
 
@@ -43,11 +65,16 @@ class Walk:
         forced_fixed: dict[str, str],
         cuts: dict[str, set[int]],
         excluded: set[str],
+        units: dict[str, int] | None = None,
     ) -> None:
         self.model = model
         self.t = trace
         self.gate_points = gate_points
         self.cuts = cuts
+        self.units = units if units is not None else {}  # producer key -> entries per channel (heads)
+        self.new_units: dict[str, int] = {}
+        self.size_attrs: list[SizeAttr] = []
+        self.tied: dict[tuple[str, int, int, int], ChannelInfo] = {}  # slices of tensors read more than once
         self.excluded = excluded
         self.spaces = Spaces(forced_fixed)
         self.info: dict[fx.Node, Any] = {}
@@ -146,7 +173,7 @@ class Walk:
             if source is None or self.spaces.is_fixed(part):
                 continue
             name = self._regate_point(source) if isinstance(source, fx.Node) else None
-            if name is not None and info.repeat == 1:
+            if name is not None:
                 self.new_gate_points.add(name)
             else:
                 where = source.name if isinstance(source, fx.Node) else str(source)
@@ -186,13 +213,63 @@ class Walk:
             inner = {c - at for c in cuts if at < c < at + size}
             if inner:
                 for m in self.spaces.members(p):
-                    key = self.spaces.spaces[m].key
+                    key, unit = self.spaces.spaces[m].key, self.spaces.spaces[m].unit
+                    key, _, piece = key.partition("#")  # a piece of a cut output: cut the output there
+                    at_raw = int(piece) if piece.isdigit() else 0
+                    raw = {at_raw + c * unit for c in inner}  # cuts are kept in the producer's output entries
                     have = self.cuts.get(key, set()) | self.new_cuts.get(key, set())
-                    if not inner <= have:
-                        self.new_cuts.setdefault(key, set()).update(inner)
+                    if not raw <= have:
+                        self.new_cuts.setdefault(key, set()).update(raw)
                         new = True
             at += size
         return new
+
+    def request_units(self, info: ChannelInfo, factor: int) -> bool:
+        """Ask the next walk to make every channel of ``info`` ``factor`` times coarser (a head of
+        ``factor`` channels becomes one channel); True if that is new and possible."""
+        if factor <= 1:
+            return False
+        wanted: dict[str, int] = {}
+        for p in info.parts:
+            if self.spaces.size(p) % factor:
+                return False
+            for m in self.spaces.members(p):
+                space = self.spaces.spaces[m]
+                key = space.key.split("#", 1)[0]
+                if space.producer is None or not key.startswith("producer:"):
+                    return False
+                unit = space.unit * factor
+                if any(c % unit for c in self.cuts.get(key, ())):
+                    return False
+                wanted[key] = max(wanted.get(key, 1), unit)
+        new = False
+        for key, unit in wanted.items():
+            if unit > max(self.units.get(key, 1), self.new_units.get(key, 1)):
+                self.new_units[key] = unit
+                new = True
+        return new
+
+    def size_attr(self, node: fx.Node, position: int | None, info: ChannelInfo, arg_index: int = 1) -> None:
+        """The forward passes a literal size for a gated dim: the size at ``position`` of the op's
+        shape argument (``node.args[arg_index]``), or (``position`` None) that int argument itself
+        (``split(self.split_size)``). Export sets the int attributes of the module running it that
+        hold that size (``self.num_heads``) to the kept size; the self-check catches a wrong guess."""
+        shape = node.args[arg_index] if len(node.args) > arg_index else None
+        if position is not None:
+            shape = shape[position] if isinstance(shape, (list, tuple)) and position < len(shape) else None
+        if not isinstance(shape, int) or isinstance(shape, bool) or shape == -1:
+            return
+        stack = node.meta.get("nn_module_stack") or {}
+        for entry in reversed(list(stack.values())):
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            module = self.module_of(path) if path else None
+            if module is None:
+                continue
+            parts = tuple((p, self.spaces.size(p)) for p in info.parts)
+            for attr, value in vars(module).items():
+                if type(value) is int and value == shape and not attr.startswith("_") and not _is_index_name(attr):
+                    self.size_attrs.append(SizeAttr(path, attr, parts, info.repeat))
+            return
 
     def part_offsets(self, info: ChannelInfo) -> list[tuple[int, int]]:
         offsets, at = [], 0
@@ -205,6 +282,15 @@ class Walk:
         """Export removes closed channels of ``info``'s spaces from ``tensor`` along ``dim``."""
         if tensor is None:
             return
+        if self.t.reads.get(tensor, 0) > 1:  # a tied tensor (an embedding that is also the LM head)
+            key = (tensor, dim, offset, repeat * info.repeat)
+            before = self.tied.setdefault(key, info)
+            if before is not info:
+                if self.sizes(before) != self.sizes(info):
+                    self.fix(before.parts + info.parts, f"'{tensor}' is read with differently arranged channels")
+                    return
+                for a, b in zip(before.parts, info.parts):  # every read removes the same channels
+                    self.spaces.union(a, b)
         for p, at in self.part_offsets(info):
             self.slices.append(Slice(tensor, dim, offset + at, repeat * info.repeat, p))
 
@@ -234,25 +320,29 @@ class Walk:
         key = f"producer:{name}"
         fixed = fixed or self.spaces.forced_fixed.get(key)
         cuts = sorted(c for c in self.cuts.get(key, ()) if 0 < c < channels)
+        bounds = [0, *cuts, channels]
+        unit = self.units.get(key, 1)
+        if any((b - a) % unit for a, b in zip(bounds[:-1], bounds[1:])):
+            unit = 1
         if cuts:
-            bounds = [0, *cuts, channels]
-            parts = tuple(self.spaces.new(b - a, f"{key}#{a}", name, fixed) for a, b in zip(bounds[:-1], bounds[1:]))
+            pieces = zip(bounds[:-1], bounds[1:])
+            parts = tuple(self.spaces.new((b - a) // unit, f"{key}#{a}", name, fixed, unit) for a, b in pieces)
         else:
-            parts = (self.spaces.new(channels, key, name, fixed),)
+            parts = (self.spaces.new(channels // unit, key, name, fixed, unit),)
         sized = tuple((p, self.spaces.size(p)) for p in parts)
         module = self.module_of(name)
         point, fold = self._gate_point_for(node, name)
         if point == name and node in self.t.output_of and name in self.t.output_of[node]:
-            replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear")
-            self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None))
+            replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear") and unit == 1
+            self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None, unit))
             self.emitted.add(name)
-            return ChannelInfo(parts, dim, (None,) * len(parts))
+            return ChannelInfo(parts, dim, (None,) * len(parts), unit)
         if point is not None and point != name:
             self.gate_points.add(point)
             self.fold_of[point] = fold
-            if isinstance(module, nn.Conv2d) and len(parts) == 1:
+            if isinstance(module, nn.Conv2d) and len(parts) == 1 and unit == 1:
                 self.after_norm.append((name, parts[0]))
-        return ChannelInfo(parts, dim, (node,) * len(parts))
+        return ChannelInfo(parts, dim, (node,) * len(parts), unit)
 
     def _gate_point_for(self, node: fx.Node, name: str) -> tuple[str | None, str | None]:
         """(module to gate, module to fold gate values into) for a producer's output."""
@@ -298,6 +388,10 @@ class Walk:
             name = _op_name(node)
             rule = RULES.get(name)
             tracked = self.all_tracked((node.args, node.kwargs))
+            if name not in STACK_OPS and any(isinstance(self.info.get(a), StackedInfo) for a in node.all_input_nodes):
+                self.barrier(node, f"'{name}' of stacked channel pieces at '{node.name}'")
+                self.info[node] = None
+                continue
             if rule is None:
                 if tracked:
                     self.barrier(node, f"'{name}' at '{node.name}' (no rule for this op)")
@@ -313,13 +407,10 @@ class Walk:
         for name in self.t.output_of.get(node, ()):
             if name in self.gate_points and name not in self.emitted:
                 self.emitted.add(name)
-                if info.repeat != 1:
-                    self.fix(info.parts, f"gate at '{name}' would sit on flattened channels")
-                    return info
                 self.needed[name] = any(s is not None for s in info.nonzero)
                 parts = tuple((p, self.spaces.size(p)) for p in info.parts)
                 fold = self.fold_of[name] if name in self.fold_of else self._fold_for(name, node)
-                self.points.append(GatePoint(name, info.dim, parts, False, fold))
+                self.points.append(GatePoint(name, info.dim, parts, False, fold, info.repeat))
                 return ChannelInfo(info.parts, info.dim, (None,) * len(info.parts), info.repeat)
         return info
 
@@ -355,6 +446,11 @@ ACTIVATION_OPS = {
 PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
 
 
+def _is_index_name(attr: str) -> bool:
+    """An attribute that names a position (``layer_idx``), never a size: size attributes leave it alone."""
+    return attr.endswith(("idx", "index", "_id")) or attr in ("id", "rank")
+
+
 def _foldable(module: nn.Module | None) -> bool:
     if isinstance(module, nn.modules.conv._ConvNd):
         return not module.transposed
@@ -375,9 +471,15 @@ def _op_name(node: fx.Node) -> str:
     return name
 
 
+# Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
+STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach"}
+
+
 def _flatten_infos(value: Any) -> list[ChannelInfo]:
     if isinstance(value, ChannelInfo):
         return [value]
+    if isinstance(value, StackedInfo):
+        return list(value.items)
     if isinstance(value, (list, tuple)):
         return [i for v in value for i in _flatten_infos(v)]
     return []
@@ -394,22 +496,26 @@ def analyze_export(model: nn.Module, trace: Trace, excluded: set[str] | None = N
     requested: set[str] = set()
     forced_fixed: dict[str, str] = {}
     cuts: dict[str, set[int]] = {}
+    units: dict[str, int] = {}
 
     def walk(points: set[str]) -> Walk:
-        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()))
+        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units)
         w.run()
         return w
 
     def learned(w: Walk, points: set[str]) -> bool:
-        return bool(w.new_gate_points - points or set(w.spaces.new_fixed) - set(forced_fixed) or w.new_cuts)
+        return bool(
+            w.new_gate_points - points or set(w.spaces.new_fixed) - set(forced_fixed) or w.new_cuts or w.new_units
+        )
 
     for _ in range(200):
         w = walk(set(gate_points))
         if not learned(w, gate_points):
             break
-        if w.new_cuts:  # cuts change the spaces: what this walk fixed or gated may not hold after them
+        if w.new_cuts or w.new_units:  # they change the spaces: what this walk fixed or gated may not hold after them
             for key, c in w.new_cuts.items():
                 cuts.setdefault(key, set()).update(c)
+            units.update(w.new_units)
             continue
         requested |= w.new_gate_points - gate_points
         gate_points |= w.new_gate_points
@@ -470,7 +576,7 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         if all(r is None for r, _ in parts) or gp.module in points:
             continue
         replace = gp.replace and len(parts) == 1
-        points[gp.module] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold)
+        points[gp.module] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold, gp.repeat)
 
     def cost(parts):
         return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
@@ -541,6 +647,11 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         norms=[(name, gated(parts)) for name, parts in w.norms if any(s in root_of for s, _ in parts)],
         coverage=covered / total if total else 0.0,
         uncovered=uncovered,
+        size_attrs=[
+            SizeAttr(sa.module, sa.attr, gated(sa.parts), sa.repeat)
+            for sa in dict.fromkeys(w.size_attrs)
+            if any(s in root_of for s, _ in sa.parts)
+        ],
     )
 
 
