@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tg_kernels as tg
 from bench.models import MLPBlock, ResNetCifar
 from tg_kernels.ops import _skip
+from tg_kernels.prune.compact import _tensor_leaves
 from tg_kernels.prune.slicing import kept_channels, kept_entries
 
 torchvision = pytest.importorskip("torchvision")
@@ -232,6 +233,55 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
             fallbacks = bank.compact.stats.fallbacks
             model(x).sum().backward()
             assert bank.compact.stats.fallbacks == fallbacks + 1
+
+
+def _transformer_case(name: str):
+    """(model, args, kwargs) of a small Hugging Face model (tests/prune_zoo.py) or timm's ViT at 32x32."""
+    if name == "timm_vit":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+        return model, (torch.randn(2, 3, 32, 32),), {}
+    pytest.importorskip("transformers")
+    from tests.prune_zoo import hf_models
+
+    build, args, kwargs = hf_models()[name]
+    return build(), args, kwargs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
+def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
+    """Gates over whole heads (repeat), size attributes (num_heads) and tied embedding / LM head weights:
+    compact hard mode gives per-layer hard mode's outputs and gradients (float64; eval mode, so no dropout)."""
+    torch.manual_seed(0)
+    base, args, kwargs = _transformer_case(name)
+    base.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compact, cbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard")
+        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard", compact=False)
+    assert cbank.compact is not None and cbank.compact.disabled_reason is None, cbank.compact.disabled_reason
+    assert len(cbank.gates) == len(pbank.gates) > 0
+    _close_random(cbank)
+    _close_random(pbank)
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    grads = []
+    for model in (compact, per_layer):
+        model.double()
+        out = [t for t in _tensor_leaves(model(*args, **kwargs)) if t.is_floating_point()]
+        sum((t * torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)).square().mean() for t in out).backward()
+        grads.append(({n: p.grad for n, p in model.named_parameters()}, out))
+    forwards = cbank.compact.stats.forwards
+    assert forwards >= 1
+    (gc, outc), (gp, outp) = grads
+    for a, b in zip(outc, outp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # Llama's RMSNorm computes in float32
+    for name_, g in gp.items():
+        if g is None or gc[name_] is None:
+            assert (g is None or not g.any()) and (gc[name_] is None or not gc[name_].any()), name_
+            continue
+        scale = g.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(gc[name_] / scale, g / scale, rtol=0, atol=1e-5, msg=name_)
 
 
 def test_conversions_after_attach_replan_and_still_match_per_layer():

@@ -172,8 +172,10 @@ class OpenChannelStats(TorchFunctionMode):
         self.bank = bank
         self.parts_by_width = parts_by_width
 
-    def _mask(self, like: Tensor) -> Tensor:
-        return self.bank.vector(self.parts_by_width[like.shape[-1]], like)
+    def _mask(self, like: Tensor, width: int | None = None) -> Tensor:
+        """The open mask of a gated width, without gradient: which channels a statistic counts is a
+        discrete choice (the exported model has no gate there), so gates get no gradient through it."""
+        return self.bank.vector(self.parts_by_width[like.shape[-1] if width is None else width], like).detach()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -191,8 +193,7 @@ class OpenChannelStats(TorchFunctionMode):
                 names = ("num_groups", "weight", "bias", "eps")
                 values = dict(zip(names, args[1:]))
                 values.update({k: v for k, v in kwargs.items() if k in names})
-                g = self.bank.vector(self.parts_by_width[x.shape[1]], x)
-                return _open_group_norm(x, g, values)
+                return _open_group_norm(x, self._mask(x, x.shape[1]), values)
         elif func in (torch.mean, Tensor.mean) and (len(args) >= 2 or "dim" in kwargs):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -201,8 +202,7 @@ class OpenChannelStats(TorchFunctionMode):
                 d = dims[0] % x.dim()
                 if x.shape[d] in self.parts_by_width:
                     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-                    g = self.bank.vector(self.parts_by_width[x.shape[d]], x)
-                    count = g.sum().clamp_min(1.0)
+                    count = self._mask(x, x.shape[d]).sum().clamp_min(1.0)
                     return x.sum(d, keepdim=keepdim) / count
         return func(*args, **kwargs)
 
@@ -602,15 +602,7 @@ def attach_gates(
     if self_check and analysis.groups:
         analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
     bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
-    heads = analysis.size_attrs or any(p.repeat != 1 for p in analysis.gate_points)
-    if compact and bank.gates and heads:  # the compact plan slices channels one by one, not whole heads
-        warnings.warn(
-            "tg_kernels.attach_gates: compact execution is off for this model: it does not yet run gates that "
-            "cover several entries each (whole attention heads, flattened channels) or module size attributes "
-            "(self.num_heads) that export resizes; the per-layer path is correct, slower",
-            stacklevel=2,
-        )
-    elif compact and bank.gates:
+    if compact and bank.gates:
         from tg_kernels.prune.compact import install  # compact imports this module
 
         install(model, bank, inputs, dict(example_kwargs or {}))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class _Fold:
     parts: Parts
     module: str | None
     hook: GateHook | None
+    repeat: int = 1  # entries per gate (a head's rows share its gate)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _SwapSpec:
     dims: list[tuple[int, Tensor]]  # (dim, kept entry indices)
     fold: _Fold | None
     slot: dict[str, Any]  # the owner's _parameters or _buffers
+    aliases: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # other modules holding it (tied)
     write_back: tuple[Tensor, Tensor | None] | None = None  # running statistics: (open entries, compact positions)
 
 
@@ -173,9 +175,10 @@ class CompactForward:
         for point in self.bank.analysis.gate_points:
             parts = self.bank.parts(point.parts)
             if point.replace:
-                folds.append(_Fold(parts, point.module, None))
+                folds.append(_Fold(parts, point.module, None, point.repeat))
                 continue
-            folds.append(_Fold(parts, self._fold_target(point.module, point.fold), hook_of.get(point.module)))
+            target = self._fold_target(point.module, point.fold)
+            folds.append(_Fold(parts, target, hook_of.get(point.module), point.repeat))
         return folds
 
     def _fold_target(self, point_module: str, fold: str | None) -> str | None:
@@ -259,6 +262,8 @@ class CompactForward:
                 self._cache = (plan, keys, [compact for _, _, compact in swapped])
         for spec, _, compact in swapped:
             spec.slot[spec.attr] = compact
+            for slot, attr in spec.aliases:
+                slot[attr] = compact
         for module, compact, _ in plan.attributes:
             module.__dict__.update(compact)
         self.running = True
@@ -297,12 +302,25 @@ class CompactForward:
             module.__dict__.update(full)
         for spec, full, compact in swapped:
             spec.slot[spec.attr] = full
+            for slot, attr in spec.aliases:
+                slot[attr] = full
             # Norms update running statistics in place in training mode (without bumping _version).
             if spec.write_back is not None and write_back and spec.owner.training:
                 entries, positions = spec.write_back
                 with torch.no_grad():
                     values = compact if positions is None else compact.index_select(0, positions)
                     full.index_copy_(0, entries, values.to(full.dtype))
+
+    def _find_aliases(self, specs: list[_SwapSpec]) -> None:
+        """Other modules holding the same parameter object (tied weights): they get the compact tensor too."""
+        primary = {(id(spec.slot), spec.attr) for spec in specs}
+        holders: dict[int, list[tuple[dict[str, Any], str]]] = {}
+        for module in self.model.modules():
+            for attr, t in module._parameters.items():
+                if t is not None and (id(module._parameters), attr) not in primary:
+                    holders.setdefault(id(t), []).append((module._parameters, attr))
+        for spec in specs:
+            spec.aliases = holders.get(id(spec.slot[spec.attr]), [])
 
     @staticmethod
     def _tensors_match(plan: _Plan) -> bool:
@@ -354,16 +372,18 @@ class CompactForward:
         like = pieces[0]
         return torch.cat([p.to(like.dtype, like.device) for p in pieces] + [like.new_ones(1)])
 
-    def _plan_rows(self, parts: Parts, value_offsets: dict[str, int], kept: dict[str, Tensor], ones: int) -> Tensor:
-        """A gate point's gate vector as rows of the concatenated values (``ones``: the row holding 1)."""
+    @staticmethod
+    def _plan_rows(fold: _Fold, value_offsets: dict[str, int], kept: dict[str, Tensor], ones: int) -> Tensor:
+        """A gate point's gate vector, entry by entry, as rows of the concatenated values (``ones``: the 1)."""
         rows = []
-        for key, size in parts:
+        for key, size in fold.parts:
             if key is None:
                 rows.append(torch.full((size,), ones, dtype=torch.int64))
             else:
                 start = value_offsets[key]
                 rows.append(torch.arange(start, start + kept[key].numel()))
-        return torch.cat(rows)
+        rows = torch.cat(rows)
+        return rows if fold.repeat == 1 else rows.repeat_interleave(fold.repeat)
 
     # ---- the plan ----
     def open_masks(self) -> Tensor:
@@ -412,6 +432,7 @@ class CompactForward:
                 full = open_entries.get((target, 0), index)
                 write_back[target] = (full, None if full.numel() == index.numel() else torch.searchsorted(index, full))
         attributes = self._compact_attributes(entries, kept)
+        self._add_size_attributes(attributes, kept)
 
         # gate values: every group's kept channels, in bank order, then the 1 of ungated channels
         value_offsets, kept_global, starts = {}, [], 0
@@ -422,7 +443,7 @@ class CompactForward:
         kept_all = torch.cat(kept_global) if kept_global else torch.zeros(0, dtype=torch.int64, device=device)
         ones_row = kept_all.numel()
         fold_rows = {
-            id(fold): self._plan_rows(fold.parts, value_offsets, kept, ones_row).to(device) for fold in self._folds
+            id(fold): self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds
         }
 
         params: dict[tuple[torch.dtype, torch.device], list[tuple[_SwapSpec, Tensor]]] = {}
@@ -443,6 +464,7 @@ class CompactForward:
             if not is_dense(full):
                 raise _Unsupported(f"parameter {target} is a strided view (not dense in memory)")
             params.setdefault((full.dtype, full.device), []).append((spec, full))
+        self._find_aliases([spec for members in params.values() for spec, _ in members])
         bundles = []
         for members in params.values():
             specs = [spec for spec, _ in members]
@@ -469,6 +491,19 @@ class CompactForward:
             attributes,
             seconds,
         )
+
+    def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:
+        """Int attributes the forward reads as gated sizes (``self.num_heads``), at their kept values (export's)."""
+        by_module = {id(module): (compact, full) for module, compact, full in attributes}
+        for sa in self.bank.analysis.size_attrs:
+            module = self.model.get_submodule(sa.module)
+            value = sum(kept[key].numel() if key is not None else size for key, size in self.bank.parts(sa.parts))
+            if id(module) not in by_module:
+                by_module[id(module)] = ({}, {})
+                attributes.append((module, *by_module[id(module)]))
+            compact, full = by_module[id(module)]
+            full.setdefault(sa.attr, getattr(module, sa.attr))
+            compact[sa.attr] = value * sa.repeat
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""
