@@ -248,6 +248,17 @@ def _transformer_case(name: str):
     return build(), args, kwargs
 
 
+def _attached_twice(base: nn.Module, args: tuple, kwargs: dict):
+    """``base`` gated compact and per layer (hard mode), a random half of each group closed in both."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compact, cbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard")
+        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard", compact=False)
+    _close_random(cbank)
+    _close_random(pbank)
+    return compact, cbank, per_layer, pbank
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
 def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
@@ -255,15 +266,9 @@ def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
     compact hard mode gives per-layer hard mode's outputs and gradients (float64; eval mode, so no dropout)."""
     torch.manual_seed(0)
     base, args, kwargs = _transformer_case(name)
-    base.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compact, cbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard")
-        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), args, example_kwargs=kwargs, skip="hard", compact=False)
+    compact, cbank, per_layer, pbank = _attached_twice(base.eval(), args, kwargs)
     assert cbank.compact is not None and cbank.compact.disabled_reason is None, cbank.compact.disabled_reason
     assert len(cbank.gates) == len(pbank.gates) > 0
-    _close_random(cbank)
-    _close_random(pbank)
     args = tuple(a.double() if a.is_floating_point() else a for a in args)
     grads = []
     for model in (compact, per_layer):
@@ -282,6 +287,35 @@ def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
             continue
         scale = g.abs().max().clamp_min(1e-12)
         torch.testing.assert_close(gc[name_] / scale, g / scale, rtol=0, atol=1e-5, msg=name_)
+
+
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_padding_to_a_multiple_of_round_to_keeps_results_exact(name):
+    """CUDA pads kept channel counts with closed channels (round_to=8); forced on CPU here. Groups a norm
+    normalises over (BERT's residual stream under LayerNorm) are never padded: padding would count there."""
+    if name == "resnet":
+        compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
+        args, kwargs = (x,), {}
+    else:
+        torch.manual_seed(0)
+        base, args, kwargs = _transformer_case("bert")
+        args = tuple(a.double() if a.is_floating_point() else a for a in args)
+        compact, cbank, per_layer, pbank = _attached_twice(base.eval().double(), args, kwargs)
+    cbank.compact.round_to = 3
+    results = []
+    for model in (compact, per_layer):
+        model.zero_grad(set_to_none=True)
+        out = [t for t in _tensor_leaves(model(*args, **kwargs)) if t.is_floating_point()]
+        sum((t * torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)).square().mean() for t in out).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    plan = cbank.compact._plan
+    assert not plan.open_kept.all(), "some group is padded with closed channels"
+    (oc, gc), (op, gp) = results
+    for a, b in zip(oc, op, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for n, g in gp.items():
+        if g is not None and gc[n] is not None:
+            torch.testing.assert_close(gc[n], g, rtol=1e-8, atol=1e-12, msg=n)
 
 
 def test_conversions_after_attach_replan_and_still_match_per_layer():
@@ -570,7 +604,7 @@ def test_one_host_synchronisation_per_forward_on_cuda():
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
 
 
-def _bundle_case():
+def _bundle_case(conv_rows_only: bool = False):
     """Four float64 tensors: scaled 1-D and 4-D (one channels_last), an unscaled 2-D one (transposed), a 1-D one."""
     g = torch.Generator().manual_seed(0)
     conv = torch.randn(6, 5, 3, 2, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
@@ -582,7 +616,7 @@ def _bundle_case():
     ]
     dims = [
         [(0, torch.tensor([1, 2, 6]))],
-        [(0, torch.tensor([0, 2, 3, 5])), (1, torch.tensor([1, 4]))],
+        [(0, torch.tensor([0, 2, 3, 5]))] + ([] if conv_rows_only else [(1, torch.tensor([1, 4]))]),
         [(1, torch.tensor([0, 3]))],
         [],
     ]
@@ -597,11 +631,17 @@ def _reference_gather(t, dims, scale=None):
     return out if scale is None else out * scale.view(-1, *([1] * (out.dim() - 1)))
 
 
-def test_gather_bundle_matches_index_select_and_passes_gradcheck():
+@pytest.mark.parametrize("along_one_dim", [False, True], ids=["by-offset", "along-one-dim"])
+def test_gather_bundle_matches_index_select_and_passes_gradcheck(along_one_dim, monkeypatch):
+    from tg_kernels.prune import gather
     from tg_kernels.prune.gather import Bundle, gather_bundle
 
-    tensors, dims, scaled = _bundle_case()
+    if along_one_dim:  # tensors sliced along one dim are gathered along it from this size on
+        monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)
+
+    tensors, dims, scaled = _bundle_case(conv_rows_only=along_one_dim)
     bundle, order = Bundle.build(tensors, dims, scaled)
+    assert [a is not None for a in bundle.along] == [False, along_one_dim, along_one_dim, False]
     assert bundle.matches([tensors[i] for i in order])
     assert not bundle.matches([tensors[i].contiguous() for i in order])  # the strides changed
     rows = [3, 4]  # the scaled tensors' kept rows, in bundle order (the 1-D one first)

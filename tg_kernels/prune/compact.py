@@ -151,6 +151,9 @@ class CompactForward:
         self.disabled_reason: str | None = None
         self.stats = CompactStats()
         self.running = False  # between _enter and _exit: the model's tensors are the compact ones
+        # kept channel counts are rounded up to a multiple of this (padded with closed channels, whose
+        # outputs are zero) so that tensor cores and algorithm caches see few shapes; None: 8 on CUDA, else 1
+        self.round_to: int | None = None
         self._plan: _Plan | None = None
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         self._folds = self._build_folds()
@@ -410,13 +413,15 @@ class CompactForward:
         start = time.perf_counter()
         model, bank = self.model, self.bank
         device = mask.device
-        round_to = 8 if device.type == "cuda" else 1  # few distinct shapes for tensor cores and algorithm caches
+        round_to = self.round_to or (8 if device.type == "cuda" else 1)
+        # padding channels would count in the statistics of a norm over them (LayerNorm over the stream)
+        unpadded = {key for _, parts in bank.analysis.norms for key, _ in bank.parts(parts) if key is not None}
         kept, open_only = {}, {}
         at = 0
         for key, gate in bank.gates.items():
             m = mask[at : at + gate.num_channels]
             at += gate.num_channels
-            kept[key] = kept_channels(m, round_to)
+            kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
         entries: dict[str, list[tuple[int, Tensor]]] = {}
         for (target, dim), index in sorted(kept_entries(model, bank, kept).items()):

@@ -14,6 +14,7 @@ group's kept channels, with the gradient of ``hard`` mode.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,9 @@ def memory_order_entries(t: Tensor, dims: Sequence[tuple[int, Tensor]]) -> tuple
         offsets = offsets.unsqueeze(-1) + index.to(torch.int64) * stride
     shape = tuple(offsets.shape)
     return offsets.reshape(-1), shape
+
+
+_ALONG_ONE_DIM = 1 << 14  # tensors at least this large, sliced along one dim, are gathered along it
 
 
 def _use_count(t: Tensor) -> int:
@@ -97,11 +101,16 @@ class Bundle:
     Parameters whose rows take a gate scale come first: 1-D ones (norm weights and biases, where
     a row is one element) in the first ``elementwise`` elements of the compact buffer, so one
     multiply scales them all; then scaled tensors with more dims, then unscaled ones.
+
+    Small tensors and tensors sliced along several dims are gathered through their storage offsets
+    (one ``index_copy`` backward serves all of them); large tensors sliced along one dim (a Linear's
+    rows or columns) use ``index_select`` / ``index_copy_`` along that dim, which copy whole runs
+    instead of element by element.
     """
 
     dtype: torch.dtype
     device: torch.device
-    entries: list[Tensor]  # per tensor: storage offsets of its kept entries (memory_order_entries)
+    entries: list[Tensor | None]  # per tensor: storage offsets of its kept entries (memory_order_entries)
     shapes: list[tuple[int, ...]]  # per tensor: its compact shape
     full_shapes: list[tuple[int, ...]]
     full_strides: list[tuple[int, ...]]
@@ -110,7 +119,9 @@ class Bundle:
     scaled_rows: list[tuple[int, int] | None]  # per tensor: (first scale row, rows) for tensors of > 1 dim
     elementwise: int  # leading compact elements scaled element by element
     scale_rows: int  # length of the scale vector the gather takes
-    global_index: Tensor  # every kept entry's position in the concatenated full gradient
+    global_index: Tensor  # kept entries' positions in the concatenated full gradient (tensors gathered by offset)
+    along: list[tuple[int, Tensor] | None]  # per tensor: (dim, kept indices) if gathered along one dim, else None
+    scaled_end: int  # compact elements of the scaled tensors (they come first)
     gathered_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
     scaled_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
     grad_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
@@ -128,17 +139,25 @@ class Bundle:
             range(len(tensors)),
             key=lambda i: (0 if scaled[i] and tensors[i].dim() == 1 else 1 if scaled[i] else 2, i),
         )
-        entries, shapes, scaled_rows = [], [], []
+        entries, shapes, scaled_rows, along = [], [], [], []
         offsets, full_offsets = [0], [0]
-        elementwise = rows = 0
+        elementwise = rows = scaled_end = 0
         pieces = []
         for i in order:
             t = tensors[i]
-            flat, shape = memory_order_entries(t, dims[i])
+            if len(dims[i]) == 1 and t.numel() >= _ALONG_ONE_DIM and not (scaled[i] and t.dim() == 1):
+                dim, index = dims[i][0]
+                shape = tuple(index.numel() if d == dim else size for d, size in enumerate(t.shape))
+                flat = None
+                along.append((dim, index))
+            else:
+                flat, shape = memory_order_entries(t, dims[i])
+                pieces.append(flat + full_offsets[-1])
+                along.append(None)
             entries.append(flat)
             shapes.append(shape)
-            pieces.append(flat + full_offsets[-1])
-            n = flat.numel()
+            n = math.prod(shape)
+            scaled_end += n if scaled[i] else 0
             if scaled[i] and t.dim() == 1:
                 elementwise += n
                 scaled_rows.append(None)
@@ -163,6 +182,8 @@ class Bundle:
             elementwise=elementwise,
             scale_rows=elementwise + rows,
             global_index=torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64),
+            along=along,
+            scaled_end=scaled_end,
         )
         return bundle, order
 
@@ -185,45 +206,65 @@ class _GatherBundle(torch.autograd.Function):
     def forward(ctx, bundle: Bundle, scale: Tensor | None, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         gathered = bundle.gathered_buffer.get(bundle.offsets[-1], bundle.dtype, bundle.device)
         for i, full in enumerate(fulls):
-            source = full.as_strided((full.numel(),), (1,))
-            torch.index_select(source, 0, bundle.entries[i], out=gathered[bundle.offsets[i] : bundle.offsets[i + 1]])
+            piece = gathered[bundle.offsets[i] : bundle.offsets[i + 1]]
+            along = bundle.along[i]
+            if along is not None:
+                torch.index_select(full, along[0], along[1], out=piece.view(bundle.shapes[i]))
+            else:
+                torch.index_select(full.as_strided((full.numel(),), (1,)), 0, bundle.entries[i], out=piece)
         out = gathered
-        if scale is not None:
-            out = bundle.scaled_buffer.get(gathered.numel(), bundle.dtype, bundle.device).copy_(gathered)
-            _scale_rows(out, scale, bundle)
+        if scale is not None:  # scaled tensors get their own buffer; the others stay views of `gathered`
+            out = bundle.scaled_buffer.get(bundle.scaled_end, bundle.dtype, bundle.device)
+            _scale_rows(out.copy_(gathered[: bundle.scaled_end]), scale, bundle)
         ctx.bundle = bundle
         ctx.save_for_backward(gathered if scale is not None and ctx.needs_input_grad[1] else None, scale)
         ctx.set_materialize_grads(False)
         return tuple(
-            out[bundle.offsets[i] : bundle.offsets[i + 1]].view(shape) for i, shape in enumerate(bundle.shapes)
+            (out if bundle.offsets[i] < out.numel() else gathered)[bundle.offsets[i] : bundle.offsets[i + 1]].view(
+                shape
+            )
+            for i, shape in enumerate(bundle.shapes)
         )
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         bundle: Bundle = ctx.bundle
         gathered, scale = ctx.saved_tensors
-        grad = torch.cat(
-            [
-                (g if g is not None else torch.zeros(shape, dtype=bundle.dtype, device=bundle.device)).reshape(-1)
-                for g, shape in zip(grads, bundle.shapes)
-            ]
-        )
-        grad_scale = None
-        if gathered is not None:
-            pieces = [grad[: bundle.elementwise] * gathered[: bundle.elementwise]]
-            for i, rows in enumerate(bundle.scaled_rows):
-                if rows is not None:
-                    lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
-                    pieces.append((grad[lo:hi].view(rows[1], -1) * gathered[lo:hi].view(rows[1], -1)).sum(1))
-            grad_scale = torch.cat(pieces)
-        if scale is not None:
-            _scale_rows(grad, scale, bundle)
+
+        def grad_of(i: int) -> Tensor:
+            g = grads[i]
+            return g if g is not None else torch.zeros(bundle.shapes[i], dtype=bundle.dtype, device=bundle.device)
+
+        n1 = bundle.elementwise
+        first = next((i for i, off in enumerate(bundle.offsets) if off >= n1), len(grads))  # 1-D scaled: [0, first)
+        ready: list[Tensor] = []
+        scale_pieces = []
+        if first:
+            g1 = torch.cat([grad_of(i).reshape(-1) for i in range(first)])
+            if gathered is not None:
+                scale_pieces.append(g1 * gathered[:n1])
+            if scale is not None:
+                g1 = g1 * scale[:n1]
+            ready += [g1[bundle.offsets[i] : bundle.offsets[i + 1]] for i in range(first)]
+        for i in range(first, len(grads)):
+            g, rows = grad_of(i), bundle.scaled_rows[i]
+            if rows is not None and scale is not None:
+                lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
+                if gathered is not None:
+                    scale_pieces.append((g.reshape(rows[1], -1) * gathered[lo:hi].view(rows[1], -1)).sum(1))
+                g = g * scale[rows[0] : rows[0] + rows[1]].view(-1, *([1] * (g.dim() - 1)))
+            ready.append(g)
         full = bundle.grad_buffer.get(bundle.full_offsets[-1], bundle.dtype, bundle.device).zero_()
-        full.index_copy_(0, bundle.global_index, grad)
-        grads_full = [
-            full.as_strided(shape, stride, bundle.full_offsets[i]) if ctx.needs_input_grad[2 + i] else None
-            for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides))
-        ]
+        by_offset = [g.reshape(-1) for g, along in zip(ready, bundle.along) if along is None]
+        if by_offset:
+            full.index_copy_(0, bundle.global_index, torch.cat(by_offset))
+        grads_full = []
+        for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides)):
+            view = full.as_strided(shape, stride, bundle.full_offsets[i])
+            if bundle.along[i] is not None:
+                view.index_copy_(bundle.along[i][0], bundle.along[i][1], ready[i])
+            grads_full.append(view if ctx.needs_input_grad[2 + i] else None)
+        grad_scale = torch.cat(scale_pieces) if gathered is not None and scale_pieces else None
         return None, grad_scale, *grads_full
 
 
