@@ -662,6 +662,19 @@ def test_gather_bundle_matches_index_select_and_passes_gradcheck(along_one_dim, 
     assert tensors[1].grad.stride() == tensors[1].stride() and tensors[2].grad.stride() == tensors[2].stride()
     with pytest.raises(ValueError, match="scale vector has 2 entries"):
         gather_bundle(bundle, [tensors[i] for i in order], scale[:2])
+    # unit=True (every scale exactly 1): the same values and the same gradients, without the multiplies
+    results = []
+    for unit in (False, True):
+        ones = torch.ones_like(scale, requires_grad=True)
+        fulls = [tensors[i].detach().clone().requires_grad_() for i in order]
+        out = gather_bundle(bundle, fulls, ones, unit=unit)
+        sum((o * torch.arange(o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in out).backward()
+        results.append((out, ones.grad, [f.grad for f in fulls]))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(results[1][1], results[0][1])
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(b, a)
 
 
 def test_kept_gate_values_are_the_open_masks_with_hard_mode_gradients():

@@ -103,6 +103,7 @@ class _Plan:
     value_offsets: dict[str, int]  # group key -> where its values start
     fold_rows: dict[int, Tensor]  # id(fold) -> its gate vector, as rows of the values
     params: list[tuple[Bundle, list[_SwapSpec], Tensor | None]]  # gathered together, with their scale rows
+    unit_scales: list[bool]  # per bundle: every scale is exactly 1 (no closed channel kept as padding)
     buffers: list[_SwapSpec]  # gathered one by one, without gradients
     swaps: list[_SwapSpec]  # every tensor replaced in the forward (params, then buffers)
     attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]  # module, compact values, full values
@@ -345,10 +346,10 @@ class CompactForward:
     def _swap_in(self, plan: _Plan, values: Tensor) -> list[_Swapped]:
         """Every listed tensor with its compact version (parameters in one gather per bundle)."""
         swapped = []
-        for bundle, specs, scale_rows in plan.params:
+        for (bundle, specs, scale_rows), unit in zip(plan.params, plan.unit_scales):
             fulls = [spec.slot[spec.attr] for spec in specs]
             scale = None if scale_rows is None else values.index_select(0, scale_rows)
-            swapped += zip(specs, fulls, gather_bundle(bundle, fulls, scale))
+            swapped += zip(specs, fulls, gather_bundle(bundle, fulls, scale, unit))
         for spec in plan.buffers:
             full = compact = spec.slot[spec.attr]
             for dim, index in spec.dims:
@@ -447,9 +448,7 @@ class CompactForward:
             starts += gate.num_channels
         kept_all = torch.cat(kept_global) if kept_global else torch.zeros(0, dtype=torch.int64, device=device)
         ones_row = kept_all.numel()
-        fold_rows = {
-            id(fold): self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds
-        }
+        fold_rows = {id(fold): self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds}
 
         params: dict[tuple[torch.dtype, torch.device], list[tuple[_SwapSpec, Tensor]]] = {}
         buffers = []
@@ -480,6 +479,8 @@ class CompactForward:
             scaled = [fold_rows[id(spec.fold)] for spec in specs if spec.fold is not None]
             bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
+        values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
+        unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
@@ -491,6 +492,7 @@ class CompactForward:
             value_offsets,
             fold_rows,
             bundles,
+            unit_scales,
             buffers,
             swaps,
             attributes,

@@ -115,12 +115,15 @@ class Bundle:
     full_shapes: list[tuple[int, ...]]
     full_strides: list[tuple[int, ...]]
     offsets: list[int]  # compact buffer offsets, len n + 1
-    full_offsets: list[int]  # offsets in the concatenated full gradient, len n + 1
+    full_offsets: list[int]  # per tensor: where its gradient starts in the full gradient buffer
     scaled_rows: list[tuple[int, int] | None]  # per tensor: (first scale row, rows) for tensors of > 1 dim
     elementwise: int  # leading compact elements scaled element by element
     scale_rows: int  # length of the scale vector the gather takes
-    global_index: Tensor  # kept entries' positions in the concatenated full gradient (tensors gathered by offset)
+    global_index: Tensor  # kept entries' positions in the full gradient buffer (tensors gathered by offset)
     along: list[tuple[int, Tensor] | None]  # per tensor: (dim, kept indices) if gathered along one dim, else None
+    dropped: list[Tensor | None]  # per tensor gathered along one dim: the indices it drops there
+    full_numel: int  # the full gradient buffer: tensors gathered by offset first (zeroed at once), then the others
+    by_offset_numel: int
     scaled_end: int  # compact elements of the scaled tensors (they come first)
     gathered_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
     scaled_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
@@ -139,10 +142,9 @@ class Bundle:
             range(len(tensors)),
             key=lambda i: (0 if scaled[i] and tensors[i].dim() == 1 else 1 if scaled[i] else 2, i),
         )
-        entries, shapes, scaled_rows, along = [], [], [], []
-        offsets, full_offsets = [0], [0]
+        entries, shapes, scaled_rows, along, dropped = [], [], [], [], []
+        offsets = [0]
         elementwise = rows = scaled_end = 0
-        pieces = []
         for i in order:
             t = tensors[i]
             if len(dims[i]) == 1 and t.numel() >= _ALONG_ONE_DIM and not (scaled[i] and t.dim() == 1):
@@ -150,10 +152,13 @@ class Bundle:
                 shape = tuple(index.numel() if d == dim else size for d, size in enumerate(t.shape))
                 flat = None
                 along.append((dim, index))
+                keep = torch.ones(t.shape[dim], dtype=torch.bool, device=index.device)
+                keep[index] = False
+                dropped.append(torch.nonzero(keep).flatten())
             else:
                 flat, shape = memory_order_entries(t, dims[i])
-                pieces.append(flat + full_offsets[-1])
                 along.append(None)
+                dropped.append(None)
             entries.append(flat)
             shapes.append(shape)
             n = math.prod(shape)
@@ -167,7 +172,13 @@ class Bundle:
             else:
                 scaled_rows.append(None)
             offsets.append(offsets[-1] + n)
-            full_offsets.append(full_offsets[-1] + t.numel())
+        full_offsets, at = [0] * len(order), 0
+        for pass_along in (False, True):  # tensors gathered by offset first: their region is zeroed at once
+            for k, i in enumerate(order):
+                if (along[k] is not None) == pass_along:
+                    full_offsets[k], at = at, at + tensors[i].numel()
+        by_offset_numel = sum(tensors[i].numel() for k, i in enumerate(order) if along[k] is None)
+        pieces = [flat + full_offsets[k] for k, flat in enumerate(entries) if flat is not None]
         first = tensors[order[0]] if order else None
         bundle = Bundle(
             dtype=first.dtype if first is not None else torch.float32,
@@ -183,6 +194,9 @@ class Bundle:
             scale_rows=elementwise + rows,
             global_index=torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64),
             along=along,
+            dropped=dropped,
+            full_numel=at,
+            by_offset_numel=by_offset_numel,
             scaled_end=scaled_end,
         )
         return bundle, order
@@ -203,7 +217,7 @@ class _GatherBundle(torch.autograd.Function):
     """Every tensor of a bundle at its kept entries, rows scaled by ``scale``: one node forward and back."""
 
     @staticmethod
-    def forward(ctx, bundle: Bundle, scale: Tensor | None, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, bundle: Bundle, scale: Tensor | None, unit: bool, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         gathered = bundle.gathered_buffer.get(bundle.offsets[-1], bundle.dtype, bundle.device)
         for i, full in enumerate(fulls):
             piece = gathered[bundle.offsets[i] : bundle.offsets[i + 1]]
@@ -213,10 +227,10 @@ class _GatherBundle(torch.autograd.Function):
             else:
                 torch.index_select(full.as_strided((full.numel(),), (1,)), 0, bundle.entries[i], out=piece)
         out = gathered
-        if scale is not None:  # scaled tensors get their own buffer; the others stay views of `gathered`
+        if scale is not None and not unit:  # scaled tensors get their own buffer; the others stay views of `gathered`
             out = bundle.scaled_buffer.get(bundle.scaled_end, bundle.dtype, bundle.device)
             _scale_rows(out.copy_(gathered[: bundle.scaled_end]), scale, bundle)
-        ctx.bundle = bundle
+        ctx.bundle, ctx.unit = bundle, unit
         ctx.save_for_backward(gathered if scale is not None and ctx.needs_input_grad[1] else None, scale)
         ctx.set_materialize_grads(False)
         return tuple(
@@ -243,7 +257,7 @@ class _GatherBundle(torch.autograd.Function):
             g1 = torch.cat([grad_of(i).reshape(-1) for i in range(first)])
             if gathered is not None:
                 scale_pieces.append(g1 * gathered[:n1])
-            if scale is not None:
+            if scale is not None and not ctx.unit:
                 g1 = g1 * scale[:n1]
             ready += [g1[bundle.offsets[i] : bundle.offsets[i + 1]] for i in range(first)]
         for i in range(first, len(grads)):
@@ -252,20 +266,23 @@ class _GatherBundle(torch.autograd.Function):
                 lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
                 if gathered is not None:
                     scale_pieces.append((g.reshape(rows[1], -1) * gathered[lo:hi].view(rows[1], -1)).sum(1))
-                g = g * scale[rows[0] : rows[0] + rows[1]].view(-1, *([1] * (g.dim() - 1)))
+                if not ctx.unit:
+                    g = g * scale[rows[0] : rows[0] + rows[1]].view(-1, *([1] * (g.dim() - 1)))
             ready.append(g)
-        full = bundle.grad_buffer.get(bundle.full_offsets[-1], bundle.dtype, bundle.device).zero_()
+        full = bundle.grad_buffer.get(bundle.full_numel, bundle.dtype, bundle.device)
+        full[: bundle.by_offset_numel].zero_()
         by_offset = [g.reshape(-1) for g, along in zip(ready, bundle.along) if along is None]
         if by_offset:
             full.index_copy_(0, bundle.global_index, torch.cat(by_offset))
         grads_full = []
         for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides)):
             view = full.as_strided(shape, stride, bundle.full_offsets[i])
-            if bundle.along[i] is not None:
-                view.index_copy_(bundle.along[i][0], bundle.along[i][1], ready[i])
-            grads_full.append(view if ctx.needs_input_grad[2 + i] else None)
+            if bundle.along[i] is not None:  # every entry written once: zeros where dropped, the gradient where kept
+                dim, index = bundle.along[i]
+                view.index_fill_(dim, bundle.dropped[i], 0).index_copy_(dim, index, ready[i])
+            grads_full.append(view if ctx.needs_input_grad[3 + i] else None)
         grad_scale = torch.cat(scale_pieces) if gathered is not None and scale_pieces else None
-        return None, grad_scale, *grads_full
+        return None, grad_scale, None, *grads_full
 
 
 def _scale_rows(flat: Tensor, scale: Tensor, bundle: Bundle) -> None:
@@ -278,11 +295,15 @@ def _scale_rows(flat: Tensor, scale: Tensor, bundle: Bundle) -> None:
             flat[lo:hi].view(rows[1], -1).mul_(scale[rows[0] : rows[0] + rows[1], None])
 
 
-def gather_bundle(bundle: Bundle, fulls: Sequence[Tensor], scale: Tensor | None = None) -> tuple[Tensor, ...]:
+def gather_bundle(
+    bundle: Bundle, fulls: Sequence[Tensor], scale: Tensor | None = None, unit: bool = False
+) -> tuple[Tensor, ...]:
     """The compact tensors of ``fulls`` (in bundle order), rows scaled by ``scale`` (``bundle.scale_rows`` long).
 
     Differentiable in ``fulls`` and ``scale``: the gradients of the full-size tensors are zeros
-    outside the kept entries and have their tensors' strides.
+    outside the kept entries and have their tensors' strides. ``unit=True`` promises that every
+    scale is exactly 1 (open gates in the limit form): the values are left unscaled, and ``scale``
+    still gets its gradient.
     """
     if scale is not None:
         if scale.numel() != bundle.scale_rows:
@@ -291,8 +312,8 @@ def gather_bundle(bundle: Bundle, fulls: Sequence[Tensor], scale: Tensor | None 
             )
         scale = scale.to(bundle.dtype)
     if torch.is_grad_enabled() and (any(t.requires_grad for t in fulls) or (scale is not None and scale.requires_grad)):
-        return _GatherBundle.apply(bundle, scale, *fulls)
-    return _GatherBundle.forward(_NoContext(), bundle, scale, *fulls)
+        return _GatherBundle.apply(bundle, scale, unit, *fulls)
+    return _GatherBundle.forward(_NoContext(), bundle, scale, unit, *fulls)
 
 
 class _NoContext:
