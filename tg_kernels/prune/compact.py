@@ -83,7 +83,6 @@ class _SwapSpec:
     target: str
     owner: nn.Module
     attr: str
-    is_param: bool
     dims: list[tuple[int, Tensor]]  # (dim, kept entry indices)
     fold: _Fold | None
     slot: dict[str, Any]  # the owner's _parameters or _buffers
@@ -456,11 +455,11 @@ class CompactForward:
             owner_name, _, attr = target.rpartition(".")
             owner = model.get_submodule(owner_name)
             is_param = attr in owner._parameters
-            full = (owner._parameters if is_param else owner._buffers).get(attr)
+            slot = owner._parameters if is_param else owner._buffers
+            full = slot.get(attr)
             if full is None:
                 continue
-            slot = owner._parameters if is_param else owner._buffers
-            spec = _SwapSpec(target, owner, attr, is_param, entries.get(target, []), self._scaled.get(target), slot)
+            spec = _SwapSpec(target, owner, attr, entries.get(target, []), self._scaled.get(target), slot)
             if not is_param:
                 spec.write_back = write_back.get(target)
                 buffers.append(spec)

@@ -6,7 +6,7 @@ as per-row scales. Done one tensor at a time, that is a few hundred small autogr
 about ten small ops per tensor per step, which on a CPU costs more than the layers they serve at
 small widths. :class:`Bundle` lays out, once per open set, every parameter of one dtype and device
 side by side, so that :func:`gather_bundle` gathers all of them in one node (one index_select per
-tensor, into one buffer) and its backward writes every full-size gradient with one ``index_copy``.
+tensor, into one buffer) and its backward writes every full-size gradient into one buffer.
 
 :func:`kept_gate_values` does the same for the gates: one node evaluates the gate values of every
 group's kept channels, with the gradient of ``hard`` mode.
@@ -174,10 +174,11 @@ class Bundle:
             offsets.append(offsets[-1] + n)
         full_offsets, at = [0] * len(order), 0
         for pass_along in (False, True):  # tensors gathered by offset first: their region is zeroed at once
+            if pass_along:
+                by_offset_numel = at
             for k, i in enumerate(order):
                 if (along[k] is not None) == pass_along:
                     full_offsets[k], at = at, at + tensors[i].numel()
-        by_offset_numel = sum(tensors[i].numel() for k, i in enumerate(order) if along[k] is None)
         pieces = [flat + full_offsets[k] for k, flat in enumerate(entries) if flat is not None]
         first = tensors[order[0]] if order else None
         bundle = Bundle(
