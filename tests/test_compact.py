@@ -228,11 +228,16 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
             actual = model(x)
             assert bank.compact.stats.forwards == forwards + 1
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
-        if skip != "hard":  # training with gradients keeps the per-layer path (closed gates get gradients)
+        if skip == "none":  # training with gradients in "none" keeps the per-layer path
             model.train()
             fallbacks = bank.compact.stats.fallbacks
             model(x).sum().backward()
             assert bank.compact.stats.fallbacks == fallbacks + 1
+        if skip == "exact":  # "exact" runs compact with the closed-channel side pass
+            model.train()
+            side = bank.compact.stats.side_passes
+            model(x).sum().backward()
+            assert bank.compact.stats.side_passes == side + 1
 
 
 def _transformer_case(name: str):
@@ -392,14 +397,17 @@ def test_reused_buffers_never_overwrite_gradients_someone_still_holds():
 
 def test_set_skip_switches_a_model_into_and_out_of_compact_training():
     compact, cbank, _, _, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
-    cbank.set_skip("exact")
+    cbank.set_skip("none")
     _step(compact, x)
     assert cbank.compact.stats.forwards == 0
+    cbank.set_skip("exact")
+    _step(compact, x)
+    assert (cbank.compact.stats.forwards, cbank.compact.stats.side_passes) == (1, 1)
     closed_grads = torch.cat([g.weight.grad[~g.open_mask()] for g in cbank.gates.values()])
     assert closed_grads.abs().sum() > 0, "exact mode gives closed gates their task gradient"
     cbank.set_skip("hard")
     _step(compact, x)
-    assert cbank.compact.stats.forwards == 1
+    assert (cbank.compact.stats.forwards, cbank.compact.stats.side_passes) == (2, 1)
 
 
 class _CountOps(TorchDispatchMode):

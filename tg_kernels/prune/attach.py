@@ -421,6 +421,7 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
             for sa in analysis.size_attrs
             if any(r is not None for r, _ in parts2(sa.parts))
         ],
+        side_passes=[sp for sp in analysis.side_passes if sp.space in root_of.values()],
     )
 
 

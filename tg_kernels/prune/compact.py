@@ -19,8 +19,11 @@ forward it
    of open channels back into the full buffers (closed channels' statistics stay unchanged).
 
 The gradients are exactly ``hard`` mode's: compact execution serves ``skip="hard"`` training and
-every forward without gradients (eval / ``torch.no_grad``). Training in ``"exact"`` or ``"none"`` keeps
-the per-layer path, where closed gates get their task gradient.
+every forward without gradients (eval / ``torch.no_grad``). ``"exact"`` training runs compact too,
+plus the closed-channel side pass of :mod:`tg_kernels.prune.side_pass`, which gives closed gates
+their task gradient: every gradient is then ``none`` mode's. Where the analysis has no side-pass
+recipe for a gate point (``exact_reason`` says which and why), ``"exact"`` keeps the per-layer path;
+``"none"`` always does.
 
 Where compact execution cannot be exact (a model whose code keeps a gated size), the self-check at
 attach time (or a failure at run time) says so once, with a warning, and the model runs the
@@ -44,6 +47,7 @@ from tg_kernels.gate import open_masks, resolve_shape
 from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
 from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
+from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, exact_unsupported
 from tg_kernels.prune.slicing import kept_channels, kept_entries
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
@@ -107,6 +111,7 @@ class _Plan:
     swaps: list[_SwapSpec]  # every tensor replaced in the forward (params, then buffers)
     attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]  # module, compact values, full values
     build_seconds: float
+    side: SidePlan | None = None  # the closed-channel side passes of "exact" training (None: not available)
 
 
 _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
@@ -134,6 +139,7 @@ class CompactStats:
     plans: int = 0  # times the open set changed and index tensors were rebuilt
     last_plan_seconds: float = 0.0  # how long the last rebuild took
     fallbacks: int = 0  # forwards that ran the per-layer path because compact execution was not active
+    side_passes: int = 0  # "exact" forwards that ran compact with the closed-channel side pass
 
 
 class CompactForward:
@@ -163,6 +169,13 @@ class CompactForward:
         self._depthwise = {name for name, m in model.named_modules() if _is_depthwise(m)}
         if any(gate.M is not None for gate in bank.gates.values()):
             self.disabled_reason = "paper-form gates (gate_M set) are not exactly 0 for closed channels"
+        # why "exact" training keeps the per-layer path (None: it runs compact with side passes)
+        self.exact_reason: str | None = (
+            exact_unsupported(bank.analysis.side_passes)
+            if bank.analysis.tracer == "export"
+            else "the torch.fx analysis gives no side-pass recipes"
+        )
+        self._side: SideRun | None = None
         self.__wrapped__ = inner  # so that inspect.signature(model.forward) shows the model's own signature
 
     # ---- static structure ----
@@ -214,10 +227,15 @@ class CompactForward:
 
     # ---- when it applies ----
     def active(self) -> bool:
-        """Compact execution runs for ``skip="hard"`` and for every forward without gradients."""
-        return (
-            self.enabled and self.disabled_reason is None and (self.bank.skip == "hard" or not torch.is_grad_enabled())
-        )
+        """Compact execution runs for ``skip="hard"``, for ``"exact"`` where side passes exist, and for
+        every forward without gradients."""
+        if not self.enabled or self.disabled_reason is not None:
+            return False
+        skip = self.bank.skip
+        return skip == "hard" or not torch.is_grad_enabled() or (skip == "exact" and self.exact_reason is None)
+
+    def _side_active(self) -> bool:
+        return self.bank.skip == "exact" and torch.is_grad_enabled() and self.exact_reason is None
 
     def disable(self, reason: str) -> None:
         """Run the per-layer path from now on, saying why once."""
@@ -284,12 +302,20 @@ class CompactForward:
                     None if fold.module is not None else values.index_select(0, plan.fold_rows[id(fold)])
                 )
                 fold.hook.compact = True
+        if plan.side is not None and plan.side.passes and self._side_active():
+            fulls = {spec.target: full for spec, full, _ in swapped}
+            self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
+            self._side.install()
+            self.stats.side_passes += 1
         return swapped
 
     @torch.compiler.disable
     def _exit(self, swapped: list[_Swapped], write_back: bool) -> None:
         plan = self._plan
         assert plan is not None
+        if self._side is not None:  # before the silenced hooks are restored: its hooks are among them
+            self._side.remove()
+            self._side = None
         for fold in self._folds:
             if fold.hook is not None:
                 fold.hook.compact = False
@@ -416,10 +442,10 @@ class CompactForward:
         round_to = self.round_to or (8 if device.type == "cuda" else 1)
         # padding channels would count in the statistics of a norm over them (LayerNorm over the stream)
         unpadded = {key for _, parts in bank.analysis.norms for key, _ in bank.parts(parts) if key is not None}
-        kept, open_only = {}, {}
+        kept, open_only, mask_of = {}, {}, {}
         at = 0
         for key, gate in bank.gates.items():
-            m = mask[at : at + gate.num_channels]
+            m = mask_of[key] = mask[at : at + gate.num_channels]
             at += gate.num_channels
             kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
@@ -480,6 +506,11 @@ class CompactForward:
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
         unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
+        side = None
+        if self.exact_reason is None:
+            key_of = bank.key_of_space
+            closed = {key: torch.nonzero(~mask_of[key]).flatten() for key in bank.gates}
+            side = build_plan(model, bank.analysis.side_passes, key_of, closed, entries)
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
@@ -496,6 +527,7 @@ class CompactForward:
             swaps,
             attributes,
             seconds,
+            side,
         )
 
     def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:

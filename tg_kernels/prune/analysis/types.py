@@ -113,6 +113,62 @@ class Analysis:
     coverage: float = 0.0
     uncovered: dict[str, float] = field(default_factory=dict)
     size_attrs: list[SizeAttr] = field(default_factory=list)
+    side_passes: list[SidePass] = field(default_factory=list)  # one per gated part of every gate point
+
+
+@dataclass(frozen=True)
+class SideStep:
+    """One op of a side pass, replayed on a gate point's closed channels only.
+
+    ``kind``: ``"op"`` calls ``op(x, *args, **dict(kwargs))``; ``"item"`` takes ``x[args[0]]``;
+    ``"norm"`` is the batch norm ``module`` and ``"conv"`` the depthwise Conv2d ``module``, at the
+    channels that start at ``offset`` among the module's channels.
+    """
+
+    kind: str
+    op: Any = None
+    args: tuple = ()
+    kwargs: tuple = ()
+    module: str | None = None
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SidePath:
+    """A live path from a gate point to a consumer (``kind`` ``"linear"`` or ``"conv"``: a Linear or a
+    Conv2d with groups 1) whose input channels start at ``offset``; ``steps`` are the ops between,
+    replayed to pull the consumer's input gradient back; ``elementwise``: every step is elementwise
+    (the path's derivative at the zero channels is one number)."""
+
+    consumer: str
+    kind: str
+    offset: int
+    steps: tuple[SideStep, ...]
+    elementwise: bool
+
+
+@dataclass(frozen=True)
+class SidePass:
+    """How ``exact`` mode gets the closed gates' gradients of one gated part of a gate point beside a
+    compact run (:mod:`tg_kernels.prune.analysis.gradients`).
+
+    ``dead``: the gradient is exactly zero (no side pass needed). Otherwise ``u`` (the value the
+    gate multiplies) comes from ``producer``'s rows that start at ``row_offset`` applied to its input,
+    or (``producer`` None) from zeros shaped like ``source_module``'s input, then ``source_steps``;
+    ``paths`` give the gradient at the gate's output. ``reason`` (not None) says why no recipe exists.
+    """
+
+    point: str
+    part: int
+    space: int
+    dim: int
+    dead: bool = False
+    producer: str | None = None
+    row_offset: int = 0
+    source_module: str | None = None
+    source_steps: tuple[SideStep, ...] = ()
+    paths: tuple[SidePath, ...] = ()
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +223,9 @@ __all__ = [
     "GatePoint",
     "Group",
     "LayerCost",
+    "SidePass",
+    "SidePath",
+    "SideStep",
     "SizeAttr",
     "Slice",
     "StackedInfo",

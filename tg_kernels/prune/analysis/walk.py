@@ -628,9 +628,12 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     if other_flops:
         uncovered["attention and other ops whose cost does not depend on gates"] = other_flops
     total = covered + sum(uncovered.values())
+    from tg_kernels.prune.analysis.gradients import side_passes
+
+    gate_points = list(points.values())
     return Analysis(
         groups=list(groups.values()),
-        gate_points=list(points.values()),
+        gate_points=gate_points,
         layers=layers,
         fixed=fixed,
         barriers=list(dict.fromkeys(w.barriers)),
@@ -652,6 +655,7 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
             for sa in dict.fromkeys(w.size_attrs)
             if any(s in root_of for s, _ in sa.parts)
         ],
+        side_passes=side_passes(model, w, root_of, gate_points),
     )
 
 

@@ -1,0 +1,401 @@
+"""Side-pass recipes: how ``exact`` mode's closed-gate gradients are computed beside a compact run.
+
+In ``none`` mode a closed channel ``c`` is exactly zero after its gate, so its weight rows, norm
+parameters and consumer columns get zero gradient and it adds nothing to any other gradient. The
+only gradient compact execution misses is the closed gate's own,
+
+    dL/dgate_c = sum(u_c * dout_c)     (over every gate point of the group)
+
+with ``u`` the value the gate multiplies and ``dout`` the gradient at the gate's output. Both depend
+on closed channels only, and both can be rebuilt from what a compact run has:
+
+- ``u_c`` from the *source*: the producer's closed rows applied to its (compact) input, or zeros where
+  the channel is already zero (after an earlier gate of the group), then the ops between the source
+  and the gate point (batch norm, depthwise conv, activations), replayed on the closed channels;
+- ``dout_c`` from every *path* to a consumer (a Conv2d or Linear reading the channels): the
+  consumer's input gradient restricted to the closed columns, pulled back through the ops on the
+  path (activations at 0, pooling, padding, upsampling, adds, concatenation, permutes).
+
+A path is *dead* when its gradient is exactly zero whatever the data: it meets an activation whose
+derivative at 0 is 0 (ReLU) while the channel is still exactly zero, or another gate of the same
+group (which multiplies the gradient by 0). A gate point whose paths are all dead needs no side
+pass. Where a recipe cannot be built (an op this module does not know on a live path), the recipe
+says why (``reason``) and compact execution keeps the per-layer path for ``exact`` training.
+
+This module reads the last walk of the analysis (its per-node channel information); it adds
+:class:`SidePass` entries to the :class:`~tg_kernels.prune.analysis.types.Analysis`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep
+from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Walk, _op_name
+
+_COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy"}
+_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
+# Elementwise ops of one tensor replayed as they are (their derivative at 0 is read off numerically).
+_ELEMENTWISE = (ACTIVATION_OPS - _DROPOUTS - {"detach", "prelu"}) | {"neg", "abs", "square", "sin", "erf"}
+# Per-channel ops over the other dims; replayed on zeros they pull gradients back as at full width.
+_SPATIAL = {
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+    "_upsample_nearest_exact2d",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+    "max_pool2d_with_indices",
+    "constant_pad_nd",
+    "pad",
+}
+_LAYOUT = {"permute", "transpose", "unsqueeze", "squeeze", "t"}
+_HARMLESS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "size"}
+
+
+class _NoRecipe(Exception):
+    """A side pass cannot be built for this gate point (the message says why)."""
+
+
+def _at_zero(op: Any, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """(f(0), f'(0)) of an elementwise op, in float64."""
+    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    y = op(z, *args, **kwargs)
+    (d,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
+    return float(y.detach()[0]), 0.0 if d is None else float(d[0])
+
+
+def _functional(op: Any) -> Any:
+    """The out-of-place form of an in-place ATen op (``relu_`` -> ``relu``); other ops as they are."""
+    name = getattr(op, "_opname", "")
+    if name.endswith("_") and not name.startswith("_"):
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        if packet is not None and hasattr(packet, op._overloadname):
+            return getattr(packet, op._overloadname)
+    return op
+
+
+def _constant(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_constant(v) for v in value)
+    return not isinstance(value, fx.Node) and (value is None or isinstance(value, (int, float, bool, str, torch.dtype)))
+
+
+class _Builder:
+    """Builds the side passes of one analysis from its last walk."""
+
+    def __init__(self, model: nn.Module, w: Walk, root_of: dict[int, int], points: list[GatePoint]) -> None:
+        self.model = model
+        self.w = w
+        self.root_of = root_of
+        self.node_of: dict[str, fx.Node] = {}
+        for node, names in w.t.output_of.items():
+            for name in names:
+                self.node_of.setdefault(name, node)
+        self.gated_at: dict[fx.Node, set[int]] = {}
+        for gp in points:
+            node = self.node_of.get(gp.module)
+            if node is not None:
+                self.gated_at.setdefault(node, set()).update(r for r, _ in gp.parts if r is not None)
+
+    # ---- channel positions ----
+    def root(self, member: int) -> int | None:
+        return self.root_of.get(self.w.spaces.find(member))
+
+    def position(self, node: Any, root: int) -> tuple[int, int, bool] | None:
+        """(offset, dim, exactly zero) of ``root``'s channels in ``node``'s value; None if it has none."""
+        info = self.w.info.get(node) if isinstance(node, fx.Node) else None
+        if not isinstance(info, ChannelInfo):
+            return None
+        found = []
+        at = 0
+        for part, source in zip(info.parts, info.nonzero):
+            if self.root(part) == root:
+                found.append((at, source is None))
+            at += self.w.spaces.size(part)
+        if not found:
+            return None
+        if len(found) > 1 or info.repeat != 1:
+            raise _NoRecipe(f"the channels appear more than once, or flattened, at '{node.name}'")
+        return found[0][0], info.dim, found[0][1]
+
+    def module(self, name: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def weight_owner(self, node: fx.Node, kinds: tuple[type, ...]) -> str | None:
+        """The module owning ``node``'s weight argument, if it is of ``kinds`` and called once."""
+        weight = self.w.tensor_name(node.args[1]) if len(node.args) > 1 else None
+        if weight is None or self.w.t.reads.get(weight, 0) != 1:
+            return None
+        name = self.w.owner(weight)
+        module = self.module(name)
+        return name if isinstance(module, kinds) and self.w.t.calls.get(name, 0) == 1 else None
+
+    # ---- one gate point ----
+    def build(self, gp: GatePoint, index: int, root: int) -> SidePass:
+        node = self.node_of.get(gp.module)
+        base = dict(point=gp.module, part=index, space=root, dim=gp.dim)
+        if node is None:
+            return SidePass(**base, reason=f"gate point '{gp.module}' is not a node of the graph")
+        if gp.repeat != 1:
+            return SidePass(**base, reason=f"gate point '{gp.module}' gates whole heads")
+        try:
+            paths = self.paths(node, root)
+            if not paths:
+                return SidePass(**base, dead=True)
+            producer, row_offset, source_module, steps = self.source(node, root)
+            if producer is None and source_module is None:  # u is exactly zero
+                return SidePass(**base, dead=True)
+        except _NoRecipe as why:
+            return SidePass(**base, reason=str(why))
+        return SidePass(
+            **base,
+            producer=producer,
+            row_offset=row_offset,
+            source_module=source_module,
+            source_steps=tuple(steps),
+            paths=tuple(paths),
+        )
+
+    def paths(self, start: fx.Node, root: int) -> list[SidePath]:
+        """Every live path from the gate point's output to a consumer (dead paths are dropped)."""
+        found: list[SidePath] = []
+        stack: list[tuple[fx.Node, tuple[SideStep, ...], bool, bool]] = [(start, (), True, True)]
+        seen = 0
+        while stack:
+            node, steps, zero, replayable = stack.pop()
+            seen += 1
+            if seen > 10_000:
+                raise _NoRecipe("too many paths to follow")
+            for user in node.users:
+                for item in self.follow(node, user, root, steps, zero, replayable):
+                    if isinstance(item, SidePath):
+                        found.append(item)
+                    else:
+                        stack.append(item)
+        return found
+
+    def follow(self, node: fx.Node, user: fx.Node, root: int, steps: tuple, zero: bool, replayable: bool) -> list:
+        """What one user does to the channels: continue (a new stack entry), end at a consumer, or die."""
+        if user.op == "output":
+            raise _NoRecipe("the channels reach the model's output")
+        name = _op_name(user)
+        if user in self.gated_at and root in self.gated_at[user]:
+            return []  # a gate of the same group multiplies the gradient by 0
+        if name in _HARMLESS:
+            return []
+        if name in ("linear", "conv2d", "convolution") and user.args[0] is node:
+            consumer = self.consumer(user, node, root, steps, zero, replayable)
+            if consumer is not None:
+                return [consumer]
+        out = self.position(user, root)
+        if out is None:
+            raise _NoRecipe(f"'{name}' at '{user.name}' reads the channels in a way side passes do not follow")
+        if name == "detach":
+            return []
+        if name in _ELEMENTWISE or name in _DROPOUTS:
+            if name in _DROPOUTS:
+                p, train = (list(user.args[1:3]) + [0.5, True])[:2]
+                if p and train:  # replayed: the side pass draws its own mask (compact runs draw theirs)
+                    args, kwargs = self.constants(user)
+                    step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
+                    return [(user, (*steps, step), zero, replayable)]
+                return [(user, steps, zero, replayable)]
+            if name in _COPIES:
+                return [(user, steps, zero, replayable)]
+            if not zero:
+                return [(user, steps, zero, False)]
+            args, kwargs = self.constants(user)
+            f0, d0 = _at_zero(_functional(user.target), args, kwargs)
+            if d0 == 0.0:
+                return []  # ReLU-like at an exact zero: no gradient passes
+            step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
+            return [(user, (*steps, step), f0 == 0.0, replayable)]
+        if name in ("add", "sub", "rsub"):
+            return [self.binary(node, user, root, steps, zero, replayable)]
+        if name in ("mul", "div"):
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if not isinstance(other, (int, float)) or (name == "div" and user.args[0] is not node):
+                raise _NoRecipe(f"'{name}' by a tensor at '{user.name}'")
+            return [(user, (*steps, SideStep("op", _functional(user.target), (other,), ())), zero, replayable)]
+        if name in ("cat", "concat"):
+            if out[1] != (self.position(node, root) or (0, -1))[1]:
+                raise _NoRecipe(f"cat along another dim at '{user.name}'")
+            return [(user, steps, zero, replayable)]
+        if name in _SPATIAL or name in _LAYOUT or name == "flatten":
+            args, kwargs = self.constants(user)
+            value = args[1] if name in ("constant_pad_nd", "pad") and len(args) > 1 else 0
+            step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
+            return [(user, (*steps, step), zero and not value, replayable and zero)]
+        if name == "getitem":
+            return [(user, (*steps, SideStep("item", args=(user.args[1],))), zero, replayable)]
+        if name in ("batch_norm", "conv2d", "convolution"):
+            return [(user, steps, False, False)]  # per-channel, not replayed: only a later gate may end it
+        raise _NoRecipe(f"'{name}' at '{user.name}'")
+
+    def constants(self, node: fx.Node) -> tuple[tuple, dict]:
+        """The op's arguments after the tensor, which must all be constants."""
+        args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+        if not _constant(list(args)) or not _constant(list(kwargs.values())):
+            raise _NoRecipe(f"'{_op_name(node)}' at '{node.name}' takes computed arguments")
+        return args, kwargs
+
+    def binary(self, node: fx.Node, user: fx.Node, root: int, steps: tuple, zero: bool, replayable: bool):
+        a, b = user.args[0], user.args[1] if len(user.args) > 1 else user.kwargs.get("other")
+        if a is b:
+            raise _NoRecipe(f"'{_op_name(user)}' of a value with itself at '{user.name}'")
+        other = b if a is node else a
+        negate = (_op_name(user) == "sub" and b is node) or (_op_name(user) == "rsub" and a is node)
+        if len(user.args) > 2 or user.kwargs.get("alpha", 1) != 1:
+            raise _NoRecipe(f"'{_op_name(user)}' with alpha at '{user.name}'")
+        if isinstance(other, fx.Node):
+            there = self.position(other, root)
+            zero = zero and there is not None and there[2]
+        elif other != 0:
+            zero = False
+        if negate:
+            steps = (*steps, SideStep("op", torch.ops.aten.neg.default))
+        return (user, steps, zero, replayable)
+
+    def consumer(self, user: fx.Node, node: fx.Node, root: int, steps, zero: bool, replayable: bool):
+        """A Conv2d or Linear reading the channels (None for a depthwise conv, which passes them on)."""
+        name = _op_name(user)
+        at = self.position(node, root)
+        assert at is not None
+        if name == "linear":
+            owner = self.weight_owner(user, (nn.Linear,))
+            if owner is None or at[1] != len(self.w.shape(node) or ()) - 1:
+                raise _NoRecipe(f"Linear at '{user.name}' (reused, or not over the channel dim)")
+            kind = "linear"
+        else:
+            groups = user.args[8] if name == "convolution" else (user.args[6] if len(user.args) > 6 else 1)
+            transposed = name == "convolution" and bool(user.args[6])
+            channels = (self.w.shape(node) or (0, 0))[1]
+            if groups != 1 and groups == channels and not transposed:
+                return None  # depthwise: the group passes through
+            owner = self.weight_owner(user, (nn.Conv2d,))
+            if owner is None or groups != 1 or transposed or at[1] != 1:
+                raise _NoRecipe(f"convolution at '{user.name}' (grouped, transposed, reused or not over dim 1)")
+            if self.module(owner).padding_mode != "zeros":
+                raise _NoRecipe(f"Conv2d '{owner}' pads with mode '{self.module(owner).padding_mode}'")
+            kind = "conv"
+        if not (zero and replayable):
+            raise _NoRecipe(f"{kind} '{owner}' reads the channels after ops side passes cannot replay")
+        elementwise = all(s.kind == "op" and _op_name_of(s.op) in _ELEMENTWISE | {"neg"} for s in steps)
+        return SidePath(owner, kind, at[0], tuple(steps), elementwise)
+
+    def source(self, point: fx.Node, root: int) -> tuple[str | None, int, str | None, list[SideStep]]:
+        """(producer, its row offset, zero-source module, steps from the source to the gate point)."""
+        steps: list[SideStep] = []
+        node = point
+        while True:
+            name = _op_name(node) if node.op == "call_function" else node.op
+            if node is not point:
+                at = self.position(node, root)
+                if at is not None and at[2]:  # exactly zero here: u is made from zeros
+                    steps.reverse()
+                    first = steps[0] if steps else None
+                    if first is None or first.kind == "op":
+                        value = torch.zeros(1, dtype=torch.float64)
+                        for s in steps:
+                            value = s.op(value, *s.args, **dict(s.kwargs))
+                        if float(value[0]) == 0.0:
+                            return None, 0, None, []  # u is exactly zero
+                        raise _NoRecipe(f"the value gated at '{point.name}' is a function of zeros without a module")
+                    return None, 0, first.module, steps
+            x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if name in ("linear", "conv2d", "convolution"):
+                inside = self.position(x, root) if x is not None else None
+                if inside is None:  # the producer: new channels
+                    kinds = (nn.Linear,) if name == "linear" else (nn.Conv2d,)
+                    owner = self.weight_owner(node, kinds)
+                    at = self.position(node, root)
+                    if owner is None or at is None or (name != "linear" and self.module(owner).groups != 1):
+                        raise _NoRecipe(f"producer at '{node.name}' (reused, grouped or not a plain layer)")
+                    if name != "linear" and self.module(owner).padding_mode != "zeros":
+                        raise _NoRecipe(f"Conv2d '{owner}' pads with mode '{self.module(owner).padding_mode}'")
+                    steps.reverse()
+                    return owner, at[0], None, steps
+                owner = self.weight_owner(node, (nn.Conv2d,))
+                if owner is None or name == "linear" or self.module(owner).padding_mode != "zeros":
+                    raise _NoRecipe(f"'{name}' at '{node.name}' before the gate point")
+                steps.append(SideStep("conv", module=owner, offset=inside[0]))
+                node = x
+                continue
+            if name == "batch_norm":
+                stats = next((self.w.tensor_name(a) for a in node.args[1:5] if self.w.tensor_name(a)), None)
+                at = self.position(x, root) if x is not None else None
+                owner = self.w.owner(stats) if stats else None
+                if owner is None or at is None or not isinstance(self.module(owner), nn.modules.batchnorm._BatchNorm):
+                    raise _NoRecipe(f"batch norm at '{node.name}'")
+                steps.append(SideStep("norm", module=owner, offset=at[0]))
+                node = x
+                continue
+            if name in _ELEMENTWISE and x is not None:
+                if name not in _COPIES:
+                    args, kwargs = self.constants(node)
+                    steps.append(SideStep("op", _functional(node.target), args, tuple(kwargs.items())))
+                node = x
+                continue
+            if name in ("add", "sub") and len(node.args) == 2:
+                live = [
+                    a for a in node.args if isinstance(a, fx.Node) and not (self.position(a, root) or (0, 0, True))[2]
+                ]
+                if len(live) != 1 or any(not isinstance(a, fx.Node) and a != 0 for a in node.args):
+                    raise _NoRecipe(f"'{name}' of several non-zero values at '{node.name}'")
+                if name == "sub" and live[0] is node.args[1]:
+                    steps.append(SideStep("op", torch.ops.aten.neg.default))
+                node = live[0]
+                continue
+            if name in ("cat", "concat"):
+                pieces = [t for t in node.args[0] if isinstance(t, fx.Node) and self.position(t, root) is not None]
+                if len(pieces) != 1:
+                    raise _NoRecipe(f"cat at '{node.name}'")
+                node = pieces[0]
+                continue
+            raise _NoRecipe(f"'{name}' at '{node.name}' makes the gated value")
+
+
+def _op_name_of(op: Any) -> str:
+    name = getattr(op, "_opname", None) or getattr(op, "__name__", str(op))
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def side_passes(model: nn.Module, w: Walk, root_of: dict[int, int], points: list[GatePoint]) -> list[SidePass]:
+    """One :class:`SidePass` per gated part of every gate point (see the module docstring)."""
+    builder = _Builder(model, w, root_of, points)
+    result = []
+    for gp in points:
+        for index, (root, _) in enumerate(gp.parts):
+            if root is not None:
+                result.append(builder.build(gp, index, root))
+    return result
+
+
+__all__ = ["side_passes"]

@@ -1,0 +1,328 @@
+"""The closed-channel side pass: ``exact`` training at compact speed (DESIGN.md §3).
+
+Compact execution computes every gradient of ``none`` mode except one: the task gradient of closed
+gates, ``dL/dgate_c = sum(u_c * dout_c)``. This module computes it beside a compact forward from
+the recipes of :mod:`tg_kernels.prune.analysis.gradients`:
+
+- ``u_c``: the producer's closed rows applied to the producer's compact input (captured by a
+  forward pre-hook), or zeros shaped like a norm's input, then the recipe's source steps (batch norm
+  with the closed channels' parameters, depthwise conv, activations);
+- ``dout_c``: at each consumer, a forward hook wraps the output in :class:`_SideProbe`, an identity
+  whose backward turns the consumer's output gradient into the input gradient of its closed columns
+  (``dY @ W[:, closed]``, or the conv's input gradient) and pulls it back through the path's steps
+  to the gate point (by replaying them on zeros under autograd, or by one number for elementwise
+  paths). It returns ``sum(u * dout)`` as the gradient of the closed gates' values, so autograd
+  carries it through the gate function into the gate parameters like any other gradient.
+
+For a Linear producer read by a Linear consumer through elementwise ops only (a transformer MLP)
+the sum is a bilinear form, ``k * W1_c (X^T dY) W2_c``, evaluated without ``u`` when that is cheaper:
+``X^T dY`` costs ``T * d_in * d_out`` against ``T * closed * (d_in + d_out)`` for the two products.
+
+Weights are read from the full-size tensors under ``no_grad``: in ``none`` mode closed rows and
+columns get zero gradient, which the compact run already gives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tg_kernels.prune.analysis.types import SidePass, SidePath, SideStep
+
+
+@dataclass
+class _Pass:
+    """One side pass for the current open set."""
+
+    recipe: SidePass
+    key: str  # the gate of its group
+    closed: Tensor  # closed channel indices within the group
+    rows: Tensor | None  # producer weight rows of the closed channels
+    cols: Tensor | None  # producer weight input columns the compact run keeps (None: all)
+    step_index: list[Tensor | None]  # per source step: the closed channels among its module's channels
+    bilinear: bool = False  # may be evaluated as a bilinear form (Linear -> elementwise -> Linear)
+
+
+@dataclass
+class _Consumer:
+    """A consumer that ends live paths: all its closed input columns, gathered once per forward."""
+
+    module: str
+    kind: str
+    rows: Tensor | None  # consumer weight rows the compact run keeps (None: all)
+    cols: Tensor  # the closed input columns of every path ending here, concatenated
+    items: list[tuple[_Pass, SidePath, int, int]] = field(default_factory=list)  # (pass, path, start, count)
+
+
+@dataclass
+class SidePlan:
+    """The side passes of one open set (built with the compact plan, used by every forward)."""
+
+    passes: list[_Pass]
+    consumers: list[_Consumer]
+    producers: list[str]  # modules whose input is captured
+    sources: list[str]  # modules whose input shape is captured (zero sources)
+
+
+def build_plan(
+    model: nn.Module,
+    recipes: list[SidePass],
+    key_of: dict[int, str],
+    closed: dict[str, Tensor],
+    entries: dict[str, list[tuple[int, Tensor]]],
+) -> SidePlan:
+    """The side plan for the open set whose closed channels (per gate key) are ``closed``.
+
+    ``entries`` is the compact plan's kept entries: target -> [(dim, kept indices)].
+    """
+
+    def kept(target: str, dim: int) -> Tensor | None:
+        return next((index for d, index in entries.get(target, []) if d == dim), None)
+
+    passes, consumers = [], {}
+    producers, sources = set(), set()
+    for recipe in recipes:
+        if recipe.dead:
+            continue
+        key = key_of[recipe.space]
+        cl = closed[key]
+        if cl.numel() == 0:
+            continue
+        rows = cols = None
+        if recipe.producer is not None:
+            rows = cl + recipe.row_offset
+            cols = kept(f"{recipe.producer}.weight", 1)
+            producers.add(recipe.producer)
+        else:
+            sources.add(recipe.source_module)
+        step_index = [cl + s.offset if s.kind in ("norm", "conv") else None for s in recipe.source_steps]
+        one = len(recipe.paths) == 1 and recipe.paths[0]
+        bilinear = bool(
+            one
+            and one.kind == "linear"
+            and one.elementwise
+            and recipe.producer is not None
+            and not recipe.source_steps
+            and isinstance(model.get_submodule(recipe.producer), nn.Linear)
+        )
+        item = _Pass(recipe, key, cl, rows, cols, step_index, bilinear)
+        passes.append(item)
+        for path in recipe.paths:
+            consumer = consumers.get(path.consumer)
+            if consumer is None:
+                consumer = consumers[path.consumer] = _Consumer(
+                    path.consumer, path.kind, kept(f"{path.consumer}.weight", 0), cl.new_zeros(0)
+                )
+            start = consumer.cols.numel()
+            consumer.cols = torch.cat([consumer.cols, cl + path.offset])
+            consumer.items.append((item, path, start, cl.numel()))
+    return SidePlan(passes, list(consumers.values()), sorted(producers), sorted(s for s in sources if s))
+
+
+def _replay(steps: tuple[SideStep, ...], x: Tensor, index: list[Tensor | None] | None, run: SideRun) -> Tensor:
+    """Apply recipe steps to closed channels ``x`` (``index``: per step, the channels among a module's)."""
+    for i, step in enumerate(steps):
+        if step.kind == "op":
+            x = step.op(x, *step.args, **dict(step.kwargs))
+        elif step.kind == "item":
+            x = x[step.args[0]]
+        elif step.kind == "norm":
+            bn = run.model.get_submodule(step.module)
+            idx = index[i]
+            weight, bias = run.full(step.module, "weight"), run.full(step.module, "bias")
+            weight = None if weight is None else weight.index_select(0, idx)
+            bias = None if bias is None else bias.index_select(0, idx)
+            mean, var = run.full(step.module, "running_mean"), run.full(step.module, "running_var")
+            if bn.training or mean is None or var is None:  # batch statistics, as the norm computes them
+                x = F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+            else:
+                x = F.batch_norm(
+                    x, mean.index_select(0, idx), var.index_select(0, idx), weight, bias, False, 0.0, bn.eps
+                )
+        else:  # depthwise conv
+            conv = run.model.get_submodule(step.module)
+            idx = index[i]
+            weight, bias = run.full(step.module, "weight"), run.full(step.module, "bias")
+            bias = None if bias is None else bias.index_select(0, idx)
+            x = F.conv2d(x, weight.index_select(0, idx), bias, conv.stride, conv.padding, conv.dilation, idx.numel())
+    return x
+
+
+def _path_gradient(path: SidePath, grad: Tensor, like: Tensor, run: SideRun) -> Tensor:
+    """The gradient at the gate point's closed channels (shaped like ``like``) from the consumer's input gradient."""
+    if not path.steps:
+        return grad
+    with torch.enable_grad():
+        if path.elementwise:  # one number: the chain's derivative at 0
+            z = torch.zeros(1, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            (k,) = torch.autograd.grad(_replay(path.steps, z, None, run).sum(), z, allow_unused=True)
+            return grad * (0.0 if k is None else k)
+        z = torch.zeros_like(like, requires_grad=True)
+        (g,) = torch.autograd.grad(_replay(path.steps, z, None, run), z, grad, allow_unused=True)
+        return torch.zeros_like(like) if g is None else g
+
+
+class _SideProbe(torch.autograd.Function):
+    """Identity on a consumer's output; its backward returns the closed gates' task gradients."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, job: _ConsumerJob, *gates: Tensor) -> Tensor:
+        ctx.job = job
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        job: _ConsumerJob = ctx.job
+        ctx.job = None
+        return (grad_output, None, *job.gate_gradients(grad_output))
+
+
+@dataclass
+class _ConsumerJob:
+    """What one consumer call's backward needs (the closed columns, the input shape, each pass's ``u``)."""
+
+    consumer: _Consumer
+    module: nn.Module
+    weight: Tensor  # consumer weight at the kept rows and the closed columns
+    input_shape: torch.Size
+    values: list[tuple[str, Any]]  # per item: ("u", u) or ("bilinear", (x, producer rows, bias))
+    run: SideRun
+
+    def gate_gradients(self, grad_output: Tensor) -> list[Tensor]:
+        c = self.consumer
+        with torch.no_grad():
+            dy = grad_output.to(self.weight.dtype)
+            if c.kind == "linear":
+                dx = None if all(kind == "bilinear" for kind, _ in self.values) else dy @ self.weight
+            else:
+                m = self.module
+                shape = (self.input_shape[0], self.weight.shape[1], *self.input_shape[2:])
+                dx = torch.nn.grad.conv2d_input(shape, self.weight, dy, m.stride, m.padding, m.dilation, 1)
+            grads = []
+            for (item, path, start, count), (kind, value) in zip(c.items, self.values):
+                if kind == "bilinear":
+                    grads.append(self._bilinear(path, dy, value, start, count))
+                    continue
+                channel = -1 if c.kind == "linear" else 1
+                d = _path_gradient(path, dx.narrow(channel, start, count), value, self.run)
+                dim = item.recipe.dim % value.dim()
+                others = [i for i in range(value.dim()) if i != dim]
+                grads.append((value * d).sum(others) if others else value * d)
+        return grads
+
+    def _bilinear(self, path: SidePath, dy: Tensor, value: tuple, start: int, count: int) -> Tensor:
+        """``k * (W1_c M W2_c + b1_c s W2_c)`` with ``M = X^T dY``, ``s = sum_t dY``."""
+        x, w1, b1 = value
+        w2 = self.weight.narrow(1, start, count)  # [out, closed]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        g = ((w1 @ (x2.t() @ dy2)) * w2.t()).sum(1)
+        if b1 is not None:
+            g = g + b1 * (dy2.sum(0) @ w2)
+        k = _path_gradient(path, torch.ones(1, dtype=g.dtype, device=g.device), g, self.run)
+        return g * k
+
+
+class SideRun:
+    """One forward's side passes: captures the inputs they need and wraps the consumers' outputs."""
+
+    def __init__(self, model: nn.Module, plan: SidePlan, fulls: dict[str, Tensor], gate_values: Any) -> None:
+        self.model = model
+        self.plan = plan
+        self.fulls = fulls  # target -> the full-size tensor (the compact run has swapped them out)
+        self.gate_values = gate_values  # key -> the group's gate values (with their gradient)
+        self.inputs: dict[str, Tensor] = {}
+        self.handles: list[Any] = []
+        self._gates: dict[str, Tensor] = {}
+
+    def full(self, module: str, attr: str) -> Tensor | None:
+        target = f"{module}.{attr}"
+        if target in self.fulls:
+            return self.fulls[target]
+        return getattr(self.model.get_submodule(module), attr, None)
+
+    def install(self) -> None:
+        for name in {*self.plan.producers, *self.plan.sources}:
+            module = self.model.get_submodule(name)
+            self.handles.append(module.register_forward_pre_hook(self._capture(name)))
+        for consumer in self.plan.consumers:
+            module = self.model.get_submodule(consumer.module)
+            self.handles.append(module.register_forward_hook(self._wrap(consumer)))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.inputs.clear()
+
+    def _capture(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.inputs[name] = args[0]
+
+        return hook
+
+    def _gate(self, item: _Pass) -> Tensor:
+        values = self._gates.get(item.key)
+        if values is None:
+            values = self._gates[item.key] = self.gate_values(item.key)
+        return values.index_select(0, item.closed.to(values.device))
+
+    def _value(self, item: _Pass, out_width: int) -> tuple[str, Any]:
+        """``("u", u)`` for an explicit pass; ``("bilinear", (x, producer rows, bias rows))`` where that is cheaper."""
+        recipe = item.recipe
+        with torch.no_grad():
+            if recipe.producer is not None:
+                x = self.inputs[recipe.producer]
+                weight = self.full(recipe.producer, "weight").index_select(0, item.rows)
+                if item.cols is not None:
+                    weight = weight.index_select(1, item.cols)
+                bias = self.full(recipe.producer, "bias")
+                bias = None if bias is None else bias.index_select(0, item.rows)
+                if item.bilinear:
+                    d_in, closed = x.shape[-1], item.closed.numel()
+                    tokens = x.numel() // max(d_in, 1)
+                    if d_in * out_width * (tokens + closed) < tokens * closed * (d_in + out_width):
+                        return "bilinear", (x, weight, bias)
+                producer = self.model.get_submodule(recipe.producer)
+                if isinstance(producer, nn.Linear):
+                    u = F.linear(x, weight, bias)
+                else:
+                    u = F.conv2d(x, weight, bias, producer.stride, producer.padding, producer.dilation, 1)
+            else:
+                shape = list(self.inputs[recipe.source_module].shape)
+                shape[1] = item.closed.numel()
+                like = self.full(recipe.source_module, "weight")
+                u = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            return "u", _replay(recipe.source_steps, u, item.step_index, self)
+
+    def _wrap(self, consumer: _Consumer):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            with torch.no_grad():
+                weight = self.full(consumer.module, "weight")
+                if consumer.rows is not None:
+                    weight = weight.index_select(0, consumer.rows)
+                weight = weight.index_select(1, consumer.cols)
+            values, gates, cache = [], [], {}
+            for item, *_ in consumer.items:
+                if id(item) not in cache:
+                    cache[id(item)] = self._value(item, weight.shape[0])
+                values.append(cache[id(item)])
+                gates.append(self._gate(item))
+            job = _ConsumerJob(consumer, module, weight, args[0].shape, values, self)
+            return _SideProbe.apply(output, job, *gates)
+
+        return hook
+
+
+def exact_unsupported(recipes: list[SidePass]) -> str | None:
+    """Why ``exact`` cannot run compact for these recipes (None: it can)."""
+    for recipe in recipes:
+        if recipe.reason is not None:
+            return f"no side pass for gate point '{recipe.point}': {recipe.reason}"
+    return None
+
+
+__all__ = ["SidePlan", "SideRun", "build_plan", "exact_unsupported"]
