@@ -130,6 +130,8 @@ def _replay(steps: tuple[SideStep, ...], x: Tensor, index: list[Tensor | None] |
             x = step.op(x, *step.args, **dict(step.kwargs))
         elif step.kind == "item":
             x = x[step.args[0]]
+        elif step.kind == "dropout":
+            x = step.op(x, step.args[0], run.model.get_submodule(step.module).training)
         elif step.kind == "norm":
             bn = run.model.get_submodule(step.module)
             idx = index[i]
@@ -172,7 +174,9 @@ class _SideProbe(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: Tensor, job: _ConsumerJob, *gates: Tensor) -> Tensor:
         ctx.job = job
-        return output.view_as(output)
+        # a copy, not a view: the model may modify the consumer's output in place (``out += identity``),
+        # which autograd forbids on views made inside a custom Function
+        return output.clone()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

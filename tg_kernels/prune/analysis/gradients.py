@@ -41,7 +41,8 @@ _COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy"}
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
 # Elementwise ops of one tensor replayed as they are (their derivative at 0 is read off numerically).
 _ELEMENTWISE = (ACTIVATION_OPS - _DROPOUTS - {"detach", "prelu"}) | {"neg", "abs", "square", "sin", "erf"}
-# Per-channel ops over the other dims; replayed on zeros they pull gradients back as at full width.
+# Per-channel ops over the other dims (pooling, padding, upsampling, reductions that keep the channel
+# dim); replayed on zeros they pull gradients back as at full width.
 _SPATIAL = {
     "max_pool1d",
     "max_pool2d",
@@ -71,6 +72,8 @@ _SPATIAL = {
     "max_pool2d_with_indices",
     "constant_pad_nd",
     "pad",
+    "mean",
+    "sum",
 }
 _LAYOUT = {"permute", "transpose", "unsqueeze", "squeeze", "t"}
 _HARMLESS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "size"}
@@ -221,12 +224,16 @@ class _Builder:
             return []
         if name in _ELEMENTWISE or name in _DROPOUTS:
             if name in _DROPOUTS:
-                p, train = (list(user.args[1:3]) + [0.5, True])[:2]
-                if p and train:  # replayed: the side pass draws its own mask (compact runs draw theirs)
-                    args, kwargs = self.constants(user)
-                    step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
-                    return [(user, (*steps, step), zero, replayable)]
-                return [(user, steps, zero, replayable)]
+                p = user.args[1] if len(user.args) > 1 else 0.5
+                if not p:
+                    return [(user, steps, zero, replayable)]
+                # replayed in the mode of the module running it (the trace's flag is the mode at attach);
+                # the side pass draws its own mask, as compact runs draw theirs at the compact width
+                owner = self.w.scope_module(user)
+                if owner is None:
+                    raise _NoRecipe(f"dropout at '{user.name}' outside a module")
+                step = SideStep("dropout", _functional(user.target), (p,), module=owner)
+                return [(user, (*steps, step), zero, replayable)]
             if name in _COPIES:
                 return [(user, steps, zero, replayable)]
             if not zero:

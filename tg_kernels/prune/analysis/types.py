@@ -121,8 +121,9 @@ class SideStep:
     """One op of a side pass, replayed on a gate point's closed channels only.
 
     ``kind``: ``"op"`` calls ``op(x, *args, **dict(kwargs))``; ``"item"`` takes ``x[args[0]]``;
-    ``"norm"`` is the batch norm ``module`` and ``"conv"`` the depthwise Conv2d ``module``, at the
-    channels that start at ``offset`` among the module's channels.
+    ``"dropout"`` calls ``op(x, args[0], module.training)``; ``"norm"`` is the batch norm ``module``
+    and ``"conv"`` the depthwise Conv2d ``module``, at the channels that start at ``offset`` among
+    the module's channels.
     """
 
     kind: str

@@ -1,0 +1,247 @@
+"""``exact`` training at compact speed: compact execution plus the closed-channel side pass.
+
+The central check, in float64: one ``exact`` step (compact, with the side pass) gives every gradient
+of ``none`` mode on the per-layer path: weights, biases, norm parameters, the input, and every gate,
+closed ones included, with a random half of every group closed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from helpers import randomize_norms
+from torch import nn
+
+import tg_kernels as tg
+from bench.models import MLPBlock, ResNetCifar
+from tg_kernels.prune.compact import CompactForward
+
+torchvision = pytest.importorskip("torchvision")
+
+
+class _PoolBetween(nn.Module):
+    """Gated convs read through pooling, padding, upsampling, concatenation and non-ReLU activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 10, 3, bias=False)
+        self.conv3 = nn.Conv2d(22, 8, 1)
+        self.conv4 = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.silu(self.bn1(self.conv1(x)))
+        pooled = nn.functional.max_pool2d(a, 2)  # conv2 reads a pooled, padded gated value
+        b = nn.functional.gelu(self.conv2(nn.functional.pad(pooled, (1, 1, 1, 1))))
+        c = torch.tanh(self.conv3(torch.cat([nn.functional.avg_pool2d(a, 2), b], 1)))
+        d = self.conv4(nn.functional.interpolate(pooled, scale_factor=2.0, mode="nearest"))
+        return self.head(nn.functional.adaptive_avg_pool2d(c, 1).flatten(1) + d.mean((2, 3)))
+
+
+def _half_closed(bank: tg.GateBank, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            c = gate.num_channels
+            gate.weight.uniform_(0.1, 0.9, generator=g)
+            gate.weight[torch.randperm(c, generator=g)[: c // 2]] = -0.3
+
+
+def _gradients(model: nn.Module, bank: tg.GateBank, x: torch.Tensor, skip: str) -> dict[str, torch.Tensor]:
+    bank.set_skip(skip)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads["input"] = x.grad
+    grads.update({f"gate:{key}": gate.weight.grad for key, gate in bank.gates.items()})
+    return grads
+
+
+def _exact_and_none(build, shape, seed: int = 0):
+    torch.manual_seed(seed)
+    base = build()
+    randomize_norms(base)
+    for m in base.modules():  # dropout draws other numbers at the compact width (the same distribution)
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    base.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(base, x, skip="exact")
+    assert bank.compact.disabled_reason is None and bank.compact.exact_reason is None, bank.compact.exact_reason
+    _half_closed(bank)
+    state = copy.deepcopy(model.state_dict())
+    none = _gradients(model, bank, x, "none")
+    none_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)
+    side = bank.compact.stats.side_passes
+    exact = _gradients(model, bank, x, "exact")
+    assert bank.compact.stats.side_passes == side + 1, "the exact step ran compact with its side pass"
+    return model, bank, none, exact, none_state
+
+
+def _assert_equal(none: dict, exact: dict) -> None:
+    """Equal up to float reassociation: relative to each tensor, with a floor relative to all gradients
+    (a gradient that is 0 up to cancellation, such as a norm's bias before another norm, is noise)."""
+    assert none.keys() == exact.keys()
+    overall = max(g.abs().max().item() for g in none.values() if g is not None and g.numel())
+    for name, expected in none.items():
+        got = exact[name]
+        if expected is None or got is None:
+            assert expected is None and got is None, name
+            continue
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        assert (got - expected).abs().max().item() <= 1e-9 * scale + 1e-10 * overall, name
+
+
+MODELS = [
+    pytest.param(lambda: ResNetCifar(56), (2, 3, 16, 16), id="resnet56"),
+    pytest.param(lambda: MLPBlock(16, 64), (2, 5, 16), id="mlp_block"),
+    pytest.param(_PoolBetween, (2, 3, 12, 12), id="pooling_between"),
+    pytest.param(lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), id="resnet18"),
+    pytest.param(
+        lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32), id="densenet121", marks=pytest.mark.slow
+    ),
+    pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32), id="mobilenet_v2"),
+]
+
+
+@pytest.mark.parametrize("build, shape", MODELS)
+def test_exact_gradients_equal_none_mode(build, shape):
+    model, bank, none, exact, _ = _exact_and_none(build, shape)
+    _assert_equal(none, exact)
+    closed = torch.cat([none[f"gate:{k}"][~g.open_mask()] for k, g in bank.gates.items()])
+    live = [sp for sp in bank.analysis.side_passes if not sp.dead]
+    assert live, "the model has gate points whose closed gates get a task gradient"
+    assert closed.abs().sum() > 0, "some closed gates get a task gradient (so the side pass is tested)"
+
+
+def test_the_mlp_block_uses_the_bilinear_form_and_still_matches():
+    # 8 x 16 tokens, 16 -> 64 -> 16: X^T dY (16 x 16) is cheaper than the two closed-column products
+    _, bank, none, exact, _ = _exact_and_none(lambda: MLPBlock(16, 64), (8, 16, 16))
+    (recipe,) = [sp for sp in bank.analysis.side_passes if not sp.dead]
+    assert recipe.producer == "fc1" and recipe.paths[0].consumer == "fc2" and recipe.paths[0].elementwise
+    _assert_equal(none, exact)
+
+
+def test_dead_gate_points_are_those_before_a_relu_or_another_gate():
+    model, bank, none, _, _ = _exact_and_none(lambda: ResNetCifar(8), (2, 3, 16, 16))
+    for recipe in bank.analysis.side_passes:
+        key = bank.key_of_space[recipe.space]
+        if recipe.dead and all(not (r.space == recipe.space and not r.dead) for r in bank.analysis.side_passes):
+            closed = ~bank.gates[key].open_mask()
+            assert torch.all(none[f"gate:{key}"][closed] == 0), recipe.point
+
+
+def test_batchnorm_statistics_of_open_channels_match_none_mode():
+    model, bank, _, _, none_state = _exact_and_none(lambda: ResNetCifar(8), (4, 3, 16, 16))
+    exact_state = model.state_dict()
+    checked = 0
+    for group in bank.analysis.groups:
+        open_ = bank.gates[bank.key_of_space[group.space]].open_mask()
+        for sl in group.slices:
+            if not sl.target.endswith(("running_mean", "running_var")):
+                continue
+            rows = torch.arange(open_.numel()) + sl.offset
+            torch.testing.assert_close(exact_state[sl.target][rows[open_]], none_state[sl.target][rows[open_]])
+            checked += 1
+    assert checked > 0
+
+
+def test_a_closed_gate_reopens_through_its_task_gradient_alone():
+    """A GELU after the gate (no ReLU): with the budget weight at 0, only the task gradient can move it."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    x = torch.randn(64, 6)
+    target = teacher(x).detach()
+    for skip in ("exact", "hard"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            student, bank = tg.attach_gates(copy.deepcopy(teacher), x, skip=skip)
+        (gate,) = bank.gates.values()
+        with torch.no_grad():
+            gate.weight.fill_(0.5)
+            gate.weight[3] = -0.05  # closed, near its threshold
+        budget = tg.Budget(student, target=0.5, weight=0.0)
+        opt = torch.optim.SGD(bank.parameters(), lr=0.5)
+        for _ in range(20):
+            loss = nn.functional.mse_loss(student(x), target) + budget()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if skip == "exact":
+            assert bank.compact.stats.side_passes > 0
+            assert gate.weight[3] > 0, "the closed gate reopened through its task gradient"
+        else:
+            assert gate.weight[3] == -0.05 or not gate.weight.requires_grad, "hard mode gives closed gates nothing"
+
+
+class _ExpandBetween(nn.Module):
+    """An expand between a gated layer and its consumer: no side-pass recipe (exact keeps the per-layer path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.fc1(x))
+        return self.fc2(h.unsqueeze(1).expand(-1, 2, -1).sum(1))
+
+
+def test_a_gate_point_without_a_recipe_keeps_the_per_layer_path_and_says_why():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(_ExpandBetween().double(), x, skip="exact")
+    assert bank.gates, "the analysis gates fc1"
+    assert bank.compact.exact_reason is not None and "fc1" in bank.compact.exact_reason
+    fallbacks = bank.compact.stats.fallbacks
+    model(x).sum().backward()
+    assert bank.compact.stats.fallbacks == fallbacks + 1 and bank.compact.stats.side_passes == 0
+
+
+def test_exact_steps_plan_the_open_set_once_per_forward():
+    torch.manual_seed(0)
+    base = ResNetCifar(8)
+    x = torch.randn(2, 3, 16, 16)
+    model, bank = tg.attach_gates(base, x, skip="exact")
+    _half_closed(bank)
+    with mock.patch.object(CompactForward, "open_masks", autospec=True, side_effect=CompactForward.open_masks) as masks:
+        for _ in range(3):
+            model(x).sum().backward()  # no optimizer step: the open set does not change
+    assert masks.call_count == 3
+    plans = bank.compact.stats.plans
+    model(x).sum().backward()
+    assert bank.compact.stats.plans == plans, "an unchanged open set is not planned again"
+
+
+class _InPlaceAfterConsumer(nn.Module):
+    """The consumer's output is modified in place (``out += x``), as residual blocks often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(nn.functional.gelu(self.fc1(x)))
+        out += x
+        return out.relu_()
+
+
+def test_in_place_ops_on_a_consumer_output_keep_exact_compact():
+    model, bank, none, exact, _ = _exact_and_none(_InPlaceAfterConsumer, (4, 6))
+    assert bank.compact.disabled_reason is None
+    _assert_equal(none, exact)
