@@ -13,12 +13,13 @@ same channels). Providers:
   removed: the target a skipping model approaches in training, and what you deploy for inference.
   Before timing, each case checks that the exported model's eval output equals the gated model's.
 
-Gated models run compact (``tg_kernels.prune.compact``): in ``hard`` mode and without gradients the
-whole model runs its exported structure, with parameters gathered from the full tensors each
-forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported) model. ``exact``
-and ``none`` training keep the per-layer path, where closed gates get their task gradient: there each
-conv followed by its BatchNorm is a ``GatedConv2d(gate_after_norm=True)`` that skips closed channels
-in its backward, and in the MLP block fc1 is a ``GatedLinear`` that skips closed hidden units. The
+Gated models run compact (``tg_kernels.prune.compact``): in ``hard`` and ``exact`` mode and without
+gradients the whole model runs its exported structure, with parameters gathered from the full
+tensors each forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported)
+model. ``exact`` adds the closed-channel side pass (``tg_kernels.prune.side_pass``) that gives closed
+gates their task gradient. ``none`` training keeps the per-layer path: there each conv followed by
+its BatchNorm is a ``GatedConv2d(gate_after_norm=True)`` and in the MLP block fc1 is a
+``GatedLinear``, computing every channel. The
 ``hard`` train rows also record ``replan_ms``: what rebuilding the index tensors and size attributes
 costs when the open set changes (a gate crosses 0), a median of a few rebuilds.
 
