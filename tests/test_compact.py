@@ -235,9 +235,9 @@ def test_eval_and_no_grad_run_compact_in_every_mode():
             assert bank.compact.stats.fallbacks == fallbacks + 1
         if skip == "exact":  # "exact" runs compact with the closed-channel side pass
             model.train()
-            side = bank.compact.stats.side_passes
+            side = bank.compact.stats.exact_forwards
             model(x).sum().backward()
-            assert bank.compact.stats.side_passes == side + 1
+            assert bank.compact.stats.exact_forwards == side + 1
 
 
 def _transformer_case(name: str):
@@ -402,12 +402,12 @@ def test_set_skip_switches_a_model_into_and_out_of_compact_training():
     assert cbank.compact.stats.forwards == 0
     cbank.set_skip("exact")
     _step(compact, x)
-    assert (cbank.compact.stats.forwards, cbank.compact.stats.side_passes) == (1, 1)
+    assert (cbank.compact.stats.forwards, cbank.compact.stats.exact_forwards) == (1, 1)
     closed_grads = torch.cat([g.weight.grad[~g.open_mask()] for g in cbank.gates.values()])
     assert closed_grads.abs().sum() > 0, "exact mode gives closed gates their task gradient"
     cbank.set_skip("hard")
     _step(compact, x)
-    assert (cbank.compact.stats.forwards, cbank.compact.stats.side_passes) == (2, 1)
+    assert (cbank.compact.stats.forwards, cbank.compact.stats.exact_forwards) == (2, 1)
 
 
 class _CountOps(TorchDispatchMode):

@@ -84,9 +84,9 @@ def _exact_and_none(build, shape, seed: int = 0):
     none = _gradients(model, bank, x, "none")
     none_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(state)
-    side = bank.compact.stats.side_passes
+    side = bank.compact.stats.exact_forwards
     exact = _gradients(model, bank, x, "exact")
-    assert bank.compact.stats.side_passes == side + 1, "the exact step ran compact with its side pass"
+    assert bank.compact.stats.exact_forwards == side + 1, "the exact step ran compact with its side pass"
     return model, bank, none, exact, none_state
 
 
@@ -180,7 +180,7 @@ def test_a_closed_gate_reopens_through_its_task_gradient_alone():
             loss.backward()
             opt.step()
         if skip == "exact":
-            assert bank.compact.stats.side_passes > 0
+            assert bank.compact.stats.exact_forwards > 0
             assert gate.weight[3] > 0, "the closed gate reopened through its task gradient"
         else:
             assert gate.weight[3] == -0.05 or not gate.weight.requires_grad, "hard mode gives closed gates nothing"
@@ -199,17 +199,47 @@ class _ExpandBetween(nn.Module):
         return self.fc2(h.unsqueeze(1).expand(-1, 2, -1).sum(1))
 
 
-def test_a_gate_point_without_a_recipe_keeps_the_per_layer_path_and_says_why():
+def test_a_group_without_a_recipe_runs_at_full_width_and_stays_exact():
+    model, bank, none, exact, _ = _exact_and_none(_ExpandBetween, (6, 8))
+    assert list(bank.compact.full_width) == list(bank.gates), bank.compact.full_width
+    (reason,) = bank.compact.full_width.values()
+    assert "fc1" in reason and "expand" in reason
+    _assert_equal(none, exact)
+    closed = torch.cat([none[f"gate:{k}"][~g.open_mask()] for k, g in bank.gates.items()])
+    assert closed.abs().sum() > 0
+
+
+def test_full_width_groups_fold_no_gate_through_an_activation():
+    """A gate after a ReLU module is folded into the BatchNorm before it (hard mode); in a full-width
+    group that would give closed gates relu'(0) = 0: the gate is applied on the activation instead."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(6)
+            self.act = nn.ReLU()
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.bn(self.conv(x)))
+            return self.head(h.unsqueeze(1).expand(-1, 2, -1, -1, -1).sum(1).mean((2, 3)))
+
+    model, bank, none, exact, _ = _exact_and_none(Net, (2, 3, 8, 8))
+    assert bank.compact.full_width
+    _assert_equal(none, exact)
+
+
+def test_the_torch_fx_analysis_keeps_exact_on_the_per_layer_path():
     torch.manual_seed(0)
-    x = torch.randn(6, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, bank = tg.attach_gates(_ExpandBetween().double(), x, skip="exact")
-    assert bank.gates, "the analysis gates fc1"
-    assert bank.compact.exact_reason is not None and "fc1" in bank.compact.exact_reason
+        model, bank = tg.attach_gates(ResNetCifar(8), x, skip="exact", tracer="fx")
+    assert bank.compact.exact_reason is not None
     fallbacks = bank.compact.stats.fallbacks
     model(x).sum().backward()
-    assert bank.compact.stats.fallbacks == fallbacks + 1 and bank.compact.stats.side_passes == 0
+    assert bank.compact.stats.fallbacks == fallbacks + 1 and bank.compact.stats.exact_forwards == 0
 
 
 def test_exact_steps_plan_the_open_set_once_per_forward():

@@ -21,9 +21,11 @@ forward it
 The gradients are exactly ``hard`` mode's: compact execution serves ``skip="hard"`` training and
 every forward without gradients (eval / ``torch.no_grad``). ``"exact"`` training runs compact too,
 plus the closed-channel side pass of :mod:`tg_kernels.prune.side_pass`, which gives closed gates
-their task gradient: every gradient is then ``none`` mode's. Where the analysis has no side-pass
-recipe for a gate point (``exact_reason`` says which and why), ``"exact"`` keeps the per-layer path;
-``"none"`` always does.
+their task gradient: every gradient is then ``none`` mode's. A group with a gate point that has no
+side-pass recipe runs at full width in ``"exact"`` forwards instead (``full_width`` says which and
+why): its closed channels are computed, with gate value 0, and autograd gives their gates the
+task gradient. ``"none"`` keeps the per-layer path, and so does ``"exact"`` where the analysis gives
+no recipes at all (the torch.fx analysis: ``exact_reason``).
 
 Where compact execution cannot be exact (a model whose code keeps a gated size), the self-check at
 attach time (or a failure at run time) says so once, with a warning, and the model runs the
@@ -47,7 +49,7 @@ from tg_kernels.gate import open_masks, resolve_shape
 from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
 from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
-from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, exact_unsupported
+from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, full_width_groups
 from tg_kernels.prune.slicing import kept_channels, kept_entries
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
@@ -78,6 +80,7 @@ class _Fold:
     module: str | None
     hook: GateHook | None
     repeat: int = 1  # entries per gate (a head's rows share its gate)
+    through: bool = False  # folded into a BatchNorm before a homogeneous activation
 
 
 @dataclass
@@ -103,6 +106,7 @@ class _Plan:
     # gate values of the kept channels, all groups concatenated, then a 1 (for ungated channels):
     kept_global: Tensor  # their indices into the concatenated gate weights
     open_kept: Tensor  # whether each is open
+    grad_kept: Tensor  # whether each gets its gate's task gradient (open, or closed in a full-width group)
     value_offsets: dict[str, int]  # group key -> where its values start
     fold_rows: dict[int, Tensor]  # id(fold) -> its gate vector, as rows of the values
     params: list[tuple[Bundle, list[_SwapSpec], Tensor | None]]  # gathered together, with their scale rows
@@ -112,6 +116,7 @@ class _Plan:
     attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]  # module, compact values, full values
     build_seconds: float
     side: SidePlan | None = None  # the closed-channel side passes of "exact" training (None: not available)
+    exact: bool = False  # made for "exact" training: full-width groups keep every channel
 
 
 _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
@@ -139,7 +144,7 @@ class CompactStats:
     plans: int = 0  # times the open set changed and index tensors were rebuilt
     last_plan_seconds: float = 0.0  # how long the last rebuild took
     fallbacks: int = 0  # forwards that ran the per-layer path because compact execution was not active
-    side_passes: int = 0  # "exact" forwards that ran compact with the closed-channel side pass
+    exact_forwards: int = 0  # "exact" training forwards that ran compact (side passes, full-width groups)
 
 
 class CompactForward:
@@ -162,6 +167,8 @@ class CompactForward:
         self.round_to: int | None = None
         self._plan: _Plan | None = None
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
+        # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
+        self.full_width: dict[str, str] = full_width_groups(bank.analysis.side_passes, bank.key_of_space)
         self._folds = self._build_folds()
         self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
         self._layers = list(bank.gated_layers)
@@ -171,11 +178,10 @@ class CompactForward:
             self.disabled_reason = "paper-form gates (gate_M set) are not exactly 0 for closed channels"
         # why "exact" training keeps the per-layer path (None: it runs compact with side passes)
         self.exact_reason: str | None = (
-            exact_unsupported(bank.analysis.side_passes)
-            if bank.analysis.tracer == "export"
-            else "the torch.fx analysis gives no side-pass recipes"
+            None if bank.analysis.tracer == "export" else "the torch.fx analysis gives no side-pass recipes"
         )
         self._side: SideRun | None = None
+        self._spare: _Plan | None = None  # the plan of the other kind ("exact" training or not)
         self.__wrapped__ = inner  # so that inspect.signature(model.forward) shows the model's own signature
 
     # ---- static structure ----
@@ -194,7 +200,11 @@ class CompactForward:
                 folds.append(_Fold(parts, point.module, None, point.repeat))
                 continue
             target = self._fold_target(point.module, point.fold)
-            folds.append(_Fold(parts, target, hook_of.get(point.module), point.repeat))
+            through = target is not None and target != point.module
+            if through and any(key in self.full_width for key, _ in parts):
+                # relu(0 * z) has no gradient in the gate: a full-width group's closed gates need g * relu(z)
+                target, through = None, False
+            folds.append(_Fold(parts, target, hook_of.get(point.module), point.repeat, through))
         return folds
 
     def _fold_target(self, point_module: str, fold: str | None) -> str | None:
@@ -275,7 +285,7 @@ class CompactForward:
         swapped = self._reuse(plan) if not torch.is_grad_enabled() else None
         if swapped is None:  # (with no_grad and unchanged parameters the last forward's compact tensors serve)
             if not self._tensors_match(plan):  # converted (.to, .double, channels_last) since the plan was built
-                plan = self._plan = self._build_plan(plan.mask)
+                plan = self._plan = self._build_plan(plan.mask, plan.exact)
             values = self._gate_values(plan)
             swapped = self._swap_in(plan, values)
             if not torch.is_grad_enabled():
@@ -302,11 +312,12 @@ class CompactForward:
                     None if fold.module is not None else values.index_select(0, plan.fold_rows[id(fold)])
                 )
                 fold.hook.compact = True
-        if plan.side is not None and plan.side.passes and self._side_active():
-            fulls = {spec.target: full for spec, full, _ in swapped}
-            self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
-            self._side.install()
-            self.stats.side_passes += 1
+        if self._side_active():
+            self.stats.exact_forwards += 1
+            if plan.side is not None and plan.side.passes:
+                fulls = {spec.target: full for spec, full, _ in swapped}
+                self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
+                self._side.install()
         return swapped
 
     @torch.compiler.disable
@@ -392,12 +403,14 @@ class CompactForward:
         shape_fns = {id(resolve_shape(gate.shape)) for gate in gates}
         if len(shape_fns) == 1 and len({(g.weight.dtype, g.weight.device) for g in gates}) == 1:
             weights = [gate.weight for gate in gates]
-            return kept_gate_values(resolve_shape(gates[0].shape), weights, plan.kept_global, plan.open_kept)
+            return kept_gate_values(
+                resolve_shape(gates[0].shape), weights, plan.kept_global, plan.open_kept, plan.grad_kept
+            )
         pieces = []  # gates with different shapes, dtypes or devices: one at a time
         for key, gate in self.bank.gates.items():
             g = gate().index_select(0, plan.kept[key])
-            open_ = plan.open_kept[plan.value_offsets[key] : plan.value_offsets[key] + g.numel()]
-            pieces.append(torch.where(open_.to(g.device), g, g.detach()))
+            graded = plan.grad_kept[plan.value_offsets[key] : plan.value_offsets[key] + g.numel()]
+            pieces.append(torch.where(graded.to(g.device), g, g.detach()))
         like = pieces[0]
         return torch.cat([p.to(like.dtype, like.device) for p in pieces] + [like.new_ones(1)])
 
@@ -424,6 +437,9 @@ class CompactForward:
 
     def _current_plan(self) -> _Plan:
         mask = self.open_masks()
+        exact = self._side_active() and bool(self.full_width)  # plans differ only with full-width groups
+        if self._plan is not None and self._plan.exact != exact:
+            self._plan, self._spare = self._spare, self._plan
         plan = self._plan
         if (
             plan is None
@@ -431,13 +447,15 @@ class CompactForward:
             or plan.mask.device != mask.device
             or not torch.equal(plan.mask, mask)
         ):
-            plan = self._build_plan(mask)
+            plan = self._build_plan(mask, exact)
             self._plan = plan
         return plan
 
-    def _build_plan(self, mask: Tensor) -> _Plan:
+    def _build_plan(self, mask: Tensor, exact: bool = False) -> _Plan:
+        """The plan for open set ``mask``; ``exact``: for "exact" training (full-width groups keep every channel)."""
         start = time.perf_counter()
         model, bank = self.model, self.bank
+        wide = set(self.full_width) if exact else set()
         device = mask.device
         round_to = self.round_to or (8 if device.type == "cuda" else 1)
         # padding channels would count in the statistics of a norm over them (LayerNorm over the stream)
@@ -447,6 +465,9 @@ class CompactForward:
         for key, gate in bank.gates.items():
             m = mask_of[key] = mask[at : at + gate.num_channels]
             at += gate.num_channels
+            if key in wide:  # every channel, closed ones with gate value 0 (and their gates' gradient)
+                kept[key] = open_only[key] = torch.arange(gate.num_channels, device=device)
+                continue
             kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
         entries: dict[str, list[tuple[int, Tensor]]] = {}
@@ -505,12 +526,22 @@ class CompactForward:
             bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
+        grad_kept = mask[kept_all]
+        if wide:  # closed channels of full-width groups: value 0, and their gates get the task gradient
+            wide_of = torch.zeros_like(mask)
+            at = 0
+            for key, gate in bank.gates.items():
+                if key in wide:
+                    wide_of[at : at + gate.num_channels] = True
+                at += gate.num_channels
+            grad_kept = grad_kept | wide_of[kept_all]
         unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
         side = None
         if self.exact_reason is None:
             key_of = bank.key_of_space
-            closed = {key: torch.nonzero(~mask_of[key]).flatten() for key in bank.gates}
-            side = build_plan(model, bank.analysis.side_passes, key_of, closed, entries)
+            closed = {key: torch.nonzero(~mask_of[key]).flatten() for key in bank.gates if key not in self.full_width}
+            recipes = [sp for sp in bank.analysis.side_passes if key_of[sp.space] not in self.full_width]
+            side = build_plan(model, recipes, key_of, closed, entries)
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
@@ -519,6 +550,7 @@ class CompactForward:
             kept,
             kept_all,
             mask[kept_all],
+            grad_kept,
             value_offsets,
             fold_rows,
             bundles,
@@ -528,6 +560,7 @@ class CompactForward:
             attributes,
             seconds,
             side,
+            exact,
         )
 
     def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:

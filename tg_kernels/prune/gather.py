@@ -333,31 +333,37 @@ class _KeptGateValues(torch.autograd.Function):
     """The gate values of every group's kept channels, plus a trailing 1 (for ungated channels).
 
     The values are the open masks (exactly 0/1, the limit form of the gate); the gradient reaching
-    a kept channel's ``w`` is ``g(w)`` times the incoming gradient for open channels and zero for
-    closed ones, as ``hard`` mode gives it.
+    a kept channel's ``w`` is ``g(w)`` times the incoming gradient for ``graded`` channels (the open
+    ones, as ``hard`` mode gives it) and zero for the others.
     """
 
     @staticmethod
-    def forward(ctx, shape_fn: ShapeFn, kept: Tensor, open_kept: Tensor, *weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, shape_fn: ShapeFn, kept: Tensor, open_kept: Tensor, graded: Tensor, *weights: Tensor) -> Tensor:  # type: ignore[override]
         w = torch.cat([t.reshape(-1) for t in weights]).index_select(0, kept)
         ctx.shape_fn = shape_fn
         ctx.sizes = [t.numel() for t in weights]
-        ctx.save_for_backward(w, kept, open_kept)
+        ctx.save_for_backward(w, kept, graded)
         values = open_kept.to(w.dtype)
         return torch.cat([values, values.new_ones(1)])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        w, kept, open_kept = ctx.saved_tensors
+        w, kept, graded = ctx.saved_tensors
         g = _evaluate_shape(ctx.shape_fn, w)
-        local = torch.where(open_kept, grad[:-1] * g, torch.zeros_like(g))
+        local = torch.where(graded, grad[:-1] * g, torch.zeros_like(g))
         full = local.new_zeros(sum(ctx.sizes)).index_copy_(0, kept, local)
-        return None, None, None, *full.split(ctx.sizes)
+        return None, None, None, None, *full.split(ctx.sizes)
 
 
-def kept_gate_values(shape_fn: ShapeFn, weights: Sequence[Tensor], kept: Tensor, open_kept: Tensor) -> Tensor:
-    """Gate values at ``kept`` (indices into the concatenated ``weights``), then a 1; see :class:`_KeptGateValues`."""
-    return _KeptGateValues.apply(shape_fn, kept, open_kept, *weights)
+def kept_gate_values(
+    shape_fn: ShapeFn, weights: Sequence[Tensor], kept: Tensor, open_kept: Tensor, graded: Tensor | None = None
+) -> Tensor:
+    """Gate values at ``kept`` (indices into the concatenated ``weights``), then a 1; see :class:`_KeptGateValues`.
+
+    ``graded`` (default: ``open_kept``) says which kept channels get ``g(w)`` times the incoming
+    gradient: the closed channels of a group kept at full width in ``exact`` training get it too.
+    """
+    return _KeptGateValues.apply(shape_fn, kept, open_kept, open_kept if graded is None else graded, *weights)
 
 
 __all__ = ["Bundle", "gather_bundle", "is_dense", "kept_gate_values", "memory_order_entries"]

@@ -321,12 +321,13 @@ class SideRun:
         return hook
 
 
-def exact_unsupported(recipes: list[SidePass]) -> str | None:
-    """Why ``exact`` cannot run compact for these recipes (None: it can)."""
+def full_width_groups(recipes: list[SidePass], key_of: dict[int, str]) -> dict[str, str]:
+    """Gate key -> why its group has no side pass (a gate point without a recipe): it runs at full width."""
+    wide: dict[str, str] = {}
     for recipe in recipes:
         if recipe.reason is not None:
-            return f"no side pass for gate point '{recipe.point}': {recipe.reason}"
-    return None
+            wide.setdefault(key_of[recipe.space], f"gate point '{recipe.point}': {recipe.reason}")
+    return wide
 
 
-__all__ = ["SidePlan", "SideRun", "build_plan", "exact_unsupported"]
+__all__ = ["SidePlan", "SideRun", "build_plan", "full_width_groups"]
