@@ -275,3 +275,34 @@ def test_in_place_ops_on_a_consumer_output_keep_exact_compact():
     model, bank, none, exact, _ = _exact_and_none(_InPlaceAfterConsumer, (4, 6))
     assert bank.compact.disabled_reason is None
     _assert_equal(none, exact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
+def test_transformers_exact_gradients_equal_none_mode(name):
+    """Heads (gates over whole heads) have no recipe: their groups run at full width, MLP hidden units get
+    the side pass; every gradient is none mode's (float64, eval mode: no dropout)."""
+    from test_compact import _transformer_case
+
+    torch.manual_seed(0)
+    base, args, kwargs = _transformer_case(name)
+    base = base.eval().double()
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(base, args, example_kwargs=kwargs, skip="exact")
+    assert bank.compact.disabled_reason is None and bank.compact.exact_reason is None
+    _half_closed(bank)
+    results = []
+    for skip in ("none", "exact"):
+        bank.set_skip(skip)
+        model.zero_grad(set_to_none=True)
+        from tg_kernels.prune.compact import _tensor_leaves
+
+        out = [t for t in _tensor_leaves(model(*args, **kwargs)) if t.is_floating_point()]
+        sum((t * torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)).square().mean() for t in out).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        grads.update({f"gate:{k}": g.weight.grad for k, g in bank.gates.items()})
+        results.append(grads)
+    assert bank.compact.stats.exact_forwards == 1
+    _assert_equal(*results)

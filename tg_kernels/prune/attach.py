@@ -250,8 +250,11 @@ class _EnterMode:
         self.mode = mode
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
-        # Compact execution runs at the open width, where a plain norm already is the open-channel one.
-        self.mode.entered = not getattr(self.mode.bank.compact, "running", False)
+        # Compact execution runs at the open width, where a plain norm already is the open-channel one
+        # (except over groups that "exact" training keeps at full width).
+        compact = self.mode.bank.compact
+        running = getattr(compact, "running", False)
+        self.mode.entered = not running or id(module) in compact.full_width_norms
         if self.mode.entered:
             self.mode.__enter__()
 

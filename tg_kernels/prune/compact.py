@@ -169,6 +169,14 @@ class CompactForward:
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
         self.full_width: dict[str, str] = full_width_groups(bank.analysis.side_passes, bank.key_of_space)
+        self._norms_together()
+        # norms over full-width groups compute open-channel statistics (as on the per-layer path)
+        self._wide_norms = {
+            id(model.get_submodule(name))
+            for name, parts in bank.analysis.norms
+            if any(key in self.full_width for key, _ in bank.parts(parts))
+        }
+        self.full_width_norms: set[int] = set()  # while an "exact" full-width plan runs: _wide_norms
         self._folds = self._build_folds()
         self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
         self._layers = list(bank.gated_layers)
@@ -221,6 +229,20 @@ class CompactForward:
         if isinstance(target, (nn.modules.conv._ConvNd, nn.Linear)) and point_module == fold:
             return fold
         return None
+
+    def _norms_together(self) -> None:
+        """A norm over a full-width group and another group: that one runs at full width too (the
+        open-channel statistics of the per-layer path need the whole normalised width)."""
+        changed = True
+        while changed:
+            changed = False
+            for name, parts in self.bank.analysis.norms:
+                keys = [key for key, _ in self.bank.parts(parts) if key is not None]
+                wide = next((key for key in keys if key in self.full_width), None)
+                for key in keys:
+                    if wide is not None and key not in self.full_width:
+                        self.full_width[key] = f"normalised by '{name}' together with {wide} (at full width)"
+                        changed = True
 
     def _hooks_to_silence(self) -> list[nn.Module]:
         """Modules whose only forward hooks are gates folded into rows: compact forwards run them hook-free.
@@ -298,6 +320,7 @@ class CompactForward:
         for module, compact, _ in plan.attributes:
             module.__dict__.update(compact)
         self.running = True
+        self.full_width_norms = self._wide_norms if plan.exact else set()
         # (module.__dict__ directly: nn.Module.__setattr__ costs more than the rest of this loop)
         for layer in self._layers:
             layer.__dict__["_tg_compact"] = True
@@ -332,6 +355,7 @@ class CompactForward:
                 fold.hook.compact = False
                 fold.hook.compact_gate = None
         self.running = False
+        self.full_width_norms = set()
         for layer in self._layers:
             layer.__dict__["_tg_compact"] = False
         for module in self._quiet:
