@@ -306,3 +306,26 @@ def test_transformers_exact_gradients_equal_none_mode(name):
         results.append(grads)
     assert bank.compact.stats.exact_forwards == 1
     _assert_equal(*results)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_under_autocast_gives_closed_gates_gradients_close_to_float32(dtype):
+    """Mixed precision: the side pass computes in the parameters' dtype whatever autocast runs."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(MLPBlock(16, 64), x, skip="exact")
+    _half_closed(bank)
+    results = []
+    for skip, autocast in (("none", False), ("exact", True)):
+        bank.set_skip(skip)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+        results.append(torch.cat([g.weight.grad for g in bank.gates.values()]))
+    closed = torch.cat([~g.open_mask() for g in bank.gates.values()])
+    none, exact = results
+    assert exact[closed].abs().sum() > 0
+    torch.testing.assert_close(exact[closed], none[closed], rtol=0.1, atol=0.05 * none[closed].abs().max().item())

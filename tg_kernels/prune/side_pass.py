@@ -174,6 +174,7 @@ class _SideProbe(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: Tensor, job: _ConsumerJob, *gates: Tensor) -> Tensor:
         ctx.job = job
+        ctx.gate_dtypes = [gate.dtype for gate in gates]
         # a copy, not a view: the model may modify the consumer's output in place (``out += identity``),
         # which autograd forbids on views made inside a custom Function
         return output.clone()
@@ -182,7 +183,8 @@ class _SideProbe(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         job: _ConsumerJob = ctx.job
         ctx.job = None
-        return (grad_output, None, *job.gate_gradients(grad_output))
+        grads = job.gate_gradients(grad_output)
+        return (grad_output, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.gate_dtypes)))
 
 
 @dataclass
@@ -222,7 +224,7 @@ class _ConsumerJob:
         """``k * (W1_c M W2_c + b1_c s W2_c)`` with ``M = X^T dY``, ``s = sum_t dY``."""
         x, w1, b1 = value
         w2 = self.weight.narrow(1, start, count)  # [out, closed]
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        x2, dy2 = x.reshape(-1, x.shape[-1]).to(dy.dtype), dy.reshape(-1, dy.shape[-1])
         g = ((w1 @ (x2.t() @ dy2)) * w2.t()).sum(1)
         if b1 is not None:
             g = g + b1 * (dy2.sum(0) @ w2)
@@ -300,7 +302,8 @@ class SideRun:
                 shape[1] = item.closed.numel()
                 like = self.full(recipe.source_module, "weight")
                 u = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            return "u", _replay(recipe.source_steps, u, item.step_index, self)
+            u = _replay(recipe.source_steps, u, item.step_index, self)
+            return "u", u.to(self.full(recipe.producer or recipe.source_module, "weight").dtype)  # (autocast)
 
     def _wrap(self, consumer: _Consumer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
