@@ -22,8 +22,11 @@ from torch import Tensor, nn
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.prune.attach import (
     BANK_NAME,
+    RECURRENT_ROWS,
     GateBank,
     GateHook,
+    RecurrentGateHook,
+    RecurrentRestore,
     _EnterMode,
     _ExitMode,
     gate_bank,
@@ -95,6 +98,18 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
         _scale_rows(module, scale, ("weight", "bias"))
 
 
+def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
+    """Scale the gated block's rows of every LSTM / GRU layer by its units' gate values (what
+    :class:`~tg_kernels.prune.attach.RecurrentGateHook` does in each forward), before slicing."""
+    for point in bank.analysis.recurrent:
+        module = model.get_submodule(point.module)
+        gate = values[bank.key_of_space[point.space]]
+        ones = torch.ones(point.size)
+        scale = torch.cat([ones] * point.block + [gate] + [ones] * (point.blocks - point.block - 1))
+        names = [n for n in module._flat_weights_names if n.startswith(RECURRENT_ROWS)]
+        _scale_rows(module, scale, names)
+
+
 Aliases = dict[int, tuple[Tensor, list[tuple[nn.Module, str]]]]
 
 
@@ -153,6 +168,10 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, (nn.LSTM, nn.GRU)):  # _flat_weights: refreshed by export (or by the forward)
+        module.input_size = module.weight_ih_l0.shape[1]
+        proj = getattr(module, "proj_size", 0)
+        module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
         module.nf = module.weight.shape[1]
 
@@ -199,6 +218,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                     stacklevel=2,
                 )
             _fold_gate_values(exported, ebank, values, kept)
+            _fold_recurrent(exported, ebank, values)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
             aliases = _aliases(exported)
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
@@ -207,6 +227,8 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 _replace_tensor(exported, target, new, aliases)
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
+                if isinstance(module, nn.RNNBase):
+                    module._init_flat_weights()  # it holds the parameters it had before slicing
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
                 counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
                 setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
@@ -215,11 +237,11 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
     for module in exported.modules():
         for hook_id, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, (GateHook, _ExitMode)):
+            if isinstance(hook, (GateHook, _ExitMode, RecurrentRestore)):
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _EnterMode):
+            if isinstance(hook, (_EnterMode, RecurrentGateHook)):
                 del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 
