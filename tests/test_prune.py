@@ -620,12 +620,14 @@ def test_export_graph_gives_the_groups_of_the_fx_analysis(build, shape):
 
 
 class _RecurrentNet(nn.Module):
-    """Embedding -> 2-layer LSTM / GRU (bidirectional: both directions) -> Linear."""
+    """Embedding -> 2-layer LSTM / GRU / RNN (bidirectional: both directions) -> Linear."""
 
-    def __init__(self, cls: type[nn.Module], bidirectional: bool, proj_size: int = 0) -> None:
+    def __init__(self, cls: type[nn.Module], bidirectional: bool, proj_size: int = 0, relu: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(30, 8)
         extra = {"proj_size": proj_size} if proj_size else {}
+        if relu:
+            extra["nonlinearity"] = "relu"
         self.rnn = cls(8, 12, num_layers=2, batch_first=True, bidirectional=bidirectional, **extra)
         self.head = nn.Linear((proj_size or 12) * (2 if bidirectional else 1), 3)
 
@@ -634,15 +636,23 @@ class _RecurrentNet(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("cls", "bidirectional", "proj_size"),
-    [(nn.LSTM, False, 0), (nn.LSTM, True, 0), (nn.LSTM, False, 4), (nn.GRU, False, 0), (nn.GRU, True, 0)],
+    ("cls", "bidirectional", "proj_size", "relu"),
+    [
+        (nn.LSTM, False, 0, False),
+        (nn.LSTM, True, 0, False),
+        (nn.LSTM, False, 4, False),
+        (nn.GRU, False, 0, False),
+        (nn.GRU, True, 0, False),
+        (nn.RNN, True, 0, False),
+        (nn.RNN, False, 0, True),
+    ],
 )
-def test_rnn_hard_training_step_then_export_is_exact(cls, bidirectional, proj_size):
-    """LSTM / GRU hidden units: one hard-mode step compact (gradients equal the per-layer path's, closed
-    units' rows get none), then the exported model equals the gated model in float64."""
+def test_rnn_hard_training_step_then_export_is_exact(cls, bidirectional, proj_size, relu):
+    """LSTM / GRU / RNN hidden units: one hard-mode step compact (gradients equal the per-layer path's,
+    closed units' rows get none), then the exported model equals the gated model in float64."""
     torch.manual_seed(0)
     tokens = torch.randint(0, 30, (3, 9))
-    base = _RecurrentNet(cls, bidirectional, proj_size).double()
+    base = _RecurrentNet(cls, bidirectional, proj_size, relu).double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no barrier, no compact fallback, no self-check failure
         compact, cbank = tg.attach_gates(copy.deepcopy(base), tokens, skip="hard")
@@ -701,3 +711,19 @@ def test_rnn_given_initial_state_keeps_hidden_units_whole():
     model, bank = tg.attach_gates(WithState(), (torch.randn(2, 5, 4), torch.randn(1, 2, 6)))
     assert "rnn" not in {g.key for g in bank.groups}
     assert "initial hidden state" in bank.skipped["rnn"]
+
+
+def test_rnn_save_load_round_trip(tmp_path):
+    """An exported LSTM model (smaller hidden_size) saves and loads into a fresh full-size model."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 30, (2, 6))
+    model, bank = tg.attach_gates(_RecurrentNet(nn.LSTM, True), tokens)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight[: gate.num_channels // 2] = -0.5
+    exported = tg.export(model).eval()
+    tg.save(exported, tmp_path / "lstm.pt")
+    loaded = tg.load(tmp_path / "lstm.pt", _RecurrentNet(nn.LSTM, True)).eval()
+    assert loaded.rnn.hidden_size == exported.rnn.hidden_size == 6
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), exported(tokens), rtol=0, atol=0)

@@ -8,7 +8,9 @@ group's gate, so that it skips closed channels while training; every other gate 
 BatchNorm, a depthwise conv, a sigmoid) is a forward hook calling the fused
 :func:`~tg_kernels.channel_gate`. A Conv2d whose gate sits after its BatchNorm becomes a
 ``GatedConv2d(gate_after_norm=True)``: it applies no gate but skips closed channels in its
-backward (``exact``) or everywhere (``hard``).
+backward (``exact``) or everywhere (``hard``). The hidden units of an ``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN`` are gated inside the recurrence, on the parameters a forward pre-hook hands the module
+(:class:`RecurrentGateHook`).
 """
 
 from __future__ import annotations
@@ -160,11 +162,11 @@ RECURRENT_ROWS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class RecurrentGateHook:
-    """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU``: run it with its hidden units gated inside the
+    """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run it with its hidden units gated inside the
     recurrence (:class:`~tg_kernels.prune.analysis.RecurrentGate`).
 
     The module's forward reads its parameters from ``module._flat_weights``. For one call this hook
-    puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new gate)
+    puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new gate, RNN's only block)
     multiplied by the unit's gate value, differentiably; :class:`RecurrentRestore` (its forward hook)
     puts the parameters themselves back. A closed unit is then exactly zero at every step, which is
     what removing it computes. Under compact execution the parameters are already the kept units'

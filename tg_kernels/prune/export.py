@@ -4,7 +4,8 @@ Export copies the gated model, folds every gate value into the module it follows
 weight rows, a BatchNorm's affine parameters), removes closed channels from every tensor the
 analysis listed (producer rows, norm statistics, consumer columns, per-channel parameters),
 turns Gated layers back into ``nn.Conv2d`` / ``nn.Linear``, removes the gate hooks and the gates,
-and updates module attributes (``out_channels``, ``num_features``, ...) to the new sizes. With
+and updates module attributes (``out_channels``, ``num_features``, ``hidden_size``, ...) to the new sizes
+(an LSTM / GRU's gated rows are scaled by its units' gate values first, as its gate hook does). With
 limit-form gates (exactly 0 or 1) the result computes what the gated model computes in eval mode.
 """
 
@@ -168,7 +169,7 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
-    elif isinstance(module, (nn.LSTM, nn.GRU)):  # _flat_weights: refreshed by export (or by the forward)
+    elif isinstance(module, nn.RNNBase):  # LSTM, GRU, RNN; _flat_weights: refreshed by export (or by the forward)
         module.input_size = module.weight_ih_l0.shape[1]
         proj = getattr(module, "proj_size", 0)
         module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
@@ -264,6 +265,8 @@ def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
             sizes[name] = {"in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             sizes[name] = {"num_features": m.num_features}
+        elif isinstance(m, nn.RNNBase):
+            sizes[name] = {"input_size": m.input_size, "hidden_size": m.hidden_size}
     return sizes
 
 
@@ -314,4 +317,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
             empty = torch.empty(tensor.shape, dtype=own[key].dtype, device=own[key].device)
             _replace_tensor(model, key, empty)
     model.load_state_dict(state)
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # the resized parameters
     return model

@@ -1236,15 +1236,16 @@ def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
 # Recurrent layers: LSTM and GRU hidden units
 # --------------------------------------------------------------------------------------------------
 
-_RECURRENT_BLOCKS = {"lstm": 4, "gru": 3}  # gate blocks per hidden unit: LSTM i, f, g, o; GRU r, z, n
-_CANDIDATE_BLOCK = 2  # the block a gate scales: LSTM's cell candidate g, GRU's new gate n
+# Per op: (gate blocks per hidden unit, the block a gate scales). LSTM: i, f, g, o, the cell
+# candidate g; GRU: r, z, n, the new gate n; nn.RNN: one block, h = tanh/relu(W x + U h + b) itself.
+_RECURRENT_BLOCKS = {"lstm": (4, 2), "gru": (3, 2), "rnn_tanh": (1, 0), "rnn_relu": (1, 0)}
 
 
-@_rule("lstm", "gru")
+@_rule(*_RECURRENT_BLOCKS)
 def recurrent(w: Walk, node: fx.Node) -> Any:
-    """``aten.lstm.input`` / ``aten.gru.input``: every layer (and direction) of an ``nn.LSTM`` /
-    ``nn.GRU`` in one op, its parameters one flat list ``[w_ih, w_hh, b_ih, b_hh, (w_hr)]`` per
-    layer and direction.
+    """``aten.lstm.input`` / ``aten.gru.input`` / ``aten.rnn_tanh.input`` / ``aten.rnn_relu.input``:
+    every layer (and direction) of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in one op, its
+    parameters one flat list ``[w_ih, w_hh, b_ih, b_hh, (w_hr)]`` per layer and direction.
 
     The hidden units make one new space of ``hidden_size`` channels, shared by every layer and
     direction (the module has one ``hidden_size``, and ``h_0`` is one ``(layers * directions, B, H)``
@@ -1256,7 +1257,7 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
     cells: rows as above and column ``j`` of ``w_hr``; the projected outputs stay whole.
     """
     kind = _op_name(node)
-    blocks = _RECURRENT_BLOCKS[kind]
+    blocks, block = _RECURRENT_BLOCKS[kind]
     x_node = node.args[0]
     x = w.tracked(x_node)
     overload = getattr(node.target, "_overloadname", "")
@@ -1273,8 +1274,8 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
         return None
     module = w.owner(names[0])
     rnn = w.module_of(module)
-    if not isinstance(rnn, nn.LSTM | nn.GRU) or any(w.owner(n) != module for n in names):
-        w.barrier(node, f"'{kind}' outside an nn.LSTM / nn.GRU at '{node.name}'")
+    if not isinstance(rnn, nn.RNNBase) or any(w.owner(n) != module for n in names):
+        w.barrier(node, f"'{kind}' outside an nn.LSTM / nn.GRU / nn.RNN at '{node.name}'")
         return None
     hidden = rnn.hidden_size
     proj = getattr(rnn, "proj_size", 0)
@@ -1290,7 +1291,7 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
     key = f"producer:{module}"
     space = w.spaces.new(hidden, key, module, fixed or w.spaces.forced_fixed.get(key), 1)
     units = ChannelInfo((space,), 0, (None,))
-    w.recurrent.append(RecurrentGate(module, space, hidden, _CANDIDATE_BLOCK, blocks))
+    w.recurrent.append(RecurrentGate(module, space, hidden, block, blocks))
 
     tokens = math.prod(in_shape[:-1])
     if x is not None:

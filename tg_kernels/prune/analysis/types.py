@@ -56,18 +56,18 @@ class GatePoint:
 
 @dataclass(frozen=True)
 class RecurrentGate:
-    """Gate the hidden units of an ``nn.LSTM`` / ``nn.GRU`` ``module`` inside its recurrence.
+    """Gate the hidden units of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` ``module`` inside its recurrence.
 
     A hidden unit cannot be gated on the module's output: the recurrence reads it back (and the
     layers after the first read it inside the one fused ATen op). Instead gate ``j`` of ``space``
     (``size`` units, shared by every layer and direction, which must keep the same hidden size)
     multiplies rows ``block * size + j`` of every ``weight_ih_l*``, ``weight_hh_l*``, ``bias_ih_l*``
     and ``bias_hh_l*`` while the module runs: the cell candidate ``g`` of an LSTM (``block`` 2 of
-    its 4 gate blocks i, f, g, o), the new gate ``n`` of a GRU (``block`` 2 of r, z, n). With a zero
-    initial state a closed unit then stays exactly zero at every step (LSTM: ``c = f c + i * 0 = 0``,
-    ``h = o tanh(0) = 0``; GRU: ``n = tanh(0 + r * 0) = 0``, ``h = (1 - z) 0 + z 0 = 0``), so it adds
-    nothing to the recurrence, to the next layer or to any consumer, and removing it is exact.
-    ``blocks`` is the number of gate blocks (4 for LSTM, 3 for GRU).
+    its ``blocks`` = 4 gate blocks i, f, g, o), the new gate ``n`` of a GRU (``block`` 2 of r, z, n),
+    the only block of an ``nn.RNN``. With a zero initial state a closed unit then stays exactly zero
+    at every step (LSTM: ``c = f c + i * 0 = 0``, ``h = o tanh(0) = 0``; GRU: ``n = tanh(0 + r * 0) = 0``,
+    ``h = (1 - z) 0 + z 0 = 0``; RNN: ``h = tanh(0) = relu(0) = 0``), so it adds nothing to the
+    recurrence, to the next layer or to any consumer, and removing it is exact.
     """
 
     module: str
