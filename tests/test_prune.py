@@ -727,3 +727,36 @@ def test_rnn_save_load_round_trip(tmp_path):
     assert loaded.rnn.hidden_size == exported.rnn.hidden_size == 6
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), exported(tokens), rtol=0, atol=0)
+
+
+def test_rnn_final_states_and_unbatched_input():
+    """Consumers of the output, of h_n and of c_n (an unbatched input: nn.LSTM squeezes them) all see
+    exact zeros for closed units; in "exact" mode closed units' gates still get their task gradient."""
+
+    class States(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.rnn = nn.LSTM(8, 10, num_layers=2, bidirectional=True)
+            self.out_head, self.h_head, self.c_head = nn.Linear(20, 3), nn.Linear(20, 3), nn.Linear(10, 3)
+
+        def forward(self, x):
+            out, (h, c) = self.rnn(torch.relu(self.inp(x)))
+            return self.out_head(out) + self.h_head(torch.cat([h[-2], h[-1]], -1)) + self.c_head(c[-1])
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)  # (time, features): no batch dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(States().double(), x)
+    assert {g.key: g.size for g in bank.groups} == {"inp": 8, "rnn": 10}
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight[: gate.num_channels // 2] = -0.5
+    model(x).square().sum().backward()
+    assert bank.gates["rnn"].weight.grad[:5].abs().min() > 0
+    model.eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-12)
+    assert exported.rnn.hidden_size == 5 and exported.inp.out_features == 4

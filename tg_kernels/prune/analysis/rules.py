@@ -770,6 +770,9 @@ def unsqueeze(w: Walk, node: fx.Node) -> Any:
 @_rule("squeeze")
 def squeeze(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
+    stacked = w.info.get(node.args[0])
+    if isinstance(stacked, StackedInfo):  # an unbatched RNN's h_n, c_n: (states, 1, H) -> (states, H)
+        return _squeeze_stacked(w, node, stacked)
     if x is None:
         return _view_param(w, node)
     in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
@@ -779,6 +782,25 @@ def squeeze(w: Walk, node: fx.Node) -> Any:
     dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
     dims = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
     return x.with_dim(x.dim - sum(1 for d in dims if d < x.dim))
+
+
+def _squeeze_stacked(w: Walk, node: fx.Node, stacked: StackedInfo) -> StackedInfo | None:
+    """``squeeze`` of stacked pieces: their dims move down past the removed size-1 dims."""
+    in_shape = w.shape(node.args[0])
+    if in_shape is None:
+        w.barrier(node, f"'squeeze' of stacked channel pieces at '{node.name}'")
+        return None
+    given = node.args[1] if len(node.args) > 1 else None
+    dims = range(len(in_shape)) if given is None else (given if isinstance(given, (list, tuple)) else [given])
+    removed = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
+    if stacked.dim in removed or any(item.dim in removed for item in stacked.items):
+        w.barrier(node, f"'squeeze' of stacked channel pieces at '{node.name}'")
+        return None
+
+    def moved(d: int) -> int:
+        return d - sum(1 for r in removed if r < d)
+
+    return StackedInfo(moved(stacked.dim), tuple(item.with_dim(moved(item.dim)) for item in stacked.items))
 
 
 @_rule("expand", "expand_as")

@@ -474,7 +474,7 @@ def _op_name(node: fx.Node) -> str:
 
 
 # Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
-STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach"}
+STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach", "squeeze"}
 
 
 def _flatten_infos(value: Any) -> list[ChannelInfo]:
