@@ -157,20 +157,20 @@ class GateHook:
         return channel_gate(output, gate, self.dim)
 
 
-# The parameters of an LSTM / GRU layer whose rows are hidden units' gate blocks (not weight_hr_l*).
+# The parameters of an LSTM / GRU / RNN layer whose rows are hidden units' gate blocks (not weight_hr_l*).
 RECURRENT_ROWS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class RecurrentGateHook:
-    """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run it with its hidden units gated inside the
-    recurrence (:class:`~tg_kernels.prune.analysis.RecurrentGate`).
+    """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run it with its hidden units
+    gated inside the recurrence (:class:`~tg_kernels.prune.analysis.RecurrentGate`).
 
     The module's forward reads its parameters from ``module._flat_weights``. For one call this hook
-    puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new gate, RNN's only block)
-    multiplied by the unit's gate value, differentiably; :class:`RecurrentRestore` (its forward hook)
-    puts the parameters themselves back. A closed unit is then exactly zero at every step, which is
-    what removing it computes. Under compact execution the parameters are already the kept units'
-    and the hook scales them by the kept gates' values.
+    puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new
+    gate, RNN's only block) multiplied by the unit's gate value, differentiably;
+    :class:`RecurrentRestore` (its forward hook) puts the parameters themselves back. A closed unit
+    is then exactly zero at every step, which is what removing it computes. Under compact execution
+    the parameters are already the kept units' and the hook scales them by the kept gates' values.
     """
 
     def __init__(self, bank: GateBank, point: RecurrentGate, key: str, hard: bool = False) -> None:

@@ -1255,7 +1255,7 @@ def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Recurrent layers: LSTM and GRU hidden units
+# Recurrent layers: LSTM, GRU and RNN hidden units
 # --------------------------------------------------------------------------------------------------
 
 # Per op: (gate blocks per hidden unit, the block a gate scales). LSTM: i, f, g, o, the cell
