@@ -94,6 +94,60 @@ class Translator(nn.Module):
         return self.generator(self.transformer(s, t, tgt_mask=mask, tgt_is_causal=True))
 
 
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> 2-layer LSTM (batch first) -> Linear head over the vocabulary."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out)
+
+
+class GRUTagger(nn.Module):
+    """Embedding -> Linear -> 2-layer bidirectional GRU (sequence first) -> Linear tag head."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, hidden: int = 24, tags: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.inp = nn.Linear(width, width)
+        self.gru = nn.GRU(width, hidden, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, tags)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.inp(self.embed(tokens))).transpose(0, 1)  # (T, B, C)
+        out, _ = self.gru(x)
+        return self.head(out).transpose(0, 1)
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> bidirectional LSTM; the classifier reads the last layer's final states ``h_n``."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, hidden: int = 20, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, (h_n, _) = self.lstm(self.embed(tokens))
+        return self.head(torch.cat([h_n[-2], h_n[-1]], dim=-1))
+
+
+def rnn_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+    """name -> (builder, example positional inputs, example keyword inputs): LSTM / GRU models."""
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    return {
+        "lstm_lm": (LSTMLanguageModel, (tokens,), {}),
+        "gru_tagger": (GRUTagger, (tokens,), {}),
+        "lstm_classifier": (LSTMClassifier, (tokens,), {}),
+    }
+
+
 def task_family_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
     """name -> (builder, example positional inputs, example keyword inputs)."""
     g = torch.Generator().manual_seed(0)

@@ -617,3 +617,146 @@ def test_export_graph_gives_the_groups_of_the_fx_analysis(build, shape):
             )
         )
     assert results[0] == results[1]
+
+
+class _RecurrentNet(nn.Module):
+    """Embedding -> 2-layer LSTM / GRU / RNN (bidirectional: both directions) -> Linear."""
+
+    def __init__(self, cls: type[nn.Module], bidirectional: bool, proj_size: int = 0, relu: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        extra = {"proj_size": proj_size} if proj_size else {}
+        if relu:
+            extra["nonlinearity"] = "relu"
+        self.rnn = cls(8, 12, num_layers=2, batch_first=True, bidirectional=bidirectional, **extra)
+        self.head = nn.Linear((proj_size or 12) * (2 if bidirectional else 1), 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+@pytest.mark.parametrize(
+    ("cls", "bidirectional", "proj_size", "relu"),
+    [
+        (nn.LSTM, False, 0, False),
+        (nn.LSTM, True, 0, False),
+        (nn.LSTM, False, 4, False),
+        (nn.GRU, False, 0, False),
+        (nn.GRU, True, 0, False),
+        (nn.RNN, True, 0, False),
+        (nn.RNN, False, 0, True),
+    ],
+)
+def test_rnn_hard_training_step_then_export_is_exact(cls, bidirectional, proj_size, relu):
+    """LSTM / GRU / RNN hidden units: one hard-mode step compact (gradients equal the per-layer path's,
+    closed units' rows get none), then the exported model equals the gated model in float64."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 30, (3, 9))
+    base = _RecurrentNet(cls, bidirectional, proj_size, relu).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no barrier, no compact fallback, no self-check failure
+        compact, cbank = tg.attach_gates(copy.deepcopy(base), tokens, skip="hard")
+        per_layer, pbank = tg.attach_gates(copy.deepcopy(base), tokens, skip="hard", compact=False)
+    assert cbank.compact.disabled_reason is None
+    assert {g.key: g.size for g in cbank.groups}["rnn"] == 12
+    g = torch.Generator().manual_seed(3)
+    closed = {}
+    with torch.no_grad():
+        for key, gate in cbank.gates.items():
+            closed[key] = torch.randperm(gate.num_channels, generator=g)[: gate.num_channels // 2]
+            for bank in (cbank, pbank):
+                bank.gates[key].weight.fill_(0.5)
+                bank.gates[key].weight[closed[key]] = -0.5
+    for model in (compact, per_layer):
+        model.train()
+        model(tokens).square().mean().backward()
+    assert cbank.compact.stats.forwards == 1
+    grads = {n: p.grad for n, p in per_layer.named_parameters() if p.grad is not None}
+    for name, p in compact.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    rows = compact.rnn.weight_ih_l0.grad.reshape(-1, 12, 8)  # (gate blocks, units, inputs)
+    open_units = [i for i in range(12) if i not in closed["rnn"]]
+    assert torch.all(rows[:, closed["rnn"]] == 0) and rows[:, open_units].abs().sum() > 0
+    with torch.no_grad():
+        for p in compact.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    compact.eval()
+    with torch.no_grad():
+        gated = compact(tokens)
+        cbank.compact.enabled = False
+        full_width = compact(tokens)
+        cbank.compact.enabled = True
+        exported = tg.export(compact)
+        out = exported(tokens)
+    assert exported.rnn.hidden_size == 12 - closed["rnn"].numel()
+    assert type(exported.rnn) is cls and not exported.rnn._forward_pre_hooks and not exported.rnn._forward_hooks
+    torch.testing.assert_close(full_width, gated, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, gated, rtol=0, atol=1e-12)
+
+
+def test_rnn_given_initial_state_keeps_hidden_units_whole():
+    """A closed unit stays zero only from a zero initial state: with h_0 given, the units stay ungated."""
+
+    class WithState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x, h0):
+            return self.head(self.rnn(x, h0)[0])
+
+    model, bank = tg.attach_gates(WithState(), (torch.randn(2, 5, 4), torch.randn(1, 2, 6)))
+    assert "rnn" not in {g.key for g in bank.groups}
+    assert "initial hidden state" in bank.skipped["rnn"]
+
+
+def test_rnn_save_load_round_trip(tmp_path):
+    """An exported LSTM model (smaller hidden_size) saves and loads into a fresh full-size model."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 30, (2, 6))
+    model, bank = tg.attach_gates(_RecurrentNet(nn.LSTM, True), tokens)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight[: gate.num_channels // 2] = -0.5
+    exported = tg.export(model).eval()
+    tg.save(exported, tmp_path / "lstm.pt")
+    loaded = tg.load(tmp_path / "lstm.pt", _RecurrentNet(nn.LSTM, True)).eval()
+    assert loaded.rnn.hidden_size == exported.rnn.hidden_size == 6
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), exported(tokens), rtol=0, atol=0)
+
+
+def test_rnn_final_states_and_unbatched_input():
+    """Consumers of the output, of h_n and of c_n (an unbatched input: nn.LSTM squeezes them) all see
+    exact zeros for closed units; in "exact" mode closed units' gates still get their task gradient."""
+
+    class States(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.rnn = nn.LSTM(8, 10, num_layers=2, bidirectional=True)
+            self.out_head, self.h_head, self.c_head = nn.Linear(20, 3), nn.Linear(20, 3), nn.Linear(10, 3)
+
+        def forward(self, x):
+            out, (h, c) = self.rnn(torch.relu(self.inp(x)))
+            return self.out_head(out) + self.h_head(torch.cat([h[-2], h[-1]], -1)) + self.c_head(c[-1])
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)  # (time, features): no batch dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, bank = tg.attach_gates(States().double(), x)
+    assert {g.key: g.size for g in bank.groups} == {"inp": 8, "rnn": 10}
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight[: gate.num_channels // 2] = -0.5
+    model(x).square().sum().backward()
+    assert bank.gates["rnn"].weight.grad[:5].abs().min() > 0
+    model.eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-12)
+    assert exported.rnn.hidden_size == 5 and exported.inp.out_features == 4

@@ -44,6 +44,20 @@ class _PoolBetween(nn.Module):
         return self.head(nn.functional.adaptive_avg_pool2d(c, 1).flatten(1) + d.mean((2, 3)))
 
 
+class _Recurrent(nn.Module):
+    """An LSTM's hidden units (gated inside the recurrence: a full-width group in exact forwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.rnn = nn.LSTM(8, 10, num_layers=2, batch_first=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(nn.functional.gelu(self.inp(x)))
+        return self.head(out)
+
+
 def _half_closed(bank: tg.GateBank, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -113,6 +127,7 @@ MODELS = [
         lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32), id="densenet121", marks=pytest.mark.slow
     ),
     pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32), id="mobilenet_v2"),
+    pytest.param(_Recurrent, (2, 6, 5), id="lstm"),
 ]
 
 

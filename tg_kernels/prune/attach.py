@@ -8,7 +8,9 @@ group's gate, so that it skips closed channels while training; every other gate 
 BatchNorm, a depthwise conv, a sigmoid) is a forward hook calling the fused
 :func:`~tg_kernels.channel_gate`. A Conv2d whose gate sits after its BatchNorm becomes a
 ``GatedConv2d(gate_after_norm=True)``: it applies no gate but skips closed channels in its
-backward (``exact``) or everywhere (``hard``).
+backward (``exact``) or everywhere (``hard``). The hidden units of an ``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN`` are gated inside the recurrence, on the parameters a forward pre-hook hands the module
+(:class:`RecurrentGateHook`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,15 @@ from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.prune.analysis import Analysis, analyze, analyze_export, export_trace, record_shapes, trace
+from tg_kernels.prune.analysis import (
+    Analysis,
+    RecurrentGate,
+    analyze,
+    analyze_export,
+    export_trace,
+    record_shapes,
+    trace,
+)
 
 BANK_NAME = "tg_gates"
 
@@ -61,6 +72,7 @@ class GateBank(nn.Module):
         # (plain lists, not submodules: the layers belong to the model, the bank only points at them).
         self.gated_layers: list[GatedConv2d | GatedLinear] = []
         self.hooks: list[GateHook] = []
+        self.recurrent_hooks: list[RecurrentGateHook] = []  # LSTM / GRU hidden units (gated on parameters)
         self.compact: Any = None  # the CompactForward running this model compact (prune/compact.py), if any
 
     def forward(self, x: Any) -> Any:
@@ -88,6 +100,8 @@ class GateBank(nn.Module):
         for layer in self.gated_layers:
             layer.skip = skip
         for hook in self.hooks:
+            hook.hard = skip == "hard"
+        for hook in self.recurrent_hooks:
             hook.hard = skip == "hard"
 
     def open_fraction(self) -> float:
@@ -141,6 +155,65 @@ class GateHook:
         if self.repeat != 1:
             gate = gate.repeat_interleave(self.repeat)
         return channel_gate(output, gate, self.dim)
+
+
+# The parameters of an LSTM / GRU / RNN layer whose rows are hidden units' gate blocks (not weight_hr_l*).
+RECURRENT_ROWS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class RecurrentGateHook:
+    """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run it with its hidden units
+    gated inside the recurrence (:class:`~tg_kernels.prune.analysis.RecurrentGate`).
+
+    The module's forward reads its parameters from ``module._flat_weights``. For one call this hook
+    puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new
+    gate, RNN's only block) multiplied by the unit's gate value, differentiably;
+    :class:`RecurrentRestore` (its forward hook) puts the parameters themselves back. A closed unit
+    is then exactly zero at every step, which is what removing it computes. Under compact execution
+    the parameters are already the kept units' and the hook scales them by the kept gates' values.
+    """
+
+    def __init__(self, bank: GateBank, point: RecurrentGate, key: str, hard: bool = False) -> None:
+        self.bank = bank
+        self.point = point
+        self.key = key
+        self.hard = hard
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        names = module._flat_weights_names
+        params = [getattr(module, n, None) for n in names]
+        gate = self.bank.gates[self.key]()
+        runner = self.bank.compact
+        compact = runner is not None and getattr(runner, "running", False)
+        if compact:  # the parameters hold the kept units only (compact.py gathered them)
+            gate = gate.index_select(0, runner._plan.kept[self.key].to(gate.device))
+        # closed gates get no task gradient (only the budget moves them), except in "exact" training,
+        # where compact execution keeps recurrent groups at full width for them
+        if self.hard or (compact and not runner._plan.exact):
+            gate = torch.where(gate != 0, gate, gate.detach())
+        gated = []
+        for name, t in zip(names, params):
+            if t is None or not name.startswith(RECURRENT_ROWS):
+                gated.append(t)
+                continue
+            units = t.shape[0] // self.point.blocks
+            g = gate.to(t.dtype)
+            ones = t.new_ones(units)
+            scale = torch.cat([ones] * self.point.block + [g] + [ones] * (self.point.blocks - self.point.block - 1))
+            gated.append(t * scale.view(-1, *([1] * (t.dim() - 1))))
+        module._flat_weights = gated
+        # the parameters are unchanged: the forward must not rebuild _flat_weights from them
+        module._flat_weight_refs = [weakref.ref(t) if t is not None else None for t in params]
+
+
+class RecurrentRestore:
+    """Forward hook (always called) after :class:`RecurrentGateHook`: the module's ``_flat_weights``
+    are its parameters again."""
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        params = [getattr(module, n, None) for n in module._flat_weights_names]
+        module._flat_weights = params
+        module._flat_weight_refs = [weakref.ref(t) if t is not None else None for t in params]
 
 
 class InputGate:
@@ -351,6 +424,12 @@ def _install(
             hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat)
             module.register_forward_hook(hook)
             bank.hooks.append(hook)
+    for point in analysis.recurrent:  # LSTM / GRU hidden units: gated inside the recurrence
+        module = model.get_submodule(point.module)
+        hook = RecurrentGateHook(bank, point, bank.key_of_space[point.space], hard=skip == "hard")
+        module.register_forward_pre_hook(hook)
+        module.register_forward_hook(RecurrentRestore(), always_call=True)
+        bank.recurrent_hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
         conv.gate = bank.gates[bank.key_of_space[space]]
@@ -425,6 +504,7 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
             if any(r is not None for r, _ in parts2(sa.parts))
         ],
         side_passes=[sp for sp in analysis.side_passes if sp.space in root_of.values()],
+        recurrent=[rg for rg in analysis.recurrent if rg.space in root_of],
     )
 
 

@@ -169,6 +169,8 @@ class CompactForward:
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
         self.full_width: dict[str, str] = full_width_groups(bank.analysis.side_passes, bank.key_of_space)
+        for rg in getattr(bank.analysis, "recurrent", ()):  # gated inside a recurrence: no side pass
+            self.full_width.setdefault(bank.key_of_space[rg.space], f"hidden units of '{rg.module}' (a recurrence)")
         self._norms_together()
         # norms over full-width groups compute open-channel statistics (as on the per-layer path)
         self._wide_norms = {

@@ -4,7 +4,8 @@ Export copies the gated model, folds every gate value into the module it follows
 weight rows, a BatchNorm's affine parameters), removes closed channels from every tensor the
 analysis listed (producer rows, norm statistics, consumer columns, per-channel parameters),
 turns Gated layers back into ``nn.Conv2d`` / ``nn.Linear``, removes the gate hooks and the gates,
-and updates module attributes (``out_channels``, ``num_features``, ...) to the new sizes. With
+and updates module attributes (``out_channels``, ``num_features``, ``hidden_size``, ...) to the new sizes
+(an LSTM / GRU's gated rows are scaled by its units' gate values first, as its gate hook does). With
 limit-form gates (exactly 0 or 1) the result computes what the gated model computes in eval mode.
 """
 
@@ -22,8 +23,11 @@ from torch import Tensor, nn
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.prune.attach import (
     BANK_NAME,
+    RECURRENT_ROWS,
     GateBank,
     GateHook,
+    RecurrentGateHook,
+    RecurrentRestore,
     _EnterMode,
     _ExitMode,
     gate_bank,
@@ -95,6 +99,18 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
         _scale_rows(module, scale, ("weight", "bias"))
 
 
+def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
+    """Scale the gated block's rows of every LSTM / GRU layer by its units' gate values (what
+    :class:`~tg_kernels.prune.attach.RecurrentGateHook` does in each forward), before slicing."""
+    for point in bank.analysis.recurrent:
+        module = model.get_submodule(point.module)
+        gate = values[bank.key_of_space[point.space]]
+        ones = torch.ones(point.size)
+        scale = torch.cat([ones] * point.block + [gate] + [ones] * (point.blocks - point.block - 1))
+        names = [n for n in module._flat_weights_names if n.startswith(RECURRENT_ROWS)]
+        _scale_rows(module, scale, names)
+
+
 Aliases = dict[int, tuple[Tensor, list[tuple[nn.Module, str]]]]
 
 
@@ -153,6 +169,10 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.RNNBase):  # LSTM, GRU, RNN; _flat_weights: refreshed by export (or by the forward)
+        module.input_size = module.weight_ih_l0.shape[1]
+        proj = getattr(module, "proj_size", 0)
+        module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
         module.nf = module.weight.shape[1]
 
@@ -199,6 +219,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                     stacklevel=2,
                 )
             _fold_gate_values(exported, ebank, values, kept)
+            _fold_recurrent(exported, ebank, values)
             depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
             aliases = _aliases(exported)
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
@@ -207,6 +228,8 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 _replace_tensor(exported, target, new, aliases)
             for name, module in exported.named_modules():
                 sync_module_attributes(module, name in depthwise)
+                if isinstance(module, nn.RNNBase):
+                    module._init_flat_weights()  # it holds the parameters it had before slicing
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
                 counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
                 setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
@@ -215,11 +238,11 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
     for module in exported.modules():
         for hook_id, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, (GateHook, _ExitMode)):
+            if isinstance(hook, (GateHook, _ExitMode, RecurrentRestore)):
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _EnterMode):
+            if isinstance(hook, (_EnterMode, RecurrentGateHook)):
                 del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 
@@ -242,6 +265,8 @@ def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
             sizes[name] = {"in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             sizes[name] = {"num_features": m.num_features}
+        elif isinstance(m, nn.RNNBase):
+            sizes[name] = {"input_size": m.input_size, "hidden_size": m.hidden_size}
     return sizes
 
 
@@ -292,4 +317,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
             empty = torch.empty(tensor.shape, dtype=own[key].dtype, device=own[key].device)
             _replace_tensor(model, key, empty)
     model.load_state_dict(state)
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # the resized parameters
     return model

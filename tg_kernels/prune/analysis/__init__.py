@@ -34,6 +34,7 @@ from tg_kernels.prune.analysis.types import (
     GatePoint,
     Group,
     LayerCost,
+    RecurrentGate,
     Slice,
 )
 from tg_kernels.prune.analysis.walk import analyze_export
@@ -46,6 +47,7 @@ __all__ = [
     "GatePoint",
     "Group",
     "LayerCost",
+    "RecurrentGate",
     "Slice",
     "Trace",
     "analyze",

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
-from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, StackedInfo
+from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, RecurrentGate, StackedInfo
 from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
 
 Rule = Callable[[Walk, fx.Node], Any]
@@ -769,6 +770,9 @@ def unsqueeze(w: Walk, node: fx.Node) -> Any:
 @_rule("squeeze")
 def squeeze(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
+    stacked = w.info.get(node.args[0])
+    if isinstance(stacked, StackedInfo):  # an unbatched RNN's h_n, c_n: (states, 1, H) -> (states, H)
+        return _squeeze_stacked(w, node, stacked)
     if x is None:
         return _view_param(w, node)
     in_shape, out_shape = w.shape(node.args[0]), w.shape(node)
@@ -778,6 +782,25 @@ def squeeze(w: Walk, node: fx.Node) -> Any:
     dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
     dims = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
     return x.with_dim(x.dim - sum(1 for d in dims if d < x.dim))
+
+
+def _squeeze_stacked(w: Walk, node: fx.Node, stacked: StackedInfo) -> StackedInfo | None:
+    """``squeeze`` of stacked pieces: their dims move down past the removed size-1 dims."""
+    in_shape = w.shape(node.args[0])
+    if in_shape is None:
+        w.barrier(node, f"'squeeze' of stacked channel pieces at '{node.name}'")
+        return None
+    given = node.args[1] if len(node.args) > 1 else None
+    dims = range(len(in_shape)) if given is None else (given if isinstance(given, (list, tuple)) else [given])
+    removed = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
+    if stacked.dim in removed or any(item.dim in removed for item in stacked.items):
+        w.barrier(node, f"'squeeze' of stacked channel pieces at '{node.name}'")
+        return None
+
+    def moved(d: int) -> int:
+        return d - sum(1 for r in removed if r < d)
+
+    return StackedInfo(moved(stacked.dim), tuple(item.with_dim(moved(item.dim)) for item in stacked.items))
 
 
 @_rule("expand", "expand_as")
@@ -1229,3 +1252,121 @@ def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
             if size != 1:
                 dims[off + i] = None
     return Filled(filled[0].node, filled[0].arg_index, tuple(dims))
+
+
+# --------------------------------------------------------------------------------------------------
+# Recurrent layers: LSTM, GRU and RNN hidden units
+# --------------------------------------------------------------------------------------------------
+
+# Per op: (gate blocks per hidden unit, the block a gate scales). LSTM: i, f, g, o, the cell
+# candidate g; GRU: r, z, n, the new gate n; nn.RNN: one block, h = tanh/relu(W x + U h + b) itself.
+_RECURRENT_BLOCKS = {"lstm": (4, 2), "gru": (3, 2), "rnn_tanh": (1, 0), "rnn_relu": (1, 0)}
+
+
+@_rule(*_RECURRENT_BLOCKS)
+def recurrent(w: Walk, node: fx.Node) -> Any:
+    """``aten.lstm.input`` / ``aten.gru.input`` / ``aten.rnn_tanh.input`` / ``aten.rnn_relu.input``:
+    every layer (and direction) of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in one op, its
+    parameters one flat list ``[w_ih, w_hh, b_ih, b_hh, (w_hr)]`` per layer and direction.
+
+    The hidden units make one new space of ``hidden_size`` channels, shared by every layer and
+    direction (the module has one ``hidden_size``, and ``h_0`` is one ``(layers * directions, B, H)``
+    tensor, so a physically smaller module keeps as many units in each). Unit ``j`` is rows
+    ``j, H + j, ...`` of each layer's ``w_ih``, ``w_hh`` and biases, column ``j`` of ``w_hh`` (the
+    recurrence), of the next layer's ``w_ih`` (once per direction) and of whatever reads the output.
+    The gate acts inside the recurrence, on the parameters (:class:`RecurrentGate`), so closed units
+    are exact zeros in the output, ``h_n`` and ``c_n`` alike. With ``proj_size`` the units are the LSTM's
+    cells: rows as above and column ``j`` of ``w_hr``; the projected outputs stay whole.
+    """
+    kind = _op_name(node)
+    blocks, block = _RECURRENT_BLOCKS[kind]
+    x_node = node.args[0]
+    x = w.tracked(x_node)
+    overload = getattr(node.target, "_overloadname", "")
+    if overload != "input" or len(node.args) < 9:  # lstm.data / gru.data: a PackedSequence
+        w.barrier(node, f"'{kind}' of a packed sequence at '{node.name}'")
+        return None
+    hx, flat, has_biases, num_layers = node.args[1], node.args[2], node.args[3], node.args[4]
+    directions = 2 if node.args[7] else 1
+    names = [w.tensor_name(p) for p in flat]
+    in_shape = w.shape(x_node)
+    per = len(flat) // (num_layers * directions) if num_layers * directions else 0
+    if any(n is None for n in names) or in_shape is None or per not in (2, 3, 4, 5):
+        w.barrier(node, f"'{kind}' with computed weights at '{node.name}'")
+        return None
+    module = w.owner(names[0])
+    rnn = w.module_of(module)
+    if not isinstance(rnn, nn.RNNBase) or any(w.owner(n) != module for n in names):
+        w.barrier(node, f"'{kind}' outside an nn.LSTM / nn.GRU / nn.RNN at '{node.name}'")
+        return None
+    hidden = rnn.hidden_size
+    proj = getattr(rnn, "proj_size", 0)
+    fixed = None
+    if any(module == e or module.startswith(e + ".") for e in w.excluded):
+        fixed = "excluded by the user"
+    elif any(w.t.reads.get(n, 0) > 1 for n in names):
+        fixed = "module is called more than once"
+    elif not all(isinstance(h, fx.Node) and _op_name(h) in ("zeros", "new_zeros") for h in _as_list(hx)):
+        fixed = "initial hidden state given (closed units would not stay zero)"
+    for info in w.all_tracked(hx):
+        w.fix(info.parts, f"initial state of {type(rnn).__name__} '{module}'")
+    key = f"producer:{module}"
+    space = w.spaces.new(hidden, key, module, fixed or w.spaces.forced_fixed.get(key), 1)
+    units = ChannelInfo((space,), 0, (None,))
+    w.recurrent.append(RecurrentGate(module, space, hidden, block, blocks))
+
+    tokens = math.prod(in_shape[:-1])
+    if x is not None:
+        w.need_zero(x, f"{type(rnn).__name__} '{module}'")
+        if x.dim != len(in_shape) - 1:
+            w.fix(x.parts, f"{type(rnn).__name__} '{module}' reads channels from a dimension other than the last")
+            x = None
+    rows = ((space, hidden, blocks),)
+    flops = 0.0
+    for layer in range(num_layers):
+        for d in range(directions):
+            at = (layer * directions + d) * per
+            w_ih, w_hh = names[at], names[at + 1]
+            biases = names[at + 2 : at + 4] if has_biases else []
+            w_hr = names[at + per - 1] if proj > 0 else None
+            if layer == 0:
+                inputs = w.cost_parts(x, in_shape[-1])
+                if x is not None:
+                    w.slice_tensor(w_ih, 1, x)
+            elif proj > 0:
+                inputs = ((None, directions * proj, 1),)
+            else:
+                inputs = ((space, hidden, 1),) * directions
+                for e in range(directions):
+                    w.slice_tensor(w_ih, 1, units, offset=e * hidden)
+            for t in [w_ih, w_hh, *biases]:
+                for b in range(blocks):
+                    w.slice_tensor(t, 0, units, offset=b * hidden)
+            recurrence = ((None, proj, 1),) if proj > 0 else ((space, hidden, 1),)
+            if proj == 0:
+                w.slice_tensor(w_hh, 1, units)
+            costs = [(w_ih, inputs, rows), (w_hh, recurrence, rows)]
+            if w_hr is not None:
+                w.slice_tensor(w_hr, 1, units)
+                costs.append((w_hr, ((space, hidden, 1),), ((None, proj, 1),)))
+            for name, in_parts, out_parts in costs:
+                a = sum(size * rep for _, size, rep in in_parts)
+                b = sum(size * rep for _, size, rep in out_parts)
+                flops += 2.0 * tokens * a * b
+                w.layers.append(
+                    LayerCost(name, "linear", 2.0 * tokens, 1.0, 0.0, in_parts, out_parts, False, w.first_call(name))
+                )
+            for name in biases:
+                w.layers.append(LayerCost(name, "param", 0.0, 0.0, 1.0, rows, rows, True, w.first_call(name)))
+    w.flops_of[node] = flops
+    w.costed_nodes.add(node)
+    dim = len(in_shape) - 1  # the output has the input's dims, its features last
+    output = None if proj > 0 else ChannelInfo((space,) * directions, dim, (None,) * directions)
+    states = num_layers * directions  # h_n, c_n: (states, B, H), or (states, H) for an unbatched input
+    cells = StackedInfo(0, (ChannelInfo((space,), 1 if len(in_shape) == 2 else 2, (None,)),) * states)
+    h_n = None if proj > 0 else cells
+    return [output, h_n, cells] if kind == "lstm" else [output, h_n]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -13,6 +13,7 @@ is called. The model is not changed and its buffers are restored.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +82,19 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     emit = torch.fx.config.do_not_emit_stack_traces
     torch.fx.config.do_not_emit_stack_traces = True  # the analysis never reads them; recording costs ~20%
     try:
-        program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+        with warnings.catch_warnings():
+            # nn.LSTM / nn.GRU rebuild their _flat_weights from the traced parameters (restored below)
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+            program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emit
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in saved and b.shape == saved[name].shape:
                     b.copy_(saved[name])
+        for module in model.modules():
+            if isinstance(module, nn.RNNBase):
+                module._init_flat_weights()  # its real parameters, not the traced ones
     seconds = time.perf_counter() - start
     signature = program.graph_signature
     names: dict[str, str] = {}

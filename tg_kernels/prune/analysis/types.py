@@ -55,6 +55,29 @@ class GatePoint:
 
 
 @dataclass(frozen=True)
+class RecurrentGate:
+    """Gate the hidden units of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` ``module`` inside its recurrence.
+
+    A hidden unit cannot be gated on the module's output: the recurrence reads it back (and the
+    layers after the first read it inside the one fused ATen op). Instead gate ``j`` of ``space``
+    (``size`` units, shared by every layer and direction, which must keep the same hidden size)
+    multiplies rows ``block * size + j`` of every ``weight_ih_l*``, ``weight_hh_l*``, ``bias_ih_l*``
+    and ``bias_hh_l*`` while the module runs: the cell candidate ``g`` of an LSTM (``block`` 2 of
+    its ``blocks`` = 4 gate blocks i, f, g, o), the new gate ``n`` of a GRU (``block`` 2 of r, z, n),
+    the only block of an ``nn.RNN``. With a zero initial state a closed unit then stays exactly zero
+    at every step (LSTM: ``c = f c + i * 0 = 0``, ``h = o tanh(0) = 0``; GRU: ``n = tanh(0 + r * 0) = 0``,
+    ``h = (1 - z) 0 + z 0 = 0``; RNN: ``h = tanh(0) = relu(0) = 0``), so it adds nothing to the
+    recurrence, to the next layer or to any consumer, and removing it is exact.
+    """
+
+    module: str
+    space: int
+    size: int
+    block: int
+    blocks: int
+
+
+@dataclass(frozen=True)
 class LayerCost:
     """FLOPs and parameters of one Conv/Linear call as a function of its open input/output counts.
 
@@ -114,6 +137,7 @@ class Analysis:
     uncovered: dict[str, float] = field(default_factory=dict)
     size_attrs: list[SizeAttr] = field(default_factory=list)
     side_passes: list[SidePass] = field(default_factory=list)  # one per gated part of every gate point
+    recurrent: list[RecurrentGate] = field(default_factory=list)  # LSTM / GRU hidden units (gated on parameters)
 
 
 @dataclass(frozen=True)
@@ -227,6 +251,7 @@ __all__ = [
     "SidePass",
     "SidePath",
     "SideStep",
+    "RecurrentGate",
     "SizeAttr",
     "Slice",
     "StackedInfo",

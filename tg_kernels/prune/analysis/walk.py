@@ -27,6 +27,7 @@ from tg_kernels.prune.analysis.types import (
     GatePoint,
     Group,
     LayerCost,
+    RecurrentGate,
     SizeAttr,
     Slice,
     StackedInfo,
@@ -95,6 +96,7 @@ class Walk:
         self.node_reason: dict[fx.Node, str] = {}
         self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
         self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
+        self.recurrent: list[RecurrentGate] = []  # LSTM / GRU hidden units, gated on their parameters
 
     # ---- names and values ----
     def shape(self, node: Any):
@@ -472,7 +474,7 @@ def _op_name(node: fx.Node) -> str:
 
 
 # Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
-STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach"}
+STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach", "squeeze"}
 
 
 def _flatten_infos(value: Any) -> list[ChannelInfo]:
@@ -656,6 +658,11 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
             if any(s in root_of for s, _ in sa.parts)
         ],
         side_passes=side_passes(model, w, root_of, gate_points),
+        recurrent=[
+            RecurrentGate(rg.module, root_of[rg.space], rg.size, rg.block, rg.blocks)
+            for rg in dict.fromkeys(w.recurrent)
+            if rg.space in root_of
+        ],
     )
 
 
