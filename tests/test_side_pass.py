@@ -63,8 +63,9 @@ def _half_closed(bank: tg.GateBank, seed: int = 1) -> None:
     with torch.no_grad():
         for gate in bank.gates.values():
             c = gate.num_channels
-            gate.weight.uniform_(0.1, 0.9, generator=g)
-            gate.weight[torch.randperm(c, generator=g)[: c // 2]] = -0.3
+            w = torch.empty(c, dtype=gate.weight.dtype).uniform_(0.1, 0.9, generator=g)
+            w[torch.randperm(c, generator=g)[: c // 2]] = -0.3
+            gate.weight.copy_(w)
 
 
 def _gradients(model: nn.Module, bank: tg.GateBank, x: torch.Tensor, skip: str) -> dict[str, torch.Tensor]:
@@ -344,3 +345,24 @@ def test_exact_under_autocast_gives_closed_gates_gradients_close_to_float32(dtyp
     none, exact = results
     assert exact[closed].abs().sum() > 0
     torch.testing.assert_close(exact[closed], none[closed], rtol=0.1, atol=0.05 * none[closed].abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("build, shape", [MODELS[0], MODELS[1], MODELS[2]])
+def test_exact_gradients_equal_none_mode_on_cuda(build, shape):
+    """The same check on the GPU (compact kept counts padded to a multiple of 8 there)."""
+    torch.manual_seed(0)
+    base = build()
+    randomize_norms(base)
+    base = base.double().cuda()
+    x = torch.randn(shape, dtype=torch.float64, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(base, x, skip="exact")
+    _half_closed(bank)
+    state = copy.deepcopy(model.state_dict())
+    none = _gradients(model, bank, x, "none")
+    model.load_state_dict(state)
+    exact = _gradients(model, bank, x, "exact")
+    assert bank.compact.stats.exact_forwards == 1
+    _assert_equal(none, exact)
