@@ -366,3 +366,26 @@ def test_exact_gradients_equal_none_mode_on_cuda(build, shape):
     exact = _gradients(model, bank, x, "exact")
     assert bank.compact.stats.exact_forwards == 1
     _assert_equal(none, exact)
+
+
+@pytest.mark.parametrize("build, shape", [MODELS[0], MODELS[1], MODELS[2], MODELS[3]])
+def test_exact_with_kept_counts_padded_still_equals_none_mode(build, shape):
+    """CUDA pads kept channel counts with closed channels (round_to=8); forced on CPU here: padded closed
+    channels are computed (as zeros) and their gates get their gradient from the side pass alone."""
+    torch.manual_seed(0)
+    base = build()
+    randomize_norms(base)
+    base.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(base, x, skip="exact")
+    bank.compact.round_to = 3  # half-open counts are even: 3 pads them
+    _half_closed(bank)
+    state = copy.deepcopy(model.state_dict())
+    none = _gradients(model, bank, x, "none")
+    model.load_state_dict(state)
+    exact = _gradients(model, bank, x, "exact")
+    padded = [key for key, kept in bank.compact._plan.kept.items() if kept.numel() > bank.gates[key].open_mask().sum()]
+    assert padded, "some group is padded with closed channels"
+    _assert_equal(none, exact)

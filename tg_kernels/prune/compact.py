@@ -567,7 +567,13 @@ class CompactForward:
             key_of = bank.key_of_space
             closed = {key: torch.nonzero(~mask_of[key]).flatten() for key in bank.gates if key not in self.full_width}
             recipes = [sp for sp in bank.analysis.side_passes if key_of[sp.space] not in self.full_width]
-            side = build_plan(model, recipes, key_of, closed, entries)
+            # a consumer whose own rows take gate values: its padded closed rows pass no gradient back
+            row_masks = {
+                target.rpartition(".")[0]: values[fold_rows[id(fold)]]
+                for target, fold in self._scaled.items()
+                if target.endswith(".weight")
+            }
+            side = build_plan(model, recipes, key_of, closed, entries, row_masks)
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds

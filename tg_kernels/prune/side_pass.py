@@ -55,6 +55,7 @@ class _Consumer:
     kind: str
     rows: Tensor | None  # consumer weight rows the compact run keeps (None: all)
     cols: Tensor  # the closed input columns of every path ending here, concatenated
+    row_mask: Tensor | None  # kept rows whose gate value is 1 (its own rows scaled by gates; None: all pass)
     items: list[tuple[_Pass, SidePath, int, int]] = field(default_factory=list)  # (pass, path, start, count)
 
 
@@ -74,10 +75,13 @@ def build_plan(
     key_of: dict[int, str],
     closed: dict[str, Tensor],
     entries: dict[str, list[tuple[int, Tensor]]],
+    row_masks: dict[str, Tensor] | None = None,
 ) -> SidePlan:
     """The side plan for the open set whose closed channels (per gate key) are ``closed``.
 
-    ``entries`` is the compact plan's kept entries: target -> [(dim, kept indices)].
+    ``entries`` is the compact plan's kept entries: target -> [(dim, kept indices)]; ``row_masks``:
+    consumer -> which of its kept rows are open, for consumers whose rows the compact run scales by
+    gate values (a padded closed row is zero there, and passes no gradient to the input).
     """
 
     def kept(target: str, dim: int) -> Tensor | None:
@@ -114,8 +118,13 @@ def build_plan(
         for path in recipe.paths:
             consumer = consumers.get(path.consumer)
             if consumer is None:
+                mask = (row_masks or {}).get(path.consumer)
                 consumer = consumers[path.consumer] = _Consumer(
-                    path.consumer, path.kind, kept(f"{path.consumer}.weight", 0), cl.new_zeros(0)
+                    path.consumer,
+                    path.kind,
+                    kept(f"{path.consumer}.weight", 0),
+                    cl.new_zeros(0),
+                    None if mask is None or bool(mask.all()) else mask,
                 )
             start = consumer.cols.numel()
             consumer.cols = torch.cat([consumer.cols, cl + path.offset])
@@ -312,6 +321,8 @@ class SideRun:
                 if consumer.rows is not None:
                     weight = weight.index_select(0, consumer.rows)
                 weight = weight.index_select(1, consumer.cols)
+                if consumer.row_mask is not None:
+                    weight = weight * consumer.row_mask.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
             values, gates, cache = [], [], {}
             for item, *_ in consumer.items:
                 if id(item) not in cache:
