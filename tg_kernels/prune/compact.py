@@ -339,7 +339,11 @@ class CompactForward:
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
-            if plan.side is not None and plan.side.passes:
+            if (
+                plan.side is not None
+                and plan.side.passes
+                and any(g.weight.requires_grad for g in self.bank.gates.values())
+            ):
                 fulls = {spec.target: full for spec, full, _ in swapped}
                 self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
                 self._side.install()
