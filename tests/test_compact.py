@@ -713,3 +713,39 @@ def test_open_masks_equals_open_mask_gate_by_gate():
         min_opens = [int(torch.randint(0, 4, (1,), generator=g)) for _ in range(n)]  # ties above, k > size too
         expected = torch.cat([open_mask(w, k) for w, k in zip(weights, min_opens)])
         assert torch.equal(open_masks(weights, min_opens), expected)
+
+
+def test_gather_bundle_passes_whole_tensors_through_with_the_same_gradients(monkeypatch):
+    """An all-open layer keeps every entry: unscaled (or unit-scaled) it is its full tensor, not a copy,
+    and its gradients (the full tensor's and the scale's) are those of the copying path."""
+    from tg_kernels.prune import gather
+    from tg_kernels.prune.gather import Bundle, gather_bundle
+
+    monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, dtype=torch.float64, generator=g)  # rows scaled, every row kept
+    b = torch.randn(3, 6, dtype=torch.float64, generator=g)  # columns sliced: copied
+    c = torch.randn(4, 5, dtype=torch.float64, generator=g)  # unscaled, every column kept
+    dims = [[(0, torch.arange(5))], [(1, torch.tensor([0, 2, 5]))], [(1, torch.arange(5))]]
+    bundle, order = Bundle.build([a, b, c], dims, [True, False, False])
+    assert [bundle.whole[order.index(i)] for i in range(3)] == [True, False, True]
+    fulls = [t.clone().requires_grad_() for t in (a, b, c)]
+    ones = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for unit in (True, False):
+        for f in (*fulls, ones):
+            f.grad = None
+        out = dict(zip(order, gather_bundle(bundle, [fulls[i] for i in order], ones, unit=unit)))
+        if unit:
+            assert out[0]._base is fulls[0] or out[0].data_ptr() == fulls[0].data_ptr()  # not copied
+        sum((o * torch.arange(o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in out.values()).backward()
+        results.append(([out[i].detach() for i in range(3)], [f.grad.clone() for f in fulls], ones.grad.clone()))
+    (v1, g1, s1), (v2, g2, s2) = results
+    for x, y in zip(v1 + g1 + [s1], v2 + g2 + [s2]):
+        torch.testing.assert_close(x, y)
+
+    def run(s, *ts):
+        return gather_bundle(bundle, ts, s)
+
+    scale = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (scale, *[fulls[i].detach().requires_grad_() for i in order]))

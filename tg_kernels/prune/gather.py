@@ -122,6 +122,7 @@ class Bundle:
     global_index: Tensor  # kept entries' positions in the full gradient buffer (tensors gathered by offset)
     along: list[tuple[int, Tensor] | None]  # per tensor: (dim, kept indices) if gathered along one dim, else None
     dropped: list[Tensor | None]  # per tensor gathered along one dim: the indices it drops there
+    whole: list[bool]  # per tensor: gathered along one dim, dropping nothing (passed through where unscaled)
     full_numel: int  # the full gradient buffer: tensors gathered by offset first (zeroed at once), then the others
     by_offset_numel: int
     scaled_end: int  # compact elements of the scaled tensors (they come first)
@@ -186,6 +187,7 @@ class Bundle:
             device=first.device if first is not None else torch.device("cpu"),
             entries=entries,
             shapes=shapes,
+            whole=[d is not None and d.numel() == 0 for d in dropped],
             full_shapes=[tuple(tensors[i].shape) for i in order],
             full_strides=[tuple(tensors[i].stride()) for i in order],
             offsets=offsets,
@@ -220,9 +222,16 @@ class _GatherBundle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bundle: Bundle, scale: Tensor | None, unit: bool, *fulls: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         gathered = bundle.gathered_buffer.get(bundle.offsets[-1], bundle.dtype, bundle.device)
+        # tensors that keep every entry and take no scale (an all-open layer) are their full tensors
+        passed = [
+            bundle.whole[i] and (scale is None or unit or bundle.offsets[i] >= bundle.scaled_end)
+            for i in range(len(fulls))
+        ]
         for i, full in enumerate(fulls):
             piece = gathered[bundle.offsets[i] : bundle.offsets[i + 1]]
             along = bundle.along[i]
+            if passed[i]:
+                continue
             if along is not None:
                 torch.index_select(full, along[0], along[1], out=piece.view(bundle.shapes[i]))
             else:
@@ -231,11 +240,15 @@ class _GatherBundle(torch.autograd.Function):
         if scale is not None and not unit:  # scaled tensors get their own buffer; the others stay views of `gathered`
             out = bundle.scaled_buffer.get(bundle.scaled_end, bundle.dtype, bundle.device)
             _scale_rows(out.copy_(gathered[: bundle.scaled_end]), scale, bundle)
-        ctx.bundle, ctx.unit = bundle, unit
-        ctx.save_for_backward(gathered if scale is not None and ctx.needs_input_grad[1] else None, scale)
+        ctx.bundle, ctx.unit, ctx.passed = bundle, unit, passed
+        grad_scale = scale is not None and ctx.needs_input_grad[1]
+        scaled_passed = [full for i, full in enumerate(fulls) if passed[i] and bundle.offsets[i] < bundle.scaled_end]
+        ctx.save_for_backward(gathered if grad_scale else None, scale, *(scaled_passed if grad_scale else ()))
         ctx.set_materialize_grads(False)
         return tuple(
-            (out if bundle.offsets[i] < out.numel() else gathered)[bundle.offsets[i] : bundle.offsets[i + 1]].view(
+            fulls[i]
+            if passed[i]
+            else (out if bundle.offsets[i] < out.numel() else gathered)[bundle.offsets[i] : bundle.offsets[i + 1]].view(
                 shape
             )
             for i, shape in enumerate(bundle.shapes)
@@ -244,7 +257,10 @@ class _GatherBundle(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         bundle: Bundle = ctx.bundle
-        gathered, scale = ctx.saved_tensors
+        gathered, scale, *scaled_passed = ctx.saved_tensors
+        values_of = dict(
+            zip([i for i, p in enumerate(ctx.passed) if p and bundle.offsets[i] < bundle.scaled_end], scaled_passed)
+        )
 
         def grad_of(i: int) -> Tensor:
             g = grads[i]
@@ -266,7 +282,8 @@ class _GatherBundle(torch.autograd.Function):
             if rows is not None and scale is not None:
                 lo, hi = bundle.offsets[i], bundle.offsets[i + 1]
                 if gathered is not None:
-                    scale_pieces.append((g.reshape(rows[1], -1) * gathered[lo:hi].view(rows[1], -1)).sum(1))
+                    values = values_of[i] if i in values_of else gathered[lo:hi]
+                    scale_pieces.append((g.reshape(rows[1], -1) * values.reshape(rows[1], -1)).sum(1))
                 if not ctx.unit:
                     g = g * scale[rows[0] : rows[0] + rows[1]].view(-1, *([1] * (g.dim() - 1)))
             ready.append(g)
@@ -277,6 +294,9 @@ class _GatherBundle(torch.autograd.Function):
             full.index_copy_(0, bundle.global_index, torch.cat(by_offset))
         grads_full = []
         for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides)):
+            if ctx.passed[i]:
+                grads_full.append(ready[i] if ctx.needs_input_grad[3 + i] else None)
+                continue
             view = full.as_strided(shape, stride, bundle.full_offsets[i])
             if bundle.along[i] is not None:  # every entry written once: zeros where dropped, the gradient where kept
                 dim, index = bundle.along[i]
