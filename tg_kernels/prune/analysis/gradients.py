@@ -222,6 +222,8 @@ class _Builder:
             raise _NoRecipe(f"'{name}' at '{user.name}' reads the channels in a way side passes do not follow")
         if name == "detach":
             return []
+        if name in _COPIES or name == "type_as":  # copies and dtype casts: the gradient passes as it is
+            return [(user, steps, zero, replayable)]
         if name in _ELEMENTWISE or name in _DROPOUTS:
             if name in _DROPOUTS:
                 p = user.args[1] if len(user.args) > 1 else 0.5
@@ -234,8 +236,6 @@ class _Builder:
                     raise _NoRecipe(f"dropout at '{user.name}' outside a module")
                 step = SideStep("dropout", _functional(user.target), (p,), module=owner)
                 return [(user, (*steps, step), zero, replayable)]
-            if name in _COPIES:
-                return [(user, steps, zero, replayable)]
             if not zero:
                 return [(user, steps, zero, False)]
             args, kwargs = self.constants(user)
@@ -364,7 +364,7 @@ class _Builder:
                 steps.append(SideStep("norm", module=owner, offset=at[0]))
                 node = x
                 continue
-            if name in _ELEMENTWISE and x is not None:
+            if (name in _ELEMENTWISE or name in _COPIES) and x is not None:
                 if name not in _COPIES:
                     args, kwargs = self.constants(node)
                     steps.append(SideStep("op", _functional(node.target), args, tuple(kwargs.items())))
