@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from tg_kernels import _host
 from tg_kernels.gate import ShapeFn, TrainableGate
-from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.nn import GatedConv2d, GatedLinear, swap_multihead_attention
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
 from tg_kernels.prune.analysis import Analysis, analyze, analyze_export, export_trace, record_shapes, trace
@@ -581,6 +581,9 @@ def attach_gates(
     check_skip(skip)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     excluded = _excluded_names(model, exclude)
+    # nn.MultiheadAttention packs q, k, v and cannot lose heads: the same attention with separate
+    # projections can (tg_kernels.nn.PrunableMultiheadAttention; exclude the class to keep it).
+    swap_multihead_attention(model, excluded)
 
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.nn import GatedConv2d, GatedLinear, PrunableMultiheadAttention
 from tg_kernels.prune.attach import (
     BANK_NAME,
     GateBank,
@@ -155,6 +155,8 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
         module.embedding_dim = module.weight.shape[1]
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
         module.nf = module.weight.shape[1]
+    elif isinstance(module, PrunableMultiheadAttention):  # embed_dim, kdim, vdim, out_dim, num_heads
+        module.sync_sizes()
 
 
 def _is_depthwise(module: nn.Module) -> bool:
