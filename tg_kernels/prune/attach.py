@@ -143,6 +143,16 @@ class GateHook:
         return channel_gate(output, gate, self.dim)
 
 
+class InputGateHook(GateHook):
+    """Forward pre-hook: multiply a module's (only) input by the gates of its channels
+    (``GatePoint.on_input``: where no module returns the channels that must be zeroed)."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:  # type: ignore[override]
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(f"cannot gate the input of {type(module).__name__}: its first argument is not a tensor")
+        return (super().__call__(module, args, args[0]), *args[1:])
+
+
 class InputGate:
     """The gates of a layer's input channels (set on a GatedConv2d so that it can drop closed inputs)."""
 
@@ -334,6 +344,8 @@ def _install(
         bank.skipped[leaf] = "untraceable code (kept as an opaque module)"
 
     for point in analysis.gate_points:
+        if point.on_input:
+            continue  # after every replacement below, so that the hook sits on the module that stays
         parts = bank.parts(point.parts)
         module = model.get_submodule(point.module)
         if point.replace:
@@ -347,6 +359,11 @@ def _install(
         else:
             hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat)
             module.register_forward_hook(hook)
+            bank.hooks.append(hook)
+    for point in analysis.gate_points:
+        if point.on_input:
+            hook = InputGateHook(bank, bank.parts(point.parts), point.dim, hard=skip == "hard", repeat=point.repeat)
+            model.get_submodule(point.module).register_forward_pre_hook(hook)
             bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)

@@ -24,6 +24,7 @@ from tg_kernels.prune.attach import (
     BANK_NAME,
     GateBank,
     GateHook,
+    InputGateHook,
     _EnterMode,
     _ExitMode,
     gate_bank,
@@ -74,6 +75,13 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
             ]
         )
         if torch.all(scale[keep] == 1):
+            continue
+        if point.on_input:  # a gate on a layer's input: scale the Linear's columns (a norm's input: not exact)
+            module = model.get_submodule(point.module)
+            if isinstance(module, nn.Linear):
+                if point.repeat != 1:
+                    scale = scale.repeat_interleave(point.repeat)
+                module.weight.data.mul_(scale.to(module.weight)[None, :])
             continue
         module = model.get_submodule(point.fold) if point.fold is not None else None
         foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
@@ -221,7 +229,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _EnterMode):
+            if isinstance(hook, (_EnterMode, InputGateHook)):
                 del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 

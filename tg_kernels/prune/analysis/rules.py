@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, StackedInfo
 from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
@@ -325,7 +326,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
     out_features, in_features = w_shape
     tokens = math.prod(in_shape[:-1])
     if x is not None:
-        w.need_zero(x, f"Linear '{module}'")
+        w.need_zero(x, f"Linear '{module}'", module if isinstance(w.module_of(module), nn.Linear) else None)
         if x.dim == len(in_shape) - 1:  # a weight read elsewhere too (tied) is sliced alike there
             w.slice_tensor(weight, 1, x)
         else:
@@ -412,7 +413,7 @@ def layer_norm(w: Walk, node: fx.Node) -> Any:
     ):
         w.barrier(node, f"'{_op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
         return None
-    w.need_zero(x, f"norm '{module}'")
+    w.need_zero(x, f"norm '{module}'", module)
     for t in tensors:
         w.slice_tensor(t, 0, x)
     parts = w.cost_parts(x, w.width(x))
