@@ -123,6 +123,44 @@ class PrunableMultiheadAttention(nn.Module):
         module.train(mha.training)
         return module
 
+    def to_torch(self) -> nn.MultiheadAttention | None:
+        """The same attention as an ``nn.MultiheadAttention``, or None where that cannot hold it: it needs
+        the heads to span the query's width (``num_heads * head_dim == embed_dim == out_dim``)."""
+        self.sync_sizes()
+        width = self.num_heads * self.head_dim
+        bias = self.out_proj.bias is not None
+        if not (width == self.embed_dim == self.out_dim):
+            return None
+        if any((p.bias is not None) != bias for p in (self.q_proj, self.k_proj, self.v_proj)):
+            return None
+        weight = self.out_proj.weight
+        mha = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=bias,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            if mha._qkv_same_embed_dim:
+                mha.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+            else:
+                for name, p in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), projections):
+                    getattr(mha, name).copy_(p.weight)
+            if mha.in_proj_bias is not None:
+                mha.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+                mha.out_proj.bias.copy_(self.out_proj.bias)
+            mha.out_proj.weight.copy_(self.out_proj.weight)
+        for p in mha.parameters():
+            p.requires_grad_(self.out_proj.weight.requires_grad)
+        mha.train(self.training)
+        return mha
+
     def sync_sizes(self) -> None:
         """Set the size attributes from the projection weights (export calls this after removing channels)."""
         self.embed_dim = self.q_proj.weight.shape[1]
@@ -246,4 +284,22 @@ def swap_multihead_attention(model: nn.Module, skip: set[str] | None = None) -> 
     return swapped
 
 
-__all__ = ["PrunableMultiheadAttention", "swap_multihead_attention"]
+def restore_multihead_attention(model: nn.Module) -> list[str]:
+    """Replace (in place) every :class:`PrunableMultiheadAttention` that ``nn.MultiheadAttention`` can
+    hold (its heads span its input width) by that ``nn.MultiheadAttention``; returns their names."""
+    restored: list[str] = []
+    new_of: dict[int, nn.Module | None] = {}
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if not isinstance(child, PrunableMultiheadAttention):
+                continue
+            if id(child) not in new_of:
+                new_of[id(child)] = child.to_torch()
+                if new_of[id(child)] is not None:
+                    restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+            if new_of[id(child)] is not None:
+                parent._modules[child_name] = new_of[id(child)]
+    return restored
+
+
+__all__ = ["PrunableMultiheadAttention", "restore_multihead_attention", "swap_multihead_attention"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.nn import GatedConv2d, GatedLinear, PrunableMultiheadAttention
+from tg_kernels.nn import GatedConv2d, GatedLinear, PrunableMultiheadAttention, restore_multihead_attention
 from tg_kernels.prune.attach import (
     BANK_NAME,
     GateBank,
@@ -179,7 +179,10 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
     The result contains only the model's own classes and ``torch.nn`` modules (no tg_kernels types,
-    hooks or gates); in eval mode it computes what the gated model computes. The gated model is
+    hooks or gates), with one exception: an ``nn.MultiheadAttention`` whose kept heads do not span
+    its kept input width (which that class cannot hold) stays the
+    :class:`~tg_kernels.nn.PrunableMultiheadAttention` attach made of it. In eval mode it computes
+    what the gated model computes. The gated model is
     left unchanged. ``round_to`` keeps each group's channel count a multiple of it (padding with
     closed channels whose outputs are zeroed), which some hardware runs faster; at least one
     channel per group is kept.
@@ -220,6 +223,9 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
                 counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
                 setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
+    # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
+    # the kept width (PyTorch's class can hold only that)
+    restore_multihead_attention(exported)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())

@@ -95,6 +95,8 @@ class Walk:
         self.node_reason: dict[fx.Node, str] = {}
         self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
         self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
+        self.live = _live_nodes(trace.graph)  # nodes some output depends on
+        self.current: fx.Node | None = None  # the node whose rule runs
 
     # ---- names and values ----
     def shape(self, node: Any):
@@ -174,6 +176,8 @@ class Walk:
         norm). Where no module returns the non-zero channels (a position table added in the
         model's own forward), that module's input is gated instead (``GatePoint.on_input``).
         """
+        if self.current is not None and self.current not in self.live:
+            return  # no output depends on it (attention weights nn.MultiheadAttention returns unasked)
         key = module + INPUT_GATE if module is not None else None
         if key is not None and key in self.gate_points:
             if key not in self.emitted:
@@ -416,7 +420,9 @@ class Walk:
                     self.barrier(node, f"'{name}' at '{node.name}' (no rule for this op)")
                 self.info[node] = None
                 continue
+            self.current = node
             out = rule(self, node)
+            self.current = None
             if isinstance(out, ChannelInfo):
                 out = self._emit(node, out)
             self.info[node] = out
@@ -496,6 +502,18 @@ def _op_name(node: fx.Node) -> str:
 
 # Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
 STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach"}
+
+
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that the graph's outputs (user outputs and buffer updates) depend on."""
+    live: set[fx.Node] = set()
+    stack = [node for node in graph.nodes if node.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
 
 
 def _flatten_infos(value: Any) -> list[ChannelInfo]:
