@@ -273,3 +273,39 @@ def test_encoder_layers_run_their_gates_in_eval():
         torch.testing.assert_close(net(x.double(), padding), gated, rtol=1e-10, atol=1e-12)
     # padded positions: the exported model's encoder output there is what the gated model computes
     assert not gated.isnan().any()
+
+
+def test_excluded_multihead_attention_keeps_its_class_and_the_encoder_ffn_still_prunes():
+    """exclude=[nn.MultiheadAttention] keeps PyTorch's class (heads and stream whole); the encoder
+    layers' FFN units are gated, and their fused inference path is kept off so the gates apply."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, L, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stream reaches nn.MultiheadAttention: it stays whole
+        model, bank = tg.attach_gates(model, x, exclude=[nn.MultiheadAttention])
+    assert isinstance(model[0].layers[0].self_attn, nn.MultiheadAttention)
+    assert sorted(g.producers for g in bank.groups) == [("0.layers.0.linear1",), ("0.layers.1.linear1",)]
+    _close_half(bank)
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
+    assert exported[0].layers[0].linear1.out_features == 16
+
+
+@pytest.mark.parametrize("stream_whole", [False, True])
+def test_save_and_load_pruned_attention(tmp_path, stream_whole):
+    torch.manual_seed(0)
+    args = _inputs("causal")
+    model, bank = tg.attach_gates(AttentionNet(True).eval(), args)
+    _close_half(bank)
+    if stream_whole:  # export keeps PrunableMultiheadAttention
+        with torch.no_grad():
+            bank.gates[next(g for g in bank.groups if "inp" in g.producers).key].weight.fill_(0.5)
+    exported = tg.export(model)
+    tg.save(exported, tmp_path / "m.pt")
+    loaded = tg.load(tmp_path / "m.pt", AttentionNet(True))
+    assert type(loaded.attn) is type(exported.attn)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(*args), exported.eval()(*args))

@@ -276,6 +276,26 @@ class _ExitMode:
             self.mode.__exit__(None, None, None)
 
 
+class NoFastPath:
+    """A forward pre-hook that does nothing: its presence keeps ``nn.TransformerEncoderLayer`` off its
+    fused inference path (which reads the layers' weights directly, past their gates)."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        return None
+
+
+def _keep_off_fast_paths(model: nn.Module) -> None:
+    """PyTorch's transformer encoder layers and stacks that hold gates take their regular path."""
+    gated = (GatedConv2d, GatedLinear)
+    for module in model.modules():
+        holds_gates = any(isinstance(m, gated) for m in module.modules())
+        hooked = any(isinstance(h, NoFastPath) for h in module._forward_pre_hooks.values())
+        if isinstance(module, nn.TransformerEncoderLayer) and holds_gates and not hooked:
+            module.register_forward_pre_hook(NoFastPath())
+        if isinstance(module, nn.TransformerEncoder) and holds_gates:
+            module.use_nested_tensor = False  # nested tensors would skip the gates too
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The gated model itself when `model` wraps it (DistributedDataParallel, DataParallel)."""
     return getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
@@ -384,6 +404,7 @@ def _install(
         module = model.get_submodule(name)
         module.register_forward_pre_hook(_EnterMode(mode))
         module.register_forward_hook(_ExitMode(mode), always_call=True)
+    _keep_off_fast_paths(model)
     model.add_module(BANK_NAME, bank)
 
     return bank

@@ -19,12 +19,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.nn import GatedConv2d, GatedLinear, PrunableMultiheadAttention, restore_multihead_attention
+from tg_kernels.nn import (
+    GatedConv2d,
+    GatedLinear,
+    PrunableMultiheadAttention,
+    restore_multihead_attention,
+    swap_multihead_attention,
+)
 from tg_kernels.prune.attach import (
     BANK_NAME,
     GateBank,
     GateHook,
     InputGateHook,
+    NoFastPath,
     _EnterMode,
     _ExitMode,
     gate_bank,
@@ -235,7 +242,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, (_EnterMode, InputGateHook)):
+            if isinstance(hook, (_EnterMode, InputGateHook, NoFastPath)):
                 del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 
@@ -249,8 +256,8 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    sizes: dict[str, dict[str, int]] = {}
+def _module_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    sizes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             sizes[name] = {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
@@ -258,6 +265,17 @@ def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
             sizes[name] = {"in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             sizes[name] = {"num_features": m.num_features}
+        elif isinstance(m, (nn.MultiheadAttention, PrunableMultiheadAttention)):
+            names = ("embed_dim", "kdim", "vdim", "num_heads", "head_dim") + (
+                ("out_dim",) if isinstance(m, PrunableMultiheadAttention) else ()
+            )
+            sizes[name] = {attr: getattr(m, attr) for attr in names}
+        elif isinstance(m, nn.Transformer):
+            sizes[name] = {"d_model": m.d_model}
+        elif isinstance(m, nn.LayerNorm):
+            sizes[name] = {"normalized_shape": tuple(m.normalized_shape)}
+        elif isinstance(m, nn.Embedding):
+            sizes[name] = {"embedding_dim": m.embedding_dim}
     return sizes
 
 
@@ -295,6 +313,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
     architecture = f"{type(model).__module__}.{type(model).__qualname__}"
     if architecture != checkpoint["architecture"]:
         raise ValueError(f"the file holds a {checkpoint['architecture']}, but the model given is a {architecture}")
+    # attention that export kept as PrunableMultiheadAttention (heads apart from the stream)
+    prunable = {name for name in checkpoint["module_sizes"] if f"{name}.q_proj.weight" in state}
+    swap_multihead_attention(model, {name for name, _ in model.named_modules() if name not in prunable})
     for name, sizes in checkpoint["module_sizes"].items():
         try:
             module = model.get_submodule(name)
