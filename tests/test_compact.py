@@ -241,6 +241,11 @@ def _transformer_case(name: str):
         timm = pytest.importorskip("timm")
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
         return model, (torch.randn(2, 3, 32, 32),), {}
+    if name == "translation":  # nn.Transformer: attach swaps in PrunableMultiheadAttention; an input gate
+        from tests.prune_zoo import task_family_models
+
+        build, args, kwargs = task_family_models()[name]
+        return build(), args, kwargs
     pytest.importorskip("transformers")
     from tests.prune_zoo import hf_models
 
@@ -260,7 +265,7 @@ def _attached_twice(base: nn.Module, args: tuple, kwargs: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit", "translation"])
 def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
     """Gates over whole heads (repeat), size attributes (num_heads) and tied embedding / LM head weights:
     compact hard mode gives per-layer hard mode's outputs and gradients (float64; eval mode, so no dropout)."""
