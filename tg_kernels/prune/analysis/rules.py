@@ -599,7 +599,9 @@ def reshape(w: Walk, node: fx.Node) -> Any:
         if math.prod(out_shape[:k]) != lead:
             continue
         if out_shape[k] == block:
-            return x.with_dim(k)
+            out = x.with_dim(k)
+            w.size_attr(node, k, out)  # (n, self.hidden_dim, h * w): torchvision's ViT flattens its patches
+            return out
         for j in range(x.dim + 1, len(in_shape) + 1):
             if out_shape[k] == block * math.prod(in_shape[x.dim + 1 : j]):
                 out = x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))

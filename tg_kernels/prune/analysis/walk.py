@@ -285,7 +285,7 @@ class Walk:
         stack = node.meta.get("nn_module_stack") or {}
         for entry in reversed(list(stack.values())):
             path = entry[0] if isinstance(entry, tuple) else str(entry)
-            module = self.module_of(path) if path else None
+            module = self.module_of(path)  # "" is the model itself (torchvision ViT: self.hidden_dim)
             if module is None:
                 continue
             parts = tuple((p, self.spaces.size(p)) for p in info.parts)
