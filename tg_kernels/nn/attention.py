@@ -15,10 +15,13 @@ sizes. Its forward takes ``nn.MultiheadAttention``'s arguments and follows its s
 ``batch_first``, unbatched inputs, ``need_weights``, ``average_attn_weights``, the ``is_causal``
 hint, dropout on the attention weights).
 
-Limits: ``add_bias_kv`` and ``add_zero_attn`` are not supported (such modules are not swapped); a
-per-head 3-D ``attn_mask`` of shape ``(batch * num_heads, L, S)`` needs every head (the self-check at
-attach keeps the heads whole when the example inputs use one); with heads removed, averaged
-attention weights (``need_weights=True``) are averages over the kept heads.
+Export turns it back into an ``nn.MultiheadAttention`` where that class can hold the kept sizes
+(:func:`restore_multihead_attention`: the kept heads span the kept input width).
+
+Limits: ``add_bias_kv`` and ``add_zero_attn`` are not supported (such modules are not swapped). The
+analysis keeps the heads whole where a per-head 3-D ``attn_mask`` (``(batch * num_heads, L, S)``)
+meets them or where the model uses the returned attention weights (their average over heads would
+change); weights computed but never read do not matter.
 """
 
 from __future__ import annotations
