@@ -1,6 +1,8 @@
 """`attach_gates`: put trainable gates into an arbitrary model where they zero what consumers read.
 
-The model keeps its own classes and forward code. Gates live in one module, ``model.tg_gates``
+The model keeps its own classes and forward code, except that every ``nn.MultiheadAttention`` becomes
+the equivalent :class:`~tg_kernels.nn.PrunableMultiheadAttention` (whose heads can be pruned; export
+turns it back where it can). Gates live in one module, ``model.tg_gates``
 (a :class:`GateBank`, so they are saved with the model's state_dict and synchronised by
 DistributedDataParallel like any parameter). A Conv2d or Linear whose output is gated directly is
 replaced by a :class:`~tg_kernels.GatedConv2d` / :class:`~tg_kernels.GatedLinear` sharing the
@@ -587,7 +589,10 @@ def attach_gates(
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
     Args:
-        model: any ``nn.Module``; it is modified in place (a copy is not made).
+        model: any ``nn.Module``; it is modified in place (a copy is not made). Its
+            ``nn.MultiheadAttention`` modules are swapped for
+            :class:`~tg_kernels.nn.PrunableMultiheadAttention` (same numbers; new state_dict keys)
+            unless ``exclude`` names them or their class.
         example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
         example_kwargs: keyword inputs of the forward (``input_ids=...`` for Hugging Face models).
         skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
