@@ -441,10 +441,11 @@ class _KeepsAGatedSize(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.head = nn.Linear(8, 4)
         self.channels = 8
+        self.grid = (8, -1)  # not an int attribute: export's size attributes cannot follow it
 
     def forward(self, x):
         h = torch.relu(self.bn(self.conv(x)))
-        flat = h.reshape(h.shape[0], self.channels, -1).mean(-1)  # fine at full width, wrong when compact
+        flat = h.reshape(h.shape[0], *self.grid).mean(-1)  # fine at full width, wrong when compact
         return self.head(flat)
 
 
@@ -467,6 +468,30 @@ def test_a_model_that_keeps_a_gated_size_falls_back_with_one_warning():
         warnings.simplefilter("error")  # said once, not again at every forward
         torch.testing.assert_close(model(x), per_layer(x))
     assert bank.compact.stats.forwards == 0
+
+
+class _HoldsAGatedSize(_KeepsAGatedSize):
+    """Reshapes with ``self.channels`` (torchvision's ViT does ``reshape(n, self.hidden_dim, h * w)``)."""
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(h.reshape(h.shape[0], self.channels, -1).mean(-1))
+
+
+def test_a_channel_count_held_in_an_int_attribute_follows_the_kept_channels():
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the self-check nor compact execution objects
+        model, bank = tg.attach_gates(_HoldsAGatedSize(), x, skip="hard")
+    assert [(sa.module, sa.attr) for sa in bank.analysis.size_attrs] == [("", "channels")]
+    _close_random(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported.channels == exported.conv.out_channels == 4 and model.channels == 8
+    assert bank.compact.disabled_reason is None and bank.compact.stats.forwards >= 1
 
 
 class _FailsCompactLater(_KeepsAGatedSize):
