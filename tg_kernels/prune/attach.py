@@ -290,12 +290,14 @@ def _keep_off_fast_paths(model: nn.Module) -> None:
     """PyTorch's transformer encoder layers and stacks that hold gates take their regular path."""
     gated = (GatedConv2d, GatedLinear)
     for module in model.modules():
-        holds_gates = any(isinstance(m, gated) for m in module.modules())
-        hooked = any(isinstance(h, NoFastPath) for h in module._forward_pre_hooks.values())
-        if isinstance(module, nn.TransformerEncoderLayer) and holds_gates and not hooked:
-            module.register_forward_pre_hook(NoFastPath())
-        if isinstance(module, nn.TransformerEncoder) and holds_gates:
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(m, gated) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False  # nested tensors would skip the gates too
+        elif not any(isinstance(h, NoFastPath) for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(NoFastPath())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
