@@ -309,3 +309,14 @@ def test_save_and_load_pruned_attention(tmp_path, stream_whole):
     assert type(loaded.attn) is type(exported.attn)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(*args), exported.eval()(*args))
+
+
+def test_a_checkpoint_of_the_original_model_loads_into_the_gated_one():
+    torch.manual_seed(0)
+    args = _inputs("padding")
+    original = AttentionNet(False).eval()
+    model, _ = tg.attach_gates(AttentionNet(False).eval(), args)  # other weights
+    missing, unexpected = model.load_state_dict(original.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(key.startswith("tg_gates.") or ".gate." in key for key in missing)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args), original(*args), rtol=1e-5, atol=1e-6)

@@ -164,6 +164,21 @@ class PrunableMultiheadAttention(nn.Module):
         mha.train(self.training)
         return mha
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Also accept ``nn.MultiheadAttention``'s keys (``in_proj_weight``, ``q_proj_weight``, ...), so
+        that a checkpoint of the original model loads into the gated one."""
+        packed = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+        for key, kind in packed.items():
+            tensor = state_dict.pop(prefix + key, None)
+            if tensor is not None:
+                for name, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                    state_dict[f"{prefix}{name}.{kind}"] = piece
+        for name in ("q_proj", "k_proj", "v_proj"):
+            tensor = state_dict.pop(f"{prefix}{name}_weight", None)
+            if tensor is not None:
+                state_dict[f"{prefix}{name}.weight"] = tensor
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def sync_sizes(self) -> None:
         """Set the size attributes from the projection weights (export calls this after removing channels)."""
         self.embed_dim = self.q_proj.weight.shape[1]
