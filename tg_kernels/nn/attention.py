@@ -10,13 +10,13 @@ analyses the model. Its forward is written the way the analysis reads attention:
 output is split into ``(heads, head_dim)`` with ``-1`` heads and fed to
 ``scaled_dot_product_attention`` (or ``q @ k^T``, softmax, ``@ v`` when the weights are asked for),
 so whole heads (tied across q, k, v and the columns of ``out_proj``) and the width of the stream it
-reads and writes can be pruned, and :func:`~tg_kernels.export` produces this module at the kept
-sizes. Its forward takes ``nn.MultiheadAttention``'s arguments and follows its semantics (masks,
-``batch_first``, unbatched inputs, ``need_weights``, ``average_attn_weights``, the ``is_causal``
-hint, dropout on the attention weights).
+reads and writes can be pruned. Its forward takes ``nn.MultiheadAttention``'s arguments and
+follows its semantics (masks, ``batch_first``, unbatched inputs, ``need_weights``,
+``average_attn_weights``, the ``is_causal`` hint, dropout on the attention weights).
 
-Export turns it back into an ``nn.MultiheadAttention`` where that class can hold the kept sizes
-(:func:`restore_multihead_attention`: the kept heads span the kept input width).
+:func:`~tg_kernels.export` turns it back into an ``nn.MultiheadAttention`` where that class can hold
+the kept sizes (:func:`restore_multihead_attention`: the kept heads span the kept input width) and
+keeps this module, at the kept sizes, elsewhere.
 
 Limits: ``add_bias_kv`` and ``add_zero_attn`` are not supported (such modules are not swapped). The
 analysis keeps the heads whole where a per-head 3-D ``attn_mask`` (``(batch * num_heads, L, S)``)
