@@ -246,6 +246,11 @@ def _transformer_case(name: str):
         timm = pytest.importorskip("timm")
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
         return model, (torch.randn(2, 3, 32, 32),), {}
+    if name == "translation":  # nn.Transformer: attach swaps in PrunableMultiheadAttention; an input gate
+        from tests.prune_zoo import task_family_models
+
+        build, args, kwargs = task_family_models()[name]
+        return build(), args, kwargs
     pytest.importorskip("transformers")
     from tests.prune_zoo import hf_models
 
@@ -265,7 +270,7 @@ def _attached_twice(base: nn.Module, args: tuple, kwargs: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit", "translation"])
 def test_transformers_run_compact_with_whole_heads_and_tied_embeddings(name):
     """Gates over whole heads (repeat), size attributes (num_heads) and tied embedding / LM head weights:
     compact hard mode gives per-layer hard mode's outputs and gradients (float64; eval mode, so no dropout)."""
@@ -444,10 +449,11 @@ class _KeepsAGatedSize(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.head = nn.Linear(8, 4)
         self.channels = 8
+        self.grid = (8, -1)  # not an int attribute: export's size attributes cannot follow it
 
     def forward(self, x):
         h = torch.relu(self.bn(self.conv(x)))
-        flat = h.reshape(h.shape[0], self.channels, -1).mean(-1)  # fine at full width, wrong when compact
+        flat = h.reshape(h.shape[0], *self.grid).mean(-1)  # fine at full width, wrong when compact
         return self.head(flat)
 
 
@@ -470,6 +476,30 @@ def test_a_model_that_keeps_a_gated_size_falls_back_with_one_warning():
         warnings.simplefilter("error")  # said once, not again at every forward
         torch.testing.assert_close(model(x), per_layer(x))
     assert bank.compact.stats.forwards == 0
+
+
+class _HoldsAGatedSize(_KeepsAGatedSize):
+    """Reshapes with ``self.channels`` (torchvision's ViT does ``reshape(n, self.hidden_dim, h * w)``)."""
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(h.reshape(h.shape[0], self.channels, -1).mean(-1))
+
+
+def test_a_channel_count_held_in_an_int_attribute_follows_the_kept_channels():
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the self-check nor compact execution objects
+        model, bank = tg.attach_gates(_HoldsAGatedSize(), x, skip="hard")
+    assert [(sa.module, sa.attr) for sa in bank.analysis.size_attrs] == [("", "channels")]
+    _close_random(bank)
+    model.double().eval()
+    with torch.no_grad():
+        exported = tg.export(model)
+        torch.testing.assert_close(exported(x.double()), model(x.double()), rtol=1e-10, atol=1e-12)
+    assert exported.channels == exported.conv.out_channels == 4 and model.channels == 8
+    assert bank.compact.disabled_reason is None and bank.compact.stats.forwards >= 1
 
 
 class _FailsCompactLater(_KeepsAGatedSize):

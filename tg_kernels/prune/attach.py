@@ -1,6 +1,8 @@
 """`attach_gates`: put trainable gates into an arbitrary model where they zero what consumers read.
 
-The model keeps its own classes and forward code. Gates live in one module, ``model.tg_gates``
+The model keeps its own classes and forward code, except that every ``nn.MultiheadAttention`` becomes
+the equivalent :class:`~tg_kernels.nn.PrunableMultiheadAttention` (whose heads can be pruned; export
+turns it back where it can). Gates live in one module, ``model.tg_gates``
 (a :class:`GateBank`, so they are saved with the model's state_dict and synchronised by
 DistributedDataParallel like any parameter). A Conv2d or Linear whose output is gated directly is
 replaced by a :class:`~tg_kernels.GatedConv2d` / :class:`~tg_kernels.GatedLinear` sharing the
@@ -30,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from tg_kernels import _host
 from tg_kernels.gate import ShapeFn, TrainableGate
-from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.nn import GatedConv2d, GatedLinear, swap_multihead_attention
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
 from tg_kernels.prune.analysis import (
@@ -216,6 +218,16 @@ class RecurrentRestore:
         module._flat_weight_refs = [weakref.ref(t) if t is not None else None for t in params]
 
 
+class InputGateHook(GateHook):
+    """Forward pre-hook: multiply a module's (only) input by the gates of its channels
+    (``GatePoint.on_input``: where no module returns the channels that must be zeroed)."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:  # type: ignore[override]
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(f"cannot gate the input of {type(module).__name__}: its first argument is not a tensor")
+        return (super().__call__(module, args, args[0]), *args[1:])
+
+
 class InputGate:
     """The gates of a layer's input channels (set on a GatedConv2d so that it can drop closed inputs)."""
 
@@ -342,6 +354,28 @@ class _ExitMode:
             self.mode.__exit__(None, None, None)
 
 
+class NoFastPath:
+    """A forward pre-hook that does nothing: its presence keeps ``nn.TransformerEncoderLayer`` off its
+    fused inference path (which reads the layers' weights directly, past their gates)."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        return None
+
+
+def _keep_off_fast_paths(model: nn.Module) -> None:
+    """PyTorch's transformer encoder layers and stacks that hold gates take their regular path."""
+    gated = (GatedConv2d, GatedLinear)
+    for module in model.modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(m, gated) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False  # nested tensors would skip the gates too
+        elif not any(isinstance(h, NoFastPath) for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(NoFastPath())
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The gated model itself when `model` wraps it (DistributedDataParallel, DataParallel)."""
     return getattr(model, "module", model) if not hasattr(model, BANK_NAME) else model
@@ -410,6 +444,8 @@ def _install(
         bank.skipped[leaf] = "untraceable code (kept as an opaque module)"
 
     for point in analysis.gate_points:
+        if point.on_input:
+            continue  # after every replacement below, so that the hook sits on the module that stays
         parts = bank.parts(point.parts)
         module = model.get_submodule(point.module)
         if point.replace:
@@ -430,6 +466,11 @@ def _install(
         module.register_forward_pre_hook(hook)
         module.register_forward_hook(RecurrentRestore(), always_call=True)
         bank.recurrent_hooks.append(hook)
+    for point in analysis.gate_points:
+        if point.on_input:
+            hook = InputGateHook(bank, bank.parts(point.parts), point.dim, hard=skip == "hard", repeat=point.repeat)
+            model.get_submodule(point.module).register_forward_pre_hook(hook)
+            bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
         conv.gate = bank.gates[bank.key_of_space[space]]
@@ -449,6 +490,7 @@ def _install(
         module = model.get_submodule(name)
         module.register_forward_pre_hook(_EnterMode(mode))
         module.register_forward_hook(_ExitMode(mode), always_call=True)
+    _keep_off_fast_paths(model)
     model.add_module(BANK_NAME, bank)
 
     return bank
@@ -633,7 +675,10 @@ def attach_gates(
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
     Args:
-        model: any ``nn.Module``; it is modified in place (a copy is not made).
+        model: any ``nn.Module``; it is modified in place (a copy is not made). Its
+            ``nn.MultiheadAttention`` modules are swapped for
+            :class:`~tg_kernels.nn.PrunableMultiheadAttention` (same numbers; new state_dict keys)
+            unless ``exclude`` names them or their class.
         example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
         example_kwargs: keyword inputs of the forward (``input_ids=...`` for Hugging Face models).
         skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
@@ -665,6 +710,9 @@ def attach_gates(
     check_skip(skip)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     excluded = _excluded_names(model, exclude)
+    # nn.MultiheadAttention packs q, k, v and cannot lose heads: the same attention with separate
+    # projections can (tg_kernels.nn.PrunableMultiheadAttention; exclude the class to keep it).
+    swap_multihead_attention(model, excluded)
 
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")

@@ -198,23 +198,26 @@ class CompactForward:
     def _build_folds(self) -> list[_Fold]:
         assert self.bank.analysis is not None
         hooks = {id(h): h for h in self.bank.hooks}
-        hook_of: dict[str, GateHook] = {}
+        hook_of: dict[tuple[str, bool], GateHook] = {}  # (module, on its input)
         for name, module in self.model.named_modules():
             for hook in module._forward_hooks.values():
                 if id(hook) in hooks:
-                    hook_of[name] = hook
+                    hook_of[name, False] = hook
+            for hook in module._forward_pre_hooks.values():
+                if id(hook) in hooks:
+                    hook_of[name, True] = hook
         folds = []
         for point in self.bank.analysis.gate_points:
             parts = self.bank.parts(point.parts)
             if point.replace:
                 folds.append(_Fold(parts, point.module, None, point.repeat))
                 continue
-            target = self._fold_target(point.module, point.fold)
+            target = None if point.on_input else self._fold_target(point.module, point.fold)
             through = target is not None and target != point.module
             if through and any(key in self.full_width for key, _ in parts):
                 # relu(0 * z) has no gradient in the gate: a full-width group's closed gates need g * relu(z)
                 target, through = None, False
-            folds.append(_Fold(parts, target, hook_of.get(point.module), point.repeat, through))
+            folds.append(_Fold(parts, target, hook_of.get((point.module, point.on_input)), point.repeat, through))
         return folds
 
     def _fold_target(self, point_module: str, fold: str | None) -> str | None:

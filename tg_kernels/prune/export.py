@@ -20,12 +20,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.nn import GatedConv2d, GatedLinear
+from tg_kernels.nn import (
+    GatedConv2d,
+    GatedLinear,
+    PrunableMultiheadAttention,
+    restore_multihead_attention,
+    swap_multihead_attention,
+)
 from tg_kernels.prune.attach import (
     BANK_NAME,
     RECURRENT_ROWS,
     GateBank,
     GateHook,
+    InputGateHook,
+    NoFastPath,
     RecurrentGateHook,
     RecurrentRestore,
     _EnterMode,
@@ -78,6 +86,13 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
             ]
         )
         if torch.all(scale[keep] == 1):
+            continue
+        if point.on_input:  # a gate on a layer's input: scale the Linear's columns (a norm's input: not exact)
+            module = model.get_submodule(point.module)
+            if isinstance(module, nn.Linear):
+                if point.repeat != 1:
+                    scale = scale.repeat_interleave(point.repeat)
+                module.weight.data.mul_(scale.to(module.weight)[None, :])
             continue
         module = model.get_submodule(point.fold) if point.fold is not None else None
         foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
@@ -175,6 +190,8 @@ def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> No
         module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
         module.nf = module.weight.shape[1]
+    elif isinstance(module, PrunableMultiheadAttention):  # embed_dim, kdim, vdim, out_dim, num_heads
+        module.sync_sizes()
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -189,7 +206,10 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
     The result contains only the model's own classes and ``torch.nn`` modules (no tg_kernels types,
-    hooks or gates); in eval mode it computes what the gated model computes. The gated model is
+    hooks or gates), with one exception: an ``nn.MultiheadAttention`` whose kept heads do not span
+    its kept input width (which that class cannot hold) stays the
+    :class:`~tg_kernels.nn.PrunableMultiheadAttention` attach made of it. In eval mode it computes
+    what the gated model computes. The gated model is
     left unchanged. ``round_to`` keeps each group's channel count a multiple of it (padding with
     closed channels whose outputs are zeroed), which some hardware runs faster; at least one
     channel per group is kept.
@@ -233,6 +253,9 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
                 counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
                 setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
+    # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
+    # the kept width (PyTorch's class can hold only that)
+    restore_multihead_attention(exported)
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
@@ -242,7 +265,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, (_EnterMode, RecurrentGateHook)):
+            if isinstance(hook, (_EnterMode, RecurrentGateHook, InputGateHook, NoFastPath)):
                 del module._forward_pre_hooks[hook_id]
     from tg_kernels.prune.compact import uninstall  # compact imports this module
 
@@ -256,8 +279,8 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    sizes: dict[str, dict[str, int]] = {}
+def _module_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    sizes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             sizes[name] = {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
@@ -267,6 +290,17 @@ def _module_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
             sizes[name] = {"num_features": m.num_features}
         elif isinstance(m, nn.RNNBase):
             sizes[name] = {"input_size": m.input_size, "hidden_size": m.hidden_size}
+        elif isinstance(m, (nn.MultiheadAttention, PrunableMultiheadAttention)):
+            names = ("embed_dim", "kdim", "vdim", "num_heads", "head_dim") + (
+                ("out_dim",) if isinstance(m, PrunableMultiheadAttention) else ()
+            )
+            sizes[name] = {attr: getattr(m, attr) for attr in names}
+        elif isinstance(m, nn.Transformer):
+            sizes[name] = {"d_model": m.d_model}
+        elif isinstance(m, nn.LayerNorm):
+            sizes[name] = {"normalized_shape": tuple(m.normalized_shape)}
+        elif isinstance(m, nn.Embedding):
+            sizes[name] = {"embedding_dim": m.embedding_dim}
     return sizes
 
 
@@ -304,6 +338,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
     architecture = f"{type(model).__module__}.{type(model).__qualname__}"
     if architecture != checkpoint["architecture"]:
         raise ValueError(f"the file holds a {checkpoint['architecture']}, but the model given is a {architecture}")
+    # attention that export kept as PrunableMultiheadAttention (heads apart from the stream)
+    prunable = {name for name in checkpoint["module_sizes"] if f"{name}.q_proj.weight" in state}
+    swap_multihead_attention(model, {name for name, _ in model.named_modules() if name not in prunable})
     for name, sizes in checkpoint["module_sizes"].items():
         try:
             module = model.get_submodule(name)

@@ -168,6 +168,8 @@ class _Builder:
             return SidePass(**base, reason=f"gate point '{gp.module}' is not a node of the graph")
         if gp.repeat != 1:
             return SidePass(**base, reason=f"gate point '{gp.module}' gates whole heads")
+        if gp.on_input:
+            return SidePass(**base, reason=f"the gate is on the input of '{gp.module}'")
         try:
             paths = self.paths(node, root)
             if not paths:

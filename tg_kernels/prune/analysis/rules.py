@@ -326,7 +326,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
     out_features, in_features = w_shape
     tokens = math.prod(in_shape[:-1])
     if x is not None:
-        w.need_zero(x, f"Linear '{module}'")
+        w.need_zero(x, f"Linear '{module}'", module if isinstance(w.module_of(module), nn.Linear) else None)
         if x.dim == len(in_shape) - 1:  # a weight read elsewhere too (tied) is sliced alike there
             w.slice_tensor(weight, 1, x)
         else:
@@ -413,7 +413,7 @@ def layer_norm(w: Walk, node: fx.Node) -> Any:
     ):
         w.barrier(node, f"'{_op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
         return None
-    w.need_zero(x, f"norm '{module}'")
+    w.need_zero(x, f"norm '{module}'", module)
     for t in tensors:
         w.slice_tensor(t, 0, x)
     parts = w.cost_parts(x, w.width(x))
@@ -599,7 +599,9 @@ def reshape(w: Walk, node: fx.Node) -> Any:
         if math.prod(out_shape[:k]) != lead:
             continue
         if out_shape[k] == block:
-            return x.with_dim(k)
+            out = x.with_dim(k)
+            w.size_attr(node, k, out)  # (n, self.hidden_dim, h * w): torchvision's ViT flattens its patches
+            return out
         for j in range(x.dim + 1, len(in_shape) + 1):
             if out_shape[k] == block * math.prod(in_shape[x.dim + 1 : j]):
                 out = x.with_dim(k, x.repeat * math.prod(in_shape[x.dim + 1 : j]))

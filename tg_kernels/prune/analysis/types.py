@@ -44,6 +44,10 @@ class GatePoint:
     whose output rows export may scale by the gate values (the point itself, or the BatchNorm before
     a gated activation; None where there is none). Each gate covers ``repeat`` consecutive entries
     along ``dim`` (an attention head of ``repeat`` entries shares one gate).
+
+    ``on_input``: multiply the module's (only) input instead of its output, before the module runs.
+    Such a point sits at a Linear or a norm that reads channels made non-zero where no module
+    returns them (a position table added in the model's own forward); ``fold`` is None.
     """
 
     module: str
@@ -52,6 +56,7 @@ class GatePoint:
     replace: bool
     fold: str | None = None
     repeat: int = 1
+    on_input: bool = False
 
 
 @dataclass(frozen=True)

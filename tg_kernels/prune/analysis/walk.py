@@ -97,6 +97,8 @@ class Walk:
         self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
         self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
         self.recurrent: list[RecurrentGate] = []  # LSTM / GRU hidden units, gated on their parameters
+        self.live = _live_nodes(trace.graph)  # nodes some output depends on
+        self.current: fx.Node | None = None  # the node whose rule runs
 
     # ---- names and values ----
     def shape(self, node: Any):
@@ -169,17 +171,38 @@ class Walk:
                 return name
         return None
 
-    def need_zero(self, info: ChannelInfo, reader: str) -> None:
-        """A consumer reads ``info``: closed channels must be exactly zero there."""
+    def need_zero(self, info: ChannelInfo, reader: str, module: str | None = None) -> None:
+        """A consumer reads ``info``: closed channels must be exactly zero there.
+
+        ``module``: the module whose (only) input ``info`` is, if the consumer is one (a Linear, a
+        norm). Where no module returns the non-zero channels (a position table added in the
+        model's own forward), that module's input is gated instead (``GatePoint.on_input``).
+        """
+        if self.current is not None and self.current not in self.live:
+            return  # no output depends on it (attention weights nn.MultiheadAttention returns unasked)
+        key = module + INPUT_GATE if module is not None else None
+        if key is not None and key in self.gate_points:
+            if key not in self.emitted:
+                self.emitted.add(key)
+                parts = tuple((p, self.spaces.size(p)) for p in info.parts)
+                self.points.append(GatePoint(module, info.dim, parts, False, None, info.repeat, on_input=True))
+            return
         for part, source in zip(info.parts, info.nonzero):
             if source is None or self.spaces.is_fixed(part):
                 continue
             name = self._regate_point(source) if isinstance(source, fx.Node) else None
             if name is not None:
                 self.new_gate_points.add(name)
+            elif key is not None and self._input_gateable(module):
+                self.new_gate_points.add(key)
             else:
                 where = source.name if isinstance(source, fx.Node) else str(source)
                 self.fix([part], f"{reader} reads it after '{where}', which makes zeros non-zero")
+
+    def _input_gateable(self, module: str) -> bool:
+        """Whether a forward pre-hook can gate ``module``'s input: a Linear or norm called once."""
+        norms = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+        return self.t.calls.get(module, 0) == 1 and isinstance(self.module_of(module), (nn.Linear, *norms))
 
     def _regate_point(self, source: fx.Node) -> str | None:
         """A module to gate again after ``source``: one that returns it, or returns the activation
@@ -264,7 +287,7 @@ class Walk:
         stack = node.meta.get("nn_module_stack") or {}
         for entry in reversed(list(stack.values())):
             path = entry[0] if isinstance(entry, tuple) else str(entry)
-            module = self.module_of(path) if path else None
+            module = self.module_of(path)  # "" is the model itself (torchvision ViT: self.hidden_dim)
             if module is None:
                 continue
             parts = tuple((p, self.spaces.size(p)) for p in info.parts)
@@ -399,7 +422,9 @@ class Walk:
                     self.barrier(node, f"'{name}' at '{node.name}' (no rule for this op)")
                 self.info[node] = None
                 continue
+            self.current = node
             out = rule(self, node)
+            self.current = None
             if isinstance(out, ChannelInfo):
                 out = self._emit(node, out)
             self.info[node] = out
@@ -444,6 +469,10 @@ ACTIVATION_OPS = {
 }
 
 
+# Suffix of a gate point key that gates a module's input (GatePoint.on_input), not its output.
+INPUT_GATE = "#input"
+
+
 # Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
 PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
 
@@ -475,6 +504,18 @@ def _op_name(node: fx.Node) -> str:
 
 # Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
 STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach", "squeeze"}
+
+
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that the graph's outputs (user outputs and buffer updates) depend on."""
+    live: set[fx.Node] = set()
+    stack = [node for node in graph.nodes if node.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
 
 
 def _flatten_infos(value: Any) -> list[ChannelInfo]:
@@ -542,8 +583,22 @@ def analyze_export(model: nn.Module, trace: Trace, excluded: set[str] | None = N
     return finish(model, trace, walk(set(gate_points)))
 
 
+def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
+    """Int attributes that a ``torch.nn`` forward compares with a gated width in Python, outside the
+    graph: ``nn.Transformer`` checks that src and tgt are ``d_model`` wide (the width its encoder's
+    final norm normalises over)."""
+    norms = dict(w.norms)
+    found = []
+    for name, module in model.named_modules():
+        norm = f"{name}.encoder.norm" if name else "encoder.norm"
+        if isinstance(module, nn.Transformer) and norm in norms:
+            found.append(SizeAttr(name, "d_model", norms[norm], 1))
+    return found
+
+
 def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     """The result of a stable walk."""
+    w.size_attrs.extend(_checked_widths(model, w))
     sp = w.spaces
     roots: dict[int, list[int]] = {}
     for s in range(len(sp)):
@@ -572,13 +627,13 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     def gated(parts):
         return tuple((root_of.get(s), size) for s, size in parts)
 
-    points: dict[str, GatePoint] = {}
+    points: dict[tuple[str, bool], GatePoint] = {}
     for gp in w.points:
         parts = gated(gp.parts)
-        if all(r is None for r, _ in parts) or gp.module in points:
+        if all(r is None for r, _ in parts) or (gp.module, gp.on_input) in points:
             continue
         replace = gp.replace and len(parts) == 1
-        points[gp.module] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold, gp.repeat)
+        points[gp.module, gp.on_input] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold, gp.repeat, gp.on_input)
 
     def cost(parts):
         return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
