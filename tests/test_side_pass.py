@@ -293,15 +293,24 @@ def test_in_place_ops_on_a_consumer_output_keep_exact_compact():
     _assert_equal(none, exact)
 
 
+def _model_case(name: str):
+    from test_compact import _transformer_case
+
+    if name == "translation":
+        from tests.prune_zoo import task_family_models
+
+        build, args, kwargs = task_family_models()[name]
+        return build(), args, kwargs
+    return _transformer_case(name)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit", "translation"])
 def test_transformers_exact_gradients_equal_none_mode(name):
     """Heads (gates over whole heads) have no recipe: their groups run at full width, MLP hidden units get
     the side pass; every gradient is none mode's (float64, eval mode: no dropout)."""
-    from test_compact import _transformer_case
-
     torch.manual_seed(0)
-    base, args, kwargs = _transformer_case(name)
+    base, args, kwargs = _model_case(name)
     base = base.eval().double()
     args = tuple(a.double() if a.is_floating_point() else a for a in args)
     with warnings.catch_warnings():
