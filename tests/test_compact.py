@@ -745,13 +745,15 @@ def test_open_masks_equals_open_mask_gate_by_gate():
         assert torch.equal(open_masks(weights, min_opens), expected)
 
 
-def test_gather_bundle_passes_whole_tensors_through_with_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("along_one_dim", [False, True])
+def test_gather_bundle_passes_whole_tensors_through_with_the_same_gradients(along_one_dim, monkeypatch):
     """An all-open layer keeps every entry: unscaled (or unit-scaled) it is its full tensor, not a copy,
     and its gradients (the full tensor's and the scale's) are those of the copying path."""
     from tg_kernels.prune import gather
     from tg_kernels.prune.gather import Bundle, gather_bundle
 
-    monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)
+    if along_one_dim:
+        monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 4, dtype=torch.float64, generator=g)  # rows scaled, every row kept
     b = torch.randn(3, 6, dtype=torch.float64, generator=g)  # columns sliced: copied

@@ -122,11 +122,12 @@ class Bundle:
     global_index: Tensor  # kept entries' positions in the full gradient buffer (tensors gathered by offset)
     along: list[tuple[int, Tensor] | None]  # per tensor: (dim, kept indices) if gathered along one dim, else None
     dropped: list[Tensor | None]  # per tensor gathered along one dim: the indices it drops there
-    whole: list[bool]  # per tensor: gathered along one dim, dropping nothing (passed through where unscaled)
+    whole: list[bool]  # per tensor: keeps every entry (passed through where unscaled), 1-D scaled ones excepted
     full_numel: int  # the full gradient buffer: tensors gathered by offset first (zeroed at once), then the others
     by_offset_numel: int
     scaled_end: int  # compact elements of the scaled tensors (they come first)
     gathered_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
+    index_cache: dict[tuple[bool, ...], Tensor] = field(default_factory=dict)  # global_index without passed tensors
     scaled_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
     grad_buffer: ReusableBuffer = field(default_factory=ReusableBuffer)
 
@@ -187,7 +188,15 @@ class Bundle:
             device=first.device if first is not None else torch.device("cpu"),
             entries=entries,
             shapes=shapes,
-            whole=[d is not None and d.numel() == 0 for d in dropped],
+            whole=[
+                (d is not None and d.numel() == 0)
+                or (
+                    flat is not None
+                    and flat.numel() == tensors[i].numel()
+                    and not (scaled[i] and tensors[i].dim() == 1)
+                )
+                for i, d, flat in zip(order, dropped, entries)
+            ],
             full_shapes=[tuple(tensors[i].shape) for i in order],
             full_strides=[tuple(tensors[i].stride()) for i in order],
             offsets=offsets,
@@ -288,10 +297,16 @@ class _GatherBundle(torch.autograd.Function):
                     g = g * scale[rows[0] : rows[0] + rows[1]].view(-1, *([1] * (g.dim() - 1)))
             ready.append(g)
         full = bundle.grad_buffer.get(bundle.full_numel, bundle.dtype, bundle.device)
-        full[: bundle.by_offset_numel].zero_()
-        by_offset = [g.reshape(-1) for g, along in zip(ready, bundle.along) if along is None]
-        if by_offset:
-            full.index_copy_(0, bundle.global_index, torch.cat(by_offset))
+        copied = [i for i, along in enumerate(bundle.along) if along is None and not ctx.passed[i]]
+        if copied:
+            full[: bundle.by_offset_numel].zero_()
+            index = bundle.global_index
+            if len(copied) < sum(along is None for along in bundle.along):  # some passed through: their entries out
+                key = tuple(ctx.passed)
+                if key not in bundle.index_cache:
+                    bundle.index_cache[key] = torch.cat([bundle.entries[i] + bundle.full_offsets[i] for i in copied])
+                index = bundle.index_cache[key]
+            full.index_copy_(0, index, torch.cat([ready[i].reshape(-1) for i in copied]))
         grads_full = []
         for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides)):
             if ctx.passed[i]:
