@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from tg_kernels.prune.analysis.rules import SPATIAL_OPS
 from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep
 from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Walk, _op_name
 
@@ -43,38 +44,7 @@ _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
 _ELEMENTWISE = (ACTIVATION_OPS - _DROPOUTS - {"detach", "prelu"}) | {"neg", "abs", "square", "sin", "erf"}
 # Per-channel ops over the other dims (pooling, padding, upsampling, reductions that keep the channel
 # dim); replayed on zeros they pull gradients back as at full width.
-_SPATIAL = {
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "adaptive_max_pool1d",
-    "adaptive_max_pool2d",
-    "upsample_nearest1d",
-    "upsample_nearest2d",
-    "upsample_nearest3d",
-    "upsample_bilinear2d",
-    "upsample_bicubic2d",
-    "upsample_linear1d",
-    "upsample_trilinear3d",
-    "_upsample_nearest_exact2d",
-    "reflection_pad1d",
-    "reflection_pad2d",
-    "reflection_pad3d",
-    "replication_pad1d",
-    "replication_pad2d",
-    "replication_pad3d",
-    "max_pool2d_with_indices",
-    "constant_pad_nd",
-    "pad",
-    "mean",
-    "sum",
-}
+_SPATIAL = {*SPATIAL_OPS, "constant_pad_nd", "pad", "mean", "sum"}
 _LAYOUT = {"permute", "transpose", "unsqueeze", "squeeze", "t"}
 _HARMLESS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "size"}
 

@@ -517,7 +517,8 @@ def matmul(w: Walk, node: fx.Node) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-@_rule(
+# per-channel ops over the dims after the channel dim (the side-pass recipes replay them too)
+SPATIAL_OPS = (
     "max_pool1d",
     "max_pool2d",
     "max_pool3d",
@@ -546,6 +547,9 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     "replication_pad3d",
     "max_pool2d_with_indices",
 )
+
+
+@_rule(*SPATIAL_OPS)
 def spatial(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     if x is None:
