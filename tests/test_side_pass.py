@@ -398,3 +398,20 @@ def test_exact_with_kept_counts_padded_still_equals_none_mode(build, shape):
     padded = [key for key, kept in bank.compact._plan.kept.items() if kept.numel() > bank.gates[key].open_mask().sum()]
     assert padded, "some group is padded with closed channels"
     _assert_equal(none, exact)
+
+
+def test_a_retained_graph_gives_the_same_closed_gate_gradients_twice():
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.manual_seed(0)
+    base = MLPBlock(16, 64).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net, gates = tg.attach_gates(base, x, skip="exact")
+    _half_closed(gates)
+    loss = net(x).square().mean()
+    loss.backward(retain_graph=True)
+    first = torch.cat([g.weight.grad.clone() for g in gates.gates.values()])
+    loss.backward()
+    second = torch.cat([g.weight.grad for g in gates.gates.values()])
+    torch.testing.assert_close(second, 2 * first)
+    assert first[torch.cat([~g.open_mask() for g in gates.gates.values()])].abs().sum() > 0

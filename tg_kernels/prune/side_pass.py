@@ -190,8 +190,7 @@ class _SideProbe(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        job: _ConsumerJob = ctx.job
-        ctx.job = None
+        job: _ConsumerJob = ctx.job  # (kept: a retain_graph=True backward runs this again)
         grads = job.gate_gradients(grad_output)
         return (grad_output, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.gate_dtypes)))
 
