@@ -220,6 +220,10 @@ class _Builder:
             return [self.binary(node, user, root, steps, zero, replayable)]
         if name in ("mul", "div"):
             other = user.args[1] if user.args[0] is node else user.args[0]
+            if name == "mul" and isinstance(other, fx.Node) and other is not node:
+                there, here = self.position(other, root), self.position(node, root)
+                if there is not None and there[2] and here is not None and there[:2] == here[:2]:
+                    return []  # times a factor that is exactly 0 at these channels (SwiGLU's gate * up)
             if not isinstance(other, (int, float)) or (name == "div" and user.args[0] is not node):
                 raise _NoRecipe(f"'{name}' by a tensor at '{user.name}'")
             return [(user, (*steps, SideStep("op", _functional(user.target), (other,), ())), zero, replayable)]
