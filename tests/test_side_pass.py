@@ -296,7 +296,7 @@ def test_in_place_ops_on_a_consumer_output_keep_exact_compact():
 def _model_case(name: str):
     from test_compact import _transformer_case
 
-    if name == "translation":
+    if name in ("translation", "flownet_s", "style_transfer"):
         from tests.prune_zoo import task_family_models
 
         build, args, kwargs = task_family_models()[name]
@@ -305,7 +305,9 @@ def _model_case(name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit", "translation"])
+@pytest.mark.parametrize(
+    "name", ["bert", "gpt2", "llama_gqa", "vit", "t5", "timm_vit", "translation", "flownet_s", "style_transfer"]
+)
 def test_transformers_exact_gradients_equal_none_mode(name):
     """Heads (gates over whole heads) have no recipe: their groups run at full width, MLP hidden units get
     the side pass; every gradient is none mode's (float64, eval mode: no dropout)."""

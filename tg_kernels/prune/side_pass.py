@@ -99,7 +99,9 @@ def build_plan(
         rows = cols = None
         if recipe.producer is not None:
             rows = cl + recipe.row_offset
-            cols = kept(f"{recipe.producer}.weight", 1)
+            # (a ConvTranspose2d's weight is [in, out, ...]: its rows are dim 1)
+            transposed = isinstance(model.get_submodule(recipe.producer), nn.ConvTranspose2d)
+            cols = kept(f"{recipe.producer}.weight", 0 if transposed else 1)
             producers.add(recipe.producer)
         else:
             sources.add(recipe.source_module)
@@ -122,7 +124,7 @@ def build_plan(
                 consumer = consumers[path.consumer] = _Consumer(
                     path.consumer,
                     path.kind,
-                    kept(f"{path.consumer}.weight", 0),
+                    kept(f"{path.consumer}.weight", 1 if path.kind == "conv_t" else 0),
                     cl.new_zeros(0),
                     None if mask is None or bool(mask.all()) else mask,
                 )
@@ -201,7 +203,7 @@ class _ConsumerJob:
 
     consumer: _Consumer
     module: nn.Module
-    weight: Tensor  # consumer weight at the kept rows and the closed columns
+    weight: Tensor  # consumer weight at the kept rows and the closed columns ([closed, out, ...] for conv_t)
     input_shape: torch.Size
     values: list[tuple[str, Any]]  # per item: ("u", u) or ("bilinear", (x, producer rows, bias))
     run: SideRun
@@ -212,6 +214,9 @@ class _ConsumerJob:
             dy = grad_output.to(self.weight.dtype)
             if c.kind == "linear":
                 dx = None if all(kind == "bilinear" for kind, _ in self.values) else dy @ self.weight
+            elif c.kind == "conv_t":  # the input gradient of a transposed conv is a conv
+                m = self.module
+                dx = F.conv2d(dy, self.weight, None, m.stride, m.padding, m.dilation)
             else:
                 m = self.module
                 shape = (self.input_shape[0], self.weight.shape[1], *self.input_shape[2:])
@@ -290,9 +295,11 @@ class SideRun:
         with torch.no_grad():
             if recipe.producer is not None:
                 x = self.inputs[recipe.producer]
-                weight = self.full(recipe.producer, "weight").index_select(0, item.rows)
+                producer = self.model.get_submodule(recipe.producer)
+                rows_dim = 1 if isinstance(producer, nn.ConvTranspose2d) else 0
+                weight = self.full(recipe.producer, "weight").index_select(rows_dim, item.rows)
                 if item.cols is not None:
-                    weight = weight.index_select(1, item.cols)
+                    weight = weight.index_select(1 - rows_dim, item.cols)
                 bias = self.full(recipe.producer, "bias")
                 bias = None if bias is None else bias.index_select(0, item.rows)
                 if item.bilinear:
@@ -300,9 +307,19 @@ class SideRun:
                     tokens = x.numel() // max(d_in, 1)
                     if d_in * out_width * (tokens + closed) < tokens * closed * (d_in + out_width):
                         return "bilinear", (x, weight, bias)
-                producer = self.model.get_submodule(recipe.producer)
                 if isinstance(producer, nn.Linear):
                     u = F.linear(x, weight, bias)
+                elif rows_dim == 1:
+                    u = F.conv_transpose2d(
+                        x,
+                        weight,
+                        bias,
+                        producer.stride,
+                        producer.padding,
+                        producer.output_padding,
+                        1,
+                        producer.dilation,
+                    )
                 else:
                     u = F.conv2d(x, weight, bias, producer.stride, producer.padding, producer.dilation, 1)
             else:
@@ -316,12 +333,15 @@ class SideRun:
     def _wrap(self, consumer: _Consumer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             with torch.no_grad():
+                rows_dim = 1 if consumer.kind == "conv_t" else 0  # (a ConvTranspose2d's weight is [in, out, ...])
                 weight = self.full(consumer.module, "weight")
                 if consumer.rows is not None:
-                    weight = weight.index_select(0, consumer.rows)
-                weight = weight.index_select(1, consumer.cols)
+                    weight = weight.index_select(rows_dim, consumer.rows)
+                weight = weight.index_select(1 - rows_dim, consumer.cols)
                 if consumer.row_mask is not None:
-                    weight = weight * consumer.row_mask.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+                    shape = [1] * weight.dim()
+                    shape[rows_dim] = -1
+                    weight = weight * consumer.row_mask.to(weight.dtype).view(shape)
             values, gates, cache = [], [], {}
             for item, *_ in consumer.items:
                 if id(item) not in cache:

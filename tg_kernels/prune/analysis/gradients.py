@@ -185,7 +185,7 @@ class _Builder:
             return []  # a gate of the same group multiplies the gradient by 0
         if name in _HARMLESS:
             return []
-        if name in ("linear", "conv2d", "convolution") and user.args[0] is node:
+        if name in ("linear", "conv2d", "convolution", "conv_transpose2d") and user.args[0] is node:
             consumer = self.consumer(user, node, root, steps, zero, replayable)
             if consumer is not None:
                 return [consumer]
@@ -278,16 +278,16 @@ class _Builder:
             kind = "linear"
         else:
             groups = user.args[8] if name == "convolution" else (user.args[6] if len(user.args) > 6 else 1)
-            transposed = name == "convolution" and bool(user.args[6])
+            transposed = name == "conv_transpose2d" or (name == "convolution" and bool(user.args[6]))
             channels = (self.w.shape(node) or (0, 0))[1]
             if groups != 1 and groups == channels and not transposed:
                 return None  # depthwise: the group passes through
-            owner = self.weight_owner(user, (nn.Conv2d,))
-            if owner is None or groups != 1 or transposed or at[1] != 1:
-                raise _NoRecipe(f"convolution at '{user.name}' (grouped, transposed, reused or not over dim 1)")
+            owner = self.weight_owner(user, (nn.ConvTranspose2d,) if transposed else (nn.Conv2d,))
+            if owner is None or groups != 1 or at[1] != 1:
+                raise _NoRecipe(f"convolution at '{user.name}' (grouped, reused or not over dim 1)")
             if self.module(owner).padding_mode != "zeros":
-                raise _NoRecipe(f"Conv2d '{owner}' pads with mode '{self.module(owner).padding_mode}'")
-            kind = "conv"
+                raise _NoRecipe(f"'{owner}' pads with mode '{self.module(owner).padding_mode}'")
+            kind = "conv_t" if transposed else "conv"
         if not (zero and replayable):
             raise _NoRecipe(f"{kind} '{owner}' reads the channels after ops side passes cannot replay")
         elementwise = all(s.kind == "op" and _op_name_of(s.op) in _ELEMENTWISE | {"neg"} for s in steps)
@@ -313,10 +313,11 @@ class _Builder:
                         raise _NoRecipe(f"the value gated at '{point.name}' is a function of zeros without a module")
                     return None, 0, first.module, steps
             x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            if name in ("linear", "conv2d", "convolution"):
+            if name in ("linear", "conv2d", "convolution", "conv_transpose2d"):
                 inside = self.position(x, root) if x is not None else None
+                transposed = name == "conv_transpose2d" or (name == "convolution" and bool(node.args[6]))
                 if inside is None:  # the producer: new channels
-                    kinds = (nn.Linear,) if name == "linear" else (nn.Conv2d,)
+                    kinds = (nn.Linear,) if name == "linear" else (nn.ConvTranspose2d,) if transposed else (nn.Conv2d,)
                     owner = self.weight_owner(node, kinds)
                     at = self.position(node, root)
                     if owner is None or at is None or (name != "linear" and self.module(owner).groups != 1):
@@ -326,7 +327,7 @@ class _Builder:
                     steps.reverse()
                     return owner, at[0], None, steps
                 owner = self.weight_owner(node, (nn.Conv2d,))
-                if owner is None or name == "linear" or self.module(owner).padding_mode != "zeros":
+                if owner is None or name == "linear" or transposed or self.module(owner).padding_mode != "zeros":
                     raise _NoRecipe(f"'{name}' at '{node.name}' before the gate point")
                 steps.append(SideStep("conv", module=owner, offset=inside[0]))
                 node = x

@@ -165,10 +165,11 @@ class SideStep:
 
 @dataclass(frozen=True)
 class SidePath:
-    """A live path from a gate point to a consumer (``kind`` ``"linear"`` or ``"conv"``: a Linear or a
-    Conv2d with groups 1) whose input channels start at ``offset``; ``steps`` are the ops between,
-    replayed to pull the consumer's input gradient back; ``elementwise``: every step is elementwise
-    (the path's derivative at the zero channels is one number)."""
+    """A live path from a gate point to a consumer: ``kind`` ``"linear"``, ``"conv"`` or ``"conv_t"`` (a
+    Linear, a Conv2d or a ConvTranspose2d with groups 1) whose input channels start at ``offset``.
+    ``steps`` are the ops between, replayed to pull the consumer's input gradient back;
+    ``elementwise``: every step is elementwise (the path's derivative at the zero channels is one
+    number)."""
 
     consumer: str
     kind: str
