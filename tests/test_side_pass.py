@@ -241,9 +241,11 @@ def test_full_width_groups_fold_no_gate_through_an_activation():
             h = self.act(self.bn(self.conv(x)))
             return self.head(h.unsqueeze(1).expand(-1, 2, -1, -1, -1).sum(1).mean((2, 3)))
 
-    model, bank, none, exact, _ = _exact_and_none(Net, (2, 3, 8, 8))
+    model, bank, none, exact, none_state = _exact_and_none(Net, (2, 3, 8, 8))
     assert bank.compact.full_width
     _assert_equal(none, exact)
+    for name in ("bn.running_mean", "bn.running_var"):  # a full-width group: closed channels' statistics too
+        torch.testing.assert_close(model.state_dict()[name], none_state[name])
 
 
 def test_the_torch_fx_analysis_keeps_exact_on_the_per_layer_path():
