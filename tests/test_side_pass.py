@@ -419,3 +419,19 @@ def test_a_retained_graph_gives_the_same_closed_gate_gradients_twice():
     second = torch.cat([g.weight.grad for g in gates.gates.values()])
     torch.testing.assert_close(second, 2 * first)
     assert first[torch.cat([~g.open_mask() for g in gates.gates.values()])].abs().sum() > 0
+
+
+def test_compiled_exact_model_matches_eager():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(MLPBlock(16, 64), x, skip="exact")
+    _half_closed(bank)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.compile(model)(x).square().mean().backward()
+    assert bank.compact.disabled_reason is None and bank.compact.stats.exact_forwards == 2
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
