@@ -91,7 +91,7 @@ class _Builder:
         self.gated_at: dict[fx.Node, set[int]] = {}
         for gp in points:
             node = self.node_of.get(gp.module)
-            if node is not None:
+            if node is not None and not gp.on_input:  # (an input gate multiplies what the module reads)
                 self.gated_at.setdefault(node, set()).update(r for r, _ in gp.parts if r is not None)
 
     # ---- channel positions ----
