@@ -35,3 +35,15 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+def float64_case(build, shape, seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Module, torch.Tensor]:
+    """``build()`` in float64 with non-trivial norms and dropout off (compact runs draw other dropout
+    numbers at the compact width), and a seeded input of ``shape``."""
+    torch.manual_seed(seed)
+    base = build()
+    randomize_norms(base)
+    for m in base.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return base.double().to(device), torch.randn(shape, dtype=torch.float64, device=device)

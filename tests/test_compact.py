@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import randomize_norms
+from helpers import float64_case, randomize_norms
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,14 +43,7 @@ def _close_random(bank: tg.GateBank, seed: int = 1) -> None:
 
 def _pair(build, shape, seed: int = 0, **attach_options):
     """The same float64 model gated twice: compact (default) and per-layer (compact=False), hard mode."""
-    torch.manual_seed(seed)
-    base = build()
-    randomize_norms(base)
-    for m in base.modules():  # dropout draws other numbers at the compact width (the same distribution)
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    base.double()
-    x = torch.randn(shape, dtype=torch.float64)
+    base, x = float64_case(build, shape, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compact, cbank = tg.attach_gates(copy.deepcopy(base), x, skip="hard", **attach_options)

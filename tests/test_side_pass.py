@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import randomize_norms
+from helpers import float64_case
 from torch import nn
 
 import tg_kernels as tg
@@ -82,14 +82,7 @@ def _gradients(model: nn.Module, bank: tg.GateBank, x: torch.Tensor, skip: str) 
 
 
 def _exact_and_none(build, shape, seed: int = 0):
-    torch.manual_seed(seed)
-    base = build()
-    randomize_norms(base)
-    for m in base.modules():  # dropout draws other numbers at the compact width (the same distribution)
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    base.double()
-    x = torch.randn(shape, dtype=torch.float64)
+    base, x = float64_case(build, shape, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")
@@ -203,7 +196,7 @@ def test_a_closed_gate_reopens_through_its_task_gradient_alone():
 
 
 class _ExpandBetween(nn.Module):
-    """An expand between a gated layer and its consumer: no side-pass recipe (exact keeps the per-layer path)."""
+    """An expand between a gated layer and its consumer: no side-pass recipe (the group runs at full width)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -364,11 +357,7 @@ def test_exact_under_autocast_gives_closed_gates_gradients_close_to_float32(dtyp
 @pytest.mark.parametrize("build, shape", [MODELS[0], MODELS[1], MODELS[2]])
 def test_exact_gradients_equal_none_mode_on_cuda(build, shape):
     """The same check on the GPU (compact kept counts padded to a multiple of 8 there)."""
-    torch.manual_seed(0)
-    base = build()
-    randomize_norms(base)
-    base = base.double().cuda()
-    x = torch.randn(shape, dtype=torch.float64, device="cuda")
+    base, x = float64_case(build, shape, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")
@@ -385,11 +374,7 @@ def test_exact_gradients_equal_none_mode_on_cuda(build, shape):
 def test_exact_with_kept_counts_padded_still_equals_none_mode(build, shape):
     """CUDA pads kept channel counts with closed channels (round_to=8); forced on CPU here: padded closed
     channels are computed (as zeros) and their gates get their gradient from the side pass alone."""
-    torch.manual_seed(0)
-    base = build()
-    randomize_norms(base)
-    base.double()
-    x = torch.randn(shape, dtype=torch.float64)
+    base, x = float64_case(build, shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")

@@ -168,9 +168,7 @@ class CompactForward:
         self._plan: _Plan | None = None
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
-        self.full_width: dict[str, str] = full_width_groups(bank.analysis.side_passes, bank.key_of_space)
-        for rg in getattr(bank.analysis, "recurrent", ()):  # gated inside a recurrence: no side pass
-            self.full_width.setdefault(bank.key_of_space[rg.space], f"hidden units of '{rg.module}' (a recurrence)")
+        self.full_width: dict[str, str] = full_width_groups(bank.analysis, bank.key_of_space)
         self._norms_together()
         # norms over full-width groups compute open-channel statistics (as on the per-layer path)
         self._wide_norms = {
@@ -494,12 +492,14 @@ class CompactForward:
         # padding channels would count in the statistics of a norm over them (LayerNorm over the stream)
         unpadded = {key for _, parts in bank.analysis.norms for key, _ in bank.parts(parts) if key is not None}
         kept, open_only, mask_of = {}, {}, {}
+        graded = mask.clone()  # which channels' gates get the task gradient: open ones, all of full-width groups
         at = 0
         for key, gate in bank.gates.items():
             m = mask_of[key] = mask[at : at + gate.num_channels]
             at += gate.num_channels
             if key in wide:  # every channel, closed ones with gate value 0 (and their gates' gradient)
                 kept[key] = open_only[key] = torch.arange(gate.num_channels, device=device)
+                graded[at - gate.num_channels : at] = True
                 continue
             kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
@@ -559,15 +559,6 @@ class CompactForward:
             bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
-        grad_kept = mask[kept_all]
-        if wide:  # closed channels of full-width groups: value 0, and their gates get the task gradient
-            wide_of = torch.zeros_like(mask)
-            at = 0
-            for key, gate in bank.gates.items():
-                if key in wide:
-                    wide_of[at : at + gate.num_channels] = True
-                at += gate.num_channels
-            grad_kept = grad_kept | wide_of[kept_all]
         unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
         side = None
         if self.exact_reason is None:
@@ -589,7 +580,7 @@ class CompactForward:
             kept,
             kept_all,
             mask[kept_all],
-            grad_kept,
+            graded[kept_all],
             value_offsets,
             fold_rows,
             bundles,

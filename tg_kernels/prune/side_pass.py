@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tg_kernels.prune.analysis.types import SidePass, SidePath, SideStep
+from tg_kernels.prune.analysis.types import Analysis, SidePass, SidePath, SideStep
 
 
 @dataclass
@@ -354,12 +354,15 @@ class SideRun:
         return hook
 
 
-def full_width_groups(recipes: list[SidePass], key_of: dict[int, str]) -> dict[str, str]:
-    """Gate key -> why its group has no side pass (a gate point without a recipe): it runs at full width."""
+def full_width_groups(analysis: Analysis, key_of: dict[int, str]) -> dict[str, str]:
+    """Gate key -> why its group has no side pass, so that it runs at full width in ``exact`` training:
+    a gate point without a recipe, or hidden units gated inside a recurrence."""
     wide: dict[str, str] = {}
-    for recipe in recipes:
+    for recipe in analysis.side_passes:
         if recipe.reason is not None:
             wide.setdefault(key_of[recipe.space], f"gate point '{recipe.point}': {recipe.reason}")
+    for rg in analysis.recurrent:
+        wide.setdefault(key_of[rg.space], f"hidden units of '{rg.module}' (a recurrence)")
     return wide
 
 

@@ -34,14 +34,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tg_kernels.prune.analysis.rules import SPATIAL_OPS
+from tg_kernels.prune.analysis.rules import SPATIAL_OPS, ZERO_PRESERVING_OPS
 from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep
-from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Walk, _op_name
+from tg_kernels.prune.analysis.walk import Walk, _op_name, target_name
 
-_COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy"}
+_COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy", "type_as"}
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
 # Elementwise ops of one tensor replayed as they are (their derivative at 0 is read off numerically).
-_ELEMENTWISE = (ACTIVATION_OPS - _DROPOUTS - {"detach", "prelu"}) | {"neg", "abs", "square", "sin", "erf"}
+_ELEMENTWISE = set(ZERO_PRESERVING_OPS) - _DROPOUTS - _COPIES - {"detach", "prelu"}
 # Per-channel ops over the other dims (pooling, padding, upsampling, reductions that keep the channel
 # dim); replayed on zeros they pull gradients back as at full width.
 _SPATIAL = {*SPATIAL_OPS, "constant_pad_nd", "pad", "mean", "sum"}
@@ -194,7 +194,7 @@ class _Builder:
             raise _NoRecipe(f"'{name}' at '{user.name}' reads the channels in a way side passes do not follow")
         if name == "detach":
             return []
-        if name in _COPIES or name == "type_as":  # copies and dtype casts: the gradient passes as it is
+        if name in _COPIES:  # copies and dtype casts: the gradient passes as it is
             return [(user, steps, zero, replayable)]
         if name in _ELEMENTWISE or name in _DROPOUTS:
             if name in _DROPOUTS:
@@ -290,7 +290,7 @@ class _Builder:
             kind = "conv_t" if transposed else "conv"
         if not (zero and replayable):
             raise _NoRecipe(f"{kind} '{owner}' reads the channels after ops side passes cannot replay")
-        elementwise = all(s.kind == "op" and _op_name_of(s.op) in _ELEMENTWISE | {"neg"} for s in steps)
+        elementwise = all(s.kind == "op" and target_name(s.op) in _ELEMENTWISE for s in steps)
         return SidePath(owner, kind, at[0], tuple(steps), elementwise)
 
     def source(self, point: fx.Node, root: int) -> tuple[str | None, int, str | None, list[SideStep]]:
@@ -364,11 +364,6 @@ class _Builder:
                 node = pieces[0]
                 continue
             raise _NoRecipe(f"'{name}' at '{node.name}' makes the gated value")
-
-
-def _op_name_of(op: Any) -> str:
-    name = getattr(op, "_opname", None) or getattr(op, "__name__", str(op))
-    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
 def side_passes(model: nn.Module, w: Walk, root_of: dict[int, int], points: list[GatePoint]) -> list[SidePass]:

@@ -72,7 +72,22 @@ for _name in ("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", 
     RULES[_name] = lambda w, node: None
 
 
-@_rule(*ACTIVATION_OPS, "to", "_to_copy", "type_as", "neg", "abs", "square", "sin", "erf", "lift_fresh_copy")
+# elementwise with f(0) = 0 (the side-pass recipes replay them too)
+ZERO_PRESERVING_OPS = (
+    *ACTIVATION_OPS,
+    "to",
+    "_to_copy",
+    "type_as",
+    "neg",
+    "abs",
+    "square",
+    "sin",
+    "erf",
+    "lift_fresh_copy",
+)
+
+
+@_rule(*ZERO_PRESERVING_OPS)
 def zero_preserving(w: Walk, node: fx.Node) -> Any:
     """Elementwise and f(0) = 0: closed channels stay zero (or stay as non-zero as they were)."""
     x = w.tracked(node.args[0]) if node.args else None

@@ -495,7 +495,11 @@ def _weight_of(w: Walk, node: fx.Node) -> str | None:
 
 
 def _op_name(node: fx.Node) -> str:
-    target = node.target
+    return target_name(node.target)
+
+
+def target_name(target: Any) -> str:
+    """An ATen op's name without overload or in-place suffix (``aten.relu_.default`` -> ``relu``)."""
     name = getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
     if name.endswith("_") and not name.startswith("_"):
         name = name[:-1]
