@@ -68,7 +68,7 @@ _HOMOGENEOUS = (
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: plans key their rows by fold (deepcopy remaps such keys)
 class _Fold:
     """One gate point: where its gate values go in compact execution.
 
@@ -108,7 +108,7 @@ class _Plan:
     open_kept: Tensor  # whether each is open
     grad_kept: Tensor  # whether each gets its gate's task gradient (open, or closed in a full-width group)
     value_offsets: dict[str, int]  # group key -> where its values start
-    fold_rows: dict[int, Tensor]  # id(fold) -> its gate vector, as rows of the values
+    fold_rows: dict[_Fold, Tensor]  # fold -> its gate vector, as rows of the values
     params: list[tuple[Bundle, list[_SwapSpec], Tensor | None]]  # gathered together, with their scale rows
     unit_scales: list[bool]  # per bundle: every scale is exactly 1 (no closed channel kept as padding)
     buffers: list[_SwapSpec]  # gathered one by one, without gradients
@@ -335,7 +335,7 @@ class CompactForward:
                 if values is None and fold.module is None:
                     values = self._gate_values(plan)
                 fold.hook.compact_gate = (
-                    None if fold.module is not None else values.index_select(0, plan.fold_rows[id(fold)])
+                    None if fold.module is not None else values.index_select(0, plan.fold_rows[fold])
                 )
                 fold.hook.compact = True
         if self._side_active():
@@ -527,7 +527,7 @@ class CompactForward:
             starts += gate.num_channels
         kept_all = torch.cat(kept_global) if kept_global else torch.zeros(0, dtype=torch.int64, device=device)
         ones_row = kept_all.numel()
-        fold_rows = {id(fold): self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds}
+        fold_rows = {fold: self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds}
 
         params: dict[tuple[torch.dtype, torch.device], list[tuple[_SwapSpec, Tensor]]] = {}
         buffers = []
@@ -555,7 +555,7 @@ class CompactForward:
                 [full for _, full in members], [spec.dims for spec in specs], [spec.fold is not None for spec in specs]
             )
             specs = [specs[i] for i in order]
-            scaled = [fold_rows[id(spec.fold)] for spec in specs if spec.fold is not None]
+            scaled = [fold_rows[spec.fold] for spec in specs if spec.fold is not None]
             bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
@@ -567,7 +567,7 @@ class CompactForward:
             recipes = [sp for sp in bank.analysis.side_passes if key_of[sp.space] not in self.full_width]
             # a consumer whose own rows take gate values: its padded closed rows pass no gradient back
             row_masks = {
-                target.rpartition(".")[0]: values[fold_rows[id(fold)]]
+                target.rpartition(".")[0]: values[fold_rows[fold]]
                 for target, fold in self._scaled.items()
                 if target.endswith(".weight")
             }
