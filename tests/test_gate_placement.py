@@ -62,6 +62,8 @@ CASES = [
     pytest.param(_FunctionalRelu, (32, 6), id="functional_relu"),
     pytest.param(lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), id="resnet18"),
     pytest.param(lambda: torchvision.models.squeezenet1_0(num_classes=10), (2, 3, 64, 64), id="squeezenet"),
+    # expand -> gate -> depthwise -> BatchNorm -> gate: the first gate is left out (the second suffices)
+    pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32), id="mobilenet_v2"),
 ]
 
 

@@ -117,6 +117,7 @@ class _Plan:
     build_seconds: float
     side: SidePlan | None = None  # the closed-channel side passes of "exact" training (None: not available)
     exact: bool = False  # made for "exact" training: full-width groups keep every channel
+    unit_hooks: frozenset = frozenset()  # hooked folds whose kept gates are all open (their gate multiplies by 1)
 
 
 _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
@@ -330,13 +331,16 @@ class CompactForward:
         for module in self._quiet:
             module.__dict__["_tg_hooks"] = module._forward_hooks
             module.__dict__["_forward_hooks"] = OrderedDict()
+        # a hook multiplying by ones only matters for the gradient it passes to the gates
+        gates_learn = torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.bank.gates.values())
         for fold in self._folds:
             if fold.hook is not None:
-                if values is None and fold.module is None:
-                    values = self._gate_values(plan)
-                fold.hook.compact_gate = (
-                    None if fold.module is not None else values.index_select(0, plan.fold_rows[fold])
-                )
+                if fold.module is not None or (not gates_learn and fold in plan.unit_hooks):
+                    fold.hook.compact_gate = None
+                else:
+                    if values is None:
+                        values = self._gate_values(plan)
+                    fold.hook.compact_gate = values.index_select(0, plan.fold_rows[fold])
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
@@ -591,6 +595,7 @@ class CompactForward:
             seconds,
             side,
             exact,
+            frozenset(f for f in self._folds if f.hook is not None and bool(values[fold_rows[f]].all())),
         )
 
     def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:

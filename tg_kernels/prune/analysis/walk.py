@@ -69,10 +69,13 @@ class Walk:
         excluded: set[str],
         units: dict[str, int] | None = None,
         closed_gradients: bool = True,
+        suppressed: frozenset[str] = frozenset(),
     ) -> None:
         self.model = model
         # place no gate right before a ReLU-like activation, so that closed gates keep a task gradient
         self.closed_gradients = closed_gradients
+        self.suppressed = suppressed  # producers whose own gate is left out (a later gate of the group suffices)
+        self.placed_by: dict[str, str] = {}  # gate point -> the producer whose output chain placed it
         self.t = trace
         self.gate_points = gate_points
         self.cuts = cuts
@@ -370,7 +373,9 @@ class Walk:
             parts = (self.spaces.new(channels // unit, key, name, fixed, unit),)
         sized = tuple((p, self.spaces.size(p)) for p in parts)
         module = self.module_of(name)
-        point, fold = self._gate_point_for(node, name)
+        point, fold = (None, None) if name in self.suppressed else self._gate_point_for(node, name)
+        if point is not None:
+            self.placed_by[point] = name
         if point == name and node in self.t.output_of and name in self.t.output_of[node]:
             replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear") and unit == 1
             self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None, unit))
@@ -640,8 +645,10 @@ def analyze_export(
     cuts: dict[str, set[int]] = {}
     units: dict[str, int] = {}
 
+    suppressed: frozenset[str] = frozenset()
+
     def walk(points: set[str]) -> Walk:
-        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units, closed_gradients)
+        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units, closed_gradients, suppressed)
         w.run()
         return w
 
@@ -679,7 +686,24 @@ def analyze_export(
                     gate_points = one
             break
         gate_points, w = trial, tried
-    return finish(model, trace, walk(set(gate_points)))
+    result = finish(model, trace, walk(set(gate_points)))
+    if not closed_gradients:
+        return result
+    # A producer's gate whose closed gates get no task gradient because a later gate of the group
+    # zeros the channels again (MobileNetV2: expand -> gate -> depthwise -> BatchNorm -> gate) is not
+    # needed where the ops between keep channels apart: leave it out, so that the later gate's
+    # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta.
+    w = walk(set(gate_points))
+    dead = sorted({w.placed_by[sp.point] for sp in result.side_passes if sp.dead and sp.point in w.placed_by})
+    kept = suppressed
+    for name in dead:
+        suppressed = kept | {name}
+        if learned(walk(set(gate_points)), gate_points):
+            suppressed = kept  # the channels must be zero before the later gate: keep this one
+        else:
+            kept = suppressed
+    suppressed = kept
+    return finish(model, trace, walk(set(gate_points))) if kept else result
 
 
 def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
