@@ -52,11 +52,12 @@ class _Pass:
 class _Term:
     """A second producer's closed rows, added into ``u`` (``SideTerm``)."""
 
-    producer: str
-    rows: Tensor
+    producer: str | None  # None: zeros shaped like source_module's input
+    rows: Tensor | None
     cols: Tensor | None
     steps: tuple[SideStep, ...]
     step_index: list[Tensor | None]
+    source_module: str | None = None
 
 
 @dataclass
@@ -120,6 +121,10 @@ def build_plan(
         step_index = _step_index(recipe.source_steps, cl)
         terms = []
         for term in recipe.terms:
+            if term.producer is None:
+                terms.append(_Term(None, None, None, term.steps, _step_index(term.steps, cl), term.source_module))
+                sources.add(term.source_module)
+                continue
             transposed = isinstance(model.get_submodule(term.producer), nn.ConvTranspose2d)
             terms.append(
                 _Term(
@@ -154,14 +159,17 @@ def build_plan(
                     None if mask is None or bool(mask.all()) else mask,
                 )
             start = consumer.cols.numel()
-            consumer.cols = torch.cat([consumer.cols, cl + path.offset])
-            consumer.items.append((item, path, start, cl.numel()))
+            cols = cl + path.offset
+            if path.repeat != 1:  # each channel is path.repeat consecutive columns (flattened C x H x W)
+                cols = (cols[:, None] * path.repeat + torch.arange(path.repeat, device=cl.device)).flatten()
+            consumer.cols = torch.cat([consumer.cols, cols])
+            consumer.items.append((item, path, start, cols.numel()))
     return SidePlan(passes, list(consumers.values()), sorted(producers), sorted(s for s in sources if s))
 
 
 def _step_index(steps: tuple[SideStep, ...], closed: Tensor) -> list[Tensor | None]:
     """Per step: the closed channels among its module's channels (norm and depthwise conv steps)."""
-    return [closed + s.offset if s.kind in ("norm", "conv") else None for s in steps]
+    return [closed + s.offset if s.kind in ("norm", "instance_norm", "conv") else None for s in steps]
 
 
 def _replay(
@@ -195,6 +203,12 @@ def _replay(
                 x = F.batch_norm(
                     x, mean.index_select(0, idx), var.index_select(0, idx), weight, bias, False, 0.0, bn.eps
                 )
+        elif step.kind == "instance_norm":  # per sample and channel: the closed channels alone
+            norm = run.model.get_submodule(step.module)
+            weight, bias = run.full(step.module, "weight"), run.full(step.module, "bias")
+            weight = None if weight is None else weight.index_select(0, index[i])
+            bias = None if bias is None else bias.index_select(0, index[i])
+            x = F.instance_norm(x, None, None, weight, bias, True, 0.0, norm.eps)
         else:  # depthwise conv
             conv = run.model.get_submodule(step.module)
             idx = index[i]
@@ -342,17 +356,24 @@ class SideRun:
                         return "bilinear", (x, weight, bias)
                 u = self._apply(recipe.producer, x, weight, bias)
             else:
-                shape = list(self.inputs[recipe.source_module].shape)
-                shape[1] = item.closed.numel()
-                like = self.full(recipe.source_module, "weight")
-                u = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                u = self._zeros(recipe.source_module, item.closed.numel())
             terms = []
             for term in item.terms:
-                weight, bias = self._rows(term.producer, term.rows, term.cols)
-                t = self._apply(term.producer, self.inputs[term.producer], weight, bias)
+                if term.producer is None:
+                    t = self._zeros(term.source_module, item.closed.numel())
+                else:
+                    weight, bias = self._rows(term.producer, term.rows, term.cols)
+                    t = self._apply(term.producer, self.inputs[term.producer], weight, bias)
                 terms.append(_replay(term.steps, t, term.step_index, self))
             u = _replay(recipe.source_steps, u, item.step_index, self, terms)
             return "u", u.to(self.full(recipe.producer or recipe.source_module, "weight").dtype)  # (autocast)
+
+    def _zeros(self, module: str, channels: int) -> Tensor:
+        """Zeros shaped like ``module``'s captured input at ``channels`` channels (a zero source)."""
+        shape = list(self.inputs[module].shape)
+        shape[1] = channels
+        like = self.full(module, "weight")
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def _rows(self, name: str, rows: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """A producer's weight at its closed rows (and the input columns the compact run keeps), and its bias."""

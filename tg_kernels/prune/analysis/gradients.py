@@ -195,6 +195,10 @@ class _Builder:
             consumer = self.consumer(user, node, root, steps, zero, replayable)
             if consumer is not None:
                 return [consumer]
+        if name == "flatten":
+            info = self.w.info.get(user)
+            if isinstance(info, ChannelInfo) and info.repeat > 1:
+                return self.flattened(node, user, root, steps, zero and replayable)
         out = self.position(user, root)
         if out is None:
             raise _NoRecipe(f"'{name}' at '{user.name}' reads the channels in a way side passes do not follow")
@@ -239,14 +243,45 @@ class _Builder:
             return [(user, steps, zero, replayable)]
         if name in _SPATIAL or name in _LAYOUT or name == "flatten":
             args, kwargs = self.constants(user)
-            value = args[1] if name in ("constant_pad_nd", "pad") and len(args) > 1 else 0
+            value = 0  # what padding adds: pad(x, pad, mode="constant", value=None); constant_pad_nd(x, pad, value)
+            if name == "constant_pad_nd" and len(args) > 1:
+                value = args[1]
+            elif name == "pad":
+                mode = args[1] if len(args) > 1 else kwargs.get("mode", "constant")
+                value = (args[2] if len(args) > 2 else kwargs.get("value")) if mode == "constant" else 0
+                value = value or 0
             step = SideStep("op", functional(user.target), args, tuple(kwargs.items()))
             return [(user, (*steps, step), zero and not value, replayable and zero)]
         if name == "getitem":
             return [(user, (*steps, SideStep("item", args=(user.args[1],))), zero, replayable)]
-        if name in ("batch_norm", "conv2d", "convolution"):
+        if name in ("batch_norm", "instance_norm", "conv2d", "convolution"):
             return [(user, steps, False, False)]  # per-channel, not replayed: only a later gate may end it
         raise _NoRecipe(f"'{name}' at '{user.name}'")
+
+    def flattened(self, node: fx.Node, user: fx.Node, root: int, steps: tuple, replayable: bool) -> list[SidePath]:
+        """``flatten`` of C x H x W channels read by Linear layers (a CNN classifier): each channel is
+        ``repeat`` consecutive input columns of the Linear."""
+        info = self.w.info[user]
+        at, found = 0, None
+        for part in info.parts:
+            if self.root(part) == root:
+                if found is not None:
+                    raise _NoRecipe(f"the channels appear more than once at '{user.name}'")
+                found = at
+            at += self.w.spaces.size(part)
+        if found is None or not replayable or info.dim != len(self.w.shape(user) or ()) - 1:
+            raise _NoRecipe(f"flatten at '{user.name}' (not replayable, or not into the last dim)")
+        args, kwargs = self.constants(user)
+        steps = (*steps, SideStep("op", functional(user.target), args, tuple(kwargs.items())))
+        paths = []
+        for reader in user.users:
+            owner = self.weight_owner(reader, (nn.Linear,)) if _op_name(reader) == "linear" else None
+            if owner is None or reader.args[0] is not user:
+                raise _NoRecipe(f"'{_op_name(reader)}' at '{reader.name}' reads flattened channels")
+            if root in self.input_gated.get(reader, ()):
+                continue
+            paths.append(SidePath(owner, "linear", found, steps, False, info.repeat))
+        return paths
 
     def constants(self, node: fx.Node) -> tuple[tuple, dict]:
         """The op's arguments after the tensor, which must all be constants."""
@@ -354,6 +389,26 @@ class _Builder:
                 steps.append(SideStep("norm", module=owner, offset=at[0]))
                 node = x
                 continue
+            if name in _SPATIAL and x is not None and name not in ("mean", "sum", "constant_pad_nd", "pad"):
+                at_in, at_out = self.position(x, root), self.position(node, root)
+                if at_in is None or at_out is None or at_in[:2] != at_out[:2]:
+                    raise _NoRecipe(f"'{name}' at '{node.name}' moves the channels")
+                args, kwargs = self.constants(node)  # pooling / upsampling: per channel
+                steps.append(SideStep("op", functional(node.target), args, tuple(kwargs.items())))
+                node = x
+                continue
+            if name == "instance_norm" and x is not None:
+                at = self.position(x, root)
+                weight = self.w.tensor_name(node.args[1]) if len(node.args) > 1 else None
+                owner = self.w.owner(weight) if weight else self.w.scope_module(node)
+                module = self.module(owner) if owner else None
+                if at is None or not isinstance(module, nn.modules.instancenorm._InstanceNorm):
+                    raise _NoRecipe(f"instance norm at '{node.name}'")
+                if module.track_running_stats:
+                    raise _NoRecipe(f"instance norm with running statistics at '{node.name}'")
+                steps.append(SideStep("instance_norm", module=owner, offset=at[0]))
+                node = x
+                continue
             if (name in _ELEMENTWISE or name in _COPIES) and x is not None:
                 if name not in _COPIES:
                     args, kwargs = self.constants(node)
@@ -369,10 +424,10 @@ class _Builder:
                 if len(live) == 2 and name == "add" and node.kwargs.get("alpha", 1) == 1:
                     # a residual add of two non-zero values (a projection shortcut): one more term
                     producer, offset, zero_source, term_steps, inner = self.source(live[1], root, live[1])
-                    if producer is None or zero_source is not None or inner:
+                    if (producer is None and zero_source is None) or inner:
                         raise _NoRecipe(f"'{name}' of several non-zero values at '{node.name}'")
                     steps.append(SideStep("add", args=(len(terms),)))
-                    terms.append(SideTerm(producer, offset, tuple(term_steps)))
+                    terms.append(SideTerm(producer, offset, tuple(term_steps), zero_source))
                     live = live[:1]
                 if len(live) != 1:
                     raise _NoRecipe(f"'{name}' of several non-zero values at '{node.name}'")

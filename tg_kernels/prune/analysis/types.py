@@ -152,7 +152,8 @@ class SideStep:
     ``kind``: ``"op"`` calls ``op(x, *args, **dict(kwargs))``; ``"item"`` takes ``x[args[0]]``;
     ``"dropout"`` calls ``op(x, args[0], module.training)``; ``"norm"`` is the batch norm ``module``
     and ``"conv"`` the depthwise Conv2d ``module``, at the channels that start at ``offset`` among
-    the module's channels; ``"add"`` adds the value of term ``args[0]`` of the :class:`SidePass`
+    the module's channels (``"instance_norm"``: the InstanceNorm ``module``, likewise);
+    ``"add"`` adds the value of term ``args[0]`` of the :class:`SidePass`
     (a residual add of two non-zero values: a ResNet block's projection shortcut).
     """
 
@@ -170,23 +171,27 @@ class SidePath:
     Linear, a Conv2d or a ConvTranspose2d with groups 1) whose input channels start at ``offset``.
     ``steps`` are the ops between, replayed to pull the consumer's input gradient back;
     ``elementwise``: every step is elementwise (the path's derivative at the zero channels is one
-    number)."""
+    number). ``repeat``: the consumer reads each channel as that many consecutive input columns (a
+    Linear after ``flatten`` of a C x H x W map)."""
 
     consumer: str
     kind: str
     offset: int
     steps: tuple[SideStep, ...]
     elementwise: bool
+    repeat: int = 1
 
 
 @dataclass(frozen=True)
 class SideTerm:
     """A second value added into a side pass's ``u``: ``producer``'s rows that start at
-    ``row_offset`` applied to its input, then ``steps`` (as a :class:`SidePass`'s source)."""
+    ``row_offset`` applied to its input, or (``producer`` None) zeros shaped like ``source_module``'s
+    input, then ``steps`` (as a :class:`SidePass`'s source)."""
 
-    producer: str
+    producer: str | None
     row_offset: int
     steps: tuple[SideStep, ...] = ()
+    source_module: str | None = None
 
 
 @dataclass(frozen=True)

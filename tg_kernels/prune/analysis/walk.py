@@ -410,10 +410,12 @@ class Walk:
                 return (name, name) if point == name else (None, None)
             chain, fold = [bn], self.owner(stats)
         self._extend(chain)
-        added = len(chain)  # a residual add, then activations: where a ReLU after the add would kill the gate
-        last = next(iter(chain[-1].users)) if len(chain[-1].users) == 1 else None
-        if self.closed_gradients and last is not None and _residual_add(last, chain[-1]):
-            chain.append(last)
+        added = len(chain)  # residual adds, then activations: where a ReLU after the adds would kill the gate
+        while self.closed_gradients and len(chain[-1].users) == 1:
+            last = next(iter(chain[-1].users))
+            if not _residual_add(last, chain[-1]):
+                break
+            chain.append(last)  # (RepVGG adds three branches: two adds)
             self._extend(chain)
         valid = [
             (i, point)
@@ -692,17 +694,34 @@ def analyze_export(
     # A producer's gate whose closed gates get no task gradient because a later gate of the group
     # zeros the channels again (MobileNetV2: expand -> gate -> depthwise -> BatchNorm -> gate) is not
     # needed where the ops between keep channels apart: leave it out, so that the later gate's
-    # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta.
+    # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta,
+    # unless that leaves the later gate without a side-pass recipe (exact training would then run
+    # its group at full width).
     w = walk(set(gate_points))
     dead = sorted({w.placed_by[sp.point] for sp in result.side_passes if sp.dead and sp.point in w.placed_by})
-    kept = suppressed
-    for name in dead:
-        suppressed = kept | {name}
-        if learned(walk(set(gate_points)), gate_points):
-            suppressed = kept  # the channels must be zero before the later gate: keep this one
-        else:
+    kept: frozenset[str] = frozenset()
+
+    def without_recipe(a: Analysis) -> set[str]:
+        name_of = {g.space: g.name for g in a.groups}
+        return {name_of.get(a.root_of.get(sp.space), "") for sp in a.side_passes if sp.reason is not None}
+
+    slow = without_recipe(result)
+
+    def holds(trial: Walk) -> bool:  # exact as before, and no group newly without a side-pass recipe
+        return not learned(trial, gate_points) and without_recipe(finish(model, trace, trial)) <= slow
+
+    def leave_out(names: list[str]) -> None:  # all at once where that holds, else by halves
+        nonlocal suppressed, kept
+        suppressed = kept | set(names)
+        if holds(walk(set(gate_points))):
             kept = suppressed
-    suppressed = kept
+        elif len(names) > 1:
+            leave_out(names[: len(names) // 2])
+            leave_out(names[len(names) // 2 :])
+        suppressed = kept
+
+    if dead:
+        leave_out(dead)
     return finish(model, trace, walk(set(gate_points))) if kept else result
 
 
