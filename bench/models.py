@@ -22,8 +22,9 @@ every closed gate has one. ``exact_before_relu`` is ``exact`` with ``closed_gate
 gates before a ReLU, whose closed gates' task gradient is exactly 0 and needs no side pass (cheaper;
 those channels reopen only through the budget). ``none`` training keeps the per-layer path: there each conv followed by
 its BatchNorm is a ``GatedConv2d(gate_after_norm=True)`` and in the MLP block fc1 is a
-``GatedLinear``, computing every channel. The
-``hard`` train rows also record ``replan_ms``: what rebuilding the index tensors and size attributes
+``GatedLinear``, computing every channel. ``hard``
+is fine-tuning as ``tg.prune`` runs it: the gates are frozen. The ``hard`` train rows also record
+``replan_ms``: what rebuilding the index tensors and size attributes
 costs when the open set changes (a gate crosses 0), a median of a few rebuilds.
 
 Train steps are forward + backward + parameter-gradient reset; inference is an eval-mode forward
@@ -133,6 +134,8 @@ def _gated(
             c = gate.num_channels
             closed = torch.randperm(c, generator=g)[max(1, round(fraction * c)) :]
             gate.weight[closed.to(gate.weight.device)] = -1.0
+    if mode == "hard":  # fine-tuning, as tg.prune runs it: the open set has settled, the gates are frozen
+        bank.requires_grad_(False)
     return model, bank
 
 
