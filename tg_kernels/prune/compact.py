@@ -50,7 +50,7 @@ from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
 from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
 from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, full_width_groups
-from tg_kernels.prune.slicing import kept_channels, kept_entries
+from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
 # gradient of that scale: relu(g * z) = g * relu(z). A gate after such an activation can be folded
@@ -169,6 +169,18 @@ class CompactForward:
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
         self.full_width: dict[str, str] = full_width_groups(bank.analysis, bank.key_of_space)
+        # head-dim gates multiply a head's gate on the same entries: compact execution does not gather
+        # that product, so the heads and head dims they meet run at full width in every plan (correct)
+        self.always_wide: set[str] = set()
+        for point in bank.analysis.gate_points:
+            if point.dims:
+                keys = [k for k, _ in bank.parts(point.parts)] + [k for d in point.dims for k, _ in bank.parts(d)]
+                for key in keys:
+                    if key is not None:
+                        self.always_wide.add(key)
+                        self.full_width.setdefault(
+                            key, f"head dims at '{point.module}' (compact execution does not gather heads x head dims)"
+                        )
         self._norms_together()
         # norms over full-width groups compute open-channel statistics (as on the per-layer path)
         self._wide_norms = {
@@ -207,6 +219,8 @@ class CompactForward:
         folds = []
         for point in self.bank.analysis.gate_points:
             parts = self.bank.parts(point.parts)
+            if point.dims:  # its hook gates the full-width output itself (heads x head dims)
+                continue
             if point.replace:
                 folds.append(_Fold(parts, point.module, None, point.repeat))
                 continue
@@ -486,7 +500,7 @@ class CompactForward:
         """The plan for open set ``mask``; ``exact``: for "exact" training (full-width groups keep every channel)."""
         start = time.perf_counter()
         model, bank = self.model, self.bank
-        wide = set(self.full_width) if exact else set()
+        wide = set(self.full_width) if exact else set(self.always_wide)
         device = mask.device
         round_to = self.round_to or (8 if device.type == "cuda" else 1)
         # padding channels would count in the statistics of a norm over them (LayerNorm over the stream)
@@ -499,7 +513,8 @@ class CompactForward:
             at += gate.num_channels
             if key in wide:  # every channel, closed ones with gate value 0 (and their gates' gradient)
                 kept[key] = open_only[key] = torch.arange(gate.num_channels, device=device)
-                graded[at - gate.num_channels : at] = True
+                if exact:  # (in "hard" plans closed gates of always-wide groups still get no task gradient)
+                    graded[at - gate.num_channels : at] = True
                 continue
             kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
@@ -598,13 +613,13 @@ class CompactForward:
         by_module = {id(module): (compact, full) for module, compact, full in attributes}
         for sa in self.bank.analysis.size_attrs:
             module = self.model.get_submodule(sa.module)
-            value = sum(kept[key].numel() if key is not None else size for key, size in self.bank.parts(sa.parts))
+            value = kept_size(self.bank, sa, kept)
             if id(module) not in by_module:
                 by_module[id(module)] = ({}, {})
                 attributes.append((module, *by_module[id(module)]))
             compact, full = by_module[id(module)]
             full.setdefault(sa.attr, getattr(module, sa.attr))
-            compact[sa.attr] = value * sa.repeat
+            compact[sa.attr] = value
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""

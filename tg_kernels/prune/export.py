@@ -12,6 +12,7 @@ limit-form gates (exactly 0 or 1) the result computes what the gated model compu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable
@@ -42,7 +43,8 @@ from tg_kernels.prune.attach import (
     set_submodule,
     unwrap,
 )
-from tg_kernels.prune.slicing import kept_channels, kept_entries, tensor_of
+from tg_kernels.prune.analysis.head_dims import entry_gates
+from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size, tensor_of
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
@@ -78,13 +80,26 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
     """
     for point in bank.analysis.gate_points:
         parts = bank.parts(point.parts)
-        scale = torch.cat([values[key] if key is not None else torch.ones(size) for key, size in parts])
-        keep = torch.cat(
-            [
-                torch.isin(torch.arange(size), kept[key]) if key is not None else torch.ones(size, dtype=torch.bool)
-                for key, size in parts
+        pieces = [values[key] if key is not None else torch.ones(size) for key, size in parts]
+        keep_pieces = [
+            torch.isin(torch.arange(size), kept[key]) if key is not None else torch.ones(size, dtype=torch.bool)
+            for key, size in parts
+        ]
+        if point.dims:  # head dims: gate values and kept entries are products of head and dim
+            inner = [bank.parts(d) for d in point.dims]
+            dim_values = [
+                torch.cat([values[k] if k is not None else torch.ones(n) for k, n in d]) if d else None for d in inner
             ]
-        )
+            dim_keep = [
+                torch.cat([torch.isin(torch.arange(n), kept[k]) if k is not None else torch.ones(n, dtype=torch.bool)
+                           for k, n in d]) if d else None
+                for d in inner
+            ]  # fmt: skip
+            scale = entry_gates(pieces, dim_values, point.repeat)
+            keep = entry_gates(keep_pieces, dim_keep, point.repeat)
+            point = dataclasses.replace(point, repeat=1)  # scale and keep are per entry now
+        else:
+            scale, keep = torch.cat(pieces), torch.cat(keep_pieces)
         if torch.all(scale[keep] == 1):
             continue
         if point.on_input:  # a gate on a layer's input: scale the Linear's columns (a norm's input: not exact)
@@ -251,8 +266,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()  # it holds the parameters it had before slicing
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
-                counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
-                setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
+                setattr(exported.get_submodule(sa.module), sa.attr, kept_size(ebank, sa, kept))
     # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
     # the kept width (PyTorch's class can hold only that)
     restore_multihead_attention(exported)
