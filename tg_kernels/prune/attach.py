@@ -35,7 +35,6 @@ from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear, swap_multihead_attention
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.prune.analysis.head_dims import entry_gates
 from tg_kernels.prune.analysis import (
     Analysis,
     RecurrentGate,
@@ -45,6 +44,7 @@ from tg_kernels.prune.analysis import (
     record_shapes,
     trace,
 )
+from tg_kernels.prune.analysis.head_dims import entry_gates
 
 BANK_NAME = "tg_gates"
 
@@ -534,6 +534,7 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         if g.space in bad:
             for p in g.producers:
                 fixed[p] = reason
+
     def dims2(dims):
         dims = tuple(parts2(d) for d in dims)
         return dims if any(r is not None for d in dims for r, _ in d) else ()

@@ -28,6 +28,7 @@ from tg_kernels.nn import (
     restore_multihead_attention,
     swap_multihead_attention,
 )
+from tg_kernels.prune.analysis.head_dims import entry_gates
 from tg_kernels.prune.attach import (
     BANK_NAME,
     RECURRENT_ROWS,
@@ -43,7 +44,6 @@ from tg_kernels.prune.attach import (
     set_submodule,
     unwrap,
 )
-from tg_kernels.prune.analysis.head_dims import entry_gates
 from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size, tensor_of
 
 FORMAT = "tg_kernels.exported_model"

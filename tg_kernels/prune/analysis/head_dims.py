@@ -86,24 +86,62 @@ def entry_gates(pieces: list[Tensor], dims: list[Tensor | None], repeat: int) ->
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+@dataclasses.dataclass
+class _Match:
+    """What one attention op needs for head-dim gates (checked, not applied yet)."""
+
+    node: fx.Node
+    module: str
+    size: int  # D
+    unit: int  # dims per gate pattern: D, or D / 2 across rotary pairs (d and d + D / 2 share a gate)
+    producers: list[_Producer]
+    consumer: _Consumer
+    splits: list[fx.Node]  # the views that split H * D into (H, D): their D is self.head_dim
+    tables: list[tuple[str, int]]  # rotary tables (buffer, dim of its D / 2 frequencies) to slice
+    table_nodes: set[fx.Node]  # the nodes computing the rotary tables from those buffers
+    rotary_muls: set[fx.Node]  # the q * cos, rotate_half(q) * sin products that read them
+
+
 def find_head_dims(w: Walk) -> None:
     """Add head-dim groups to the stable walk ``w`` (before :func:`~.walk.finish` builds the result)."""
     w.head_dims = []
+    matches: list[_Match] = []
+    whole: dict[fx.Node, tuple[str, int, str]] = {}
     for node in w.t.graph.nodes:
         if _name(node) != "scaled_dot_product_attention" or node not in w.live:
             continue
         module = w.scope_module(node) or node.name
         shape = w.shape(node)
-        size = shape[-1] if shape is not None else 0
         try:
-            _apply(w, node, module)
+            matches.append(_match(w, node, module))
         except _Whole as why:
-            w.head_dims.append(HeadDims(module, node.name, None, size, str(why)))
-            w.head_dims_fixed[f"{module} (head dims)"] = str(why)
-    _tie_shared_attributes(w)
+            whole[node] = (module, shape[-1] if shape is not None else 0, str(why))
+    # a rotary table is sliced for everything that reads it: only rotary products we matched may
+    tables_of: dict[str, list[_Match]] = {}
+    for m in matches:
+        for name, _ in m.tables:
+            tables_of.setdefault(name, []).append(m)
+    for name, ms in tables_of.items():
+        inside = set().union(*(m.table_nodes for m in ms))
+        allowed = inside | set().union(*(m.rotary_muls for m in ms))
+        users = (u for n in inside for u in n.users if _name(u) != "_assert_tensor_metadata")
+        leak = next((u for u in users if u not in allowed), None)
+        if leak is not None:
+            for m in ms:
+                whole[m.node] = (m.module, m.size, f"the rotary table '{name}' is also read by '{leak.name}'")
+    for m in matches:
+        if m.node not in whole:
+            try:
+                _commit(w, m)
+            except _Whole as why:  # (checked before anything changes)
+                whole[m.node] = (m.module, m.size, str(why))
+    for node, (module, size, why) in whole.items():
+        w.head_dims.append(HeadDims(module, node.name, None, size, why))
+        w.head_dims_fixed[f"{module} (head dims)"] = why
+    _tie_shared_spaces(w)
 
 
-def _apply(w: Walk, node: fx.Node, module: str) -> None:
+def _match(w: Walk, node: fx.Node, module: str) -> _Match:
     q, k, v = node.args[:3]
     shapes = [w.shape(t) for t in (q, k, v, node)]
     if any(s is None or len(s) < 3 for s in shapes):
@@ -116,68 +154,91 @@ def _apply(w: Walk, node: fx.Node, module: str) -> None:
         raise _Whole("scaled_dot_product_attention with its default scale 1/sqrt(head_dim) (it would change)")
     if size < 2:
         raise _Whole("heads of one dim")
-    producers = [_producer_of(w, node, t, size) for t in (q, k, v)]
-    consumer = _consumer_of(w, node, size)
-    if len({(p.module, p.offset) for p in producers}) != 3:
+    m = _Match(node, module, size, size, [], None, [], [], set(), set())  # type: ignore[arg-type]
+    m.producers = [_producer_of(w, m, t) for t in (q, k, v)]
+    m.consumer = _consumer_of(w, node, size)
+    if len({(p.module, p.offset) for p in m.producers}) != 3:
         raise _Whole("q, k and v overlap in one projection")
     points = {gp.module: i for i, gp in enumerate(w.points) if not gp.on_input}
-    for p in producers:
+    for p in m.producers:
         if p.module not in points:
             raise _Whole(f"no gate at the output of '{p.module}'")
-    def updates(dims):  # raises _Whole before anything changes if the gates or costs do not line up
-        new_points, new_layers = {}, {}
-        for p in producers:
-            i = points[p.module]
-            new_points[i] = _with_dims(new_points.get(i, w.points[i]), p.offset, p.heads * size, dims, size)
-            _cost_dims(w, new_layers, p.module, "out", p.offset, p.heads * size, dims, size)
-        _cost_dims(w, new_layers, consumer.module, "in", 0, consumer.heads * size, dims, size)
-        for i, lc in enumerate(w.layers):  # the attention itself: per head and head dim
-            if lc.module == f"{module}@{node.name}" and lc.kind == "attention":
-                parts = tuple((s, n, rep * size) for s, n, rep in lc.in_parts)
-                new_layers[i] = dataclasses.replace(
-                    lc, flops_per_pair=lc.flops_per_pair / size, in_parts=parts, out_parts=parts,
-                    in_dims=(dims,) * len(parts), out_dims=(dims,) * len(parts),
-                )  # fmt: skip
-        if not any(lc.kind == "attention" for lc in new_layers.values()):
-            raise _Whole("the attention's cost is not counted per head")
-        return new_points, new_layers
+    _updates(w, m, ((None, m.unit),))  # raises _Whole if the gates or costs do not line up
+    return m
 
-    updates(((None, size),))
-    # every check passed: the head dims get a group
-    key = f"headdims:{module}.head_dims"
-    space = w.spaces.new(size, key if key not in w.spaces.by_key else f"{key}_{node.name}", module)
-    dims = ((space, size),)
-    new_points, new_layers = updates(dims)
+
+def _updates(w: Walk, m: _Match, dims) -> tuple[dict[int, GatePoint], dict[int, Any]]:
+    """The gate points and costs of ``m`` with head dims ``dims`` (nothing changes yet)."""
+    points = {gp.module: i for i, gp in enumerate(w.points) if not gp.on_input}
+    size, unit = m.size, m.unit
+    new_points: dict[int, GatePoint] = {}
+    new_layers: dict[int, Any] = {}
+    for p in m.producers:
+        i = points[p.module]
+        new_points[i] = _with_dims(new_points.get(i, w.points[i]), p.offset, p.heads * size, dims, unit)
+        _cost_dims(w, new_layers, p.module, "out", p.offset, p.heads * size, dims, unit)
+    _cost_dims(w, new_layers, m.consumer.module, "in", 0, m.consumer.heads * size, dims, unit)
+    for i, lc in enumerate(w.layers):  # the attention itself: per head and head dim
+        if lc.module == f"{m.module}@{m.node.name}" and lc.kind == "attention":
+            parts = tuple((s, n, rep * size) for s, n, rep in lc.in_parts)
+            new_layers[i] = dataclasses.replace(
+                lc, flops_per_pair=lc.flops_per_pair / size, in_parts=parts, out_parts=parts,
+                in_dims=(dims,) * len(parts), out_dims=(dims,) * len(parts),
+            )  # fmt: skip
+    if not any(lc.kind == "attention" for lc in new_layers.values()):
+        raise _Whole("the attention's cost is not counted per head")
+    return new_points, new_layers
+
+
+def _commit(w: Walk, m: _Match) -> None:
+    """Give ``m``'s head dims a group: slices, gate points, costs and size attributes."""
+    size, unit = m.size, m.unit
+    key = f"headdims:{m.module}.head_dims"
+    space = w.spaces.new(unit, key if key not in w.spaces.by_key else f"{key}_{m.node.name}", m.module)
+    dims = ((space, unit),)
+    new_points, new_layers = _updates(w, m, dims)
     for i, gp in new_points.items():
         w.points[i] = gp
     for i, lc in new_layers.items():
         w.layers[i] = lc
-    for p in producers:
-        w.slices.append(Slice(p.weight, p.rows_dim, p.offset, 1, space, p.heads, size))
+    tile = size // unit
+    for p in m.producers:
+        w.slices.append(Slice(p.weight, p.rows_dim, p.offset, 1, space, p.heads * tile, unit))
         if p.bias is not None:
-            w.slices.append(Slice(p.bias, 0, p.offset, 1, space, p.heads, size))
-    w.slices.append(Slice(consumer.weight, consumer.cols_dim, 0, 1, space, consumer.heads, size))
-    heads = {w.spaces.find(sp) for p in producers for sp, _ in w.points[points[p.module]].parts}
+            w.slices.append(Slice(p.bias, 0, p.offset, 1, space, p.heads * tile, unit))
+    w.slices.append(Slice(m.consumer.weight, m.consumer.cols_dim, 0, 1, space, m.consumer.heads * tile, unit))
+    for name, dim in dict.fromkeys(m.tables):  # rotary frequencies: one per pair
+        w.slices.append(Slice(name, dim, 0, 1, space))
+        w.rotary_tables.setdefault(name, space)
+    heads = {w.spaces.find(sp) for p in m.producers for sp, _ in new_points[_point_index(w, p.module)].parts}
     for i, sa in enumerate(w.size_attrs):  # heads * head_dim widths (GPT-2's split_size)
         if not sa.dims and sa.repeat % size == 0 and sa.parts and all(w.spaces.find(s) in heads for s, _ in sa.parts):
-            w.size_attrs[i] = dataclasses.replace(sa, dims=dims)
-    for split_node in w.head_dim_views.pop(node, []):  # self.head_dim in view(B, N, -1, self.head_dim)
-        w.size_attr(split_node, len(w.shape(split_node)) - 1, ChannelInfo((space,), 0, (None,), 1))
-    w.head_dims.append(HeadDims(module, node.name, space, size))
+            w.size_attrs[i] = dataclasses.replace(sa, repeat=sa.repeat, dims=dims)
+    for split in m.splits:  # self.head_dim in view(B, N, -1, self.head_dim)
+        w.size_attr(split, len(w.shape(split)) - 1, ChannelInfo((space,), 0, (None,), tile))
+    w.head_dims.append(HeadDims(m.module, m.node.name, space, unit))
+
+
+def _point_index(w: Walk, module: str) -> int:
+    return next(i for i, gp in enumerate(w.points) if gp.module == module and not gp.on_input)
 
 
 def _single_user(node: fx.Node) -> bool:
     return len(node.users) == 1
 
 
-def _producer_of(w: Walk, attention: fx.Node, value: Any, size: int) -> _Producer:
+def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
     """Follow q, k or v back from the attention to the projection that makes it."""
     node = value
+    size = m.size
     split = None
     if not isinstance(node, fx.Node) or not _single_user(node):
         raise _Whole("q, k or v is used by more than the attention")
     while split is None:  # (.., H, .., D) with D last, back to the view that split H * D into (H, D)
         name, shape = _name(node), w.shape(node)
+        if name == "add":  # a rotary embedding: x * cos + rotate_half(x) * sin
+            node = _rotary(w, m, node)
+            continue
         source = node.args[0] if node.args else None
         in_shape = w.shape(source)
         if shape is None or in_shape is None or not isinstance(source, fx.Node) or not _single_user(source):
@@ -199,7 +260,7 @@ def _producer_of(w: Walk, attention: fx.Node, value: Any, size: int) -> _Produce
             raise _Whole(f"q, k or v passes through '{name or node.op}' at '{node.name}' (a rotary embedding?)")
         node = source
     heads = w.shape(node)[-1] // size
-    w.head_dim_views.setdefault(attention, []).append(split)
+    m.splits.append(split)
     offset = 0
     while True:  # back from the (.., H * D) value to the projection, through views and split pieces
         name = _name(node)
@@ -211,8 +272,9 @@ def _producer_of(w: Walk, attention: fx.Node, value: Any, size: int) -> _Produce
             bias_node = node.args[0]
             weight, bias, rows_dim = w.tensor_name(node.args[2]), w.tensor_name(bias_node), 1
         elif name == "getitem" and _name(source) in ("split", "split_with_sizes") and isinstance(node.args[1], int):
-            dim = (source.args[2] if len(source.args) > 2 else source.kwargs.get("dim", 0)) % len(w.shape(source.args[0]))
-            if dim != len(w.shape(source.args[0])) - 1:
+            ndim = len(w.shape(source.args[0]))
+            dim = (source.args[2] if len(source.args) > 2 else source.kwargs.get("dim", 0)) % ndim
+            if dim != ndim - 1:
                 raise _Whole(f"a split across other dims at '{source.name}'")
             sizes = [w.shape(g)[-1] for g in sorted(source.users, key=lambda g: g.args[1])]
             if len(sizes) != len(source.users) or not all(_name(g) == "getitem" for g in source.users):
@@ -321,14 +383,146 @@ def _cost_dims(w: Walk, updates: dict, module: str, side: str, start: int, width
         raise _Whole(f"no cost recorded for '{module}'")
 
 
-def _tie_shared_attributes(w: Walk) -> None:
-    """Head-dim spaces sized by one attribute (two calls reading ``self.head_dim``) share their gates."""
-    by_attr: dict[tuple[str, str], int] = {}
+def _tie_shared_spaces(w: Walk) -> None:
+    """Head-dim spaces sized by one attribute (two calls reading ``self.head_dim``) or reading one
+    rotary table (a model-wide ``rotary_emb``) share their gates, so that they keep alike."""
+    by_attr: dict[tuple[str, str, int], int] = {}
     keys = {i for i, s in enumerate(w.spaces.spaces) if s.key.startswith("headdims:")}
     for sa in w.size_attrs:
-        if len(sa.parts) == 1 and sa.parts[0][0] in keys and sa.repeat == 1:
-            first = by_attr.setdefault((sa.module, sa.attr), sa.parts[0][0])
+        if len(sa.parts) == 1 and sa.parts[0][0] in keys and not sa.dims:
+            first = by_attr.setdefault((sa.module, sa.attr, sa.repeat), sa.parts[0][0])
+            if w.spaces.size(first) != w.spaces.size(sa.parts[0][0]):
+                w.fix([first, sa.parts[0][0]], f"'{sa.module}.{sa.attr}' sizes head dims of different widths")
             w.spaces.union(first, sa.parts[0][0])
+    for sl in w.slices:
+        if sl.space in keys and sl.target in w.rotary_tables:
+            w.spaces.union(w.rotary_tables[sl.target], sl.space)
 
 
 __all__ = ["entry_gates", "find_head_dims"]
+
+
+def _rotary(w: Walk, m: _Match, add: fx.Node) -> fx.Node:
+    """``x * cos + rotate_half(x) * sin`` (Llama's rotary embedding, ``rotate_half(x) = cat(-x2, x1)``
+    of the halves ``x1, x2`` of the head dim): returns ``x``. Dims ``d`` and ``d + D / 2`` rotate
+    together, so they share a gate (``m.unit = D / 2``), and the tables ``cos``, ``sin`` are sliced
+    at the kept pairs through the buffer of frequencies they are computed from."""
+    size, half = m.size, m.size // 2
+    if size % 2:
+        raise _Whole(f"a rotary embedding over an odd head dim at '{add.name}'")
+    a, b = add.args[:2]
+    for plain, rotated in ((a, b), (b, a)):
+        if _name(plain) != "mul" or _name(rotated) != "mul":
+            continue
+        cat_node = next((t for t in rotated.args[:2] if _name(t) == "cat"), None)
+        if cat_node is None:
+            continue
+        sin = rotated.args[1] if rotated.args[0] is cat_node else rotated.args[0]
+        pieces, dim = cat_node.args[0], cat_node.args[1] if len(cat_node.args) > 1 else 0
+        if len(pieces) != 2 or dim % len(w.shape(cat_node)) != len(w.shape(cat_node)) - 1:
+            continue
+        neg, first = pieces
+        if _name(neg) != "neg" or _name(neg.args[0]) != "slice" or _name(first) != "slice":
+            continue
+        second = neg.args[0]
+        x = first.args[0]
+        if second.args[0] is not x or not _slices_half(w, first, 0, half) or not _slices_half(w, second, half, size):
+            continue
+        if x not in plain.args[:2]:
+            continue
+        cos = plain.args[1] if plain.args[0] is x else plain.args[0]
+        if set(x.users) != {plain, first, second} or any(
+            not _single_user(n) for n in (plain, rotated, cat_node, neg, first, second)
+        ):
+            raise _Whole(f"the rotary embedding at '{add.name}' is used elsewhere too")
+        for table in (cos, sin):
+            m.tables.append(_table_source(w, m, table))
+        m.rotary_muls.update((plain, rotated))
+        m.unit = half
+        return x
+    raise _Whole(f"q, k or v passes through 'add' at '{add.name}' (not a rotary embedding this pass knows)")
+
+
+def _slices_half(w: Walk, node: fx.Node, start: int, end: int) -> bool:
+    shape = w.shape(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+    lo = node.args[2] if len(node.args) > 2 else 0
+    hi = node.args[3] if len(node.args) > 3 else shape[dim]
+    step = node.args[4] if len(node.args) > 4 else 1
+    lo, hi, step = slice(lo, hi, step).indices(shape[dim])
+    return dim == len(shape) - 1 and (lo, hi, step) == (start, end, 1)
+
+
+def _table_source(w: Walk, m: _Match, table: Any) -> tuple[str, int]:
+    """Follow a rotary table (``cos`` or ``sin``, D wide, broadcast over the heads) back to the buffer
+    of its ``D / 2`` frequencies: ``cat([f, f], -1)`` of ``f`` made from that buffer's entries by
+    elementwise ops, broadcasts and products over other dims. Returns (buffer, its dim)."""
+    node, dim = table, None
+    halved = False
+    shape = w.shape(table)
+    if shape is None or shape[-1] != m.size or len(shape) < 3 or shape[-3] != 1:
+        raise _Whole("a rotary table that is not broadcast over the heads")
+    dim = len(shape) - 1
+    for _ in range(64):
+        if not isinstance(node, fx.Node):
+            break
+        m.table_nodes.add(node)
+        name, shape = _name(node), w.shape(node)
+        if node.op == "placeholder":
+            tensor = w.tensor_name(node)
+            if tensor is None or not halved or node in w.t.inputs:
+                break
+            return tensor, dim
+        if shape is None:
+            break
+        if name in ("to", "_to_copy", "clone", "contiguous", "alias", "detach", "cos", "sin", "lift_fresh_copy"):
+            node = node.args[0]
+        elif name == "cat" and not halved:
+            pieces = node.args[0]
+            if len(pieces) != 2 or pieces[0] is not pieces[1] or dim != len(shape) - 1:
+                break
+            if (node.args[1] if len(node.args) > 1 else 0) % len(shape) != dim:
+                break
+            halved, node = True, pieces[0]
+        elif name == "unsqueeze":
+            at = node.args[1] % len(shape)
+            if at == dim:
+                break
+            dim, node = dim - (at < dim), node.args[0]
+        elif name == "transpose":
+            a, b = (d % len(shape) for d in node.args[1:3])
+            dim = b if dim == a else a if dim == b else dim
+            node = node.args[0]
+        elif name == "expand":
+            lead = len(shape) - len(w.shape(node.args[0]))
+            if dim < lead or w.shape(node.args[0])[dim - lead] != shape[dim]:
+                break
+            dim, node = dim - lead, node.args[0]
+        elif name in ("mul", "div", "add", "sub"):
+            operands = [t for t in node.args[:2] if isinstance(t, fx.Node)]
+            along = [t for t in operands if _size_at(w, t, shape, dim) not in (None, 1)]
+            others = [t for t in node.args[:2] if not isinstance(t, fx.Node)]
+            if len(along) != 1 or any(not isinstance(o, (int, float)) for o in others):
+                break
+            if name in ("add", "sub") and len(operands) == 2:
+                break  # (an offset along other dims would not be one per frequency)
+            node, dim = along[0], dim - (len(shape) - len(w.shape(along[0])))
+        elif name in ("matmul", "bmm"):
+            a, b = node.args[:2]
+            if dim == len(shape) - 2:
+                node, dim = a, len(w.shape(a)) - 2
+            elif dim == len(shape) - 1:
+                node, dim = b, len(w.shape(b)) - 1
+            else:
+                break
+        else:
+            break
+    raise _Whole("a rotary table this pass cannot follow to its frequencies")
+
+
+def _size_at(w: Walk, t: fx.Node, out_shape, dim: int) -> int | None:
+    shape = w.shape(t)
+    if shape is None:
+        return None
+    at = dim - (len(out_shape) - len(shape))
+    return shape[at] if at >= 0 else 1

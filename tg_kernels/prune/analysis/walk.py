@@ -103,7 +103,7 @@ class Walk:
         # head dims (analysis/head_dims.py, after the walk): per attention op, or why they stay whole
         self.head_dims: list[HeadDims] = []
         self.head_dims_fixed: dict[str, str] = {}
-        self.head_dim_views: dict[fx.Node, list[fx.Node]] = {}  # attention -> views that split H * D
+        self.rotary_tables: dict[str, int] = {}  # rotary frequency buffer -> the head-dim space slicing it
 
     # ---- names and values ----
     def shape(self, node: Any):
