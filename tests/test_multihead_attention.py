@@ -194,9 +194,15 @@ def test_bare_multihead_attention_prunes_heads_and_stream(batch_first, masks):
     attn = exported.attn  # heads (2 of 4) span the stream (8 of 16): back to PyTorch's class
     assert type(attn) is nn.MultiheadAttention and (attn.num_heads, attn.head_dim, attn.embed_dim) == (2, 4, 8)
     assert attn.in_proj_weight.shape == (24, 8) and attn.out_proj.weight.shape == (8, 8)
+    # cross-attention calls sdpa (need_weights=False): its head dims prune too (2 of 4 in each of the 2
+    # kept heads), which nn.MultiheadAttention cannot hold (its heads span its width, its scale follows
+    # head_dim), so it stays a PrunableMultiheadAttention, with the original scale
     cross = exported.cross
-    assert type(cross) is nn.MultiheadAttention and cross.kdim == 10 and cross.k_proj_weight.shape == (8, 10)
-    assert not any(type(m).__module__.startswith("tg_kernels") for m in exported.modules())
+    assert type(cross) is PrunableMultiheadAttention and (cross.num_heads, cross.head_dim, cross.kdim) == (2, 2, 10)
+    assert cross.k_proj.weight.shape == (4, 10) and cross.scaling == 0.5  # 1 / sqrt(4), the original head_dim
+    assert [n for n, m in exported.named_modules() if type(m).__module__.startswith("tg_kernels")] == ["cross"]
+    hd = {h.module: h for h in bank.analysis.head_dims}
+    assert hd["cross"].space is not None and hd["attn"].space is None  # attn: the unfused need_weights path
     assert budget.usage().flops == pytest.approx(_macs(exported.float(), args), rel=1e-6)
 
     # a training step in hard mode (compact execution) with the budget: gradients reach open weights

@@ -48,6 +48,8 @@ from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size, ten
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
+# On an exported model: the int attributes export set to kept sizes (``analysis.size_attrs``), by module
+SIZES_ATTR = "_tg_size_attributes"
 
 
 def _kept_channels(is_open: Tensor, round_to: int) -> Tensor:
@@ -265,8 +267,11 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()  # it holds the parameters it had before slicing
+            sized: dict[str, dict[str, int]] = {}
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
-                setattr(exported.get_submodule(sa.module), sa.attr, kept_size(ebank, sa, kept))
+                sized.setdefault(sa.module, {})[sa.attr] = kept_size(ebank, sa, kept)
+                setattr(exported.get_submodule(sa.module), sa.attr, sized[sa.module][sa.attr])
+            exported.__dict__[SIZES_ATTR] = sized  # for save(): a fresh model needs them too
     # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
     # the kept width (PyTorch's class can hold only that)
     restore_multihead_attention(exported)
@@ -332,7 +337,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "architecture": f"{type(model).__module__}.{type(model).__qualname__}",
         "module_sizes": _module_sizes(model),
         "state_dict": model.state_dict(),
+        # tensors a fresh model rebuilds at full size that export may have sliced (a rotary
+        # embedding's inv_freq, at its kept head dims): state_dict leaves non-persistent buffers out
+        "buffers": {
+            f"{name}.{b}" if name else b: m._buffers[b]
+            for name, m in model.named_modules()
+            for b in sorted(m._non_persistent_buffers_set)
+            if m._buffers.get(b) is not None
+        },
     }
+    for name, attrs in getattr(model, SIZES_ATTR, {}).items():  # self.head_dim and the like
+        checkpoint["module_sizes"].setdefault(name, {}).update(attrs)
     torch.save(checkpoint, path)
 
 
@@ -362,6 +377,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
             raise ValueError(f"the saved model has a layer '{name}' that the given model lacks") from error
         for attr, value in sizes.items():
             setattr(module, attr, value)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, tensor in checkpoint.get("buffers", {}).items():
+        if key in own:
+            _replace_tensor(model, key, tensor.to(own[key].device))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, tensor in state.items():
         if key in own and own[key].shape != tensor.shape:

@@ -135,6 +135,15 @@ def find_head_dims(w: Walk) -> None:
                 _commit(w, m)
             except _Whole as why:  # (checked before anything changes)
                 whole[m.node] = (m.module, m.size, str(why))
+    unfused = {lc.module.rpartition("@")[0] for lc in w.layers if lc.kind == "attention"}
+    unfused -= {m.module for m in matches} | {module for module, _, _ in whole.values()}
+    for node in w.t.graph.nodes:  # q @ k^T, softmax, @ v written out: its head dims are not matched
+        module = w.scope_module(node) or node.name
+        if node in w.costed_nodes and _name(node) in ("matmul", "bmm") and module in unfused:
+            unfused.discard(module)
+            shape = w.shape(node.args[0])
+            why = "unfused attention (q @ k^T, softmax, @ v): only scaled_dot_product_attention's head dims prune"
+            whole[node] = (module, shape[-1] if shape is not None else 0, why)
     for node, (module, size, why) in whole.items():
         w.head_dims.append(HeadDims(module, node.name, None, size, why))
         w.head_dims_fixed[f"{module} (head dims)"] = why
@@ -216,7 +225,8 @@ def _commit(w: Walk, m: _Match) -> None:
             w.size_attrs[i] = dataclasses.replace(sa, repeat=sa.repeat, dims=dims)
     for split in m.splits:  # self.head_dim in view(B, N, -1, self.head_dim)
         w.size_attr(split, len(w.shape(split)) - 1, ChannelInfo((space,), 0, (None,), tile))
-    w.head_dims.append(HeadDims(m.module, m.node.name, space, unit))
+    scored = tuple(dict.fromkeys(p.module for p in m.producers[:2]))
+    w.head_dims.append(HeadDims(m.module, m.node.name, space, unit, None, scored))
 
 
 def _point_index(w: Walk, module: str) -> int:

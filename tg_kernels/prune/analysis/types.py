@@ -168,14 +168,17 @@ class Analysis:
 @dataclass(frozen=True)
 class HeadDims:
     """The head dims of one attention op (``module``, graph node ``node``): gated by group ``space``
-    (``size`` dims, shared by every head of q, k, v and by the out-projection's columns), or kept
-    whole (``space`` None) for ``reason``."""
+    (``size`` gates, shared by every head of q, k, v and by the out-projection's columns; across a
+    rotary embedding ``size`` is ``D / 2``, gate ``j`` covering dims ``j`` and ``j + D / 2``), or kept
+    whole (``space`` None) for ``reason``. ``scored``: the modules projecting q and k (the attach
+    self-check sharpens their scores, so that a scale computed from the head dim would show)."""
 
     module: str
     node: str
     space: int | None
     size: int
     reason: str | None = None
+    scored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

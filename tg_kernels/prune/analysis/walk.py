@@ -740,7 +740,14 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
             if rg.space in root_of
         ],
         head_dims=[
-            HeadDims(hd.module, hd.node, root_of.get(hd.space) if hd.space is not None else None, hd.size, hd.reason)
+            HeadDims(
+                hd.module,
+                hd.node,
+                root_of.get(hd.space) if hd.space is not None else None,
+                hd.size,
+                hd.reason,
+                hd.scored,
+            )
             for hd in w.head_dims
         ],
     )
