@@ -100,6 +100,7 @@ class _Match:
     tables: list[tuple[str, int]]  # rotary tables (buffer, dim of its D / 2 frequencies) to slice
     table_nodes: set[fx.Node]  # the nodes computing the rotary tables from those buffers
     rotary_muls: set[fx.Node]  # the q * cos, rotate_half(q) * sin products that read them
+    nodes: tuple[fx.Node, ...] = ()  # the attention's ops: sdpa, or the two matmuls of unfused attention
 
 
 def find_head_dims(w: Walk) -> None:
@@ -107,13 +108,21 @@ def find_head_dims(w: Walk) -> None:
     w.head_dims = []
     matches: list[_Match] = []
     whole: dict[fx.Node, tuple[str, int, str]] = {}
+    attention_costs = {lc.module for lc in w.layers if lc.kind == "attention"}
+    taken: set[fx.Node] = set()  # the second matmul of unfused attention already matched
     for node in w.t.graph.nodes:
-        if _name(node) != "scaled_dot_product_attention" or node not in w.live:
-            continue
+        name = _name(node)
         module = w.scope_module(node) or node.name
-        shape = w.shape(node)
+        unfused = name in ("matmul", "bmm") and f"{module}@{node.name}" in attention_costs and node not in taken
+        if node not in w.live or not (name == "scaled_dot_product_attention" or unfused):
+            continue
+        if unfused and not _is_scores(w, node):
+            continue  # p @ v
+        shape = w.shape(node.args[0])
         try:
-            matches.append(_match(w, node, module))
+            m = _match(w, node, module) if not unfused else _match_unfused(w, node, module)
+            matches.append(m)
+            taken.update(m.nodes)
         except _Whole as why:
             whole[node] = (module, shape[-1] if shape is not None else 0, str(why))
     # a rotary table is sliced for everything that reads it: only rotary products we matched may
@@ -135,15 +144,6 @@ def find_head_dims(w: Walk) -> None:
                 _commit(w, m)
             except _Whole as why:  # (checked before anything changes)
                 whole[m.node] = (m.module, m.size, str(why))
-    unfused = {lc.module.rpartition("@")[0] for lc in w.layers if lc.kind == "attention"}
-    unfused -= {m.module for m in matches} | {module for module, _, _ in whole.values()}
-    for node in w.t.graph.nodes:  # q @ k^T, softmax, @ v written out: its head dims are not matched
-        module = w.scope_module(node) or node.name
-        if node in w.costed_nodes and _name(node) in ("matmul", "bmm") and module in unfused:
-            unfused.discard(module)
-            shape = w.shape(node.args[0])
-            why = "unfused attention (q @ k^T, softmax, @ v): only scaled_dot_product_attention's head dims prune"
-            whole[node] = (module, shape[-1] if shape is not None else 0, why)
     for node, (module, size, why) in whole.items():
         w.head_dims.append(HeadDims(module, node.name, None, size, why))
         w.head_dims_fixed[f"{module} (head dims)"] = why
@@ -163,9 +163,51 @@ def _match(w: Walk, node: fx.Node, module: str) -> _Match:
         raise _Whole("scaled_dot_product_attention with its default scale 1/sqrt(head_dim) (it would change)")
     if size < 2:
         raise _Whole("heads of one dim")
-    m = _Match(node, module, size, size, [], None, [], [], set(), set())  # type: ignore[arg-type]
-    m.producers = [_producer_of(w, m, t) for t in (q, k, v)]
-    m.consumer = _consumer_of(w, node, size)
+    m = _Match(node, module, size, size, [], None, [], [], set(), set(), (node,))  # type: ignore[arg-type]
+    return _check(w, m, (q, k, v), node)
+
+
+def _is_scores(w: Walk, node: fx.Node) -> bool:
+    """``q @ k.transpose(-2, -1)``: the scores of unfused attention."""
+    kt = node.args[1] if len(node.args) > 1 else None
+    shape = w.shape(kt)
+    if _name(kt) != "transpose" or shape is None or len(shape) < 3:
+        return False
+    return {d % len(shape) for d in kt.args[1:3]} == {len(shape) - 1, len(shape) - 2}
+
+
+def _match_unfused(w: Walk, scores: fx.Node, module: str) -> _Match:
+    """``softmax(q @ k^T * s + bias) @ v`` written out (timm's Swin, ``need_weights``): the scores reach the
+    second product through ops over the key positions (scale, bias, mask, softmax, dropout), which never
+    see the head dims; the scale is whatever the graph holds (a scale computed from ``self.head_dim`` in
+    the forward is not exact once head dims go: the attach self-check sharpens the scores to see it)."""
+    q, kt = scores.args[:2]
+    k = kt.args[0]
+    size = w.shape(q)[-1]
+    node = scores
+    for _ in range(32):  # forward to the product with v
+        users = [u for u in node.users if u in w.live]
+        if len(users) != 1:
+            raise _Whole(f"the attention scores at '{node.name}' are used more than once")
+        user = users[0]
+        if _name(user) in ("matmul", "bmm") and user.args[0] is node:
+            break
+        if node not in user.all_input_nodes or user.op != "call_function":
+            raise _Whole(f"the attention scores reach '{user.name}'")
+        node = user
+    else:
+        raise _Whole(f"the attention scores at '{scores.name}' do not reach a product with v")
+    v = user.args[1]
+    if w.shape(v) is None or w.shape(v)[-1] != size or w.shape(k)[-1] != size or size < 2:
+        raise _Whole("q, k and v heads of different widths")
+    m = _Match(scores, module, size, size, [], None, [], [], set(), set(), (scores, user))  # type: ignore[arg-type]
+    return _check(w, m, (q, k, v), user)
+
+
+def _check(w: Walk, m: _Match, qkv: tuple, output: fx.Node) -> _Match:
+    """Follow q, k, v to their projections and the output to its projection (raises _Whole)."""
+    m.producers = [_producer_of(w, m, t) for t in qkv]
+    m.consumer = _consumer_of(w, output, m.size)
     if len({(p.module, p.offset) for p in m.producers}) != 3:
         raise _Whole("q, k and v overlap in one projection")
     points = {gp.module: i for i, gp in enumerate(w.points) if not gp.on_input}
@@ -187,14 +229,15 @@ def _updates(w: Walk, m: _Match, dims) -> tuple[dict[int, GatePoint], dict[int, 
         new_points[i] = _with_dims(new_points.get(i, w.points[i]), p.offset, p.heads * size, dims, unit)
         _cost_dims(w, new_layers, p.module, "out", p.offset, p.heads * size, dims, unit)
     _cost_dims(w, new_layers, m.consumer.module, "in", 0, m.consumer.heads * size, dims, unit)
+    names = {f"{m.module}@{n.name}" for n in m.nodes}
     for i, lc in enumerate(w.layers):  # the attention itself: per head and head dim
-        if lc.module == f"{m.module}@{m.node.name}" and lc.kind == "attention":
+        if lc.module in names and lc.kind == "attention":
             parts = tuple((s, n, rep * size) for s, n, rep in lc.in_parts)
             new_layers[i] = dataclasses.replace(
                 lc, flops_per_pair=lc.flops_per_pair / size, in_parts=parts, out_parts=parts,
                 in_dims=(dims,) * len(parts), out_dims=(dims,) * len(parts),
             )  # fmt: skip
-    if not any(lc.kind == "attention" for lc in new_layers.values()):
+    if {lc.module for lc in new_layers.values() if lc.kind == "attention"} != names:
         raise _Whole("the attention's cost is not counted per head")
     return new_points, new_layers
 
@@ -237,6 +280,36 @@ def _single_user(node: fx.Node) -> bool:
     return len(node.users) == 1
 
 
+def _by_number(node: fx.Node) -> bool:
+    """``x * c`` or ``x / c`` with a (non-zero) Python number ``c``."""
+    c = node.args[1] if len(node.args) > 1 else None
+    if _name(node) not in ("mul", "div") or not isinstance(c, (int, float)) or isinstance(c, bool):
+        return False
+    return _name(node) == "mul" or c != 0
+
+
+def _picked(w: Walk, node: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
+    """``(x, (dim, i))`` where ``node`` is piece ``i`` of ``x`` along ``dim`` (``x.unbind(dim)[i]``, ``x[i]``),
+    ``x`` used for its pieces alone."""
+    name = _name(node)
+    if name == "getitem" and _name(node.args[0]) == "unbind" and isinstance(node.args[1], int):
+        source, index = node.args[0], node.args[1]
+        x = source.args[0]
+        dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
+        if not all(_name(g) == "getitem" for g in source.users) or not _single_user(x):
+            raise _Whole(f"a fused projection's pieces are used otherwise at '{source.name}'")
+    elif name == "select" and isinstance(node.args[2], int):
+        x, dim, index = node.args[0], node.args[1], node.args[2]
+        if not all(_name(u) == "select" for u in x.users):
+            raise _Whole(f"a fused projection's pieces are used otherwise at '{x.name}'")
+    else:
+        return None
+    shape = w.shape(x)
+    if shape is None:
+        raise _Whole(f"a fused projection of unknown shape at '{node.name}'")
+    return x, (dim % len(shape), index % shape[dim % len(shape)])
+
+
 def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
     """Follow q, k or v back from the attention to the projection that makes it."""
     node = value
@@ -244,10 +317,16 @@ def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
     split = None
     if not isinstance(node, fx.Node) or not _single_user(node):
         raise _Whole("q, k or v is used by more than the attention")
+    piece = None  # (dim, index): a piece of a fused (.., 3, H, D) projection, picked by unbind / select
+    heads = 0
     while split is None:  # (.., H, .., D) with D last, back to the view that split H * D into (H, D)
         name, shape = _name(node), w.shape(node)
-        if name == "add":  # a rotary embedding: x * cos + rotate_half(x) * sin
+        if name == "add" and piece is None:  # a rotary embedding: x * cos + rotate_half(x) * sin
             node = _rotary(w, m, node)
+            continue
+        picked = _picked(w, node) if piece is None else None
+        if picked is not None:  # qkv.unbind(0)[i], qkv[i]
+            node, piece = picked
             continue
         source = node.args[0] if node.args else None
         in_shape = w.shape(source)
@@ -259,19 +338,31 @@ def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
             order = [d % ndim for d in node.args[1]] if name == "permute" else None
             if (moved is not None and ndim - 1 in moved) or (order is not None and order[-1] != ndim - 1):
                 raise _Whole(f"a transpose moves the head dim at '{node.name}'")
+            if piece is not None and order is not None:
+                piece = (order[piece[0]], piece[1])
+            elif piece is not None:
+                a, b = moved
+                piece = (b if piece[0] == a else a if piece[0] == b else piece[0], piece[1])
+        elif piece is not None and not (name in _COPIES or (name in _VIEWS and len(shape) >= 3 and shape[-1] == size)):
+            raise _Whole(f"a piece of a fused projection passes through '{name}' at '{node.name}'")
+        elif _by_number(node):  # q * scale
+            pass
         elif name in _COPIES or name in ("unsqueeze", "expand"):
             if in_shape[-1] != size or (name == "unsqueeze" and node.args[1] % len(shape) == len(shape) - 1):
                 raise _Whole(f"'{name}' over the head dim at '{node.name}'")
+        elif piece is not None:  # (.., 3 * H * D) -> (.., 3, H, D): the piece's H * D entries
+            if piece[0] != len(shape) - 3 or in_shape[-1] != math.prod(shape[-3:]):
+                raise _Whole(f"a fused projection split other than (.., pieces, heads, head_dim) at '{node.name}'")
+            split, heads = node, shape[-2]
         elif name in _VIEWS and in_shape[-1] == size:  # repeat_kv's (b, h, n_rep, n, d) -> (b, h * n_rep, n, d)
             pass
         elif name in _VIEWS and shape[-1] == size and len(shape) >= 2 and in_shape[-1] == shape[-2] * size:
-            split = node
+            split, heads = node, shape[-2]
         else:
             raise _Whole(f"q, k or v passes through '{name or node.op}' at '{node.name}' (a rotary embedding?)")
         node = source
-    heads = w.shape(node)[-1] // size
     m.splits.append(split)
-    offset = 0
+    offset = piece[1] * heads * size if piece is not None else 0
     while True:  # back from the (.., H * D) value to the projection, through views and split pieces
         name = _name(node)
         source = node.args[0] if node.args else None
