@@ -60,11 +60,13 @@ class Attention(nn.Module):
     self.head_dim)``, ``scaling`` fixed at init and passed to sdpa (``scale=None``: sdpa's default),
     optional rotary embedding and grouped KV heads (``repeat_kv`` or sdpa's ``enable_gqa``)."""
 
-    def __init__(self, dim=24, heads=4, kv_heads=None, explicit=True, rotary=False, fused=False, gqa="repeat"):
+    def __init__(
+        self, dim=24, heads=4, kv_heads=None, explicit=True, rotary=False, fused=False, gqa="repeat", unfused=False
+    ):
         super().__init__()
         self.head_dim, self.kv_heads, self.heads = dim // heads, kv_heads or heads, heads
         self.scaling = self.head_dim**-0.5 if explicit else None
-        self.rotary, self.fused, self.gqa = rotary, fused, gqa
+        self.rotary, self.fused, self.gqa, self.unfused = rotary, fused, gqa, unfused
         self.split_size = heads * self.head_dim
         if fused:
             self.qkv = nn.Linear(dim, 3 * self.split_size)
@@ -76,11 +78,14 @@ class Attention(nn.Module):
 
     def forward(self, x, table=None):
         B, N, _ = x.shape
-        if self.fused:
-            q, k, v = self.qkv(x).split(self.split_size, dim=2)
+        if self.fused == "unbind":  # timm: reshape(B, N, 3, heads, -1), permute, unbind
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q, k, v = (t.view(B, N, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            if self.fused:
+                q, k, v = self.qkv(x).split(self.split_size, dim=2)
+            else:
+                q, k, v = self.q(x), self.k(x), self.v(x)
+            q, k, v = (t.view(B, N, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if table is not None:
             cos, sin = (t.unsqueeze(1) for t in table)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -88,7 +93,11 @@ class Attention(nn.Module):
         if gqa and self.gqa == "repeat":
             b, h, n, d = k.shape
             k, v = (t[:, :, None].expand(b, h, q.shape[1] // h, n, d).reshape(b, q.shape[1], n, d) for t in (k, v))
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=gqa and self.gqa == "sdpa")
+        if self.unfused:  # timm's Swin: q * self.scale @ k^T, a bias, softmax, @ v
+            scores = (q * self.scaling) @ k.transpose(-2, -1) + torch.linspace(-1, 1, N)
+            y = scores.softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=gqa and self.gqa == "sdpa")
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -182,6 +191,23 @@ def test_fused_qkv_split_prunes_head_dims_and_split_size():
     assert all(hd.space is not None for hd in bank.analysis.head_dims)
     attn = exported.attn[0]
     assert attn.head_dim == 3 and attn.split_size == attn.qkv.out_features // 3 == attn.o.in_features
+
+
+@pytest.mark.parametrize("unfused", [False, True])
+def test_fused_qkv_unbind_prunes_head_dims(unfused):
+    """timm's layout: one projection reshaped to (B, N, 3, heads, -1), permuted, unbound into q, k, v;
+    with sdpa and an explicit scale, or unfused with a scale fixed at init (Swin's window attention)."""
+    bank, exported = _exact_and_counted(Net(fused="unbind", unfused=unfused), X)
+    assert all(hd.space is not None for hd in bank.analysis.head_dims), bank.analysis.head_dims
+    attn = exported.attn[0]
+    assert attn.qkv.out_features == 3 * attn.o.in_features == 3 * 2 * 3  # 2 heads x 3 dims each, for q, k, v
+
+
+def test_unfused_attention_with_a_constant_scale_prunes_head_dims():
+    bank, exported = _exact_and_counted(Net(unfused=True, kv_heads=2), X)
+    assert all(hd.space is not None for hd in bank.analysis.head_dims)
+    assert {hd.node for hd in bank.analysis.head_dims} == {"matmul", "matmul_2"}  # the scores' products
+    assert all(attn.head_dim == 3 for attn in exported.attn)
 
 
 def test_default_scale_keeps_head_dims_whole():
