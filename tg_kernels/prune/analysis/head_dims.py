@@ -1,29 +1,38 @@
 """Head dims: gates on the dims within each attention head, where removing them is exact.
 
 Whole heads come from the op rules (:func:`~tg_kernels.prune.analysis.rules.attention`). This pass
-runs once on the stable walk, per ``scaled_dot_product_attention`` call, and adds one more group:
-one gate per head dim ``d``, shared by every head of q, k and v and by the out-projection's input
-columns ``h * D + d`` (the same set of dims in every head, as Torch-Pruning prunes them). Closing
-``d`` zeroes entry ``d`` of every head at the q, k and v projections' outputs: the scores
-``q . k`` then do not depend on ``k``'s dim ``d``, and the attention output's dim ``d`` (a mix of
-``v``'s dims ``d``) is zero, so the projections' rows and the out-projection's columns of ``d``
-can go. One gate for q/k and v dims alike, because the models name one ``head_dim`` for all three
-views (``view(B, N, -1, self.head_dim)``), so their kept sizes must agree.
+runs once on the stable walk, per attention op (``scaled_dot_product_attention``, or unfused
+``q @ k^T``, ops over the key positions, ``@ v``), and adds one more group: one gate per head dim
+``d``, shared by every head of q, k and v and by the out-projection's input columns ``h * D + d``
+(the same set of dims in every head, as Torch-Pruning prunes them). Closing ``d`` zeroes entry
+``d`` of every head at the q, k and v projections' outputs: the scores ``q . k`` then do not
+depend on ``k``'s dim ``d``, and the attention output's dim ``d`` (a mix of ``v``'s dims ``d``)
+is zero, so the projections' rows and the out-projection's columns of ``d`` can go. One gate for
+q/k and v dims alike, because the models name one ``head_dim`` for all three views
+(``view(B, N, -1, self.head_dim)``), so their kept sizes must agree.
 
 It applies only where that is exact and the pass can see all of it:
 
-- the call passes an explicit ``scale`` (Hugging Face passes ``scaling``): the default scale
-  ``1 / sqrt(D)`` would change with the kept dims (timm's fused path keeps them whole);
-- each of q, k and v reaches the call from a Linear (or GPT-2's ``addmm`` Conv1D) output through
-  views, transposes and ``repeat_kv``'s expand alone, each value used once: a rotary embedding
-  (Llama's ``q * cos + rotate_half(q) * sin``) or anything else in between keeps them whole;
+- sdpa gets an explicit ``scale`` (Hugging Face passes ``scaling``): the default scale
+  ``1 / sqrt(D)`` would change with the kept dims (timm's fused path keeps them whole); unfused
+  scores may be scaled by a number. A scale the forward computes from ``self.head_dim`` is a
+  number in the graph too: the attach self-check sharpens the scores of every attention with
+  head-dim gates (``HeadDims.scored``), so that such a scale shows and the group is dropped;
+- each of q, k and v reaches the attention from a Linear (or GPT-2's ``addmm`` Conv1D) output
+  through views, transposes, a scale, ``repeat_kv``'s expand, a fused projection's ``split`` or
+  ``unbind`` / ``select`` pieces, and a rotary embedding (Llama's ``q * cos + rotate_half(q) *
+  sin``: dims ``d`` and ``d + D / 2`` then share a gate, and the ``cos`` / ``sin`` tables are sliced
+  through the frequency buffer they are computed from, which nothing else may read), each value
+  used once;
 - the output reaches one Linear through transposes and the reshape that merges the heads;
 - every projection has its gate at its output.
 
 Anything else keeps the head dims whole, with the reason in ``Analysis.head_dims`` (and
-``Analysis.fixed``). The head dims' group is a product with the heads' group on the same entries:
-slices carry ``Slice.tile`` (the dims' pattern repeats in every head), gate points
-``GatePoint.dims``, costs ``LayerCost.in_dims`` / ``out_dims`` and size attributes ``SizeAttr.dims``.
+``Analysis.fixed``, as ``"<module> (head dims)"``). The head dims' group is a product with the
+heads' group on the same entries: slices carry ``Slice.tile`` (the dims' pattern repeats in every
+head), gate points ``GatePoint.dims``, costs ``LayerCost.in_dims`` / ``out_dims`` and size
+attributes ``SizeAttr.dims``. Head-dim spaces that one attribute sizes, or that read one rotary
+table (a model-wide ``rotary_emb``), are merged so that they keep alike.
 """
 
 from __future__ import annotations
