@@ -17,7 +17,10 @@ Gated models run compact (``tg_kernels.prune.compact``): in ``hard`` and ``exact
 gradients the whole model runs its exported structure, with parameters gathered from the full
 tensors each forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported)
 model. ``exact`` adds the closed-channel side pass (``tg_kernels.prune.side_pass``) that gives closed
-gates their task gradient. ``none`` training keeps the per-layer path: there each conv followed by
+gates their task gradient; gates sit after ReLUs (``closed_gate_gradients=True``, the default), so
+every closed gate has one. ``exact_before_relu`` is ``exact`` with ``closed_gate_gradients=False``:
+gates before a ReLU, whose closed gates' task gradient is exactly 0 and needs no side pass (cheaper;
+those channels reopen only through the budget). ``none`` training keeps the per-layer path: there each conv followed by
 its BatchNorm is a ``GatedConv2d(gate_after_norm=True)`` and in the MLP block fc1 is a
 ``GatedLinear``, computing every channel. The
 ``hard`` train rows also record ``replan_ms``: what rebuilding the index tensors and size attributes
@@ -43,7 +46,7 @@ from bench.common import Row, time_interleaved
 
 FAMILY = "models"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-MODES = ("none", "exact", "hard")
+MODES = ("none", "exact", "exact_before_relu", "hard")
 SEED = 0
 
 
@@ -120,7 +123,10 @@ def _gated(
     model = _plain(build, x.device)
     with warnings.catch_warnings():  # the MLP block's residual over its input stays ungated (expected)
         warnings.filterwarnings("ignore", message="tg_kernels.attach_gates: channels that reach")
-        model, bank = tg_kernels.attach_gates(model, x, skip=mode)
+        if mode == "exact_before_relu":  # the cheaper placement: closed gates before a ReLU get no task gradient
+            model, bank = tg_kernels.attach_gates(model, x, skip="exact", closed_gate_gradients=False)
+        else:
+            model, bank = tg_kernels.attach_gates(model, x, skip=mode)
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for gate in bank.gates.values():

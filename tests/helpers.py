@@ -47,3 +47,20 @@ def float64_case(build, shape, seed: int = 0, device: str = "cpu") -> tuple[torc
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     return base.double().to(device), torch.randn(shape, dtype=torch.float64, device=device)
+
+
+def reopen_by_task_gradient(student: torch.nn.Module, bank, x: torch.Tensor, target: torch.Tensor) -> float:
+    """Close gate 3 of the model's one group near its threshold, train the gates for 20 steps on the
+    task loss alone (budget weight 0) and return that gate's weight: above 0 if it reopened."""
+    (gate,) = bank.gates.values()
+    with torch.no_grad():
+        gate.weight.fill_(0.5)
+        gate.weight[3] = -0.05
+    budget = tg_kernels.Budget(student, target=0.5, weight=0.0)
+    opt = torch.optim.SGD(bank.parameters(), lr=0.5)
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(student(x), target) + budget()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gate.weight[3].item()

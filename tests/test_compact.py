@@ -84,8 +84,10 @@ MODELS = [
     pytest.param(
         lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), id="resnet18", marks=pytest.mark.slow
     ),
+    # (64x64: at 32x32 the last BatchNorm sees 2 values per channel, and its tiny batch variance
+    # amplifies float reassociation to 1e-7 of gradients of size 6e4)
     pytest.param(
-        lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 32, 32), id="densenet121", marks=pytest.mark.slow
+        lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 64, 64), id="densenet121", marks=pytest.mark.slow
     ),
     pytest.param(
         lambda: torchvision.models.mobilenet_v2(num_classes=10),

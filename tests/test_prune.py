@@ -259,8 +259,21 @@ def test_gates_sit_after_batchnorm_and_after_activation_modules():
     hooked = {
         name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_hooks.values())
     }
-    assert "blocks.0.bn1" in hooked  # F.relu follows: the gate stays right after the BatchNorm
+    input_hooked = {
+        name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
+    }
+    # F.relu follows bn1: no gate before it (closed gates would get no task gradient); conv2 gates its input
+    assert "blocks.0.bn1" not in hooked and "blocks.0.conv2" in input_hooked
     assert "stem.2" in hooked and "stem.1" not in hooked  # an nn.ReLU module follows: the gate moves past it
+    assert "blocks.0" in hooked and "blocks.0.bn2" not in hooked  # relu(bn2 + x): gated at the block's output
+    conv = model.blocks[0].conv2  # its output is gated later, on the same channels: it may skip closed ones
+    assert isinstance(conv, tg.GatedConv2d) and conv.gate_after_norm and conv.gate is bank.gates["stem_0"]
+    # closed_gate_gradients=False: right after the BatchNorm, as the per-layer gate sits
+    model, bank = _attach(resnet_cifar(depth=8), torch.randn(1, 3, 32, 32), closed_gate_gradients=False)
+    hooked = {
+        name for name, m in model.named_modules() if any(isinstance(h, GateHook) for h in m._forward_hooks.values())
+    }
+    assert "blocks.0.bn1" in hooked and "blocks.0.bn2" in hooked
     conv = model.blocks[0].conv1
     assert isinstance(conv, tg.GatedConv2d) and conv.gate_after_norm and conv.gate is bank.gates["blocks_0_conv1"]
 
@@ -596,12 +609,13 @@ def test_set_skip_switches_every_gated_layer_and_hook():
     ids=["resnet18", "mobilenet_v2", "resnet8_cifar", "tiny_unet"],
 )
 def test_export_graph_gives_the_groups_of_the_fx_analysis(build, shape):
-    """The torch.export analysis reproduces the torch.fx one: groups, slices, gate points, costs."""
+    """The torch.export analysis reproduces the torch.fx one: groups, slices, gate points, costs
+    (gate points with ``closed_gate_gradients=False``: the fx analysis gates before ReLUs)."""
     torch.manual_seed(0)
     x = torch.randn(shape)
     results = []
     for tracer in ("fx", "export"):
-        _, bank = _attach(build(), x, tracer=tracer, self_check=False)
+        _, bank = _attach(build(), x, tracer=tracer, self_check=False, closed_gate_gradients=tracer == "fx")
         a = bank.analysis
         assert a.tracer == tracer
         name = {g.space: g.producers[0] for g in a.groups}

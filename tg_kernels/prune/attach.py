@@ -478,17 +478,17 @@ def _install(
         module.register_forward_pre_hook(hook)
         module.register_forward_hook(RecurrentRestore(), always_call=True)
         bank.recurrent_hooks.append(hook)
-    for point in analysis.gate_points:
-        if point.on_input:
-            hook = InputGateHook(bank, bank.parts(point.parts), point.dim, hard=skip == "hard", repeat=point.repeat)
-            model.get_submodule(point.module).register_forward_pre_hook(hook)
-            bank.hooks.append(hook)
     for name, space in analysis.after_norm:  # conv -> BN -> gate: the conv skips what is exact to skip
         conv = GatedConv2d.from_conv(model.get_submodule(name), skip=skip, gate_after_norm=True)
         conv.gate = bank.gates[bank.key_of_space[space]]
         conv.train(model.get_submodule(name).training)
         set_submodule(model, name, conv)
         bank.gated_layers.append(conv)
+    for point in analysis.gate_points:  # input gates: on the modules that stay (after every replacement)
+        if point.on_input:
+            hook = InputGateHook(bank, bank.parts(point.parts), point.dim, hard=skip == "hard", repeat=point.repeat)
+            model.get_submodule(point.module).register_forward_pre_hook(hook)
+            bank.hooks.append(hook)
     for name, space_parts in analysis.conv_inputs:  # chains: a conv reading gated channels can drop closed ones
         conv = model.get_submodule(name)
         if isinstance(conv, GatedConv2d):
@@ -668,6 +668,7 @@ def _analyse(
     kwargs: dict[str, Any],
     excluded: set[str],
     tracer: str,
+    closed_gradients: bool = True,
 ) -> tuple[Analysis | None, set[str], str | None]:
     """(analysis or None, opaque submodules, why tracing failed) with the chosen tracer.
 
@@ -683,7 +684,7 @@ def _analyse(
             if tracer == "export":
                 return None, set(), f"torch.export failed: {type(error).__name__}: {error}"
         else:
-            return analyze_export(model, traced, excluded), set(), None
+            return analyze_export(model, traced, excluded, closed_gradients), set(), None
     if kwargs:
         reason = "torch.fx cannot pass keyword inputs (example_kwargs)"
         if export_error is not None:
@@ -710,6 +711,7 @@ def attach_gates(
     tracer: str = "auto",
     self_check: bool = True,
     compact: bool = True,
+    closed_gate_gradients: bool = True,
 ) -> tuple[nn.Module, GateBank]:
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
@@ -733,6 +735,14 @@ def attach_gates(
         compact: run the whole model compact (at the open width, as its exported model would) in
             ``"hard"`` mode and without gradients (:mod:`tg_kernels.prune.compact`). A check on the
             example inputs turns it off, with a warning, where the model's code cannot run compact.
+        closed_gate_gradients: place no gate right before an activation whose derivative at 0 is 0
+            (ReLU, ReLU6): such a gate would get no task gradient while closed, so it could reopen
+            only through the budget. The gate goes after the activation instead (on the module that
+            returns it, past a residual add, or on the input of the Linear / conv reading it). The
+            forward is the same (``relu(g * z) = g * relu(z)`` for 0/1 gates). ``False`` keeps gates
+            before such activations: ``"exact"`` training is then cheaper (those closed gates'
+            task gradients are exactly 0 and need no side pass), but closed channels reopen only
+            through the budget. The torch.fx analysis always places gates before them.
 
     Returns:
         The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
@@ -757,7 +767,9 @@ def attach_gates(
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     if tracer not in TRACERS:
         raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
-    analysis, opaque, failure = _analyse(model, inputs, dict(example_kwargs or {}), excluded, tracer)
+    analysis, opaque, failure = _analyse(
+        model, inputs, dict(example_kwargs or {}), excluded, tracer, closed_gate_gradients
+    )
     if analysis is None:
         warnings.warn(
             f"tg_kernels.attach_gates: cannot trace {type(model).__name__}.forward ({failure}); "

@@ -68,7 +68,7 @@ _HOMOGENEOUS = (
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: plans key their rows by fold (deepcopy remaps such keys)
 class _Fold:
     """One gate point: where its gate values go in compact execution.
 
@@ -109,7 +109,7 @@ class _Plan:
     open_kept: Tensor  # whether each is open
     grad_kept: Tensor  # whether each gets its gate's task gradient (open, or closed in a full-width group)
     value_offsets: dict[str, int]  # group key -> where its values start
-    fold_rows: dict[int, Tensor]  # id(fold) -> its gate vector, as rows of the values
+    fold_rows: dict[_Fold, Tensor]  # fold -> its gate vector, as rows of the values
     params: list[tuple[Bundle, list[_SwapSpec], Tensor | None]]  # gathered together, with their scale rows
     unit_scales: list[bool]  # per bundle: every scale is exactly 1 (no closed channel kept as padding)
     buffers: list[_SwapSpec]  # gathered one by one, without gradients
@@ -118,6 +118,7 @@ class _Plan:
     build_seconds: float
     side: SidePlan | None = None  # the closed-channel side passes of "exact" training (None: not available)
     exact: bool = False  # made for "exact" training: full-width groups keep every channel
+    unit_hooks: frozenset = frozenset()  # hooked folds whose kept gates are all open (their gate multiplies by 1)
 
 
 _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
@@ -345,13 +346,16 @@ class CompactForward:
         for module in self._quiet:
             module.__dict__["_tg_hooks"] = module._forward_hooks
             module.__dict__["_forward_hooks"] = OrderedDict()
+        # a hook multiplying by ones only matters for the gradient it passes to the gates
+        gates_learn = torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.bank.gates.values())
         for fold in self._folds:
             if fold.hook is not None:
-                if values is None and fold.module is None:
-                    values = self._gate_values(plan)
-                fold.hook.compact_gate = (
-                    None if fold.module is not None else take_rows(values, plan.fold_rows[id(fold)])
-                )
+                if fold.module is not None or (not gates_learn and fold in plan.unit_hooks):
+                    fold.hook.compact_gate = None
+                else:
+                    if values is None:
+                        values = self._gate_values(plan)
+                    fold.hook.compact_gate = take_rows(values, plan.fold_rows[fold])
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
@@ -564,7 +568,7 @@ class CompactForward:
             starts += gate.num_channels
         kept_all = torch.cat(kept_global) if kept_global else torch.zeros(0, dtype=torch.int64, device=device)
         ones_row = kept_all.numel()
-        fold_rows = {id(fold): self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds}
+        fold_rows = {fold: self._plan_rows(fold, value_offsets, kept, ones_row).to(device) for fold in self._folds}
 
         params: dict[tuple[torch.dtype, torch.device], list[tuple[_SwapSpec, Tensor]]] = {}
         buffers = []
@@ -592,7 +596,7 @@ class CompactForward:
                 [full for _, full in members], [spec.dims for spec in specs], [spec.fold is not None for spec in specs]
             )
             specs = [specs[i] for i in order]
-            scaled = [fold_rows[id(spec.fold)] for spec in specs if spec.fold is not None]
+            scaled = [fold_rows[spec.fold] for spec in specs if spec.fold is not None]
             if any(rows.dim() == 2 for rows in scaled):  # head dims: (head, dim) rows for every entry
                 scaled = [
                     rows if rows.dim() == 2 else torch.stack([rows, torch.full_like(rows, ones_row)]) for rows in scaled
@@ -608,7 +612,7 @@ class CompactForward:
             recipes = [sp for sp in bank.analysis.side_passes if key_of[sp.space] not in self.full_width]
             # a consumer whose own rows take gate values: its padded closed rows pass no gradient back
             row_masks = {
-                target.rpartition(".")[0]: take_rows(values, fold_rows[id(fold)])
+                target.rpartition(".")[0]: take_rows(values, fold_rows[fold])
                 for target, fold in self._scaled.items()
                 if target.endswith(".weight")
             }
@@ -632,6 +636,7 @@ class CompactForward:
             seconds,
             side,
             exact,
+            frozenset(f for f in self._folds if f.hook is not None and bool(values[fold_rows[f]].all())),
         )
 
     def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:

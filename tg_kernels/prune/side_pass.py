@@ -45,6 +45,18 @@ class _Pass:
     cols: Tensor | None  # producer weight input columns the compact run keeps (None: all)
     step_index: list[Tensor | None]  # per source step: the closed channels among its module's channels
     bilinear: bool = False  # may be evaluated as a bilinear form (Linear -> elementwise -> Linear)
+    terms: list[_Term] = field(default_factory=list)  # values that "add" steps add in
+
+
+@dataclass
+class _Term:
+    """A second producer's closed rows, added into ``u`` (``SideTerm``)."""
+
+    producer: str
+    rows: Tensor
+    cols: Tensor | None
+    steps: tuple[SideStep, ...]
+    step_index: list[Tensor | None]
 
 
 @dataclass
@@ -105,7 +117,20 @@ def build_plan(
             producers.add(recipe.producer)
         else:
             sources.add(recipe.source_module)
-        step_index = [cl + s.offset if s.kind in ("norm", "conv") else None for s in recipe.source_steps]
+        step_index = _step_index(recipe.source_steps, cl)
+        terms = []
+        for term in recipe.terms:
+            transposed = isinstance(model.get_submodule(term.producer), nn.ConvTranspose2d)
+            terms.append(
+                _Term(
+                    term.producer,
+                    cl + term.row_offset,
+                    kept(f"{term.producer}.weight", 0 if transposed else 1),
+                    term.steps,
+                    _step_index(term.steps, cl),
+                )
+            )
+            producers.add(term.producer)
         one = len(recipe.paths) == 1 and recipe.paths[0]
         bilinear = bool(
             one
@@ -115,7 +140,7 @@ def build_plan(
             and not recipe.source_steps
             and isinstance(model.get_submodule(recipe.producer), nn.Linear)
         )
-        item = _Pass(recipe, key, cl, rows, cols, step_index, bilinear)
+        item = _Pass(recipe, key, cl, rows, cols, step_index, bilinear, terms)
         passes.append(item)
         for path in recipe.paths:
             consumer = consumers.get(path.consumer)
@@ -134,10 +159,24 @@ def build_plan(
     return SidePlan(passes, list(consumers.values()), sorted(producers), sorted(s for s in sources if s))
 
 
-def _replay(steps: tuple[SideStep, ...], x: Tensor, index: list[Tensor | None] | None, run: SideRun) -> Tensor:
-    """Apply recipe steps to closed channels ``x`` (``index``: per step, the channels among a module's)."""
+def _step_index(steps: tuple[SideStep, ...], closed: Tensor) -> list[Tensor | None]:
+    """Per step: the closed channels among its module's channels (norm and depthwise conv steps)."""
+    return [closed + s.offset if s.kind in ("norm", "conv") else None for s in steps]
+
+
+def _replay(
+    steps: tuple[SideStep, ...],
+    x: Tensor,
+    index: list[Tensor | None] | None,
+    run: SideRun,
+    terms: list[Tensor] | None = None,
+) -> Tensor:
+    """Apply recipe steps to closed channels ``x`` (``index``: per step, the channels among a module's;
+    ``terms``: the values that ``"add"`` steps add)."""
     for i, step in enumerate(steps):
-        if step.kind == "op":
+        if step.kind == "add":
+            x = x + terms[step.args[0]]
+        elif step.kind == "op":
             x = step.op(x, *step.args, **dict(step.kwargs))
         elif step.kind == "item":
             x = x[step.args[0]]
@@ -295,40 +334,44 @@ class SideRun:
         with torch.no_grad():
             if recipe.producer is not None:
                 x = self.inputs[recipe.producer]
-                producer = self.model.get_submodule(recipe.producer)
-                rows_dim = 1 if isinstance(producer, nn.ConvTranspose2d) else 0
-                weight = self.full(recipe.producer, "weight").index_select(rows_dim, item.rows)
-                if item.cols is not None:
-                    weight = weight.index_select(1 - rows_dim, item.cols)
-                bias = self.full(recipe.producer, "bias")
-                bias = None if bias is None else bias.index_select(0, item.rows)
+                weight, bias = self._rows(recipe.producer, item.rows, item.cols)
                 if item.bilinear:
                     d_in, closed = x.shape[-1], item.closed.numel()
                     tokens = x.numel() // max(d_in, 1)
                     if d_in * out_width * (tokens + closed) < tokens * closed * (d_in + out_width):
                         return "bilinear", (x, weight, bias)
-                if isinstance(producer, nn.Linear):
-                    u = F.linear(x, weight, bias)
-                elif rows_dim == 1:
-                    u = F.conv_transpose2d(
-                        x,
-                        weight,
-                        bias,
-                        producer.stride,
-                        producer.padding,
-                        producer.output_padding,
-                        1,
-                        producer.dilation,
-                    )
-                else:
-                    u = F.conv2d(x, weight, bias, producer.stride, producer.padding, producer.dilation, 1)
+                u = self._apply(recipe.producer, x, weight, bias)
             else:
                 shape = list(self.inputs[recipe.source_module].shape)
                 shape[1] = item.closed.numel()
                 like = self.full(recipe.source_module, "weight")
                 u = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            u = _replay(recipe.source_steps, u, item.step_index, self)
+            terms = []
+            for term in item.terms:
+                weight, bias = self._rows(term.producer, term.rows, term.cols)
+                t = self._apply(term.producer, self.inputs[term.producer], weight, bias)
+                terms.append(_replay(term.steps, t, term.step_index, self))
+            u = _replay(recipe.source_steps, u, item.step_index, self, terms)
             return "u", u.to(self.full(recipe.producer or recipe.source_module, "weight").dtype)  # (autocast)
+
+    def _rows(self, name: str, rows: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """A producer's weight at its closed rows (and the input columns the compact run keeps), and its bias."""
+        rows_dim = 1 if isinstance(self.model.get_submodule(name), nn.ConvTranspose2d) else 0
+        weight = self.full(name, "weight").index_select(rows_dim, rows)
+        if cols is not None:
+            weight = weight.index_select(1 - rows_dim, cols)
+        bias = self.full(name, "bias")
+        return weight, None if bias is None else bias.index_select(0, rows)
+
+    def _apply(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The producer ``name`` with ``weight`` and ``bias`` in place of its own."""
+        producer = self.model.get_submodule(name)
+        if isinstance(producer, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(producer, nn.ConvTranspose2d):
+            p = producer
+            return F.conv_transpose2d(x, weight, bias, p.stride, p.padding, p.output_padding, 1, p.dilation)
+        return F.conv2d(x, weight, bias, producer.stride, producer.padding, producer.dilation, 1)
 
     def _wrap(self, consumer: _Consumer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:

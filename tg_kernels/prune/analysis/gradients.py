@@ -35,8 +35,8 @@ import torch.fx as fx
 from torch import nn
 
 from tg_kernels.prune.analysis.rules import SPATIAL_OPS, ZERO_PRESERVING_OPS
-from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep
-from tg_kernels.prune.analysis.walk import Walk, _op_name, target_name
+from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep, SideTerm
+from tg_kernels.prune.analysis.walk import Walk, _op_name, at_zero, constant, functional, target_name
 
 _COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy", "type_as"}
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
@@ -46,35 +46,12 @@ _ELEMENTWISE = set(ZERO_PRESERVING_OPS) - _DROPOUTS - _COPIES - {"detach", "prel
 # dim); replayed on zeros they pull gradients back as at full width.
 _SPATIAL = {*SPATIAL_OPS, "constant_pad_nd", "pad", "mean", "sum"}
 _LAYOUT = {"permute", "transpose", "unsqueeze", "squeeze", "t"}
+_LAYERS = ("linear", "conv2d", "convolution", "conv_transpose2d")
 _HARMLESS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "size"}
 
 
 class _NoRecipe(Exception):
     """A side pass cannot be built for this gate point (the message says why)."""
-
-
-def _at_zero(op: Any, args: tuple, kwargs: dict) -> tuple[float, float]:
-    """(f(0), f'(0)) of an elementwise op, in float64."""
-    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    y = op(z, *args, **kwargs)
-    (d,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
-    return float(y.detach()[0]), 0.0 if d is None else float(d[0])
-
-
-def _functional(op: Any) -> Any:
-    """The out-of-place form of an in-place ATen op (``relu_`` -> ``relu``); other ops as they are."""
-    name = getattr(op, "_opname", "")
-    if name.endswith("_") and not name.startswith("_"):
-        packet = getattr(torch.ops.aten, name[:-1], None)
-        if packet is not None and hasattr(packet, op._overloadname):
-            return getattr(packet, op._overloadname)
-    return op
-
-
-def _constant(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_constant(v) for v in value)
-    return not isinstance(value, fx.Node) and (value is None or isinstance(value, (int, float, bool, str, torch.dtype)))
 
 
 class _Builder:
@@ -88,11 +65,13 @@ class _Builder:
         for node, names in w.t.output_of.items():
             for name in names:
                 self.node_of.setdefault(name, node)
-        self.gated_at: dict[fx.Node, set[int]] = {}
+        self.gated_at: dict[fx.Node, set[int]] = {}  # module output -> groups gated there
+        self.input_gated: dict[fx.Node, set[int]] = {}  # a Linear / conv call -> groups gated on its input
         for gp in points:
             node = self.node_of.get(gp.module)
-            if node is not None and not gp.on_input:  # (an input gate multiplies what the module reads)
-                self.gated_at.setdefault(node, set()).update(r for r, _ in gp.parts if r is not None)
+            if node is not None:
+                at = self.input_gated if gp.on_input else self.gated_at
+                at.setdefault(node, set()).update(r for r, _ in gp.parts if r is not None)
 
     # ---- channel positions ----
     def root(self, member: int) -> int | None:
@@ -139,12 +118,12 @@ class _Builder:
         if gp.repeat != 1:
             return SidePass(**base, reason=f"gate point '{gp.module}' gates whole heads")
         if gp.on_input:
-            return SidePass(**base, reason=f"the gate is on the input of '{gp.module}'")
+            return self.build_input(gp, node, base, root)
         try:
             paths = self.paths(node, root)
             if not paths:
                 return SidePass(**base, dead=True)
-            producer, row_offset, source_module, steps = self.source(node, root)
+            producer, row_offset, source_module, steps, terms = self.source(node, root)
             if producer is None and source_module is None:  # u is exactly zero
                 return SidePass(**base, dead=True)
         except _NoRecipe as why:
@@ -156,6 +135,31 @@ class _Builder:
             source_module=source_module,
             source_steps=tuple(steps),
             paths=tuple(paths),
+            terms=tuple(terms),
+        )
+
+    def build_input(self, gp: GatePoint, node: fx.Node, base: dict, root: int) -> SidePass:
+        """A gate on a Linear's or conv's input: ``u`` is what the layer reads, the one path is the layer."""
+        x = node.args[0] if node.args else None
+        if _op_name(node) not in _LAYERS or not isinstance(x, fx.Node):
+            return SidePass(**base, reason=f"the gate is on the input of '{gp.module}', not of a Linear or conv")
+        try:
+            path = self.consumer(node, x, root, (), True, True)
+            if path is None:
+                raise _NoRecipe(f"the gate is on the input of depthwise conv '{gp.module}'")
+            producer, row_offset, source_module, steps, terms = self.source(x, root)
+        except _NoRecipe as why:
+            return SidePass(**base, reason=str(why))
+        if producer is None and source_module is None:
+            return SidePass(**base, dead=True)
+        return SidePass(
+            **base,
+            producer=producer,
+            row_offset=row_offset,
+            source_module=source_module,
+            source_steps=tuple(steps),
+            paths=(path,),
+            terms=tuple(terms),
         )
 
     def paths(self, start: fx.Node, root: int) -> list[SidePath]:
@@ -185,7 +189,9 @@ class _Builder:
             return []  # a gate of the same group multiplies the gradient by 0
         if name in _HARMLESS:
             return []
-        if name in ("linear", "conv2d", "convolution", "conv_transpose2d") and user.args[0] is node:
+        if name in _LAYERS and user.args[0] is node:
+            if root in self.input_gated.get(user, ()):
+                return []  # the layer's input gate multiplies the gradient by 0
             consumer = self.consumer(user, node, root, steps, zero, replayable)
             if consumer is not None:
                 return [consumer]
@@ -206,15 +212,15 @@ class _Builder:
                 owner = self.w.scope_module(user)
                 if owner is None:
                     raise _NoRecipe(f"dropout at '{user.name}' outside a module")
-                step = SideStep("dropout", _functional(user.target), (p,), module=owner)
+                step = SideStep("dropout", functional(user.target), (p,), module=owner)
                 return [(user, (*steps, step), zero, replayable)]
             if not zero:
                 return [(user, steps, zero, False)]
             args, kwargs = self.constants(user)
-            f0, d0 = _at_zero(_functional(user.target), args, kwargs)
+            f0, d0 = at_zero(functional(user.target), args, kwargs)
             if d0 == 0.0:
                 return []  # ReLU-like at an exact zero: no gradient passes
-            step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
+            step = SideStep("op", functional(user.target), args, tuple(kwargs.items()))
             return [(user, (*steps, step), f0 == 0.0, replayable)]
         if name in ("add", "sub", "rsub"):
             return [self.binary(node, user, root, steps, zero, replayable)]
@@ -226,7 +232,7 @@ class _Builder:
                     return []  # times a factor that is exactly 0 at these channels (SwiGLU's gate * up)
             if not isinstance(other, (int, float)) or (name == "div" and user.args[0] is not node):
                 raise _NoRecipe(f"'{name}' by a tensor at '{user.name}'")
-            return [(user, (*steps, SideStep("op", _functional(user.target), (other,), ())), zero, replayable)]
+            return [(user, (*steps, SideStep("op", functional(user.target), (other,), ())), zero, replayable)]
         if name in ("cat", "concat"):
             if out[1] != (self.position(node, root) or (0, -1))[1]:
                 raise _NoRecipe(f"cat along another dim at '{user.name}'")
@@ -234,7 +240,7 @@ class _Builder:
         if name in _SPATIAL or name in _LAYOUT or name == "flatten":
             args, kwargs = self.constants(user)
             value = args[1] if name in ("constant_pad_nd", "pad") and len(args) > 1 else 0
-            step = SideStep("op", _functional(user.target), args, tuple(kwargs.items()))
+            step = SideStep("op", functional(user.target), args, tuple(kwargs.items()))
             return [(user, (*steps, step), zero and not value, replayable and zero)]
         if name == "getitem":
             return [(user, (*steps, SideStep("item", args=(user.args[1],))), zero, replayable)]
@@ -245,7 +251,7 @@ class _Builder:
     def constants(self, node: fx.Node) -> tuple[tuple, dict]:
         """The op's arguments after the tensor, which must all be constants."""
         args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
-        if not _constant(list(args)) or not _constant(list(kwargs.values())):
+        if not constant(list(args)) or not constant(list(kwargs.values())):
             raise _NoRecipe(f"'{_op_name(node)}' at '{node.name}' takes computed arguments")
         return args, kwargs
 
@@ -293,10 +299,17 @@ class _Builder:
         elementwise = all(s.kind == "op" and target_name(s.op) in _ELEMENTWISE for s in steps)
         return SidePath(owner, kind, at[0], tuple(steps), elementwise)
 
-    def source(self, point: fx.Node, root: int) -> tuple[str | None, int, str | None, list[SideStep]]:
-        """(producer, its row offset, zero-source module, steps from the source to the gate point)."""
+    def source(
+        self, point: fx.Node, root: int, start: fx.Node | None = None
+    ) -> tuple[str | None, int, str | None, list[SideStep], list[SideTerm]]:
+        """(producer, its row offset, zero-source module, steps from the source to the gate point,
+        the terms that ``"add"`` steps add). ``start``: where the walk back begins when it is not
+        the gate point (a term's own branch, which is checked for zeros from its first node)."""
         steps: list[SideStep] = []
-        node = point
+        terms: list[SideTerm] = []
+        node = point if start is None else start
+        if start is not None:
+            point = None  # (check the first node for zeros too)
         while True:
             name = _op_name(node) if node.op == "call_function" else node.op
             if node is not point:
@@ -309,9 +322,9 @@ class _Builder:
                         for s in steps:
                             value = s.op(value, *s.args, **dict(s.kwargs))
                         if float(value[0]) == 0.0:
-                            return None, 0, None, []  # u is exactly zero
-                        raise _NoRecipe(f"the value gated at '{point.name}' is a function of zeros without a module")
-                    return None, 0, first.module, steps
+                            return None, 0, None, [], terms  # u is exactly zero
+                        raise _NoRecipe(f"the value gated at '{node.name}' is a function of zeros without a module")
+                    return None, 0, first.module, steps, terms
             x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if name in ("linear", "conv2d", "convolution", "conv_transpose2d"):
                 inside = self.position(x, root) if x is not None else None
@@ -325,7 +338,7 @@ class _Builder:
                     if name != "linear" and self.module(owner).padding_mode != "zeros":
                         raise _NoRecipe(f"Conv2d '{owner}' pads with mode '{self.module(owner).padding_mode}'")
                     steps.reverse()
-                    return owner, at[0], None, steps
+                    return owner, at[0], None, steps, terms
                 owner = self.weight_owner(node, (nn.Conv2d,))
                 if owner is None or name == "linear" or transposed or self.module(owner).padding_mode != "zeros":
                     raise _NoRecipe(f"'{name}' at '{node.name}' before the gate point")
@@ -344,14 +357,24 @@ class _Builder:
             if (name in _ELEMENTWISE or name in _COPIES) and x is not None:
                 if name not in _COPIES:
                     args, kwargs = self.constants(node)
-                    steps.append(SideStep("op", _functional(node.target), args, tuple(kwargs.items())))
+                    steps.append(SideStep("op", functional(node.target), args, tuple(kwargs.items())))
                 node = x
                 continue
             if name in ("add", "sub") and len(node.args) == 2:
                 live = [
                     a for a in node.args if isinstance(a, fx.Node) and not (self.position(a, root) or (0, 0, True))[2]
                 ]
-                if len(live) != 1 or any(not isinstance(a, fx.Node) and a != 0 for a in node.args):
+                if any(not isinstance(a, fx.Node) and a != 0 for a in node.args):
+                    raise _NoRecipe(f"'{name}' of a constant at '{node.name}'")
+                if len(live) == 2 and name == "add" and node.kwargs.get("alpha", 1) == 1:
+                    # a residual add of two non-zero values (a projection shortcut): one more term
+                    producer, offset, zero_source, term_steps, inner = self.source(live[1], root, live[1])
+                    if producer is None or zero_source is not None or inner:
+                        raise _NoRecipe(f"'{name}' of several non-zero values at '{node.name}'")
+                    steps.append(SideStep("add", args=(len(terms),)))
+                    terms.append(SideTerm(producer, offset, tuple(term_steps)))
+                    live = live[:1]
+                if len(live) != 1:
                     raise _NoRecipe(f"'{name}' of several non-zero values at '{node.name}'")
                 if name == "sub" and live[0] is node.args[1]:
                     steps.append(SideStep("op", torch.ops.aten.neg.default))

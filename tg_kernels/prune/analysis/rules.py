@@ -268,7 +268,8 @@ def conv(w: Walk, node: fx.Node) -> Any:
     in_dim = 0 if transposed else 1
     out_dim = 1 if transposed else 0
     if x is not None:
-        w.need_zero(x, f"conv '{module}'")
+        gateable = isinstance(w.module_of(module), nn.Conv2d | nn.ConvTranspose2d)
+        w.need_zero(x, f"conv '{module}'", module if gateable else None)
         if groups == 1 and x.dim == 1 and x.repeat == 1 and not reused:
             w.slice_tensor(weight, in_dim, x)
             if name == "conv2d":

@@ -188,7 +188,8 @@ class SideStep:
     ``kind``: ``"op"`` calls ``op(x, *args, **dict(kwargs))``; ``"item"`` takes ``x[args[0]]``;
     ``"dropout"`` calls ``op(x, args[0], module.training)``; ``"norm"`` is the batch norm ``module``
     and ``"conv"`` the depthwise Conv2d ``module``, at the channels that start at ``offset`` among
-    the module's channels.
+    the module's channels; ``"add"`` adds the value of term ``args[0]`` of the :class:`SidePass`
+    (a residual add of two non-zero values: a ResNet block's projection shortcut).
     """
 
     kind: str
@@ -215,6 +216,16 @@ class SidePath:
 
 
 @dataclass(frozen=True)
+class SideTerm:
+    """A second value added into a side pass's ``u``: ``producer``'s rows that start at
+    ``row_offset`` applied to its input, then ``steps`` (as a :class:`SidePass`'s source)."""
+
+    producer: str
+    row_offset: int
+    steps: tuple[SideStep, ...] = ()
+
+
+@dataclass(frozen=True)
 class SidePass:
     """How ``exact`` mode gets the closed gates' gradients of one gated part of a gate point beside a
     compact run (:mod:`tg_kernels.prune.analysis.gradients`).
@@ -223,6 +234,7 @@ class SidePass:
     gate multiplies) comes from ``producer``'s rows that start at ``row_offset`` applied to its input,
     or (``producer`` None) from zeros shaped like ``source_module``'s input, then ``source_steps``;
     ``paths`` give the gradient at the gate's output. ``reason`` (not None) says why no recipe exists.
+    ``terms``: values that ``"add"`` steps of ``source_steps`` add in.
     """
 
     point: str
@@ -236,6 +248,7 @@ class SidePass:
     source_steps: tuple[SideStep, ...] = ()
     paths: tuple[SidePath, ...] = ()
     reason: str | None = None
+    terms: tuple[SideTerm, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -297,6 +310,7 @@ __all__ = [
     "SidePass",
     "SidePath",
     "SideStep",
+    "SideTerm",
     "RecurrentGate",
     "SizeAttr",
     "Slice",

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -68,8 +69,14 @@ class Walk:
         cuts: dict[str, set[int]],
         excluded: set[str],
         units: dict[str, int] | None = None,
+        closed_gradients: bool = True,
+        suppressed: frozenset[str] = frozenset(),
     ) -> None:
         self.model = model
+        # place no gate right before a ReLU-like activation, so that closed gates keep a task gradient
+        self.closed_gradients = closed_gradients
+        self.suppressed = suppressed  # producers whose own gate is left out (a later gate of the group suffices)
+        self.placed_by: dict[str, str] = {}  # gate point -> the producer whose output chain placed it
         self.t = trace
         self.gate_points = gate_points
         self.cuts = cuts
@@ -195,32 +202,42 @@ class Walk:
         for part, source in zip(info.parts, info.nonzero):
             if source is None or self.spaces.is_fixed(part):
                 continue
-            name = self._regate_point(source) if isinstance(source, fx.Node) else None
-            if name is not None:
-                self.new_gate_points.add(name)
+            early, late = self._regate_points(source) if isinstance(source, fx.Node) else (None, None)
+            if late is not None:
+                self.new_gate_points.add(late)
             elif key is not None and self._input_gateable(module):
                 self.new_gate_points.add(key)
+            elif early is not None:  # before a ReLU-like activation: exact, but closed gates get no task gradient
+                self.new_gate_points.add(early)
             else:
                 where = source.name if isinstance(source, fx.Node) else str(source)
                 self.fix([part], f"{reader} reads it after '{where}', which makes zeros non-zero")
 
     def _input_gateable(self, module: str) -> bool:
-        """Whether a forward pre-hook can gate ``module``'s input: a Linear or norm called once."""
+        """Whether a forward pre-hook can gate ``module``'s input: a Linear, conv or norm called once."""
         norms = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
-        return self.t.calls.get(module, 0) == 1 and isinstance(self.module_of(module), (nn.Linear, *norms))
+        layers = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, *norms)
+        return self.t.calls.get(module, 0) == 1 and isinstance(self.module_of(module), layers)
 
-    def _regate_point(self, source: fx.Node) -> str | None:
-        """A module to gate again after ``source``: one that returns it, or returns the activation
-        chain that is all ``source`` feeds (timm's ``BatchNormAct2d`` applies its act inside)."""
+    def _regate_points(self, source: fx.Node) -> tuple[str | None, str | None]:
+        """Modules to gate again after ``source``, one that returns it or returns the activation chain
+        that is all ``source`` feeds (timm's ``BatchNormAct2d`` applies its act inside): (the first
+        such module, the first one after the chain's last ReLU-like activation). The second is None
+        when no module returns the chain after that activation: a gate before it would get no task
+        gradient while closed, so the reader gates its input instead where it can."""
+        early = late = None
         node = source
         while True:
             name = self.hookable(node)
             if name is not None:
-                return name
+                early = early or name
+                late = late or name
             users = list(node.users)
             if len(users) != 1 or _op_name(users[0]) not in PASS_OPS or users[0].args[0] is not node:
-                return None
+                return early, late
             node = users[0]
+            if self.closed_gradients and dead_at_zero(node):
+                late = None
 
     def _fold_for(self, name: str, node: fx.Node) -> str | None:
         """The module whose rows export may scale by a regate's values: the gated module itself, or
@@ -361,7 +378,9 @@ class Walk:
             parts = (self.spaces.new(channels // unit, key, name, fixed, unit),)
         sized = tuple((p, self.spaces.size(p)) for p in parts)
         module = self.module_of(name)
-        point, fold = self._gate_point_for(node, name)
+        point, fold = (None, None) if name in self.suppressed else self._gate_point_for(node, name)
+        if point is not None:
+            self.placed_by[point] = name
         if point == name and node in self.t.output_of and name in self.t.output_of[node]:
             replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear") and unit == 1
             self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None, unit))
@@ -375,28 +394,55 @@ class Walk:
         return ChannelInfo(parts, dim, (node,) * len(parts), unit)
 
     def _gate_point_for(self, node: fx.Node, name: str) -> tuple[str | None, str | None]:
-        """(module to gate, module to fold gate values into) for a producer's output."""
+        """(module to gate, module to fold gate values into) for a producer's output.
+
+        The gate goes at a module output in the chain of the producer, its BatchNorm (if it is the
+        only user) and the activations after them: the last one after a BatchNorm, else the first.
+        No gate goes before a ReLU-like activation (a closed gate there would get no task gradient):
+        the chain then goes on through a residual add and the activations after it (a ResNet block
+        returns ``relu(bn2(conv2(h)) + x)``, gated at the block's output), and where no module
+        returns it after the activation, the point is None and the readers gate the channels
+        (:meth:`need_zero`).
+        """
+        chain = [node]
+        fold = name
         users = list(node.users)
         if len(users) == 1 and _op_name(users[0]) == "batch_norm" and users[0].args[0] is node:
             bn = users[0]
             stats = next((self.tensor_name(a) for a in bn.args[1:5] if self.tensor_name(a)), None)
-            if stats is not None and self.t.reads.get(stats, 0) == 1:
-                chain = [bn]
-                while len(chain[-1].users) == 1:
-                    nxt = next(iter(chain[-1].users))
-                    if _op_name(nxt) not in ACTIVATION_OPS or nxt.args[0] is not chain[-1]:
-                        break
-                    chain.append(nxt)
-                bn_module = self.owner(stats)
-                for n in reversed(chain):
-                    point = self.hookable(n)
-                    if point is not None:
-                        return point, bn_module
-                return None, None
-        point = self.hookable(node)
-        if point == name:
-            return name, name
-        return None, None
+            if stats is None or self.t.reads.get(stats, 0) != 1:
+                point = self.hookable(node)
+                return (name, name) if point == name else (None, None)
+            chain, fold = [bn], self.owner(stats)
+        self._extend(chain)
+        added = len(chain)  # a residual add, then activations: where a ReLU after the add would kill the gate
+        last = next(iter(chain[-1].users)) if len(chain[-1].users) == 1 else None
+        if self.closed_gradients and last is not None and _residual_add(last, chain[-1]):
+            chain.append(last)
+            self._extend(chain)
+        valid = [
+            (i, point)
+            for i, point in ((i, self.hookable(n)) for i, n in enumerate(chain))
+            if point is not None
+            and not (chain[i] is node and point != name)
+            and not (self.closed_gradients and any(dead_at_zero(n) for n in chain[i + 1 :]))
+        ]
+        if not valid:
+            return None, None
+        before = [(i, p) for i, p in valid if i < added]
+        if before:  # after a BatchNorm the last module output; without one the producer itself (a Gated layer)
+            i, point = before[-1] if fold != name else before[0]
+            return point, fold
+        return valid[0][1], None  # after the add: nothing to fold into
+
+    @staticmethod
+    def _extend(chain: list[fx.Node]) -> None:
+        """Append the activations that are all the chain's last value feeds."""
+        while len(chain[-1].users) == 1:
+            nxt = next(iter(chain[-1].users))
+            if _op_name(nxt) not in ACTIVATION_OPS or nxt.args[0] is not chain[-1]:
+                break
+            chain.append(nxt)
 
     # ---- the walk ----
     def run(self) -> None:
@@ -447,7 +493,9 @@ class Walk:
         return info
 
 
-ACTIVATION_OPS = {
+# Elementwise activations with f(0) = 0 (the walk moves gates past them; dead_at_zero checks which
+# of them have derivative 0 at 0 numerically).
+ACTIVATIONS = {
     "relu",
     "relu6",
     "leaky_relu",
@@ -464,14 +512,9 @@ ACTIVATION_OPS = {
     "softshrink",
     "hardshrink",
     "prelu",
-    "dropout",
-    "feature_dropout",
-    "alpha_dropout",
-    "clone",
-    "contiguous",
-    "alias",
-    "detach",
 }
+# ... and the ops that copy or drop entries, which keep zeros too.
+ACTIVATION_OPS = ACTIVATIONS | {"dropout", "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach"}
 
 
 # Suffix of a gate point key that gates a module's input (GatePoint.on_input), not its output.
@@ -480,6 +523,60 @@ INPUT_GATE = "#input"
 
 # Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
 PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
+
+
+def at_zero(op: Any, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """(f(0), f'(0)) of an elementwise op, in float64 (read off with autograd, not from a table)."""
+    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    y = op(z, *args, **kwargs)
+    (d,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
+    return float(y.detach()[0]), 0.0 if d is None else float(d[0])
+
+
+def functional(op: Any) -> Any:
+    """The out-of-place form of an in-place ATen op (``relu_`` -> ``relu``); other ops as they are."""
+    name = getattr(op, "_opname", "")
+    if name.endswith("_") and not name.startswith("_"):
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        if packet is not None and hasattr(packet, op._overloadname):
+            return getattr(packet, op._overloadname)
+    return op
+
+
+def constant(value: Any) -> bool:
+    """Whether an op argument is a constant (no graph value in it)."""
+    if isinstance(value, (list, tuple)):
+        return all(constant(v) for v in value)
+    return not isinstance(value, fx.Node) and (value is None or isinstance(value, (int, float, bool, str, torch.dtype)))
+
+
+_DEAD_CACHE: dict[tuple[Any, str], bool] = {}
+
+
+def dead_at_zero(node: fx.Node) -> bool:
+    """Whether ``node`` is an activation that keeps 0 at 0 with derivative 0 there (ReLU, ReLU6,
+    hardshrink): a closed gate right before it gets no task gradient, so gates go after it."""
+    if node.op != "call_function" or _op_name(node) not in ACTIVATIONS:
+        return False
+    args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+    if not constant(list(args)) or not constant(list(kwargs.values())):
+        return False
+    key = (node.target, repr((args, sorted(kwargs.items()))))
+    if key not in _DEAD_CACHE:
+        try:
+            f0, d0 = at_zero(functional(node.target), args, kwargs)
+        except Exception:  # an overload that does not take float64 scalars: treat it as live
+            f0, d0 = 1.0, 1.0
+        _DEAD_CACHE[key] = f0 == 0.0 and d0 == 0.0
+    return _DEAD_CACHE[key]
+
+
+def _residual_add(node: fx.Node, operand: fx.Node) -> bool:
+    """``operand + other`` (or ``other + operand``) of two tensors, as a residual connection adds."""
+    if _op_name(node) != "add" or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = node.args
+    return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a is not b and operand in (a, b)
 
 
 def _is_index_name(attr: str) -> bool:
@@ -542,16 +639,21 @@ def _flatten_infos(value: Any) -> list[ChannelInfo]:
 # --------------------------------------------------------------------------------------------------
 
 
-def analyze_export(model: nn.Module, trace: Trace, excluded: set[str] | None = None) -> Analysis:
-    """Analyse a model from its export trace (see the module docstring)."""
+def analyze_export(
+    model: nn.Module, trace: Trace, excluded: set[str] | None = None, closed_gradients: bool = True
+) -> Analysis:
+    """Analyse a model from its export trace (see the module docstring). ``closed_gradients``: place
+    no gate right before a ReLU-like activation (see ``attach_gates``)."""
     gate_points: set[str] = set()
     requested: set[str] = set()
     forced_fixed: dict[str, str] = {}
     cuts: dict[str, set[int]] = {}
     units: dict[str, int] = {}
 
+    suppressed: frozenset[str] = frozenset()
+
     def walk(points: set[str]) -> Walk:
-        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units)
+        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units, closed_gradients, suppressed)
         w.run()
         return w
 
@@ -589,7 +691,24 @@ def analyze_export(model: nn.Module, trace: Trace, excluded: set[str] | None = N
                     gate_points = one
             break
         gate_points, w = trial, tried
-    return finish(model, trace, walk(set(gate_points)))
+    result = finish(model, trace, walk(set(gate_points)))
+    if not closed_gradients:
+        return result
+    # A producer's gate whose closed gates get no task gradient because a later gate of the group
+    # zeros the channels again (MobileNetV2: expand -> gate -> depthwise -> BatchNorm -> gate) is not
+    # needed where the ops between keep channels apart: leave it out, so that the later gate's
+    # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta.
+    w = walk(set(gate_points))
+    dead = sorted({w.placed_by[sp.point] for sp in result.side_passes if sp.dead and sp.point in w.placed_by})
+    kept = suppressed
+    for name in dead:
+        suppressed = kept | {name}
+        if learned(walk(set(gate_points)), gate_points):
+            suppressed = kept  # the channels must be zero before the later gate: keep this one
+        else:
+            kept = suppressed
+    suppressed = kept
+    return finish(model, trace, walk(set(gate_points))) if kept else result
 
 
 def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
