@@ -191,12 +191,18 @@ def test_bare_multihead_attention_prunes_heads_and_stream(batch_first, masks):
         expected = model(*dargs)
         exported = tg.export(model)
         torch.testing.assert_close(exported(*dargs), expected, rtol=1e-10, atol=1e-12)
-    attn = exported.attn  # heads (2 of 4) span the stream (8 of 16): back to PyTorch's class
-    assert type(attn) is nn.MultiheadAttention and (attn.num_heads, attn.head_dim, attn.embed_dim) == (2, 4, 8)
-    assert attn.in_proj_weight.shape == (24, 8) and attn.out_proj.weight.shape == (8, 8)
-    cross = exported.cross
-    assert type(cross) is nn.MultiheadAttention and cross.kdim == 10 and cross.k_proj_weight.shape == (8, 10)
-    assert not any(type(m).__module__.startswith("tg_kernels") for m in exported.modules())
+    # both attention layers lose half their heads (2 of 4) and, in each kept head, half the head dims
+    # (2 of 4; self-attention's need_weights path is unfused attention, cross-attention calls sdpa),
+    # which nn.MultiheadAttention cannot hold (its heads span its width and its scale follows
+    # head_dim): they stay PrunableMultiheadAttention, with the original scale
+    attn, cross = exported.attn, exported.cross
+    assert type(attn) is PrunableMultiheadAttention and (attn.num_heads, attn.head_dim, attn.embed_dim) == (2, 2, 8)
+    assert attn.q_proj.weight.shape == (4, 8) and attn.out_proj.weight.shape == (8, 4) and attn.scaling == 0.5
+    assert type(cross) is PrunableMultiheadAttention and (cross.num_heads, cross.head_dim, cross.kdim) == (2, 2, 10)
+    assert cross.k_proj.weight.shape == (4, 10) and cross.scaling == 0.5  # 1 / sqrt(4), the original head_dim
+    others = [n for n, m in exported.named_modules() if type(m).__module__.startswith("tg_kernels")]
+    assert others == ["attn", "cross"]
+    assert all(hd.space is not None for hd in bank.analysis.head_dims) and len(bank.analysis.head_dims) == 2
     assert budget.usage().flops == pytest.approx(_macs(exported.float(), args), rel=1e-6)
 
     # a training step in hard mode (compact execution) with the budget: gradients reach open weights
@@ -226,8 +232,11 @@ def test_heads_pruned_apart_from_the_stream_export_as_prunable_attention():
     model, bank = tg.attach_gates(AttentionNet(False).eval(), args)
     _close_half(bank)
     stream = next(g for g in bank.groups if "inp" in g.producers)
+    dims = [g for g in bank.groups if g.key.endswith("head_dims")]  # whole head dims too: heads only
+    assert len(dims) == 2
     with torch.no_grad():
-        bank.gates[stream.key].weight.fill_(0.5)
+        for group in [stream, *dims]:
+            bank.gates[group.key].weight.fill_(0.5)
     model.double()
     dargs = tuple(a.double() if a is not None and a.is_floating_point() else a for a in args)
     with torch.no_grad():

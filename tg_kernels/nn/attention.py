@@ -45,6 +45,9 @@ class PrunableMultiheadAttention(nn.Module):
         kdim, vdim: widths of key and value (``embed_dim`` by default).
         batch_first: inputs and outputs are ``(batch, seq, feature)`` instead of ``(seq, batch, feature)``.
         out_dim: width of the output (``embed_dim`` by default; differs only after pruning).
+        scale: the attention scale (``1 / sqrt(head_dim)`` by default, as ``nn.MultiheadAttention``).
+            Kept as the attribute ``scaling`` and passed to attention explicitly, so that it stays
+            what it was when pruning removes head dims (``head_dim`` shrinks, the scale must not).
 
     Attributes ``embed_dim``, ``kdim``, ``vdim``, ``out_dim`` and ``num_heads`` describe the layer
     sizes (export keeps them in step with the weights); the forward reads only ``head_dim``,
@@ -70,11 +73,13 @@ class PrunableMultiheadAttention(nn.Module):
         out_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim if head_dim is not None else embed_dim // num_heads
         if head_dim is None and self.head_dim * num_heads != embed_dim:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.scaling = float(scale) if scale is not None else math.sqrt(1.0 / self.head_dim)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -132,7 +137,7 @@ class PrunableMultiheadAttention(nn.Module):
         self.sync_sizes()
         width = self.num_heads * self.head_dim
         bias = self.out_proj.bias is not None
-        if not (width == self.embed_dim == self.out_dim):
+        if not (width == self.embed_dim == self.out_dim) or self.scaling != math.sqrt(1.0 / self.head_dim):
             return None
         if any((p.bias is not None) != bias for p in (self.q_proj, self.k_proj, self.v_proj)):
             return None
@@ -247,7 +252,7 @@ class PrunableMultiheadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            scores = (q * math.sqrt(1.0 / self.head_dim)) @ k.transpose(-2, -1)
+            scores = (q * self.scaling) @ k.transpose(-2, -1)
             if mask is not None:
                 scores = scores + mask
             weights = scores.softmax(dim=-1)
@@ -257,7 +262,9 @@ class PrunableMultiheadAttention(nn.Module):
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scaling
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(batch, tgt_len, -1))
 
         if not batched:

@@ -44,6 +44,7 @@ from tg_kernels.prune.analysis import (
     record_shapes,
     trace,
 )
+from tg_kernels.prune.analysis.head_dims import entry_gates
 
 BANK_NAME = "tg_gates"
 
@@ -130,12 +131,15 @@ class GateBank(nn.Module):
 class GateHook:
     """Forward hook: multiply a module's output by the gates of its channels (fused channel_gate)."""
 
-    def __init__(self, bank: GateBank, parts: Parts, dim: int, hard: bool = False, repeat: int = 1) -> None:
+    def __init__(
+        self, bank: GateBank, parts: Parts, dim: int, hard: bool = False, repeat: int = 1, dims: tuple[Parts, ...] = ()
+    ) -> None:
         self.bank = bank
         self.parts = parts
         self.dim = dim
         self.hard = hard
         self.repeat = repeat  # entries per gate along dim (a head of head_dim entries)
+        self.dims = dims  # per part: head-dim gates tiled over its repeat entries (GatePoint.dims), or ()
         # Set by compact execution for one forward: the output is compact; multiply it by
         # compact_gate, or leave it alone when the gate was folded into a module's rows (None).
         self.compact = False
@@ -151,6 +155,13 @@ class GateHook:
             return type(output)(items) if isinstance(output, tuple) else items
         if self.compact:
             return output if self.compact_gate is None else channel_gate(output, self.compact_gate, self.dim)
+        if self.dims:  # head dims: each head's gate times its dims' gates
+            pieces = [self.bank.vector((part,), output) for part in self.parts]
+            inner = [self.bank.vector(d, output) if d else None for d in self.dims]
+            if self.hard:
+                pieces = [torch.where(g != 0, g, g.detach()) for g in pieces]
+                inner = [None if g is None else torch.where(g != 0, g, g.detach()) for g in inner]
+            return channel_gate(output, entry_gates(pieces, inner, self.repeat), self.dim)
         gate = self.bank.vector(self.parts, output)
         if self.hard:  # skip="hard": closed gates get no task gradient (only the budget moves them)
             gate = torch.where(gate != 0, gate, gate.detach())
@@ -457,7 +468,8 @@ def _install(
             set_submodule(model, point.module, gated)
             bank.gated_layers.append(gated)
         else:
-            hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat)
+            dims = tuple(bank.parts(d) for d in point.dims)
+            hook = GateHook(bank, parts, point.dim, hard=skip == "hard", repeat=point.repeat, dims=dims)
             module.register_forward_hook(hook)
             bank.hooks.append(hook)
     for point in analysis.recurrent:  # LSTM / GRU hidden units: gated inside the recurrence
@@ -522,17 +534,29 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         if g.space in bad:
             for p in g.producers:
                 fixed[p] = reason
+
+    def dims2(dims):
+        dims = tuple(parts2(d) for d in dims)
+        return dims if any(r is not None for d in dims for r, _ in d) else ()
+
     points = []
     for gp in analysis.gate_points:
         parts = parts2(gp.parts)
-        if any(r is not None for r, _ in parts):
-            points.append(dataclasses.replace(gp, parts=parts, replace=gp.replace and parts[0][0] is not None))
+        if any(r is not None for r, _ in parts) or dims2(gp.dims):
+            replace = gp.replace and parts[0][0] is not None
+            points.append(dataclasses.replace(gp, parts=parts, replace=replace, dims=dims2(gp.dims)))
     return dataclasses.replace(
         analysis,
         groups=[g for g in analysis.groups if g.space not in bad],
         gate_points=points,
         layers=[
-            dataclasses.replace(lc, in_parts=parts3(lc.in_parts), out_parts=parts3(lc.out_parts))
+            dataclasses.replace(
+                lc,
+                in_parts=parts3(lc.in_parts),
+                out_parts=parts3(lc.out_parts),
+                in_dims=dims2(lc.in_dims),
+                out_dims=dims2(lc.out_dims),
+            )
             for lc in analysis.layers
         ],
         fixed=fixed,
@@ -541,13 +565,23 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
         norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
         size_attrs=[
-            dataclasses.replace(sa, parts=parts2(sa.parts))
+            dataclasses.replace(sa, parts=parts2(sa.parts), dims=parts2(sa.dims))
             for sa in analysis.size_attrs
-            if any(r is not None for r, _ in parts2(sa.parts))
+            if any(r is not None for r, _ in parts2(sa.parts) + parts2(sa.dims))
         ],
         side_passes=[sp for sp in analysis.side_passes if sp.space in root_of.values()],
         recurrent=[rg for rg in analysis.recurrent if rg.space in root_of],
+        head_dims=[
+            hd if hd.space is None or hd.space not in bad else dataclasses.replace(hd, space=None, reason=reason)
+            for hd in analysis.head_dims
+        ],
     )
+
+
+# How much the self-check scales the q and k projections of attention with head-dim gates: at random
+# initialisation attention is nearly uniform, and a scale computed from the head dim in the forward
+# (not exact once head dims go) would change the outputs by less than the check's tolerance.
+_SHARPEN = 8.0
 
 
 def _export_differs(
@@ -561,6 +595,11 @@ def _export_differs(
     from tg_kernels.prune.export import _export
 
     trial = copy.deepcopy(model).eval()
+    with torch.no_grad():  # sharp attention scores: a scale that follows the kept head dims shows
+        for hd in analysis.head_dims:
+            if hd.space is not None and hd.space in closed:
+                for name in hd.scored:
+                    trial.get_submodule(name).weight.mul_(_SHARPEN)
     bank = _install(trial, analysis, set(), "none", {})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -181,20 +181,30 @@ class Budget(nn.Module):
         flops: Tensor | float = analysis.other_flops
         params: Tensor | float = float(analysis.other_params)
         for layer in analysis.layers:
-            a = self._count(layer.in_parts, counts)
-            b = self._count(layer.out_parts, counts)
+            a = self._count(layer.in_parts, counts, layer.in_dims)
+            b = self._count(layer.out_parts, counts, layer.out_dims)
             pairs = b if layer.depthwise else a * b
             flops = flops + layer.flops_per_pair * pairs
             if layer.count_params:
                 params = params + layer.params_per_pair * pairs + layer.bias_per_out * b
         return flops, params
 
-    def _count(self, parts: tuple[tuple[int | None, int, int], ...], counts: dict[str, Tensor | float] | None):
-        total: Tensor | float = 0.0
-        for space, size, repeat in parts:
+    def _count(self, parts: tuple[tuple[int | None, int, int], ...], counts: dict[str, Tensor | float] | None, dims=()):
+        """Open entries of ``parts``; a part with head dims counts ``open heads * open dims`` (per tile)."""
+
+        def opened(space: int | None, size: int) -> Tensor | float:
             key = self.bank.key_of_space.get(space) if space is not None else None
-            n = counts[key] if counts is not None and key is not None else size
-            total = total + n * repeat
+            return counts[key] if counts is not None and key is not None else size
+
+        total: Tensor | float = 0.0
+        for i, (space, size, repeat) in enumerate(parts):
+            n = opened(space, size)
+            inner = dims[i] if dims else ()
+            if inner:
+                width = sum(s for _, s in inner)
+                total = total + n * (repeat // width) * sum(opened(s, m) for s, m in inner)
+            else:
+                total = total + n * repeat
         return total
 
     def _ratio_from(self, counts: dict[str, Tensor | float]) -> Tensor | float:

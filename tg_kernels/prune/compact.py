@@ -50,7 +50,7 @@ from tg_kernels.prune.attach import GateBank, GateHook, Parts
 from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
 from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
 from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, full_width_groups
-from tg_kernels.prune.slicing import kept_channels, kept_entries
+from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
 # gradient of that scale: relu(g * z) = g * relu(z). A gate after such an activation can be folded
@@ -81,6 +81,7 @@ class _Fold:
     hook: GateHook | None
     repeat: int = 1  # entries per gate (a head's rows share its gate)
     through: bool = False  # folded into a BatchNorm before a homogeneous activation
+    dims: tuple[Parts, ...] = ()  # per part: head-dim gates multiplying its entries (GatePoint.dims), or ()
 
 
 @dataclass
@@ -121,6 +122,13 @@ class _Plan:
 
 
 _Swapped = tuple[_SwapSpec, Tensor, Tensor]  # a tensor replaced for one forward: (spec, full, compact)
+
+
+def take_rows(values: Tensor, rows: Tensor) -> Tensor:
+    """``values`` at ``rows``; for ``(2, n)`` rows (heads x head dims) the product of the two."""
+    if rows.dim() == 2:
+        return values.index_select(0, rows[0]) * values.index_select(0, rows[1])
+    return values.index_select(0, rows)
 
 
 def _key(t: Tensor | None) -> tuple[int, int, int] | None:
@@ -170,6 +178,11 @@ class CompactForward:
         self._cache: tuple[_Plan, list[tuple[int, int]], list[Tensor]] | None = None  # no-grad compact tensors
         # gate key -> why its group runs at full width in "exact" training (a gate point without a recipe)
         self.full_width: dict[str, str] = full_width_groups(bank.analysis, bank.key_of_space)
+        for point in bank.analysis.gate_points:  # head dims: no side-pass recipe (their heads have none either)
+            for d in point.dims:
+                for key, _ in bank.parts(d):
+                    if key is not None:
+                        self.full_width.setdefault(key, f"head dims at '{point.module}' (no side-pass recipe)")
         self._norms_together()
         # norms over full-width groups compute open-channel statistics (as on the per-layer path)
         self._wide_norms = {
@@ -216,7 +229,9 @@ class CompactForward:
             if through and any(key in self.full_width for key, _ in parts):
                 # relu(0 * z) has no gradient in the gate: a full-width group's closed gates need g * relu(z)
                 target, through = None, False
-            folds.append(_Fold(parts, target, hook_of.get((point.module, point.on_input)), point.repeat, through))
+            dims = tuple(self.bank.parts(d) for d in point.dims)
+            hook = hook_of.get((point.module, point.on_input))
+            folds.append(_Fold(parts, target, hook, point.repeat, through, dims))
         return folds
 
     def _fold_target(self, point_module: str, fold: str | None) -> str | None:
@@ -340,7 +355,7 @@ class CompactForward:
                 else:
                     if values is None:
                         values = self._gate_values(plan)
-                    fold.hook.compact_gate = values.index_select(0, plan.fold_rows[fold])
+                    fold.hook.compact_gate = take_rows(values, plan.fold_rows[fold])
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
@@ -419,7 +434,7 @@ class CompactForward:
         swapped = []
         for (bundle, specs, scale_rows), unit in zip(plan.params, plan.unit_scales):
             fulls = [spec.slot[spec.attr] for spec in specs]
-            scale = None if scale_rows is None else values.index_select(0, scale_rows)
+            scale = None if scale_rows is None else take_rows(values, scale_rows)
             swapped += zip(specs, fulls, gather_bundle(bundle, fulls, scale, unit))
         for spec in plan.buffers:
             full = compact = spec.slot[spec.attr]
@@ -451,16 +466,38 @@ class CompactForward:
 
     @staticmethod
     def _plan_rows(fold: _Fold, value_offsets: dict[str, int], kept: dict[str, Tensor], ones: int) -> Tensor:
-        """A gate point's gate vector, entry by entry, as rows of the concatenated values (``ones``: the 1)."""
-        rows = []
-        for key, size in fold.parts:
-            if key is None:
-                rows.append(torch.full((size,), ones, dtype=torch.int64))
-            else:
-                start = value_offsets[key]
-                rows.append(torch.arange(start, start + kept[key].numel()))
-        rows = torch.cat(rows)
-        return rows if fold.repeat == 1 else rows.repeat_interleave(fold.repeat)
+        """A gate point's gate vector, entry by entry, as rows of the concatenated values (``ones``: the 1).
+
+        With head dims (``fold.dims``) two rows per entry, ``(2, entries)``: the head's gate and the
+        head dim's, whose product is the entry's gate (:func:`take_rows`). Kept entries of such a part
+        run head by head, and within a head over its kept dims (the order :func:`kept_entries` keeps).
+        """
+
+        def rows_of(parts) -> Tensor:
+            rows = []
+            for key, size in parts:
+                if key is None:
+                    rows.append(torch.full((size,), ones, dtype=torch.int64))
+                else:
+                    start = value_offsets[key]
+                    rows.append(torch.arange(start, start + kept[key].numel()))
+            return torch.cat(rows)
+
+        if not fold.dims:
+            rows = rows_of(fold.parts)
+            return rows if fold.repeat == 1 else rows.repeat_interleave(fold.repeat)
+        heads, dims = [], []
+        for part, inner in zip(fold.parts, fold.dims):
+            head = rows_of((part,))
+            if not inner:
+                heads.append(head.repeat_interleave(fold.repeat))
+                dims.append(torch.full((heads[-1].numel(),), ones, dtype=torch.int64))
+                continue
+            tiles = fold.repeat // sum(size for _, size in inner)
+            dim = rows_of(inner).repeat(tiles)
+            heads.append(head.repeat_interleave(dim.numel()))
+            dims.append(dim.repeat(head.numel()))
+        return torch.stack([torch.cat(heads), torch.cat(dims)])
 
     # ---- the plan ----
     def open_masks(self) -> Tensor:
@@ -560,7 +597,11 @@ class CompactForward:
             )
             specs = [specs[i] for i in order]
             scaled = [fold_rows[spec.fold] for spec in specs if spec.fold is not None]
-            bundles.append((bundle, specs, torch.cat(scaled) if scaled else None))
+            if any(rows.dim() == 2 for rows in scaled):  # head dims: (head, dim) rows for every entry
+                scaled = [
+                    rows if rows.dim() == 2 else torch.stack([rows, torch.full_like(rows, ones_row)]) for rows in scaled
+                ]
+            bundles.append((bundle, specs, torch.cat(scaled, dim=-1) if scaled else None))
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
         unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
@@ -571,7 +612,7 @@ class CompactForward:
             recipes = [sp for sp in bank.analysis.side_passes if key_of[sp.space] not in self.full_width]
             # a consumer whose own rows take gate values: its padded closed rows pass no gradient back
             row_masks = {
-                target.rpartition(".")[0]: values[fold_rows[fold]]
+                target.rpartition(".")[0]: take_rows(values, fold_rows[fold])
                 for target, fold in self._scaled.items()
                 if target.endswith(".weight")
             }
@@ -603,13 +644,13 @@ class CompactForward:
         by_module = {id(module): (compact, full) for module, compact, full in attributes}
         for sa in self.bank.analysis.size_attrs:
             module = self.model.get_submodule(sa.module)
-            value = sum(kept[key].numel() if key is not None else size for key, size in self.bank.parts(sa.parts))
+            value = kept_size(self.bank, sa, kept)
             if id(module) not in by_module:
                 by_module[id(module)] = ({}, {})
                 attributes.append((module, *by_module[id(module)]))
             compact, full = by_module[id(module)]
             full.setdefault(sa.attr, getattr(module, sa.attr))
-            compact[sa.attr] = value * sa.repeat
+            compact[sa.attr] = value
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""

@@ -12,6 +12,7 @@ limit-form gates (exactly 0 or 1) the result computes what the gated model compu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from tg_kernels.nn import (
     restore_multihead_attention,
     swap_multihead_attention,
 )
+from tg_kernels.prune.analysis.head_dims import entry_gates
 from tg_kernels.prune.attach import (
     BANK_NAME,
     RECURRENT_ROWS,
@@ -42,10 +44,12 @@ from tg_kernels.prune.attach import (
     set_submodule,
     unwrap,
 )
-from tg_kernels.prune.slicing import kept_channels, kept_entries, tensor_of
+from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size, tensor_of
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
+# On an exported model: the int attributes export set to kept sizes (``analysis.size_attrs``), by module
+SIZES_ATTR = "_tg_size_attributes"
 
 
 def _kept_channels(is_open: Tensor, round_to: int) -> Tensor:
@@ -78,13 +82,26 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
     """
     for point in bank.analysis.gate_points:
         parts = bank.parts(point.parts)
-        scale = torch.cat([values[key] if key is not None else torch.ones(size) for key, size in parts])
-        keep = torch.cat(
-            [
-                torch.isin(torch.arange(size), kept[key]) if key is not None else torch.ones(size, dtype=torch.bool)
-                for key, size in parts
+        pieces = [values[key] if key is not None else torch.ones(size) for key, size in parts]
+        keep_pieces = [
+            torch.isin(torch.arange(size), kept[key]) if key is not None else torch.ones(size, dtype=torch.bool)
+            for key, size in parts
+        ]
+        if point.dims:  # head dims: gate values and kept entries are products of head and dim
+            inner = [bank.parts(d) for d in point.dims]
+            dim_values = [
+                torch.cat([values[k] if k is not None else torch.ones(n) for k, n in d]) if d else None for d in inner
             ]
-        )
+            dim_keep = [
+                torch.cat([torch.isin(torch.arange(n), kept[k]) if k is not None else torch.ones(n, dtype=torch.bool)
+                           for k, n in d]) if d else None
+                for d in inner
+            ]  # fmt: skip
+            scale = entry_gates(pieces, dim_values, point.repeat)
+            keep = entry_gates(keep_pieces, dim_keep, point.repeat)
+            point = dataclasses.replace(point, repeat=1)  # scale and keep are per entry now
+        else:
+            scale, keep = torch.cat(pieces), torch.cat(keep_pieces)
         if torch.all(scale[keep] == 1):
             continue
         if point.on_input:  # a gate on a layer's input: scale the Linear's columns (a norm's input: not exact)
@@ -250,9 +267,11 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()  # it holds the parameters it had before slicing
+            sized: dict[str, dict[str, int]] = {}
             for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
-                counts = [kept[key].numel() if key is not None else size for key, size in ebank.parts(sa.parts)]
-                setattr(exported.get_submodule(sa.module), sa.attr, sum(counts) * sa.repeat)
+                sized.setdefault(sa.module, {})[sa.attr] = kept_size(ebank, sa, kept)
+                setattr(exported.get_submodule(sa.module), sa.attr, sized[sa.module][sa.attr])
+            exported.__dict__[SIZES_ATTR] = sized  # for save(): a fresh model needs them too
     # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
     # the kept width (PyTorch's class can hold only that)
     restore_multihead_attention(exported)
@@ -318,7 +337,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "architecture": f"{type(model).__module__}.{type(model).__qualname__}",
         "module_sizes": _module_sizes(model),
         "state_dict": model.state_dict(),
+        # tensors a fresh model rebuilds at full size that export may have sliced (a rotary
+        # embedding's inv_freq, at its kept head dims): state_dict leaves non-persistent buffers out
+        "buffers": {
+            f"{name}.{b}" if name else b: m._buffers[b]
+            for name, m in model.named_modules()
+            for b in sorted(m._non_persistent_buffers_set)
+            if m._buffers.get(b) is not None
+        },
     }
+    for name, attrs in getattr(model, SIZES_ATTR, {}).items():  # self.head_dim and the like
+        checkpoint["module_sizes"].setdefault(name, {}).update(attrs)
     torch.save(checkpoint, path)
 
 
@@ -348,6 +377,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
             raise ValueError(f"the saved model has a layer '{name}' that the given model lacks") from error
         for attr, value in sizes.items():
             setattr(module, attr, value)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, tensor in checkpoint.get("buffers", {}).items():
+        if key in own:
+            _replace_tensor(model, key, tensor.to(own[key].device))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, tensor in state.items():
         if key in own and own[key].shape != tensor.shape:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from tg_kernels.prune.analysis.types import SizeAttr
 from tg_kernels.prune.attach import GateBank
 
 
@@ -47,8 +48,10 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
     """For each ``(tensor name, dim)`` that loses entries, the sorted indices of the entries kept.
 
     ``kept`` maps each gate group key to the indices of its kept channels (sorted). A channel ``c`` of
-    a slice covers entries ``(offset + c) * repeat + r`` for ``r < repeat``. Tensors and dims that keep
-    every entry are left out.
+    a slice covers entries ``(offset + c) * repeat + r`` for ``r < repeat`` (and, for a tiled slice,
+    the same in each of its ``tile`` copies, ``period`` channels apart: head dims in every head). An
+    entry stays only where every slice over it keeps it (a head's entry ``h * D + d`` needs head ``h``
+    and head dim ``d``). Tensors and dims that keep every entry are left out.
     """
     assert bank.analysis is not None
     masks: dict[tuple[str, int], Tensor] = {}
@@ -64,9 +67,24 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
             if key not in masks:
                 tensor = tensor_of(model, sl.target)
                 masks[key] = torch.ones(tensor.shape[sl.dim], dtype=torch.bool, device=keep.device)
-            entries = (sl.offset + removed_idx)[:, None] * sl.repeat + torch.arange(sl.repeat, device=keep.device)
+            start = sl.offset + removed_idx
+            if sl.tile > 1:
+                copies = torch.arange(sl.tile, device=keep.device) * (sl.period or group.size)
+                start = (copies[:, None] + start[None, :]).flatten()
+            entries = start[:, None] * sl.repeat + torch.arange(sl.repeat, device=keep.device)
             masks[key][entries.flatten()] = False
     return {key: torch.nonzero(mask).flatten() for key, mask in masks.items()}
 
 
-__all__ = ["kept_channels", "kept_entries", "tensor_of"]
+def kept_size(bank: GateBank, sa: SizeAttr, kept: Mapping[str, Tensor]) -> int:
+    """The kept value of a size attribute (:class:`~tg_kernels.prune.analysis.types.SizeAttr`)."""
+
+    def count(parts) -> int:
+        return sum(kept[key].numel() if key is not None else size for key, size in bank.parts(parts))
+
+    if sa.dims:
+        return count(sa.parts) * (sa.repeat // sum(size for _, size in sa.dims)) * count(sa.dims)
+    return count(sa.parts) * sa.repeat
+
+
+__all__ = ["kept_channels", "kept_entries", "kept_size", "tensor_of"]

@@ -26,6 +26,11 @@ class Slice:
 
     The space's channels sit at ``offset`` (in channels) within that dim, each occupying ``repeat``
     consecutive entries (a Linear reading a flattened ``C x H x W`` map has ``repeat = H * W``).
+
+    ``tile`` > 1: the space's pattern repeats ``tile`` times along the dim, copy ``k`` starting
+    ``k * period`` channels after ``offset`` (head dims: dim ``d`` of every head, entries
+    ``(offset + k * period + d) * repeat + r``). Together with the head space's own slice, an entry
+    ``h * D + d`` stays only where both its head and its head dim stay (a product of two spaces).
     """
 
     target: str
@@ -33,6 +38,8 @@ class Slice:
     offset: int
     repeat: int
     space: int
+    tile: int = 1
+    period: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,11 @@ class GatePoint:
     ``on_input``: multiply the module's (only) input instead of its output, before the module runs.
     Such a point sits at a Linear or a norm that reads channels made non-zero where no module
     returns them (a position table added in the model's own forward); ``fold`` is None.
+
+    ``dims`` (empty, or one entry per part): head-dim gates. Entry ``i`` lists ``(space, size)``
+    parts (concatenated width ``S``, ``repeat`` a multiple of ``S``; empty for a part without them)
+    that tile each of part ``i``'s gates' ``repeat`` entries: entry ``r`` of channel ``c`` is
+    multiplied by ``gate[c] * dim_gate[r % S]`` (:func:`~tg_kernels.prune.analysis.entry_gates`).
     """
 
     module: str
@@ -57,6 +69,7 @@ class GatePoint:
     fold: str | None = None
     repeat: int = 1
     on_input: bool = False
+    dims: tuple[tuple[tuple[int | None, int], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,10 @@ class LayerCost:
     FLOPs = ``flops_per_pair * a * b`` (+ ``bias_flops_per_out * b``) where ``a`` and ``b`` are the
     open input and output channel counts; ``in_parts`` / ``out_parts`` are ``(space, size, repeat)``
     (``space`` None for channels that are never gated). A depthwise conv has ``a = 1`` per output.
+
+    ``in_dims`` / ``out_dims`` (empty, or one entry per part): head-dim gates over each part's
+    ``repeat`` entries, as in :attr:`GatePoint.dims`; such a part counts
+    ``open(space) * (repeat // S) * open(dims)`` entries instead of ``open(space) * repeat``.
     """
 
     module: str
@@ -100,6 +117,8 @@ class LayerCost:
     out_parts: tuple[tuple[int | None, int, int], ...]
     depthwise: bool
     count_params: bool
+    in_dims: tuple[tuple[tuple[int | None, int], ...], ...] = ()
+    out_dims: tuple[tuple[tuple[int | None, int], ...], ...] = ()
 
 
 @dataclass
@@ -143,6 +162,23 @@ class Analysis:
     size_attrs: list[SizeAttr] = field(default_factory=list)
     side_passes: list[SidePass] = field(default_factory=list)  # one per gated part of every gate point
     recurrent: list[RecurrentGate] = field(default_factory=list)  # LSTM / GRU hidden units (gated on parameters)
+    head_dims: list[HeadDims] = field(default_factory=list)  # one per attention op: its head dims, or why whole
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    """The head dims of one attention op (``module``, graph node ``node``): gated by group ``space``
+    (``size`` gates, shared by every head of q, k, v and by the out-projection's columns; across a
+    rotary embedding ``size`` is ``D / 2``, gate ``j`` covering dims ``j`` and ``j + D / 2``), or kept
+    whole (``space`` None) for ``reason``. ``scored``: the modules projecting q and k (the attach
+    self-check sharpens their scores, so that a scale computed from the head dim would show)."""
+
+    module: str
+    node: str
+    space: int | None
+    size: int
+    reason: str | None = None
+    scored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -225,12 +261,15 @@ class SizeAttr:
     """An int attribute of a module that the forward uses as the size of a gated dim (``self.num_heads``
     in ``x.reshape(B, N, self.num_heads, self.head_dim)``): export sets it to the kept size,
     ``sum(kept channels of each part) * repeat`` (``parts`` as in :class:`GatePoint`, space None for
-    channels that are never gated)."""
+    channels that are never gated). ``dims`` (not empty): the size counts head dims too, ``repeat``
+    being heads times their ``S = sum(size of dims)`` entries: ``sum(kept of parts) * (repeat // S) *
+    sum(kept of dims)`` (GPT-2's ``split_size``, a ``heads * head_dim`` width)."""
 
     module: str
     attr: str
     parts: tuple[tuple[int | None, int], ...]
     repeat: int
+    dims: tuple[tuple[int | None, int], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +310,7 @@ __all__ = [
     "ChannelInfo",
     "GatePoint",
     "Group",
+    "HeadDims",
     "LayerCost",
     "SidePass",
     "SidePath",

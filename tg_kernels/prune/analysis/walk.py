@@ -27,6 +27,7 @@ from tg_kernels.prune.analysis.types import (
     ChannelInfo,
     GatePoint,
     Group,
+    HeadDims,
     LayerCost,
     RecurrentGate,
     SizeAttr,
@@ -106,6 +107,10 @@ class Walk:
         self.recurrent: list[RecurrentGate] = []  # LSTM / GRU hidden units, gated on their parameters
         self.live = _live_nodes(trace.graph)  # nodes some output depends on
         self.current: fx.Node | None = None  # the node whose rule runs
+        # head dims (analysis/head_dims.py, after the walk): per attention op, or why they stay whole
+        self.head_dims: list[HeadDims] = []
+        self.head_dims_fixed: dict[str, str] = {}
+        self.rotary_tables: dict[str, int] = {}  # rotary frequency buffer -> the head-dim space slicing it
 
     # ---- names and values ----
     def shape(self, node: Any):
@@ -740,7 +745,10 @@ def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
 
 def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     """The result of a stable walk."""
+    from tg_kernels.prune.analysis.head_dims import find_head_dims
+
     w.size_attrs.extend(_checked_widths(model, w))
+    find_head_dims(w)
     sp = w.spaces
     roots: dict[int, list[int]] = {}
     for s in range(len(sp)):
@@ -765,17 +773,24 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
             groups[root_of[sl.space]].slices.append(sl)
     for name in [n for n in fixed if any(n in g.producers for g in groups.values())]:
         del fixed[name]  # a producer cut into pieces: some gated, some not
+    fixed.update(w.head_dims_fixed)
 
     def gated(parts):
         return tuple((root_of.get(s), size) for s, size in parts)
 
+    def gated_dims(dims):  # per part: () or (space, size) parts
+        dims = tuple(gated(d) for d in dims)
+        return dims if any(r is not None for d in dims for r, _ in d) else ()
+
     points: dict[tuple[str, bool], GatePoint] = {}
     for gp in w.points:
         parts = gated(gp.parts)
-        if all(r is None for r, _ in parts) or (gp.module, gp.on_input) in points:
+        if (all(r is None for r, _ in parts) and not gated_dims(gp.dims)) or (gp.module, gp.on_input) in points:
             continue
         replace = gp.replace and len(parts) == 1
-        points[gp.module, gp.on_input] = GatePoint(gp.module, gp.dim, parts, replace, gp.fold, gp.repeat, gp.on_input)
+        points[gp.module, gp.on_input] = GatePoint(
+            gp.module, gp.dim, parts, replace, gp.fold, gp.repeat, gp.on_input, gated_dims(gp.dims)
+        )
 
     def cost(parts):
         return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
@@ -791,6 +806,8 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
             cost(lc.out_parts),
             lc.depthwise,
             lc.count_params,
+            gated_dims(lc.in_dims),
+            gated_dims(lc.out_dims),
         )
         for lc in w.layers
     ]
@@ -850,15 +867,26 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         coverage=covered / total if total else 0.0,
         uncovered=uncovered,
         size_attrs=[
-            SizeAttr(sa.module, sa.attr, gated(sa.parts), sa.repeat)
+            SizeAttr(sa.module, sa.attr, gated(sa.parts), sa.repeat, gated(sa.dims))
             for sa in dict.fromkeys(w.size_attrs)
-            if any(s in root_of for s, _ in sa.parts)
+            if any(s in root_of for s, _ in sa.parts + sa.dims)
         ],
         side_passes=side_passes(model, w, root_of, gate_points),
         recurrent=[
             RecurrentGate(rg.module, root_of[rg.space], rg.size, rg.block, rg.blocks)
             for rg in dict.fromkeys(w.recurrent)
             if rg.space in root_of
+        ],
+        head_dims=[
+            HeadDims(
+                hd.module,
+                hd.node,
+                root_of.get(hd.space) if hd.space is not None else None,
+                hd.size,
+                hd.reason,
+                hd.scored,
+            )
+            for hd in w.head_dims
         ],
     )
 
