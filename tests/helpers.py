@@ -64,3 +64,23 @@ def reopen_by_task_gradient(student: torch.nn.Module, bank, x: torch.Tensor, tar
         loss.backward()
         opt.step()
     return gate.weight[3].item()
+
+
+def close_random_half(bank, seed: int = 1) -> None:
+    """Open gates at random weights in (0.1, 0.9), a random half of every group closed at -0.3."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            c = gate.num_channels
+            w = torch.empty(c, dtype=gate.weight.dtype).uniform_(0.1, 0.9, generator=g)
+            w[torch.randperm(c, generator=g)[: c // 2]] = -0.3
+            gate.weight.copy_(w)
+
+
+def close_half(bank, seed: int = 1) -> None:
+    """Every gate open at 0.5, then a random half of every group closed at -0.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight.fill_(0.5)
+            gate.weight[torch.randperm(gate.num_channels, generator=g)[: gate.num_channels // 2]] = -0.5

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import float64_case, reopen_by_task_gradient
+from helpers import close_random_half, float64_case, reopen_by_task_gradient
 from test_side_pass import _assert_equal, _exact_and_none
 from torch import nn
 
@@ -94,22 +94,12 @@ CASES = [
 ]
 
 
-def _half_closed(bank: tg.GateBank, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in bank.gates.values():
-            c = gate.num_channels
-            w = torch.empty(c, dtype=gate.weight.dtype).uniform_(0.1, 0.9, generator=g)
-            w[torch.randperm(c, generator=g)[: c // 2]] = -0.3
-            gate.weight.copy_(w)
-
-
 def _attach(build, shape, **options):
     model, x = float64_case(build, shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(model, x, **options)
-    _half_closed(bank)
+    close_random_half(bank)
     return model, bank, x
 
 

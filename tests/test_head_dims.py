@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import close_half
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,14 +26,6 @@ def _macs(model: nn.Module, x: torch.Tensor) -> float:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x)
     return float(counter.get_total_flops())
-
-
-def _close_half(bank: tg.GateBank, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in bank.gates.values():
-            gate.weight.fill_(0.5)
-            gate.weight[torch.randperm(gate.num_channels, generator=g)[: gate.num_channels // 2]] = -0.5
 
 
 class Rotary(nn.Module):
@@ -134,7 +127,7 @@ def _exact_and_counted(model: nn.Module, x: torch.Tensor):
     model, bank = _attached(model, x)
     budget = tg.Budget(model, target=1.0)
     assert budget.usage().full_flops == pytest.approx(full, rel=1e-6)
-    _close_half(bank)
+    close_half(bank)
     model.double()
     with torch.no_grad():
         expected = model(x.double())
@@ -264,7 +257,7 @@ def test_compact_gathers_heads_times_head_dims_and_matches_per_layer(rotary):
     assert any("head dims" in why for why in cbank.compact.full_width.values())  # "exact" training only
     grads = []
     for model, bank in ((compact, cbank), (per_layer, pbank)):
-        _close_half(bank)
+        close_half(bank)
         model.double()
         out = model(x)
         out.square().mean().backward()
@@ -288,7 +281,7 @@ def test_exact_mode_gradients_equal_none_mode_with_head_dims():
     results = []
     for skip in ("exact", "none"):
         model, bank = _attached(copy.deepcopy(base), x, skip=skip)
-        _close_half(bank)
+        close_half(bank)
         model.double().train()
         sum(t.square().mean() for t in _tensor_leaves(model(x))).backward()
         results.append({n: p.grad for n, p in model.named_parameters()})

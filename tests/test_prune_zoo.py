@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import close_half
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,14 +92,6 @@ def _leaves(value) -> list[torch.Tensor]:
     return []
 
 
-def _close_half(bank: tg.GateBank, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in bank.gates.values():
-            gate.weight.fill_(0.5)
-            gate.weight[torch.randperm(gate.num_channels, generator=g)[: gate.num_channels // 2]] = -0.5
-
-
 def _check(name: str, model: nn.Module, args: tuple, kwargs: dict, macs_of=_macs) -> None:
     model.eval()
     full_macs = macs_of(model, args, kwargs)
@@ -110,7 +103,7 @@ def _check(name: str, model: nn.Module, args: tuple, kwargs: dict, macs_of=_macs
     assert 0 < bank.analysis.coverage <= 1 and "gates control" in bank.coverage()
     budget = tg.Budget(model, target=1.0)  # usage only (a tight target may be below what min_open allows)
     assert budget.usage().full_flops == pytest.approx(full_macs, rel=0.02)
-    _close_half(bank)
+    close_half(bank)
     model.double()
     dargs = tuple(a.double() if a.is_floating_point() else a for a in args)
     with torch.no_grad():
@@ -216,7 +209,7 @@ def test_shape_read_is_caught_by_the_self_check():
     unchecked_groups = [g.producers for g in unchecked_bank.groups]
     assert ("inp",) in unchecked_groups and ("inp",) not in [g.producers for g in bank.groups]  # what it removed
     assert ("qkv",) in unchecked_groups  # qkv in heads of C entries: removing whole ones stays exact
-    _close_half(bank)
+    close_half(bank)
     torch.testing.assert_close(tg.export(model).eval()(x), model.eval()(x))
 
 
@@ -267,7 +260,7 @@ def test_layer_norm_over_gated_channels_uses_open_statistics():
     stream = next(g for g in bank.groups if "embed" in g.producers)
     assert {"embed", "blocks.0.fc2", "blocks.1.fc2"} <= set(stream.producers)
     assert {name for name, _ in bank.analysis.norms} == {"blocks.0.norm", "blocks.1.norm", "norm"}
-    _close_half(bank)
+    close_half(bank)
     model.double().eval()
     with torch.no_grad():
         exported = tg.export(model)
@@ -284,7 +277,7 @@ def test_per_channel_prelu_and_conv_transpose_export_exactly():
         warnings.simplefilter("error")
         model, bank = tg.attach_gates(model, x)
     assert sorted(g.producers for g in bank.groups) == [("0",), ("2",)]
-    _close_half(bank)
+    close_half(bank)
     model.double().eval()
     with torch.no_grad():
         exported = tg.export(model)
@@ -303,7 +296,7 @@ def test_grouped_convs_prune_group_aligned():
     x = torch.randn(2, 3, 8, 8)
     model, bank = tg.attach_gates(model, x)
     assert sorted(g.size for g in bank.groups) == [2, 3]  # channel i of each of the 4 groups shares a gate
-    _close_half(bank)
+    close_half(bank)
     model.double().eval()
     with torch.no_grad():
         exported = tg.export(model)
@@ -399,7 +392,7 @@ def _exact_and_counted(model: nn.Module, ids: torch.Tensor) -> tuple[tg.GateBank
         model, bank = tg.attach_gates(model, ids)
     budget = tg.Budget(model, target=1.0)
     assert budget.usage().full_flops == pytest.approx(full, rel=1e-6)
-    _close_half(bank)
+    close_half(bank)
     model.double()
     with torch.no_grad():
         expected = model(ids)
@@ -466,7 +459,7 @@ def test_group_norm_prunes_group_aligned_with_open_statistics():
     single = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(3, 12), nn.ReLU(), nn.Conv2d(12, 2, 1))
     model, bank = tg.attach_gates(single.eval(), x)
     assert [g.size for g in bank.groups] == [4]  # channel i of each of the 3 groups shares a gate
-    _close_half(bank)
+    close_half(bank)
     model.double()
     with torch.no_grad():
         exported = tg.export(model)
@@ -485,7 +478,7 @@ def test_gate_on_flattened_channels_covers_each_channels_entries():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(model.eval(), x)
     assert [(p.module, p.repeat) for p in bank.analysis.gate_points if p.module == "5"] == [("5", 36)]
-    _close_half(bank)
+    close_half(bank)
     model.double()
     with torch.no_grad():
         exported = tg.export(model)

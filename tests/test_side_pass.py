@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import float64_case, reopen_by_task_gradient
+from helpers import close_random_half, float64_case, reopen_by_task_gradient
 from torch import nn
 
 import tg_kernels as tg
@@ -58,16 +58,6 @@ class _Recurrent(nn.Module):
         return self.head(out)
 
 
-def _half_closed(bank: tg.GateBank, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in bank.gates.values():
-            c = gate.num_channels
-            w = torch.empty(c, dtype=gate.weight.dtype).uniform_(0.1, 0.9, generator=g)
-            w[torch.randperm(c, generator=g)[: c // 2]] = -0.3
-            gate.weight.copy_(w)
-
-
 def _gradients(model: nn.Module, bank: tg.GateBank, x: torch.Tensor, skip: str) -> dict[str, torch.Tensor]:
     bank.set_skip(skip)
     model.train()
@@ -87,7 +77,7 @@ def _exact_and_none(build, shape, seed: int = 0):
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")
     assert bank.compact.disabled_reason is None and bank.compact.exact_reason is None, bank.compact.exact_reason
-    _half_closed(bank)
+    close_random_half(bank)
     state = copy.deepcopy(model.state_dict())
     none = _gradients(model, bank, x, "none")
     none_state = copy.deepcopy(model.state_dict())
@@ -248,7 +238,7 @@ def test_exact_steps_plan_the_open_set_once_per_forward():
     base = ResNetCifar(8)
     x = torch.randn(2, 3, 16, 16)
     model, bank = tg.attach_gates(base, x, skip="exact")
-    _half_closed(bank)
+    close_random_half(bank)
     with mock.patch.object(CompactForward, "open_masks", autospec=True, side_effect=CompactForward.open_masks) as masks:
         for _ in range(3):
             model(x).sum().backward()  # no optimizer step: the open set does not change
@@ -304,7 +294,7 @@ def test_transformers_exact_gradients_equal_none_mode(name):
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, args, example_kwargs=kwargs, skip="exact")
     assert bank.compact.disabled_reason is None and bank.compact.exact_reason is None
-    _half_closed(bank)
+    close_random_half(bank)
     results = []
     for skip in ("none", "exact"):
         bank.set_skip(skip)
@@ -328,7 +318,7 @@ def test_exact_under_autocast_gives_closed_gates_gradients_close_to_float32(dtyp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(MLPBlock(16, 64), x, skip="exact")
-    _half_closed(bank)
+    close_random_half(bank)
     results = []
     for skip, autocast in (("none", False), ("exact", True)):
         bank.set_skip(skip)
@@ -351,7 +341,7 @@ def test_exact_gradients_equal_none_mode_on_cuda(build, shape):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")
-    _half_closed(bank)
+    close_random_half(bank)
     state = copy.deepcopy(model.state_dict())
     none = _gradients(model, bank, x, "none")
     model.load_state_dict(state)
@@ -369,7 +359,7 @@ def test_exact_with_kept_counts_padded_still_equals_none_mode(build, shape):
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(base, x, skip="exact")
     bank.compact.round_to = 3  # half-open counts are even: 3 pads them
-    _half_closed(bank)
+    close_random_half(bank)
     state = copy.deepcopy(model.state_dict())
     none = _gradients(model, bank, x, "none")
     model.load_state_dict(state)
@@ -386,7 +376,7 @@ def test_a_retained_graph_gives_the_same_closed_gate_gradients_twice():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net, gates = tg.attach_gates(base, x, skip="exact")
-    _half_closed(gates)
+    close_random_half(gates)
     loss = net(x).square().mean()
     loss.backward(retain_graph=True)
     first = torch.cat([g.weight.grad.clone() for g in gates.gates.values()])
@@ -402,7 +392,7 @@ def test_compiled_exact_model_matches_eager():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, bank = tg.attach_gates(MLPBlock(16, 64), x, skip="exact")
-    _half_closed(bank)
+    close_random_half(bank)
     model(x).square().mean().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)

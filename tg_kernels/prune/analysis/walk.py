@@ -693,7 +693,8 @@ def analyze_export(
                     gate_points = one
             break
         gate_points, w = trial, tried
-    result = finish(model, trace, walk(set(gate_points)))
+    w = walk(set(gate_points))
+    result = finish(model, trace, w)
     if not closed_gradients:
         return result
     # A producer's gate whose closed gates get no task gradient because a later gate of the group
@@ -702,7 +703,6 @@ def analyze_export(
     # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta,
     # unless that leaves the later gate without a side-pass recipe (exact training would then run
     # its group at full width).
-    w = walk(set(gate_points))
     dead = sorted({w.placed_by[sp.point] for sp in result.side_passes if sp.dead and sp.point in w.placed_by})
     kept: frozenset[str] = frozenset()
 
