@@ -333,6 +333,25 @@ def test_prune_default_searches_gate_epochs_then_settles():
     assert abs(result.status.ratio / 0.3 - 1) <= 0.01
 
 
+@pytest.mark.parametrize("closed_gate_gradients", [True, False])
+def test_prune_passes_the_gate_placement_to_attach_gates(closed_gate_gradients):
+    """True (the default): every closed gate has a task gradient; False: gates before ReLUs have none."""
+    torch.manual_seed(0)
+    result = tg.prune(
+        SmallNet(),
+        synthetic_data(),
+        target=0.5,
+        gate_epochs=1,
+        finetune_epochs=0,
+        progress=False,
+        closed_gate_gradients=closed_gate_gradients,
+    )
+    recipes = result.gated.tg_gates.analysis.side_passes
+    # a dead recipe: the closed gates' task gradient is 0 by structure (a gate right before a ReLU)
+    dead = [r.point for r in recipes if r.dead]
+    assert recipes and (not dead if closed_gate_gradients else dead), dead
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -116,7 +116,8 @@ class _Plan:
     swaps: list[_SwapSpec]  # every tensor replaced in the forward (params, then buffers)
     attributes: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]  # module, compact values, full values
     build_seconds: float
-    side: SidePlan | None = None  # the closed-channel side passes of "exact" training (None: not available)
+    side: SidePlan | None = None  # the closed-channel side passes of "exact" training (built on first use)
+    side_args: tuple | None = None  # what build_plan needs to make ``side`` (None: no side passes)
     exact: bool = False  # made for "exact" training: full-width groups keep every channel
     unit_hooks: frozenset = frozenset()  # hooked folds whose kept gates are all open (their gate multiplies by 1)
 
@@ -359,11 +360,9 @@ class CompactForward:
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
-            if (
-                plan.side is not None
-                and plan.side.passes
-                and any(g.weight.requires_grad for g in self.bank.gates.values())
-            ):
+            if gates_learn and plan.side is None and plan.side_args is not None:
+                plan.side = build_plan(*plan.side_args)  # (lazily: hard training and eval never need it)
+            if gates_learn and plan.side is not None and plan.side.passes:
                 fulls = {spec.target: full for spec, full, _ in swapped}
                 self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
                 self._side.install()
@@ -605,7 +604,7 @@ class CompactForward:
         swaps = [spec for _, specs, _ in bundles for spec in specs] + buffers
         values = torch.cat([mask[kept_all], torch.ones(1, dtype=torch.bool, device=device)])
         unit_scales = [rows is None or bool(values[rows].all()) for _, _, rows in bundles]
-        side = None
+        side_args = None
         if self.exact_reason is None:
             key_of = bank.key_of_space
             closed = {key: torch.nonzero(~mask_of[key]).flatten() for key in bank.gates if key not in self.full_width}
@@ -616,7 +615,7 @@ class CompactForward:
                 for target, fold in self._scaled.items()
                 if target.endswith(".weight")
             }
-            side = build_plan(model, recipes, key_of, closed, entries, row_masks)
+            side_args = (model, recipes, key_of, closed, entries, row_masks)
         self.stats.plans += 1
         seconds = time.perf_counter() - start
         self.stats.last_plan_seconds = seconds
@@ -634,7 +633,8 @@ class CompactForward:
             swaps,
             attributes,
             seconds,
-            side,
+            None,
+            side_args,
             exact,
             frozenset(f for f in self._folds if f.hook is not None and bool(values[fold_rows[f]].all())),
         )

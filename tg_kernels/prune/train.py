@@ -153,6 +153,7 @@ def prune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     compact: bool = True,
+    closed_gate_gradients: bool = True,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
 
@@ -185,6 +186,10 @@ def prune(
             computes every step densely: the reference for timing the default.
         compact: attach with compact execution (the ``"hard"`` fine-tuning then runs at the exported
             model's speed; see :mod:`tg_kernels.prune.compact`); ``False`` keeps the per-layer path.
+        closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`):
+            ``True`` keeps them off the input of a ReLU-like activation, so closed gates keep a task
+            gradient; ``False`` places them before it, which makes an ``"exact"`` search about as
+            fast as ``"hard"`` but reopens closed gates through the budget only.
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
 
@@ -213,7 +218,9 @@ def prune(
             example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
-            model, _ = attach_gates(model, example_inputs, skip=skip[0], compact=compact)
+            model, _ = attach_gates(
+                model, example_inputs, skip=skip[0], compact=compact, closed_gate_gradients=closed_gate_gradients
+            )
     bank = gate_bank(model)
     budget = Budget(bank, target=target, metric=metric, min_open=min_open)
     _set_skip(model, skip[0])
