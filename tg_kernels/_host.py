@@ -122,7 +122,7 @@ def _fresh_values(gate) -> HostValues | None:
 
 
 def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
-    """Read the weights of `gates`, of every other stale tracked gate on their devices, and `extra`
+    """Read the weights of `gates`, of every other stale tracked gate on their (accelerator) devices, and `extra`
     (host copies returned) in one transfer per device; nothing is read for fresh gates."""
     from tg_kernels.gate import open_mask  # here: tg_kernels.gate imports this module
 
@@ -130,7 +130,11 @@ def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
         for gate in gates:
             _gates.entries.setdefault(gate, None)
         devices = {g.weight.device for g in gates} | {t.device for t in extra}
-        tracked = [g for g in (ref() for ref in list(_gates.entries.data)) if g is not None]
+        if not any(_needs_transfer(t) for t in [*(g.weight for g in gates), *extra]):
+            # host tensors: reading them costs no transfer, so only these gates (not a scan of all)
+            tracked = list(dict.fromkeys(gates))
+        else:
+            tracked = [g for g in (ref() for ref in list(_gates.entries.data)) if g is not None]
         stale = [g for g in tracked if g.weight.device in devices and _usable(g) and _fresh_values(g) is None]
         states = [_state(g) for g in stale]
         hosts = _to_host_plain([g.weight for g in stale] + list(extra))

@@ -712,8 +712,16 @@ def analyze_export(
 
     slow = without_recipe(result)
 
+    finished: dict[frozenset[str], Analysis] = {}  # left-out set -> its result, where that held
+
     def holds(trial: Walk) -> bool:  # exact as before, and no group newly without a side-pass recipe
-        return not learned(trial, gate_points) and without_recipe(finish(model, trace, trial)) <= slow
+        if learned(trial, gate_points):
+            return False
+        analysis = finish(model, trace, trial)
+        if without_recipe(analysis) <= slow:
+            finished[suppressed] = analysis
+            return True
+        return False
 
     def leave_out(names: list[str]) -> None:  # all at once where that holds, else by halves
         nonlocal suppressed, kept
@@ -727,7 +735,9 @@ def analyze_export(
 
     if dead:
         leave_out(dead)
-    return finish(model, trace, walk(set(gate_points))) if kept else result
+    if not kept:
+        return result
+    return finished.get(kept) or finish(model, trace, walk(set(gate_points)))
 
 
 def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
