@@ -29,18 +29,7 @@ import torch  # noqa: E402
 
 import tg_kernels as tg  # noqa: E402
 from bench.common import device_name  # noqa: E402
-from tests.prune_zoo import hf_models, task_family_models  # noqa: E402
-
-TIMM_MODELS = (
-    "efficientnet_b0",
-    "mobilenetv3_large_100",
-    "convnext_atto",
-    "densenet121",
-    "ghostnet_100",
-    "repvgg_a0",
-    "vit_tiny_patch16_224",
-    "swin_tiny_patch4_window7_224",
-)
+from tests.prune_zoo import TIMM_MODELS, hf_models, task_family_models  # noqa: E402
 
 
 def models() -> dict:

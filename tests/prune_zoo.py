@@ -138,6 +138,19 @@ class LSTMClassifier(nn.Module):
         return self.head(torch.cat([h_n[-2], h_n[-1]], dim=-1))
 
 
+# The timm models of the plug-in tests (tests/test_prune_zoo.py) and of bench/attach_time.py.
+TIMM_MODELS = (
+    "efficientnet_b0",
+    "mobilenetv3_large_100",
+    "convnext_atto",
+    "densenet121",
+    "ghostnet_100",
+    "repvgg_a0",
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+)
+
+
 def rnn_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
     """name -> (builder, example positional inputs, example keyword inputs): LSTM / GRU models."""
     tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))

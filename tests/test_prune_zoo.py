@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tg_kernels as tg
-from tests.prune_zoo import hf_models, rnn_models, task_family_models
+from tests.prune_zoo import TIMM_MODELS, hf_models, rnn_models, task_family_models
 
 # The exported/original MACs at 50% closed, measured on this CPU (see the README's table), with the
 # structural reason where it is above 0.35. The tests allow 0.03 above these. Attention prunes by whole
@@ -164,19 +164,7 @@ def test_transformers_models(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "efficientnet_b0",
-        "mobilenetv3_large_100",
-        "convnext_atto",
-        "densenet121",
-        "ghostnet_100",
-        "repvgg_a0",
-        "vit_tiny_patch16_224",
-        "swin_tiny_patch4_window7_224",
-    ],
-)
+@pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_models(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
