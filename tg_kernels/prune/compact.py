@@ -544,10 +544,12 @@ class CompactForward:
             kept[key] = kept_channels(m, 1 if key in unpadded else round_to)
             open_only[key] = torch.nonzero(m).flatten()
         entries: dict[str, list[tuple[int, Tensor]]] = {}
-        for (target, dim), index in sorted(kept_entries(model, bank, kept).items()):
+        kept_entries_of_plan = kept_entries(model, bank, kept)
+        for (target, dim), index in sorted(kept_entries_of_plan.items()):
             entries.setdefault(target, []).append((dim, index))
         write_back = {}
-        open_entries = kept_entries(model, bank, open_only)
+        padded = any(kept[key].numel() != open_only[key].numel() for key in kept)
+        open_entries = kept_entries(model, bank, open_only) if padded else dict(kept_entries_of_plan)
         for target, dims in entries.items():
             owner_name, _, attr = target.rpartition(".")
             if attr in model.get_submodule(owner_name)._buffers:

@@ -34,10 +34,11 @@ def kept_channels(open_mask: Tensor, round_to: int = 1) -> Tensor:
     return torch.sort(torch.cat([open_idx, closed_idx])).values
 
 
-def tensor_of(model: nn.Module, target: str) -> Tensor:
-    """The parameter or buffer named ``target`` (a dotted name)."""
+def tensor_of(model: nn.Module, target: str, modules: Mapping[str, nn.Module] | None = None) -> Tensor:
+    """The parameter or buffer named ``target`` (a dotted name); ``modules``: ``dict(model.named_modules())``,
+    where the caller looks up many (``get_submodule`` walks the dotted path each time)."""
     owner_name, _, attr = target.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    owner = modules[owner_name] if modules is not None else model.get_submodule(owner_name)
     tensor = owner._parameters.get(attr)
     if tensor is None:
         tensor = owner._buffers[attr]
@@ -55,6 +56,7 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
     """
     assert bank.analysis is not None
     masks: dict[tuple[str, int], Tensor] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
     for group in bank.analysis.groups:
         keep = kept[bank.key_of_space[group.space]]
         if keep.numel() == group.size:
@@ -65,7 +67,7 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
         for sl in group.slices:
             key = (sl.target, sl.dim)
             if key not in masks:
-                tensor = tensor_of(model, sl.target)
+                tensor = tensor_of(model, sl.target, modules)
                 masks[key] = torch.ones(tensor.shape[sl.dim], dtype=torch.bool, device=keep.device)
             start = sl.offset + removed_idx
             if sl.tile > 1:
