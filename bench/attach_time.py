@@ -5,9 +5,9 @@
 
 Each run builds the model afresh and times ``attach_gates(model, example_inputs)`` with its
 defaults: the export-graph analysis, gate placement, the self-check on the example inputs and
-compact execution's setup. timm models run at 224 x 224; the transformers and task-family models
-are the small configurations of ``tests/prune_zoo.py``. The figure is the median of the runs (the
-first one also pays for torch.export's warm-up on a new model class). Needs timm and transformers
+compact execution's setup. timm models run at 224 x 224; the transformers, task-family and
+recurrent models are the small configurations of ``tests/prune_zoo.py``. The figure is the median
+of the runs (the first one also pays for torch.export's warm-up on a new model class). Needs timm and transformers
 (``requirements-dev.txt``).
 """
 
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import tg_kernels as tg  # noqa: E402
 from bench.common import device_name  # noqa: E402
-from tests.prune_zoo import TIMM_MODELS, hf_models, task_family_models  # noqa: E402
+from tests.prune_zoo import TIMM_MODELS, hf_models, rnn_models, task_family_models  # noqa: E402
 
 
 def models() -> dict:
@@ -42,6 +42,7 @@ def models() -> dict:
     }
     found.update(hf_models())
     found.update(task_family_models())
+    found.update(rnn_models())
     return found
 
 
