@@ -400,3 +400,29 @@ def test_compiled_exact_model_matches_eager():
     assert bank.compact.disabled_reason is None and bank.compact.stats.exact_forwards == 2
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 1},
+        {"kernel_size": (1, 3), "padding": (0, 2), "dilation": (1, 2)},
+        {"kernel_size": 5, "padding": 1},  # padding below d * (k - 1): a "valid"-like conv
+        {"kernel_size": 3, "padding": 2},  # padding above d * (k - 1): conv2d_input
+        {"kernel_size": 3, "padding": 1, "stride": 2},  # strided: conv2d_input
+        {"kernel_size": 3, "padding": "same"},
+    ],
+)
+def test_conv_input_gradient_equals_autograd(kwargs):
+    """The side pass's consumer input gradient (a flipped-kernel forward conv where it can) is autograd's."""
+    from tg_kernels.prune.side_pass import _conv_input_gradient
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, bias=False, **kwargs).double()
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    dy = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, dy)
+    actual = _conv_input_gradient(conv, conv.weight.detach(), dy, x.shape)
+    torch.testing.assert_close(actual, expected)

@@ -232,6 +232,34 @@ def _path_gradient(path: SidePath, grad: Tensor, like: Tensor, run: SideRun) -> 
         return torch.zeros_like(like) if g is None else g
 
 
+def _conv_input_gradient(conv: nn.Conv2d, weight: Tensor, dy: Tensor, input_shape: torch.Size) -> Tensor:
+    """The input gradient of ``conv`` computed with ``weight`` (``[out, in, kh, kw]``) for output gradient ``dy``.
+
+    On the CPU a stride-1 conv's input gradient runs as a forward conv with the transposed, flipped
+    kernel: the same numbers, and for thin convs (a few closed columns of a 16-channel 32x32 layer)
+    about 4-7x faster than oneDNN's backward-data kernel. Elsewhere ``conv2d_input`` (autograd for
+    ``padding="same"``, whose two sides may differ).
+    """
+    kernel = weight.shape[2:]
+    simple = (
+        dy.device.type == "cpu"
+        and all(s == 1 for s in conv.stride)
+        and not isinstance(conv.padding, str)
+        and all(d * (k - 1) >= p for d, k, p in zip(conv.dilation, kernel, conv.padding))
+    )
+    if simple:
+        flipped = weight.transpose(0, 1).flip((2, 3))
+        padding = tuple(d * (k - 1) - p for d, k, p in zip(conv.dilation, kernel, conv.padding))
+        return F.conv2d(dy, flipped, None, 1, padding, conv.dilation)
+    shape = (input_shape[0], weight.shape[1], *input_shape[2:])
+    if isinstance(conv.padding, str):  # "same" / "valid": autograd through the conv itself
+        with torch.enable_grad():
+            z = dy.new_zeros(shape, requires_grad=True)
+            y = F.conv2d(z, weight, None, conv.stride, conv.padding, conv.dilation)
+            return torch.autograd.grad(y, z, dy)[0]
+    return torch.nn.grad.conv2d_input(shape, weight, dy, conv.stride, conv.padding, conv.dilation, 1)
+
+
 class _SideProbe(torch.autograd.Function):
     """Identity on a consumer's output; its backward returns the closed gates' task gradients."""
 
@@ -271,9 +299,7 @@ class _ConsumerJob:
                 m = self.module
                 dx = F.conv2d(dy, self.weight, None, m.stride, m.padding, m.dilation)
             else:
-                m = self.module
-                shape = (self.input_shape[0], self.weight.shape[1], *self.input_shape[2:])
-                dx = torch.nn.grad.conv2d_input(shape, self.weight, dy, m.stride, m.padding, m.dilation, 1)
+                dx = _conv_input_gradient(self.module, self.weight, dy, self.input_shape)
             grads = []
             for (item, path, start, count), (kind, value) in zip(c.items, self.values):
                 if kind == "bilinear":
