@@ -549,7 +549,7 @@ class CompactForward:
             entries.setdefault(target, []).append((dim, index))
         write_back = {}
         padded = any(kept[key].numel() != open_only[key].numel() for key in kept)
-        open_entries = kept_entries(model, bank, open_only) if padded else dict(kept_entries_of_plan)
+        open_entries = kept_entries(model, bank, open_only) if padded else kept_entries_of_plan
         for target, dims in entries.items():
             owner_name, _, attr = target.rpartition(".")
             if attr in model.get_submodule(owner_name)._buffers:

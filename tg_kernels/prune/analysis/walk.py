@@ -737,7 +737,7 @@ def analyze_export(
         leave_out(dead)
     if not kept:
         return result
-    return finished.get(kept) or finish(model, trace, walk(set(gate_points)))
+    return finished[kept] if kept in finished else finish(model, trace, walk(set(gate_points)))
 
 
 def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
