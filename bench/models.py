@@ -13,10 +13,10 @@ same channels). Providers:
   removed: the target a skipping model approaches in training, and what you deploy for inference.
   Before timing, each case checks that the exported model's eval output equals the gated model's.
 
-Gated models run compact (``tg_kernels.prune.compact``): in ``hard`` and ``exact`` mode and without
+Gated models run compact (``tg_kernels.pruning.compact``): in ``hard`` and ``exact`` mode and without
 gradients the whole model runs its exported structure, with parameters gathered from the full
 tensors each forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported)
-model. ``exact`` adds the closed-channel side pass (``tg_kernels.prune.side_pass``) that gives closed
+model. ``exact`` adds the closed-channel side pass (``tg_kernels.pruning.side_pass``) that gives closed
 gates their task gradient; gates sit after ReLUs (``closed_gate_gradients=True``, the default), so
 every closed gate has one. ``exact_before_relu`` is ``exact`` with ``closed_gate_gradients=False``:
 gates before a ReLU, whose closed gates' task gradient is exactly 0 and needs no side pass (cheaper;

@@ -190,7 +190,7 @@ def test_default_minimum_prevents_collapse_under_a_huge_fixed_weight():
 
 
 def test_prune_warns_when_the_network_stops_passing_signal():
-    from tg_kernels.prune.train import _check_signal
+    from tg_kernels.pruning.train import _check_signal
 
     with pytest.warns(RuntimeWarning, match="stopped passing signal"):
         _check_signal(torch.ones(8, 10))
@@ -320,7 +320,7 @@ def test_prune_attaches_gates_itself_and_is_callable_as_the_package():
     assert result.status.within(0.01)
     assert hasattr(result.gated, "tg_gates") and not hasattr(result.model, "tg_gates")
     assert all("metric" in row for row in result.history) and seen
-    assert tg.prune.prune is tg.prune.train.prune  # the package stays a package
+    assert tg.prune is tg.pruning.train.prune and callable(tg.prune)  # a function; the pieces live in tg.pruning
 
 
 def test_prune_default_searches_gate_epochs_then_settles():

@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tg_kernels as tg
 from bench.models import MLPBlock, ResNetCifar
 from tg_kernels.ops import _skip
-from tg_kernels.prune.compact import _tensor_leaves
-from tg_kernels.prune.slicing import kept_channels, kept_entries
+from tg_kernels.pruning.compact import _tensor_leaves
+from tg_kernels.pruning.slicing import kept_channels, kept_entries
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -666,8 +666,8 @@ def _reference_gather(t, dims, scale=None):
 
 @pytest.mark.parametrize("along_one_dim", [False, True], ids=["by-offset", "along-one-dim"])
 def test_gather_bundle_matches_index_select_and_passes_gradcheck(along_one_dim, monkeypatch):
-    from tg_kernels.prune import gather
-    from tg_kernels.prune.gather import Bundle, gather_bundle
+    from tg_kernels.pruning import gather
+    from tg_kernels.pruning.gather import Bundle, gather_bundle
 
     if along_one_dim:  # tensors sliced along one dim are gathered along it from this size on
         monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)
@@ -712,7 +712,7 @@ def test_gather_bundle_matches_index_select_and_passes_gradcheck(along_one_dim, 
 
 def test_kept_gate_values_are_the_open_masks_with_hard_mode_gradients():
     from tg_kernels.gate import gaussian_shape
-    from tg_kernels.prune.gather import kept_gate_values
+    from tg_kernels.pruning.gather import kept_gate_values
 
     weights = [torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64)]
     weights = [w.requires_grad_() for w in weights]
@@ -744,8 +744,8 @@ def test_open_masks_equals_open_mask_gate_by_gate():
 def test_gather_bundle_passes_whole_tensors_through_with_the_same_gradients(along_one_dim, monkeypatch):
     """An all-open layer keeps every entry: unscaled (or unit-scaled) it is its full tensor, not a copy,
     and its gradients (the full tensor's and the scale's) are those of the copying path."""
-    from tg_kernels.prune import gather
-    from tg_kernels.prune.gather import Bundle, gather_bundle
+    from tg_kernels.pruning import gather
+    from tg_kernels.pruning.gather import Bundle, gather_bundle
 
     if along_one_dim:
         monkeypatch.setattr(gather, "_ALONG_ONE_DIM", 1)

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tg_kernels as tg
-from tg_kernels.prune.compact import _tensor_leaves
+from tg_kernels.pruning.compact import _tensor_leaves
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> float:

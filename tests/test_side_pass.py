@@ -18,7 +18,7 @@ from torch import nn
 
 import tg_kernels as tg
 from bench.models import MLPBlock, ResNetCifar
-from tg_kernels.prune.compact import CompactForward
+from tg_kernels.pruning.compact import CompactForward
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -299,7 +299,7 @@ def test_transformers_exact_gradients_equal_none_mode(name):
     for skip in ("none", "exact"):
         bank.set_skip(skip)
         model.zero_grad(set_to_none=True)
-        from tg_kernels.prune.compact import _tensor_leaves
+        from tg_kernels.pruning.compact import _tensor_leaves
 
         out = [t for t in _tensor_leaves(model(*args, **kwargs)) if t.is_floating_point()]
         sum((t * torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)).square().mean() for t in out).backward()
@@ -416,7 +416,7 @@ def test_compiled_exact_model_matches_eager():
 )
 def test_conv_input_gradient_equals_autograd(kwargs):
     """The side pass's consumer input gradient (a flipped-kernel forward conv where it can) is autograd's."""
-    from tg_kernels.prune.side_pass import _conv_input_gradient
+    from tg_kernels.pruning.side_pass import _conv_input_gradient
 
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, bias=False, **kwargs).double()

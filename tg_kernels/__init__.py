@@ -8,8 +8,8 @@ Public API:
   closed channels while training (``skip="none" | "exact" | "hard"``).
 - :func:`attach_gates`, :class:`Budget`, :func:`export`, :func:`save`, :func:`load`: the plug-in
   pruning workflow (gate any network, train towards a FLOPs budget, export a smaller plain model).
-- :func:`prune`: that workflow in one call with the recommended schedule (``tg_kernels.prune`` is also
-  the subpackage holding it: ``tg_kernels.prune(model, data, target=0.25)`` calls it).
+- :func:`prune`: that workflow in one call with the recommended schedule
+  (``tg_kernels.prune(model, data, target=0.25)``); the pieces live in :mod:`tg_kernels.pruning`.
 - :func:`available_backends`, :func:`use_backend`: which implementation runs (torch, cpp, cuda, triton).
 - :func:`build_info`: how the compiled extension was built and whether it loaded.
 """
@@ -21,7 +21,7 @@ from tg_kernels.backends import BackendInfo, BackendUnavailableError, available_
 from tg_kernels.gate import SHAPES, TrainableGate, trainable_gate
 from tg_kernels.nn import GatedConv2d, GatedLinear
 from tg_kernels.ops import channel_gate
-from tg_kernels.prune import Budget, GateBank, attach_gates, export, load, save  # also binds the callable `prune`
+from tg_kernels.pruning import Budget, GateBank, attach_gates, export, load, prune, save
 
 __all__ = [
     "SHAPES",

@@ -38,7 +38,7 @@ class _Gated:
     gate: TrainableGate
     skip: str
     training: bool
-    # Set by compact execution (tg_kernels.prune.compact) for one forward: the weights are already
+    # Set by compact execution (tg_kernels.pruning.compact) for one forward: the weights are already
     # the compact, gate-folded ones, so the layer runs as its plain nn layer.
     _tg_compact: bool = False
 

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tg_kernels.prune.attach import BANK_NAME, attach_gates, gate_bank, unwrap
-from tg_kernels.prune.budget import Budget, BudgetStatus
-from tg_kernels.prune.export import export
+from tg_kernels.pruning.attach import BANK_NAME, attach_gates, gate_bank, unwrap
+from tg_kernels.pruning.budget import Budget, BudgetStatus
+from tg_kernels.pruning.export import export
 
 SKIP_MODES = ("none", "exact", "hard")
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
@@ -185,7 +185,7 @@ def prune(
             that is missing, gates attached here use the first and keep it). ``("none", "none")``
             computes every step densely: the reference for timing the default.
         compact: attach with compact execution (the ``"hard"`` fine-tuning then runs at the exported
-            model's speed; see :mod:`tg_kernels.prune.compact`); ``False`` keeps the per-layer path.
+            model's speed; see :mod:`tg_kernels.pruning.compact`); ``False`` keeps the per-layer path.
         closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`):
             ``True`` keeps them off the input of a ReLU-like activation, so closed gates keep a task
             gradient; ``False`` places them before it, which makes an ``"exact"`` search about as

@@ -2,7 +2,7 @@
 
 One source of truth for :func:`~tg_kernels.export` (applied once, to a copy) and for compact
 execution (applied every forward, differentiably, to the full-size parameters): for each tensor the
-analysis lists (a :class:`~tg_kernels.prune.analysis.Slice`: producer rows, norm statistics,
+analysis lists (a :class:`~tg_kernels.pruning.analysis.Slice`: producer rows, norm statistics,
 consumer columns, per-channel parameters) and each of its sliced dims, the indices of the entries
 that stay.
 """
@@ -15,8 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.prune.analysis.types import SizeAttr
-from tg_kernels.prune.attach import GateBank
+from tg_kernels.pruning.analysis.types import SizeAttr
+from tg_kernels.pruning.attach import GateBank
 
 
 def kept_channels(open_mask: Tensor, round_to: int = 1) -> Tensor:
@@ -79,7 +79,7 @@ def kept_entries(model: nn.Module, bank: GateBank, kept: Mapping[str, Tensor]) -
 
 
 def kept_size(bank: GateBank, sa: SizeAttr, kept: Mapping[str, Tensor]) -> int:
-    """The kept value of a size attribute (:class:`~tg_kernels.prune.analysis.types.SizeAttr`)."""
+    """The kept value of a size attribute (:class:`~tg_kernels.pruning.analysis.types.SizeAttr`)."""
 
     def count(parts) -> int:
         return sum(kept[key].numel() if key is not None else size for key, size in bank.parts(parts))

@@ -7,7 +7,7 @@ forward it
 
 1. checks the open set of every gate (one comparison over all gates: one host synchronisation on
    CUDA) and, only when it changed, rebuilds the index tensors (the slicing recipe of
-   :mod:`tg_kernels.prune.slicing`, the same one :func:`~tg_kernels.export` applies once) and
+   :mod:`tg_kernels.pruning.slicing`, the same one :func:`~tg_kernels.export` applies once) and
    the compact size attributes of the affected modules;
 2. gathers (``index_select``) every tensor the analysis lists from its full-size parameter, so that
    autograd scatters the gradients back into the full-size parameters (closed rows and columns get
@@ -20,7 +20,7 @@ forward it
 
 The gradients are exactly ``hard`` mode's: compact execution serves ``skip="hard"`` training and
 every forward without gradients (eval / ``torch.no_grad``). ``"exact"`` training runs compact too,
-plus the closed-channel side pass of :mod:`tg_kernels.prune.side_pass`, which gives closed gates
+plus the closed-channel side pass of :mod:`tg_kernels.pruning.side_pass`, which gives closed gates
 their task gradient: every gradient is then ``none`` mode's. A group with a gate point that has no
 side-pass recipe runs at full width in ``"exact"`` forwards instead (``full_width`` says which and
 why): its closed channels are computed, with gate value 0, and autograd gives their gates the
@@ -46,11 +46,11 @@ from torch.utils import _pytree as pytree
 
 from tg_kernels import _host
 from tg_kernels.gate import open_masks, resolve_shape
-from tg_kernels.prune.attach import GateBank, GateHook, Parts
-from tg_kernels.prune.export import _is_depthwise, sync_module_attributes
-from tg_kernels.prune.gather import Bundle, gather_bundle, is_dense, kept_gate_values
-from tg_kernels.prune.side_pass import SidePlan, SideRun, build_plan, full_width_groups
-from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size
+from tg_kernels.pruning.attach import GateBank, GateHook, Parts
+from tg_kernels.pruning.export import _is_depthwise, sync_module_attributes
+from tg_kernels.pruning.gather import Bundle, gather_bundle, is_dense, kept_gate_values
+from tg_kernels.pruning.side_pass import SidePlan, SideRun, build_plan, full_width_groups
+from tg_kernels.pruning.slicing import kept_channels, kept_entries, kept_size
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
 # gradient of that scale: relu(g * z) = g * relu(z). A gate after such an activation can be folded

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from tg_kernels.prune.analysis.types import (
+from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
     ChannelInfo,

@@ -28,8 +28,8 @@ from tg_kernels.nn import (
     restore_multihead_attention,
     swap_multihead_attention,
 )
-from tg_kernels.prune.analysis.head_dims import entry_gates
-from tg_kernels.prune.attach import (
+from tg_kernels.pruning.analysis.head_dims import entry_gates
+from tg_kernels.pruning.attach import (
     BANK_NAME,
     RECURRENT_ROWS,
     GateBank,
@@ -44,7 +44,7 @@ from tg_kernels.prune.attach import (
     set_submodule,
     unwrap,
 )
-from tg_kernels.prune.slicing import kept_channels, kept_entries, kept_size, tensor_of
+from tg_kernels.pruning.slicing import kept_channels, kept_entries, kept_size, tensor_of
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
 
 def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
     """Scale the gated block's rows of every LSTM / GRU layer by its units' gate values (what
-    :class:`~tg_kernels.prune.attach.RecurrentGateHook` does in each forward), before slicing."""
+    :class:`~tg_kernels.pruning.attach.RecurrentGateHook` does in each forward), before slicing."""
     for point in bank.analysis.recurrent:
         module = model.get_submodule(point.module)
         gate = values[bank.key_of_space[point.space]]
@@ -286,7 +286,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
         for hook_id, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, (_EnterMode, RecurrentGateHook, InputGateHook, NoFastPath)):
                 del module._forward_pre_hooks[hook_id]
-    from tg_kernels.prune.compact import uninstall  # compact imports this module
+    from tg_kernels.pruning.compact import uninstall  # compact imports this module
 
     uninstall(exported)
     delattr(exported, BANK_NAME)

@@ -23,7 +23,7 @@ pass. Where a recipe cannot be built (an op this module does not know on a live 
 says why (``reason``) and compact execution keeps the per-layer path for ``exact`` training.
 
 This module reads the last walk of the analysis (its per-node channel information); it adds
-:class:`SidePass` entries to the :class:`~tg_kernels.prune.analysis.types.Analysis`.
+:class:`SidePass` entries to the :class:`~tg_kernels.pruning.analysis.types.Analysis`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tg_kernels.prune.analysis.rules import SPATIAL_OPS, ZERO_PRESERVING_OPS
-from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep, SideTerm
-from tg_kernels.prune.analysis.walk import Walk, _op_name, at_zero, constant, functional, target_name
+from tg_kernels.pruning.analysis.rules import SPATIAL_OPS, ZERO_PRESERVING_OPS
+from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep, SideTerm
+from tg_kernels.pruning.analysis.walk import Walk, _op_name, at_zero, constant, functional, target_name
 
 _COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy", "type_as"}
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}

@@ -35,7 +35,7 @@ from tg_kernels.gate import ShapeFn, TrainableGate
 from tg_kernels.nn import GatedConv2d, GatedLinear, swap_multihead_attention
 from tg_kernels.ops import channel_gate
 from tg_kernels.ops._skip import check_skip
-from tg_kernels.prune.analysis import (
+from tg_kernels.pruning.analysis import (
     Analysis,
     RecurrentGate,
     analyze,
@@ -44,7 +44,7 @@ from tg_kernels.prune.analysis import (
     record_shapes,
     trace,
 )
-from tg_kernels.prune.analysis.head_dims import entry_gates
+from tg_kernels.pruning.analysis.head_dims import entry_gates
 
 BANK_NAME = "tg_gates"
 
@@ -176,7 +176,7 @@ RECURRENT_ROWS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 class RecurrentGateHook:
     """Forward pre-hook of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run it with its hidden units
-    gated inside the recurrence (:class:`~tg_kernels.prune.analysis.RecurrentGate`).
+    gated inside the recurrence (:class:`~tg_kernels.pruning.analysis.RecurrentGate`).
 
     The module's forward reads its parameters from ``module._flat_weights``. For one call this hook
     puts there each parameter with the rows of the gated block (LSTM's cell candidate, GRU's new
@@ -592,7 +592,7 @@ def _export_differs(
     The check runs in the model's own dtype (float64 convolutions are slow on CPU); a misread
     structure changes outputs by far more than rounding does.
     """
-    from tg_kernels.prune.export import _export
+    from tg_kernels.pruning.export import _export
 
     trial = copy.deepcopy(model).eval()
     with torch.no_grad():  # sharp attention scores: a scale that follows the kept head dims shows
@@ -733,7 +733,7 @@ def attach_gates(
             (on a copy, in the model's dtype). Groups that break it are found by halving, kept whole and named
             in a warning. It costs a few exports of the model; turn it off for very large models.
         compact: run the whole model compact (at the open width, as its exported model would) in
-            ``"hard"`` mode and without gradients (:mod:`tg_kernels.prune.compact`). A check on the
+            ``"hard"`` mode and without gradients (:mod:`tg_kernels.pruning.compact`). A check on the
             example inputs turns it off, with a warning, where the model's code cannot run compact.
         closed_gate_gradients: place no gate right before an activation whose derivative at 0 is 0
             (ReLU, ReLU6): such a gate would get no task gradient while closed, so it could reopen
@@ -786,7 +786,7 @@ def attach_gates(
         analysis, self_checked = _self_check(model, analysis, inputs, dict(example_kwargs or {}))
     bank = _install(model, analysis, opaque, skip, {"shape": gate_shape, "M": gate_M, "init": gate_init})
     if compact and bank.gates:
-        from tg_kernels.prune.compact import install  # compact imports this module
+        from tg_kernels.pruning.compact import install  # compact imports this module
 
         install(model, bank, inputs, dict(example_kwargs or {}))
     if self_checked:

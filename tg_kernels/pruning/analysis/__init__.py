@@ -24,10 +24,10 @@ reads such a value asks for a gate right after the module that returns it ("rega
 module returns it, fixes the space.
 """
 
-from tg_kernels.prune.analysis.fx_legacy import analyze, record_shapes, trace
-from tg_kernels.prune.analysis.rules import RULES, register_rule
-from tg_kernels.prune.analysis.tracing import Trace, export_trace
-from tg_kernels.prune.analysis.types import (
+from tg_kernels.pruning.analysis.fx_legacy import analyze, record_shapes, trace
+from tg_kernels.pruning.analysis.rules import RULES, register_rule
+from tg_kernels.pruning.analysis.tracing import Trace, export_trace
+from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
     ChannelInfo,
@@ -37,7 +37,7 @@ from tg_kernels.prune.analysis.types import (
     RecurrentGate,
     Slice,
 )
-from tg_kernels.prune.analysis.walk import analyze_export
+from tg_kernels.pruning.analysis.walk import analyze_export
 
 __all__ = [
     "RULES",

@@ -1,6 +1,6 @@
 """Head dims: gates on the dims within each attention head, where removing them is exact.
 
-Whole heads come from the op rules (:func:`~tg_kernels.prune.analysis.rules.attention`). This pass
+Whole heads come from the op rules (:func:`~tg_kernels.pruning.analysis.rules.attention`). This pass
 runs once on the stable walk, per attention op (``scaled_dot_product_attention``, or unfused
 ``q @ k^T``, ops over the key positions, ``@ v``), and adds one more group: one gate per head dim
 ``d``, shared by every head of q, k and v and by the out-projection's input columns ``h * D + d``
@@ -45,10 +45,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from tg_kernels.prune.analysis.types import ChannelInfo, GatePoint, HeadDims, Slice
+from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, HeadDims, Slice
 
 if TYPE_CHECKING:
-    from tg_kernels.prune.analysis.walk import Walk
+    from tg_kernels.pruning.analysis.walk import Walk
 
 _COPIES = ("contiguous", "clone", "alias", "_to_copy", "to", "detach")
 _VIEWS = ("view", "reshape", "_unsafe_view")
@@ -59,7 +59,7 @@ class _Whole(Exception):
 
 
 def _name(node: Any) -> str:
-    from tg_kernels.prune.analysis.walk import target_name
+    from tg_kernels.pruning.analysis.walk import target_name
 
     return target_name(node.target) if isinstance(node, fx.Node) and node.op == "call_function" else ""
 

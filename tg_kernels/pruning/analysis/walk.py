@@ -1,8 +1,8 @@
 """The analysis pass over a model's export graph: one walk in graph order, repeated until stable.
 
-Each node's value gets a :class:`~tg_kernels.prune.analysis.types.ChannelInfo` (which channel
+Each node's value gets a :class:`~tg_kernels.pruning.analysis.types.ChannelInfo` (which channel
 spaces lie along which dim, and whether closed channels are exactly zero there) from the rule of
-its ATen op (:mod:`tg_kernels.prune.analysis.rules`). A walk learns things that the next walk must
+its ATen op (:mod:`tg_kernels.pruning.analysis.rules`). A walk learns things that the next walk must
 use: a module output to gate again ("regate", where a norm or a non-zero-preserving op sits
 between a gate and a consumer), a space to keep whole, a producer whose output the model cuts into
 pieces (``split``, ``chunk``, slicing). :func:`analyze_export` repeats walks until nothing new is
@@ -19,9 +19,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tg_kernels.prune.analysis.spaces import Spaces
-from tg_kernels.prune.analysis.tracing import Trace
-from tg_kernels.prune.analysis.types import (
+from tg_kernels.pruning.analysis.spaces import Spaces
+from tg_kernels.pruning.analysis.tracing import Trace
+from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
     ChannelInfo,
@@ -448,7 +448,7 @@ class Walk:
 
     # ---- the walk ----
     def run(self) -> None:
-        from tg_kernels.prune.analysis.rules import RULES
+        from tg_kernels.pruning.analysis.rules import RULES
 
         for node in self.t.graph.nodes:
             if node.op == "placeholder":
@@ -755,7 +755,7 @@ def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
 
 def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     """The result of a stable walk."""
-    from tg_kernels.prune.analysis.head_dims import find_head_dims
+    from tg_kernels.pruning.analysis.head_dims import find_head_dims
 
     w.size_attrs.extend(_checked_widths(model, w))
     find_head_dims(w)
@@ -854,7 +854,7 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
     if other_flops:
         uncovered["attention and other ops whose cost does not depend on gates"] = other_flops
     total = covered + sum(uncovered.values())
-    from tg_kernels.prune.analysis.gradients import side_passes
+    from tg_kernels.pruning.analysis.gradients import side_passes
 
     gate_points = list(points.values())
     return Analysis(

@@ -22,8 +22,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from tg_kernels.prune.analysis.types import ChannelInfo, LayerCost, RecurrentGate, StackedInfo
-from tg_kernels.prune.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
+from tg_kernels.pruning.analysis.types import ChannelInfo, LayerCost, RecurrentGate, StackedInfo
+from tg_kernels.pruning.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
 
 Rule = Callable[[Walk, fx.Node], Any]
 RULES: dict[str, Rule] = {}

@@ -59,7 +59,7 @@ class GatePoint:
     ``dims`` (empty, or one entry per part): head-dim gates. Entry ``i`` lists ``(space, size)``
     parts (concatenated width ``S``, ``repeat`` a multiple of ``S``; empty for a part without them)
     that tile each of part ``i``'s gates' ``repeat`` entries: entry ``r`` of channel ``c`` is
-    multiplied by ``gate[c] * dim_gate[r % S]`` (:func:`~tg_kernels.prune.analysis.entry_gates`).
+    multiplied by ``gate[c] * dim_gate[r % S]`` (:func:`~tg_kernels.pruning.analysis.entry_gates`).
     """
 
     module: str
@@ -233,7 +233,7 @@ class SideTerm:
 @dataclass(frozen=True)
 class SidePass:
     """How ``exact`` mode gets the closed gates' gradients of one gated part of a gate point beside a
-    compact run (:mod:`tg_kernels.prune.analysis.gradients`).
+    compact run (:mod:`tg_kernels.pruning.analysis.gradients`).
 
     ``dead``: the gradient is exactly zero (no side pass needed). Otherwise ``u`` (the value the
     gate multiplies) comes from ``producer``'s rows that start at ``row_offset`` applied to its input,

@@ -2,7 +2,7 @@
 
 Compact execution computes every gradient of ``none`` mode except one: the task gradient of closed
 gates, ``dL/dgate_c = sum(u_c * dout_c)``. This module computes it beside a compact forward from
-the recipes of :mod:`tg_kernels.prune.analysis.gradients`:
+the recipes of :mod:`tg_kernels.pruning.analysis.gradients`:
 
 - ``u_c``: the producer's closed rows applied to the producer's compact input (captured by a
   forward pre-hook), or zeros shaped like a norm's input, then the recipe's source steps (batch norm
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tg_kernels.prune.analysis.types import Analysis, SidePass, SidePath, SideStep
+from tg_kernels.pruning.analysis.types import Analysis, SidePass, SidePath, SideStep
 
 
 @dataclass

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tg_kernels.prune.analysis import LayerCost
-from tg_kernels.prune.attach import GateBank, gate_bank
+from tg_kernels.pruning.analysis import LayerCost
+from tg_kernels.pruning.attach import GateBank, gate_bank
 
 METRICS = ("flops", "params", "channels")
 
@@ -78,7 +78,7 @@ class Budget(nn.Module):
 
     Args:
         model_or_gates: a model gated by :func:`~tg_kernels.attach_gates` (DDP-wrapped is fine) or
-            its :class:`~tg_kernels.prune.GateBank`.
+            its :class:`~tg_kernels.pruning.GateBank`.
         target: the wanted fraction of the full model's resource, in (0, 1].
         metric: ``"flops"``, ``"params"`` or ``"channels"`` (kept gated channels).
         weight: ``None`` (default) adapts the multiplier so that the target is reached (see the
