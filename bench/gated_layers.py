@@ -68,7 +68,7 @@ CASES = {
 
 
 class _PrototypeLinear(torch.autograd.Function):
-    """The naive skipping prototype of DESIGN.md §7 in plain PyTorch ops: the baseline to beat.
+    """The naive skipping prototype of docs/design.md §7 in plain PyTorch ops: the baseline to beat.
 
     index_select the active weight rows, F.linear, index_copy_ into a zeroed output; backward from
     the active channels, with one full weight-gradient GEMM for the gate gradients ("exact") or
@@ -244,7 +244,7 @@ _RATIOS = (
 def format_table(rows: list[dict], stat: str = "median_ms") -> str:
     """Times (`stat`: median_ms or min_ms) and the issue's ratios, one line per (case, active fraction).
 
-    ``proto_*`` is the naive prototype of DESIGN.md §7 (Linear only); ``a/b`` is time(a) / time(b).
+    ``proto_*`` is the naive prototype of docs/design.md §7 (Linear only); ``a/b`` is time(a) / time(b).
     """
     ratio_names = [f"{a}/{b}" for a, b in _RATIOS]
     head = " ".join(f"{c:>11}" for c in _TIME_COLUMNS)

@@ -1,4 +1,4 @@
-"""The trainable gate function and module, against the formulas of DESIGN.md §1 in float64."""
+"""The trainable gate function and module, against the formulas of docs/design.md §1 in float64."""
 
 import math
 from functools import partial

@@ -1,4 +1,7 @@
-"""GatedLinear / GatedConv2d and their skipping ops against a dense torch.nn.functional reference (DESIGN.md §3)."""
+"""GatedLinear / GatedConv2d and their skipping ops against a dense torch.nn.functional reference.
+
+The semantics are docs/design.md §3.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The trainable gate function of Kim et al. (AAAI 2020) and the module that holds its parameter.
 
-This is the one place where gate math lives (DESIGN.md §1). With one scalar ``w`` per channel:
+This is the one place where gate math lives (docs/design.md §1). With one scalar ``w`` per channel:
 
     TG_M(w) = b(w) + s_M(w) * g(w)
     b(w)    = 1 if w >= 0 else 0                 (step)

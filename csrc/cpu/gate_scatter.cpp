@@ -1,5 +1,5 @@
 // Gate-scatter and gate-gather, C++ CPU kernels (the `cpp` backend): the fused gather/scatter
-// steps of the skipping layers (DESIGN.md §3).
+// steps of the skipping layers (docs/design.md §3).
 //
 //   gate_scatter_kernel(z_sel [N, A, *S], sel [A], gate_sel [A], C) -> y [N, C, *S]
 //       y[:, sel[a]] = z_sel[:, a] * gate_sel[a], every other channel exactly 0

@@ -1,6 +1,6 @@
 """GatedLinear and GatedConv2d: nn.Linear / nn.Conv2d whose outputs are gated per channel, skipping closed ones.
 
-``skip`` (DESIGN.md §3): ``"none"`` computes everything densely and gates afterwards; ``"exact"``
+``skip`` (docs/design.md §3): ``"none"`` computes everything densely and gates afterwards; ``"exact"``
 skips closed channels in the forward and in dX and still gives every gate its exact gradient
 (same gradients as ``"none"``); ``"hard"`` skips closed channels everywhere (their gates get no
 task gradient). In eval mode and under ``torch.no_grad`` every mode skips closed channels.
@@ -118,7 +118,7 @@ def _drop_closed_inputs(x: Tensor, weight: Tensor, input_gate: Tensor, gate: Ten
     """x and weight without the input channels whose gate is closed (those channels of x are zeros).
 
     Exact in the forward and for dW; dX of the dropped channels comes back as zero, which is what
-    ``hard`` mode and no-grad evaluation need (DESIGN.md §3, chains). At least one channel is kept.
+    ``hard`` mode and no-grad evaluation need (docs/design.md §3, chains). At least one channel is kept.
     The input gate and the layer's own `gate` reach the host together: from their gate modules' host
     copies (no synchronisation while the gate weights are unchanged, see :mod:`tg_kernels._host`),
     else in one transfer for the whole layer call, backward included.

@@ -1,4 +1,4 @@
-"""Shared math of the skipping layers (DESIGN.md §3), written once for Linear and Conv2d.
+"""Shared math of the skipping layers (docs/design.md §3), written once for Linear and Conv2d.
 
 A layer supplies three primitives through :class:`LayerMath` (forward, input gradient, weight
 gradient); this module selects the active output channels, runs the primitives on the smaller

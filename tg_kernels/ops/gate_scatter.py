@@ -1,4 +1,4 @@
-"""Fused gather/scatter building blocks of the skipping layers (DESIGN.md §3).
+"""Fused gather/scatter building blocks of the skipping layers (docs/design.md §3).
 
 * :func:`gate_scatter` ``(z_sel [N, A, *S], sel [A], gate_sel [A], channels) -> y [N, channels, *S]``:
   ``y[:, sel[a]] = z_sel[:, a] * gate_sel[a]`` and every other channel exactly zero, written in

@@ -233,7 +233,7 @@ def gated_conv2d(
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups) * gate`` along dim 1, skipping closed channels.
 
     `padding` is numeric (pad `x` yourself for other padding modes). `skip` is ``"none"`` (dense,
-    then :func:`channel_gate`), ``"exact"`` or ``"hard"`` (DESIGN.md §3). Without gradients
+    then :func:`channel_gate`), ``"exact"`` or ``"hard"`` (docs/design.md §3). Without gradients
     (``torch.no_grad``) every mode skips closed channels.
     """
     _skip.check_skip(skip)
@@ -249,7 +249,7 @@ class _DenseForwardSkippingBackward(torch.autograd.Function):
     """``F.conv2d`` forward; backward over the open output channels only (closed ones get zero dW rows).
 
     Exact when the gradient reaching closed output channels is zero, as it is when their gate is
-    applied after a per-channel norm layer (DESIGN.md §3, conv -> BN -> gate).
+    applied after a per-channel norm layer (docs/design.md §3, conv -> BN -> gate).
     """
 
     @staticmethod

@@ -162,7 +162,7 @@ _skip.register_skip_autograd(gated_linear_op, gated_linear_backward_op)
 def gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor, skip: str = "exact") -> Tensor:
     """``F.linear(x, weight, bias) * gate`` (gate along the last dimension), skipping channels whose gate is 0.
 
-    `skip` is ``"none"`` (dense, then :func:`channel_gate`), ``"exact"`` or ``"hard"`` (DESIGN.md §3).
+    `skip` is ``"none"`` (dense, then :func:`channel_gate`), ``"exact"`` or ``"hard"`` (docs/design.md §3).
     Without gradients (``torch.no_grad``) every mode skips closed channels.
     """
     _skip.check_skip(skip)

@@ -1,7 +1,7 @@
 """`Budget`: the paper's resource regulariser, a differentiable function of the gate values.
 
 For every Conv/Linear call the analysis recorded how its FLOPs and parameters depend on its open
-input count ``a`` and open output count ``b`` (DESIGN.md §2): FLOPs ``= 2 * positions * k * a * b /
+input count ``a`` and open output count ``b`` (docs/design.md §2): FLOPs ``= 2 * positions * k * a * b /
 groups`` and parameters ``= k * a * b / groups + bias * b``. Open counts are sums of gate values,
 which are exactly 0 or 1 with a surrogate gradient, so the resource ``R`` is exact and
 differentiable.

@@ -1,4 +1,4 @@
-"""Compact execution: a gated model runs its exported structure in the forward (DESIGN.md §3).
+"""Compact execution: a gated model runs its exported structure in the forward (docs/design.md §3).
 
 Per-layer skipping stops at the layer boundary: each gated layer writes its output back at full
 width, so the norms, activations, residual adds and the next layer's input between gated layers

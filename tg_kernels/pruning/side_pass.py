@@ -1,4 +1,4 @@
-"""The closed-channel side pass: ``exact`` training at compact speed (DESIGN.md §3).
+"""The closed-channel side pass: ``exact`` training at compact speed (docs/design.md §3).
 
 Compact execution computes every gradient of ``none`` mode except one: the task gradient of closed
 gates, ``dL/dgate_c = sum(u_c * dout_c)``. This module computes it beside a compact forward from

@@ -1,7 +1,7 @@
 """Triton kernels of the skipping Linear layer: ``y = (x @ W^T + b) * gate``, closed channels skipped.
 
 Same contract as :func:`tg_kernels.ops._skip.skip_forward` / ``skip_backward`` with
-:class:`tg_kernels.ops.gated_linear.LinearMath` (DESIGN.md §3): ``x [N, K]`` and ``weight [C, K]``
+:class:`tg_kernels.ops.gated_linear.LinearMath` (docs/design.md §3): ``x [N, K]`` and ``weight [C, K]``
 contiguous, ``bias [C]`` or None, all of one dtype (float32, float16 or bfloat16); ``gate [C]``
 float32, any values, exactly 0 meaning closed. Accumulation is float32; outputs and parameter
 gradients come back in the inputs' dtype, ``grad_gate`` in float32.

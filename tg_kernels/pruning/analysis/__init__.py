@@ -17,7 +17,7 @@ Layout:
 - :mod:`.types`: the result types (:class:`Analysis` and its parts).
 - :mod:`.fx_legacy`: the torch.fx analysis, used for models that torch.export cannot trace.
 
-Gates must zero what consumers read (DESIGN.md §4). A producer is gated at its output, or after
+Gates must zero what consumers read (docs/design.md §4). A producer is gated at its output, or after
 the BatchNorm that is its only user (and the activations right after it). Ops that keep a zero
 channel zero pass that on; ops that do not (a norm, ``sigmoid``) break it, and a consumer that
 reads such a value asks for a gate right after the module that returns it ("regate"), or, where no

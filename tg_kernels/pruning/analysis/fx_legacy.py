@@ -8,7 +8,7 @@ an elementwise op couples channels (a residual add shares one gate); ``cat`` con
 a depthwise conv passes its input's spaces through. Anything the analysis does not understand is a
 *barrier*: the spaces that reach it are fixed (kept whole, ungated) and named in a warning.
 
-Gates must zero what consumers read (DESIGN.md §4). A producer is gated at its output, or after
+Gates must zero what consumers read (docs/design.md §4). A producer is gated at its output, or after
 the BatchNorm that is its only user. Ops that keep a zero channel zero (ReLU, pooling, ``mul``, a
 bias-free depthwise conv) pass the property on; ops that do not (a norm layer, ``sigmoid``) break
 it, and a consumer that reads such a value asks for the gate to be applied again right after that
