@@ -1,28 +1,28 @@
-"""`prune`: the recommended schedule in one call: gate, train towards a budget, fine-tune, export.
+"""`prune`: the recommended schedule in one call: gate, search towards a budget, fine-tune, export.
 
 The long-hand loop (``attach_gates``, ``Budget``, your optimiser, ``export``) stays available and
-documented in the README; this helper runs the schedule that reaches its target on the digits
-benchmark (``bench/digits_budget.py``):
+documented in the README. :func:`prune` is built from the pieces below, in this order:
 
-1. **gate search**: task loss plus an adaptive :class:`~tg_kernels.Budget`; Adam moves the gate
-   weights (their learning rate cosine-annealed over ``gate_epochs`` so that the ratio settles) and
-   the model's own weights together, in skip mode ``"exact"`` (the same gradients as dense, closed
-   gates included, so closed channels can reopen). It runs ``gate_epochs`` epochs (stopping inside
-   the last one at the first step whose ratio is within ``tol`` of the target); then
-   :meth:`Budget.settle` makes the last single-channel moves. ``max_gate_epochs`` above
-   ``gate_epochs`` lets it go on until the ratio lands within ``tol`` by itself.
-2. **fine-tuning**: gates frozen, the remaining weights trained with the task loss alone (a fresh
-   AdamW and cosine schedule), in skip mode ``"hard"`` (only open channels are computed).
-3. **export**: a plain model with the closed channels removed.
+1. :func:`_validate` checks the arguments; :func:`_attach` gates the model unless it is gated;
+   :func:`plan_schedule` turns ``gate_epochs + finetune_epochs`` epochs into optimizer steps: the
+   search gets ``gate_epochs`` epochs or ``min_search_steps`` steps, whichever is more (the minimum
+   taking at most 60% of the run), the fine-tuning the rest.
+2. :func:`init_gates_from_importance` (``gate_init="taylor"``) starts each gate at a height ranked by
+   its channel's first-order Taylor importance within its group, so that channels close one at a
+   time, least important first, in every group alike.
+3. :func:`_search`: task loss plus the adaptive :class:`~tg_kernels.Budget` (with its bottleneck
+   protection, ``protect``); Adam moves the weights and the gates together in skip mode
+   ``"exact"``. The budget's goal moves from 1 down to the target over the first ``anneal`` of the
+   search (the paper's gradual target); the rest holds the target while the gate learning rate
+   decays. :meth:`Budget.settle` then makes the last single-channel moves.
+4. :func:`_finetune`: gates frozen, the remaining weights trained with the task loss alone (a fresh
+   AdamW and cosine schedule) in skip mode ``"hard"``; then :func:`~tg_kernels.export`.
 
-The default split of 18 epochs (4 searching, 14 fine-tuning the settled structure) is measured on
-the digits benchmark (``bench/digits_budget.py``; README, "Reaching the target on digits"). The
-former default (at least 8 epochs of search, then up to 30 until the ratio landed within ``tol``
-by itself, 10 of fine-tuning) lost to Torch-Pruning's L2 pruning fine-tuned for the same total
-number of epochs at 0.25 of the FLOPs on both nets and at 0.125 on the wider one (by up to 0.2
-points): the final structure got 10 fine-tuning epochs where Torch-Pruning's got all of them (and
-on the narrow net, where one channel moves the ratio by 6-21% of the target, the search wandered
-for up to 30 epochs).
+Why: with every gate at the same height, little time (4 epochs of a small dataset are ~50 steps,
+about as many as a gate needs to close) and the budget's push proportional to each channel's cost,
+the former schedule closed the costliest layer in one sweep before the weights could adapt (the
+narrow digits CNN kept 1 of 16 first-conv channels at a 0.25 FLOPs target and lost 15 points). The
+defaults were chosen on validation splits (``bench/accuracy.py --split val``).
 
 Skip modes are switched with ``GateBank.set_skip`` where this version of tg_kernels has it.
 """
@@ -220,17 +220,14 @@ def plan_schedule(
 ) -> Schedule:
     """Steps of the search and of the fine-tuning for ``gate_epochs + finetune_epochs`` epochs of data.
 
-    The search runs ``gate_epochs`` epochs but at least ``min_search_steps`` optimizer steps (what
-    the weights need to adapt while channels close does not shrink with the dataset), and at most
-    ``search_share`` of all the steps when there is fine-tuning; the fine-tuning gets the rest, so
-    the total stays ``gate_epochs + finetune_epochs`` epochs whatever the dataset size.
+    The run has ``gate_epochs + finetune_epochs`` epochs. The search gets ``gate_epochs`` of them or
+    ``min_search_steps`` optimizer steps, whichever is more (the steps the weights need to adapt
+    while channels close do not shrink with the dataset), but the minimum takes no more than
+    ``search_share`` of the run; the fine-tuning gets the rest. So the total never changes, and on
+    a large dataset (``gate_epochs`` epochs already above ``min_search_steps``) nothing changes.
     """
     total = (gate_epochs + finetune_epochs) * steps_per_epoch
-    search = max(gate_epochs * steps_per_epoch, min_search_steps)
-    if finetune_epochs:
-        search = min(search, max(gate_epochs * steps_per_epoch, int(search_share * total)))
-    else:
-        total = search
+    search = max(gate_epochs * steps_per_epoch, min(min_search_steps, int(search_share * total)))
     extra = (max_gate_epochs - gate_epochs) * steps_per_epoch
     return Schedule(
         steps_per_epoch=steps_per_epoch,
@@ -437,9 +434,9 @@ def prune(
         weight_decay: AdamW's weight decay in fine-tuning.
         tol: the ratio must end within ``|ratio / target - 1| <= tol`` (settle makes the last moves).
         min_open: the per-group minimum of open channels (see :class:`~tg_kernels.Budget`).
-        min_search_steps: the search takes at least this many optimizer steps (but at most
-            60% of the run when there is fine-tuning): on a small dataset ``gate_epochs`` are too
-            few steps for the weights to adapt while channels close.
+        min_search_steps: the search takes at least this many optimizer steps, taken from the
+            fine-tuning but never more than 60% of the run (:func:`plan_schedule`): on a small
+            dataset ``gate_epochs`` are too few steps for the weights to adapt while channels close.
         anneal: the fraction of the search over which the budget's goal moves from 1 down to
             ``target`` (the paper's gradual target); the rest of the search holds the target.
             ``0`` pulls towards the target from the first step.
