@@ -603,7 +603,8 @@ def report(rows: list[dict], split: str, tag: str | None = None) -> str:
             kept = next((r["widths"] for r in sorted(tgr, key=lambda r: r["seed"])), None)
             kept_s = "/".join(map(str, kept[:6])) + ("/..." if kept and len(kept) > 6 else "") if kept else "-"
             wall = " / ".join(
-                f"{statistics.mean(r['seconds'] for r in trows if r['method'] == m):.0f}" for m in methods
+                f"{statistics.mean(secs):.0f}" if (secs := [r["seconds"] for r in trows if r["method"] == m]) else "-"
+                for m in methods
             )
             lines.append(
                 f"| {setting} | {target:g} | {_mean_std(list(dense.values()))} | " + " | ".join(cells)
