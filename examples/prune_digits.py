@@ -5,10 +5,11 @@ The workflow of Kim et al. (AAAI 2020) end to end, on real data that ships with 
 
 1. train a dense CNN (conv 1->64->128->128 with BatchNorm and ReLU, max pooling, a Linear head;
    ``--widths 16,32,32`` for a narrow one, where pruning costs accuracy);
-2. ``tg.prune(model, batches, target=...)``: attach the gates, search with the adaptive budget
-   (skip mode ``"exact"``, 4 epochs), land the FLOPs ratio within ``--tol`` of the target
-   (``Budget.settle``), freeze the gates and fine-tune the rest (14 epochs, ``"hard"``: only open
-   channels are computed), export;
+2. ``tg.prune(model, batches, target=...)``: attach the gates (started at heights ranked by each
+   channel's Taylor importance), search with the adaptive budget and its annealed goal (skip mode
+   ``"exact"``, 4 epochs or 300 optimizer steps, whichever is more, at most 60% of the 18 epochs),
+   land the FLOPs ratio within ``--tol`` of the target (``Budget.settle``), freeze the gates and
+   fine-tune for the rest of the 18 epochs (``"hard"``: only open channels are computed), export;
 3. check that the exported plain ``torch.nn`` model computes what the gated model computes, save it
    and load it back with ``tg.save`` / ``tg.load``;
 4. print test accuracy, FLOPs, parameters and CPU latency of the dense and the exported model,
@@ -314,11 +315,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs (default 20)")
     p.add_argument("--widths", default="64,128,128", help="the CNN's three conv widths (default 64,128,128)")
-    p.add_argument("--gate-epochs", type=int, default=4, help="minimum epochs of gate search (default 4)")
+    p.add_argument("--gate-epochs", type=int, default=4, help="epochs of gate search, or tg.prune's min_search_steps if more (default 4)")
     p.add_argument(
         "--max-gate-epochs", type=int, default=None, help="search on until within --tol, up to these (default: none)"
     )
-    p.add_argument("--finetune-epochs", type=int, default=14, help="epochs with frozen gates at the end (default 14)")
+    p.add_argument("--finetune-epochs", type=int, default=14, help="the run is --gate-epochs + these epochs; fine-tuning gets what the search leaves (default 14)")
     p.add_argument("--target", type=float, default=0.5, help="FLOPs of the pruned model / dense (default 0.5)")
     p.add_argument("--tol", type=float, default=0.01, help="stop when |ratio / target - 1| <= tol (default 0.01)")
     p.add_argument("--gate-lr", type=float, default=0.02, help="Adam lr of the gate weights (default 0.02)")

@@ -115,6 +115,8 @@ class Budget(nn.Module):
         min_open: int | float = 1,
         initial_weight: float = 0.1,
         rate: float = 0.02,
+        balance: float = 0.0,
+        protect: float = 0.0,
     ) -> None:
         super().__init__()
         bank = model_or_gates if isinstance(model_or_gates, GateBank) else gate_bank(model_or_gates)
@@ -130,11 +132,18 @@ class Budget(nn.Module):
             raise ValueError(f"weight must be None (adaptive) or a number >= 0, got {weight!r}")
         if penalty not in ("abs", "square"):
             raise ValueError(f"penalty must be 'abs' or 'square', got {penalty!r}")
+        if isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 <= balance <= 1:
+            raise ValueError(f"balance must be a number in [0, 1], got {balance!r}")
+        if isinstance(protect, bool) or not isinstance(protect, (int, float)) or not 0 <= protect < 1:
+            raise ValueError(f"protect must be a number in [0, 1), got {protect!r}")
         for name, value in (("initial_weight", initial_weight), ("rate", rate)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         self.gates = [bank]  # a list, so that the bank is not registered twice as a submodule
         self.target = float(target)
+        self.goal = float(target)  # what the loss pulls towards now (set_goal anneals it; default: target)
+        self.balance = float(balance)
+        self.protect = float(protect)
         self.metric = metric
         self.weight = None if weight is None else float(weight)
         self.penalty = penalty
@@ -231,21 +240,99 @@ class Budget(nn.Module):
     # the loss
     # ----------------------------------------------------------------------------------------------
 
+    def set_goal(self, goal: float) -> None:
+        """Pull towards ``goal`` (a ratio between the target and 1) instead of the target, for now.
+
+        :func:`~tg_kernels.prune` lowers the goal from 1 to the target over the search (the paper's
+        gradual target) so that channels close a few at a time while the weights adapt. ``status``,
+        ``report`` and ``settle`` always use the final ``target``.
+        """
+        if isinstance(goal, bool) or not isinstance(goal, (int, float)) or not (0 < goal <= 1):
+            raise ValueError(f"goal must be a ratio in (0, 1], got {goal!r}")
+        self.goal = max(float(goal), self.target)
+
+    def marginal_costs(self) -> dict[str, float]:
+        """``d ratio / d (open channels)`` of every group now: what one more open channel costs."""
+        with torch.enable_grad():
+            counts = {key: gate().sum().detach().float().requires_grad_(True) for key, gate in self.bank.gates.items()}
+            ratio = torch.as_tensor(self._ratio_from(counts))
+            if not ratio.requires_grad:
+                return {key: 0.0 for key in counts}
+            grads = torch.autograd.grad(ratio, list(counts.values()), allow_unused=True)
+        return {key: (0.0 if g is None else float(g)) for key, g in zip(counts, grads)}
+
+    def _balanced(self, counts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The counts with each group's gradient scaled by ``(reference cost / its cost) ** balance``.
+
+        Values are unchanged (the ratio stays exact); only the budget's push on each group changes.
+        The reference is the channel-weighted geometric mean of the groups' marginal costs, so the
+        overall scale (which the adaptive multiplier finds anyway) stays put.
+        """
+        costs = self.marginal_costs()
+        sizes = {key: gate.num_channels for key, gate in self.bank.gates.items()}
+        live = {key: c for key, c in costs.items() if c > 0 and sizes[key]}
+        if not live:
+            return counts
+        total = sum(sizes[key] for key in live)
+        ref = math.exp(sum(sizes[key] * math.log(c) for key, c in live.items()) / total)
+        out = {}
+        for key, n in counts.items():
+            c = live.get(key)
+            if c is None:
+                out[key] = n
+                continue
+            scale = min(max((ref / c) ** self.balance, 1e-2), 1e2)
+            out[key] = n.detach() + (n - n.detach()) * scale
+        return out
+
     def forward(self) -> Tensor:
         counts = self._open_counts()
         if self._may_close:
             self._check_closed(counts)
+        if self.balance:
+            counts = self._balanced(counts)
         ratio = torch.as_tensor(self._ratio_from(counts))
         if self.weight is not None:  # the paper's fixed lambda on the linear gap
-            gap = ratio - self.target
+            gap = ratio - self.goal
             return self.weight * (gap.abs() if self.penalty == "abs" else gap.square())
-        gap = torch.log(ratio.clamp_min(1e-12)) - math.log(self.target)
+        gap = torch.log(ratio.clamp_min(1e-12)) - math.log(self.goal)
         if self.training and torch.is_grad_enabled():  # dual ascent on the multiplier, on the device
             with torch.no_grad():
                 step = gap.detach().to(self.log_weight).clamp(-1.0, 1.0) * self.rate
                 self.log_weight.add_(step).clamp_(math.log(1e-4), math.log(1e4))
         lam = self.log_weight.exp().to(gap.dtype)
-        return lam * (gap.abs() if self.penalty == "abs" else gap.square())
+        loss = lam * (gap.abs() if self.penalty == "abs" else gap.square())
+        if self.protect and float(gap.detach()) > 0:
+            loss = loss + lam * self._bottleneck_term(counts)
+        return loss
+
+    def _bottleneck_term(self, counts: dict[str, Tensor]) -> Tensor:
+        """A push that holds open the last channels of a group thinner than the others.
+
+        The budget pushes each gate of group ``k`` closed with its marginal cost ``c_k = d log R /
+        d n_k``. This term pushes them open with ``protect * c_mean * f_mean / f_k``, where ``f_k =
+        n_k / N_k`` is the fraction of the group still open and ``c_mean``, ``f_mean`` are averages
+        over all gated channels. A group's channels therefore keep closing only while ``c_k * f_k >
+        protect * c_mean * f_mean``: as a layer thins towards a bottleneck its protection grows as
+        ``1 / f_k``, and the FLOPs come from the layers that still keep a larger share. The task
+        gradient of a layer's last channels only grows once the layer already costs accuracy (too
+        late on a short search); this is that prior, and the task gradient can still override it.
+        ``protect = 0`` leaves each channel's push at its raw marginal cost (the paper's budget).
+        """
+        costs = self.marginal_costs()
+        sizes = {key: self.bank.gates[key].num_channels for key in counts}
+        live = [key for key in counts if costs.get(key, 0.0) > 0 and sizes[key]]
+        if not live:
+            return counts[next(iter(counts))].new_zeros(()) if counts else torch.zeros(())
+        opened = {key: float(counts[key].detach()) for key in counts}
+        ratio = max(self._ratio_with(opened), 1e-12)
+        channels = sum(sizes[key] for key in live)
+        c_mean = sum(sizes[key] * costs[key] for key in live) / channels / ratio  # d log R / d n, averaged
+        f_mean = sum(opened[key] for key in live) / channels
+        total = 0.0
+        for key in live:
+            total = total - sizes[key] * torch.log(counts[key].clamp_min(1.0))
+        return self.protect * c_mean * f_mean * total
 
     def _check_closed(self, counts: dict[str, Tensor]) -> None:
         for key, count in counts.items():

@@ -1,28 +1,28 @@
-"""`prune`: the recommended schedule in one call: gate, train towards a budget, fine-tune, export.
+"""`prune`: the recommended schedule in one call: gate, search towards a budget, fine-tune, export.
 
 The long-hand loop (``attach_gates``, ``Budget``, your optimiser, ``export``) stays available and
-documented in the README; this helper runs the schedule that reaches its target on the digits
-benchmark (``bench/digits_budget.py``):
+documented in the README. :func:`prune` is built from the pieces below, in this order:
 
-1. **gate search**: task loss plus an adaptive :class:`~tg_kernels.Budget`; Adam moves the gate
-   weights (their learning rate cosine-annealed over ``gate_epochs`` so that the ratio settles) and
-   the model's own weights together, in skip mode ``"exact"`` (the same gradients as dense, closed
-   gates included, so closed channels can reopen). It runs ``gate_epochs`` epochs (stopping inside
-   the last one at the first step whose ratio is within ``tol`` of the target); then
-   :meth:`Budget.settle` makes the last single-channel moves. ``max_gate_epochs`` above
-   ``gate_epochs`` lets it go on until the ratio lands within ``tol`` by itself.
-2. **fine-tuning**: gates frozen, the remaining weights trained with the task loss alone (a fresh
-   AdamW and cosine schedule), in skip mode ``"hard"`` (only open channels are computed).
-3. **export**: a plain model with the closed channels removed.
+1. :func:`_validate` checks the arguments; :func:`_attach` gates the model unless it is gated;
+   :func:`plan_schedule` turns ``gate_epochs + finetune_epochs`` epochs into optimizer steps: the
+   search gets ``gate_epochs`` epochs or ``min_search_steps`` steps, whichever is more (the minimum
+   taking at most 60% of the run), the fine-tuning the rest.
+2. :func:`init_gates_from_importance` (``gate_init="taylor"``) starts each gate at a height ranked by
+   its channel's first-order Taylor importance within its group, so that channels close one at a
+   time, least important first, in every group alike.
+3. :func:`_search`: task loss plus the adaptive :class:`~tg_kernels.Budget` (with its bottleneck
+   protection, ``protect``); Adam moves the weights and the gates together in skip mode
+   ``"exact"``. The budget's goal moves from 1 down to the target over the first ``anneal`` of the
+   search (the paper's gradual target); the rest holds the target while the gate learning rate
+   decays. :meth:`Budget.settle` then makes the last single-channel moves.
+4. :func:`_finetune`: gates frozen, the remaining weights trained with the task loss alone (a fresh
+   AdamW and cosine schedule) in skip mode ``"hard"``; then :func:`~tg_kernels.export`.
 
-The default split of 18 epochs (4 searching, 14 fine-tuning the settled structure) is measured on
-the digits benchmark (``bench/digits_budget.py``; README, "Reaching the target on digits"). The
-former default (at least 8 epochs of search, then up to 30 until the ratio landed within ``tol``
-by itself, 10 of fine-tuning) lost to Torch-Pruning's L2 pruning fine-tuned for the same total
-number of epochs at 0.25 of the FLOPs on both nets and at 0.125 on the wider one (by up to 0.2
-points): the final structure got 10 fine-tuning epochs where Torch-Pruning's got all of them (and
-on the narrow net, where one channel moves the ratio by 6-21% of the target, the search wandered
-for up to 30 epochs).
+Why: with every gate at the same height, little time (4 epochs of a small dataset are ~50 steps,
+about as many as a gate needs to close) and the budget's push proportional to each channel's cost,
+the former schedule closed the costliest layer in one sweep before the weights could adapt (the
+narrow digits CNN kept 1 of 16 first-conv channels at a 0.25 FLOPs target and lost 15 points). The
+defaults were chosen on validation splits (``bench/accuracy.py --split val``).
 
 Skip modes are switched with ``GateBank.set_skip`` where this version of tg_kernels has it.
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,12 @@ from tg_kernels.pruning.budget import Budget, BudgetStatus
 from tg_kernels.pruning.export import export
 
 SKIP_MODES = ("none", "exact", "hard")
+GATE_INITS = ("taylor", "constant")
+DEFAULT_MIN_SEARCH_STEPS = 300
+DEFAULT_ANNEAL = 0.7
+DEFAULT_GATE_INIT = "taylor"
+DEFAULT_PROTECT = 0.5
+MAX_SEARCH_SHARE = 0.6
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
@@ -57,9 +63,16 @@ class PruneResult:
     budget: Budget
     status: BudgetStatus  # where the budget ended
     history: list[dict[str, float | str | int]] = field(default_factory=list)  # "start", then one row per epoch
-    gate_steps: int = 0
+    gate_steps: int = 0  # optimizer steps of the search
+    tune_steps: int = 0  # optimizer steps of the fine-tuning
     settled_flips: int = 0  # gates that Budget.settle flipped at the end of the search
     seconds: float = 0.0
+    schedule: Schedule | None = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps after the dense model: search plus fine-tuning."""
+        return self.gate_steps + self.tune_steps
 
     def summary(self) -> str:
         st = self.status
@@ -132,6 +145,242 @@ class _Progress:
             self.bar.stop()
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The search and fine-tuning lengths of one :func:`prune` call, in optimizer steps."""
+
+    steps_per_epoch: int
+    search_steps: int  # gate search (weights and gates together)
+    anneal_steps: int  # the goal moves from 1 to the target over these first search steps
+    tune_steps: int  # fine-tuning with frozen gates
+    max_search_steps: int  # the search may go on to these until the ratio is within tol by itself
+
+    @property
+    def total_steps(self) -> int:
+        return self.search_steps + self.tune_steps
+
+
+def _check_int(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+def _validate(
+    model: Any,
+    gate_epochs: int,
+    max_gate_epochs: int,
+    finetune_epochs: int,
+    skip: Any,
+    min_search_steps: int,
+    anneal: float,
+    gate_init: str,
+    protect: float,
+) -> None:
+    """Argument checks of :func:`prune`, before anything runs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune expects an nn.Module, got {type(model).__name__}")
+    for name, value in (("gate_epochs", gate_epochs), ("max_gate_epochs", max_gate_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
+    if not (isinstance(skip, (tuple, list)) and len(skip) == 2 and all(m in SKIP_MODES for m in skip)):
+        raise ValueError(f"skip must be two modes (search, fine-tuning) out of {SKIP_MODES}, got {skip!r}")
+    if max_gate_epochs < gate_epochs:
+        raise ValueError(f"max_gate_epochs ({max_gate_epochs}) must be >= gate_epochs ({gate_epochs})")
+    _check_int("min_search_steps", min_search_steps, 0)
+    if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal <= 1:
+        raise ValueError(f"anneal must be a fraction of the search in [0, 1], got {anneal!r}")
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+    if isinstance(protect, bool) or not isinstance(protect, (int, float)) or not 0 <= protect < 1:
+        raise ValueError(f"protect must be a number in [0, 1), got {protect!r}")
+
+
+def _count_steps(data: Batches) -> int:
+    """Batches per epoch: ``len`` of the iterable where it has one, else one pass counting them."""
+    batches = _epoch_batches(data)
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        n = sum(1 for _ in batches)
+    if n < 1:
+        raise ValueError("prune() got no batches: data yields nothing")
+    return n
+
+
+def plan_schedule(
+    steps_per_epoch: int,
+    gate_epochs: int,
+    max_gate_epochs: int,
+    finetune_epochs: int,
+    min_search_steps: int,
+    anneal: float,
+    search_share: float = MAX_SEARCH_SHARE,
+) -> Schedule:
+    """Steps of the search and of the fine-tuning for ``gate_epochs + finetune_epochs`` epochs of data.
+
+    The run has ``gate_epochs + finetune_epochs`` epochs. The search gets ``gate_epochs`` of them or
+    ``min_search_steps`` optimizer steps, whichever is more (the steps the weights need to adapt
+    while channels close do not shrink with the dataset), but the minimum takes no more than
+    ``search_share`` of the run; the fine-tuning gets the rest. So the total never changes, and on
+    a large dataset (``gate_epochs`` epochs already above ``min_search_steps``) nothing changes.
+    """
+    total = (gate_epochs + finetune_epochs) * steps_per_epoch
+    search = max(gate_epochs * steps_per_epoch, min(min_search_steps, int(search_share * total)))
+    extra = (max_gate_epochs - gate_epochs) * steps_per_epoch
+    return Schedule(
+        steps_per_epoch=steps_per_epoch,
+        search_steps=search,
+        anneal_steps=int(round(anneal * search)),
+        tune_steps=max(total - search, 0),
+        max_search_steps=search + extra,
+    )
+
+
+def _stream(data: Batches) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) pairs, epoch after epoch, for as long as they are asked for."""
+    epoch = 0
+    while True:
+        epoch += 1
+        empty = True
+        for batch in _epoch_batches(data):
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise ValueError("prune() got no batches: data yields nothing")
+
+
+def _attach(model: nn.Module, data: Batches, example_inputs: Any, skip: str, compact: bool, closed: bool):
+    if hasattr(unwrap(model), BANK_NAME):
+        return model
+    if example_inputs is None:
+        first_inputs, _ = _split(next(iter(_epoch_batches(data))))
+        example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
+        model, _ = attach_gates(model, example_inputs, skip=skip, compact=compact, closed_gate_gradients=closed)
+    return model
+
+
+@torch.no_grad()
+def init_gates_from_importance(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any, Any], Tensor],
+    low: float = 0.1,
+    high: float = 1.0,
+) -> dict[str, Tensor]:
+    """Start each gate at a height that ranks its channel's importance within its group.
+
+    Importance is the first-order Taylor score of the channel (Molchanov et al. 2019): the mean over
+    ``batches`` of ``|dL/dgate|``, the loss change to first order of removing the channel, read off
+    the gates' own gradients (so it works for every group the analysis found, residual-coupled ones
+    included). Within each group the least important channel starts at ``low`` and the most important
+    at ``high`` (linear in rank). Under Adam a gate under steady budget pressure moves about
+    ``gate_lr`` per step, so gates that start lower cross their threshold first: channels close one
+    at a time in order of importance, in every group alike, instead of a whole group reaching the
+    threshold in the same few steps. Returns the scores.
+    """
+    bank = gate_bank(model)
+    params = {key: gate.weight for key, gate in bank.gates.items()}
+    scores = {key: torch.zeros_like(w) for key, w in params.items()}
+    was = [p.requires_grad for p in params.values()]
+    for p in params.values():
+        p.requires_grad_(True)
+    seen = 0
+    with torch.enable_grad():
+        for batch in batches:
+            inputs, targets = _split(batch)
+            loss = loss_fn(_call(model, inputs), targets)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for key, g in zip(params, grads):
+                if g is not None:
+                    scores[key] += g.abs()
+            seen += 1
+    for p, r in zip(params.values(), was):
+        p.requires_grad_(r)
+    if not seen:
+        return scores
+    for key, w in params.items():
+        n = w.numel()
+        if n < 2:
+            continue
+        rank = torch.empty_like(w)
+        rank[torch.argsort(scores[key], stable=True)] = torch.arange(n, dtype=w.dtype, device=w.device)
+        w.copy_(low + (high - low) * rank / (n - 1))
+    return scores
+
+
+def _goal(target: float, step: int, anneal_steps: int) -> float:
+    """The annealed goal: from 1 down to ``target``, geometric in the cosine of the step."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return target
+    progress = 1 - _cosine(step, anneal_steps)  # 0 -> 1, slow at both ends
+    return math.exp(progress * math.log(target))
+
+
+def _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol, record) -> int:
+    """Task loss + budget on weights and gates together; returns the steps taken."""
+    model.train()
+    step, epoch, total, seen = 0, None, 0.0, 0
+    output = None
+    for epoch_now, batch in stream:
+        if epoch is not None and epoch_now != epoch:
+            _check_signal(output)
+            record("gates", epoch, total / max(seen, 1))
+            total, seen = 0.0, 0
+        epoch = epoch_now
+        budget.set_goal(_goal(target, step, schedule.anneal_steps))
+        # the gates move at full speed while the goal moves, then slow down (cosine) so that the ratio settles
+        hold = schedule.search_steps - schedule.anneal_steps
+        anneal = _cosine(step - schedule.anneal_steps, hold) if step >= schedule.anneal_steps else 1.0
+        opt.param_groups[1]["lr"] = gate_lr * max(anneal, 0.05)
+        inputs, targets = _split(batch)
+        output = _call(model, inputs)
+        task = loss_fn(output, targets)
+        loss = task + budget()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        total += float(task.detach())
+        seen += 1
+        if step >= schedule.search_steps:
+            if step >= schedule.max_search_steps or abs(float(budget.ratio().detach()) / target - 1) <= tol:
+                break
+    _check_signal(output)
+    record("gates", epoch or 0, total / max(seen, 1))
+    budget.set_goal(target)
+    return step
+
+
+def _finetune(model, weights, stream, steps, steps_per_epoch, loss_fn, lr, weight_decay, record) -> int:
+    """Frozen gates, the task loss alone: AdamW with a cosine schedule for ``steps`` steps."""
+    if steps <= 0:
+        return 0
+    tune = torch.optim.AdamW(weights, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(tune, lambda s: _cosine(s, steps))
+    model.train()
+    total, seen, done = 0.0, 0, 0
+    for _, batch in stream:
+        inputs, targets = _split(batch)
+        task = loss_fn(_call(model, inputs), targets)
+        tune.zero_grad(set_to_none=True)
+        task.backward()
+        tune.step()
+        sched.step()
+        total += float(task.detach())
+        seen += 1
+        done += 1
+        if seen == steps_per_epoch or done == steps:
+            record("tune", math.ceil(done / steps_per_epoch), total / max(seen, 1))
+            total, seen = 0.0, 0
+        if done >= steps:
+            break
+    return done
+
+
 def prune(
     model: nn.Module,
     data: Batches,
@@ -148,6 +397,10 @@ def prune(
     weight_decay: float = 1e-4,
     tol: float = 0.01,
     min_open: int | float = 1,
+    min_search_steps: int = DEFAULT_MIN_SEARCH_STEPS,
+    anneal: float = DEFAULT_ANNEAL,
+    gate_init: str = DEFAULT_GATE_INIT,
+    protect: float = DEFAULT_PROTECT,
     evaluate: Callable[[nn.Module], float] | None = None,
     skip: tuple[str, str] = ("exact", "hard"),
     progress: bool = True,
@@ -161,24 +414,37 @@ def prune(
         model: a trained model, ungated (gates are attached here, in place) or already gated by
             :func:`~tg_kernels.attach_gates`.
         data: training batches of ``(inputs, targets)``: a re-iterable such as a DataLoader, or a
-            callable returning a fresh iterable for each epoch.
+            callable returning a fresh iterable for each epoch. Without ``len`` one epoch is
+            iterated once first to count its batches.
         target: the wanted fraction of the dense model's ``metric``.
         example_inputs: inputs for :func:`~tg_kernels.attach_gates` (FLOPs are counted for them);
             default: the first sample of the first batch.
         metric: ``"flops"``, ``"params"`` or ``"channels"``.
         loss_fn: task loss ``loss_fn(model_output, targets)``.
-        gate_epochs: epochs of gate search (the gate learning rate anneals over them).
-        max_gate_epochs: ``None`` (the default): the same as ``gate_epochs``. Larger: after
-            ``gate_epochs`` the search goes on until the ratio is within ``tol`` by itself, and
-            gives up after these; either way :meth:`Budget.settle` lands what is left. Every epoch
-            spent here is one the final structure is not fine-tuned for.
-        finetune_epochs: epochs with frozen gates at the end.
+        gate_epochs: epochs of gate search, unless ``min_search_steps`` asks for more steps.
+        max_gate_epochs: ``None`` (the default): no more than the planned search. Larger: after the
+            planned search it goes on (up to these many epochs' worth of extra steps) until the
+            ratio is within ``tol`` by itself; either way :meth:`Budget.settle` lands what is left.
+        finetune_epochs: with ``gate_epochs``, the length of the whole run: ``gate_epochs +
+            finetune_epochs`` epochs, of which the fine-tuning gets what the search leaves.
         lr: the model weights' learning rate (Adam in the search, AdamW in fine-tuning, cosine).
-        gate_lr: Adam's learning rate for the gate weights. With gates starting at ``w = 0.5`` a gate
-            needs about ``0.5 / gate_lr`` steps to close; the budget's multiplier is tuned to that.
+        gate_lr: Adam's learning rate for the gate weights (cosine-annealed over the search). A gate
+            under steady pressure moves about ``gate_lr`` per step, so one that starts at ``w``
+            closes after about ``w / gate_lr`` steps.
         weight_decay: AdamW's weight decay in fine-tuning.
-        tol: the search stops once ``|ratio / target - 1| <= tol``.
+        tol: the ratio must end within ``|ratio / target - 1| <= tol`` (settle makes the last moves).
         min_open: the per-group minimum of open channels (see :class:`~tg_kernels.Budget`).
+        min_search_steps: the search takes at least this many optimizer steps, taken from the
+            fine-tuning but never more than 60% of the run (:func:`plan_schedule`): on a small
+            dataset ``gate_epochs`` are too few steps for the weights to adapt while channels close.
+        anneal: the fraction of the search over which the budget's goal moves from 1 down to
+            ``target`` (the paper's gradual target); the rest of the search holds the target.
+            ``0`` pulls towards the target from the first step.
+        gate_init: ``"taylor"``: gates start at heights ranked by each channel's Taylor importance
+            within its group (:func:`init_gates_from_importance`, one pass over
+            ``min(steps_per_epoch, 16)`` batches); ``"constant"``: every gate at 0.5.
+        protect: in ``[0, 1)``: how strongly the budget holds open the last channels of a group
+            that is thinner than the rest (:class:`~tg_kernels.Budget`'s ``protect``).
         evaluate: optional ``evaluate(model) -> float`` (an accuracy, say), run after each epoch and
             recorded in the history.
         skip: the skip modes of the search and of the fine-tuning (``GateBank.set_skip``; where
@@ -186,10 +452,7 @@ def prune(
             computes every step densely: the reference for timing the default.
         compact: attach with compact execution (the ``"hard"`` fine-tuning then runs at the exported
             model's speed; see :mod:`tg_kernels.pruning.compact`); ``False`` keeps the per-layer path.
-        closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`):
-            ``True`` keeps them off the input of a ReLU-like activation, so closed gates keep a task
-            gradient; ``False`` places them before it, which makes an ``"exact"`` search about as
-            fast as ``"hard"`` but reopens closed gates through the budget only.
+        closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`).
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
 
@@ -197,33 +460,26 @@ def prune(
         A :class:`PruneResult`: the exported model, the gated model, the budget, where it ended,
         one history row per epoch (phase, epoch, ratio, multiplier, loss, and ``evaluate``'s value).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prune expects an nn.Module, got {type(model).__name__}")
     if max_gate_epochs is None:
         max_gate_epochs = gate_epochs
-    for name, value in (("gate_epochs", gate_epochs), ("max_gate_epochs", max_gate_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
-    if not (isinstance(skip, (tuple, list)) and len(skip) == 2 and all(m in SKIP_MODES for m in skip)):
-        raise ValueError(f"skip must be two modes (search, fine-tuning) out of {SKIP_MODES}, got {skip!r}")
-    if max_gate_epochs < gate_epochs:
-        raise ValueError(f"max_gate_epochs ({max_gate_epochs}) must be >= gate_epochs ({gate_epochs})")
+    _validate(model, gate_epochs, max_gate_epochs, finetune_epochs, skip, min_search_steps, anneal, gate_init, protect)
     start = time.perf_counter()
     say = log or (lambda line: None)
-    if not hasattr(unwrap(model), BANK_NAME):
-        if example_inputs is None:
-            first_inputs, _ = _split(next(iter(_epoch_batches(data))))
-            example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
-            model, _ = attach_gates(
-                model, example_inputs, skip=skip[0], compact=compact, closed_gate_gradients=closed_gate_gradients
-            )
+    model = _attach(model, data, example_inputs, skip[0], compact, closed_gate_gradients)
     bank = gate_bank(model)
-    budget = Budget(bank, target=target, metric=metric, min_open=min_open)
     _set_skip(model, skip[0])
+    schedule = plan_schedule(
+        _count_steps(data), gate_epochs, max_gate_epochs, finetune_epochs, min_search_steps, anneal
+    )
+    # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
+    rate = max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
+    budget = Budget(bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate)
+    stream = _stream(data)
+    if gate_init == "taylor":
+        model.train()
+        n = min(schedule.steps_per_epoch, 16)
+        init_gates_from_importance(model, (batch for _, (_, batch) in zip(range(n), stream)), loss_fn)
+        stream = _stream(data)  # the search starts at a fresh epoch
 
     gate_params = list(bank.parameters())
     gate_ids = {id(p) for p in gate_params}
@@ -232,10 +488,7 @@ def prune(
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": gate_params, "lr": gate_lr}])
     history: list[dict[str, float | str | int]] = []
-    steps_per_epoch = None
-    step = 0
-    done = False
-    bar = _Progress(progress, max_gate_epochs + finetune_epochs)
+    bar = _Progress(progress, math.ceil(schedule.total_steps / schedule.steps_per_epoch) + 1)
 
     def record(phase: str, epoch: int, loss: float) -> None:
         st = budget.status()
@@ -259,31 +512,7 @@ def prune(
 
     try:
         record("start", 0, math.nan)
-        model.train()
-        for epoch in range(1, max_gate_epochs + 1):
-            total, seen = 0.0, 0
-            for batch in _epoch_batches(data):
-                inputs, targets = _split(batch)
-                if steps_per_epoch is not None:
-                    anneal = _cosine(step, gate_epochs * steps_per_epoch)
-                    opt.param_groups[1]["lr"] = gate_lr * max(anneal, 0.05)
-                output = _call(model, inputs)
-                task = loss_fn(output, targets)
-                loss = task + budget()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                total += float(task.detach())
-                seen += 1
-                if epoch >= gate_epochs and abs(float(budget.ratio().detach()) / target - 1) <= tol:
-                    done = True
-                    break
-            steps_per_epoch = steps_per_epoch or seen
-            _check_signal(output)
-            record("gates", epoch, total / max(seen, 1))
-            if done:
-                break
+        steps = _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol, record)
         searched = float(budget.ratio().detach())
         flips = budget.settle(tol) if not budget.status().within(tol) else 0
         if flips:
@@ -292,22 +521,10 @@ def prune(
         for p in gate_params:
             p.requires_grad_(False)
         _set_skip(model, skip[1])
-        if finetune_epochs:
-            tune = torch.optim.AdamW(weights, lr=lr, weight_decay=weight_decay)
-            n_steps = finetune_epochs * (steps_per_epoch or 1)
-            sched = torch.optim.lr_scheduler.LambdaLR(tune, lambda s: _cosine(s, n_steps))
-            for epoch in range(1, finetune_epochs + 1):
-                total, seen = 0.0, 0
-                for batch in _epoch_batches(data):
-                    inputs, targets = _split(batch)
-                    task = loss_fn(_call(model, inputs), targets)
-                    tune.zero_grad(set_to_none=True)
-                    task.backward()
-                    tune.step()
-                    sched.step()
-                    total += float(task.detach())
-                    seen += 1
-                record("tune", epoch, total / max(seen, 1))
+        tuned = _finetune(
+            model, weights, _stream(data), schedule.tune_steps,
+            schedule.steps_per_epoch, loss_fn, lr, weight_decay, record,
+        )
     finally:
         bar.close()
     model.eval()
@@ -318,9 +535,11 @@ def prune(
         budget=budget,
         status=budget.status(),
         history=history,
-        gate_steps=step,
+        gate_steps=steps,
+        tune_steps=tuned,
         settled_flips=flips,
         seconds=time.perf_counter() - start,
+        schedule=schedule,
     )
 
 
@@ -338,4 +557,4 @@ def _check_signal(output: Any) -> None:
         )
 
 
-__all__ = ["PruneResult", "prune"]
+__all__ = ["PruneResult", "Schedule", "init_gates_from_importance", "plan_schedule", "prune"]
