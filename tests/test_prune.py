@@ -21,7 +21,7 @@ from bench.flops import conv_linear_flops
 from bench.models import MLPBlock as BenchMLPBlock
 from bench.models import ResNetCifar
 from tg_kernels.nn import PrunableMultiheadAttention
-from tg_kernels.pruning.attach import GateHook
+from tg_kernels.pruning.bank import GateHook
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -4,7 +4,8 @@ Planning which channels a skipping call computes needs the gate values on the ho
 CUDA tensor on the host is a synchronisation. Two caches keep those reads rare:
 
 - **Per gate module** (:class:`~tg_kernels.TrainableGate` in the limit form): its values are
-  ``open_mask(weight)`` as 0/1, so they are derived on the host from a host copy of the weight and
+  ``gate.open_mask()`` as 0/1, so they are derived on the host from a host copy of the weight
+  (``gate.open_mask(host_weight)``: this module only caches, the gate says what is open) and
   remembered while the weight is unchanged: the same parameter object, ``_version`` and storage, the
   same ``min_open``, and no optimizer step since (every ``torch.optim`` step counts as a change:
   fused optimizers do not bump ``_version``). When one gate is stale, every tracked gate on its
@@ -124,8 +125,6 @@ def _fresh_values(gate) -> HostValues | None:
 def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
     """Read the weights of `gates`, of every other stale tracked gate on their (accelerator) devices, and `extra`
     (host copies returned) in one transfer per device; nothing is read for fresh gates."""
-    from tg_kernels.gate import open_mask  # here: tg_kernels.gate imports this module
-
     with _gates.lock, torch.inference_mode(False):  # cached tensors must outlive an inference-mode caller
         for gate in gates:
             _gates.entries.setdefault(gate, None)
@@ -139,7 +138,7 @@ def _refresh(gates: Sequence, extra: Sequence[Tensor] = ()) -> list[Tensor]:
         states = [_state(g) for g in stale]
         hosts = _to_host_plain([g.weight for g in stale] + list(extra))
         for gate, state, host_weight in zip(stale, states, hosts):
-            values = open_mask(host_weight, gate.min_open).to(host_weight.dtype)
+            values = gate.open_mask(host_weight).to(host_weight.dtype)  # the gate's own definition
             _gates.entries[gate] = (state, HostValues(values))
     return hosts[len(stale) :]
 

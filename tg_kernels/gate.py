@@ -95,6 +95,16 @@ def _evaluate_shape(shape_fn: ShapeFn, w: Tensor) -> Tensor:
     return g.to(w.dtype)
 
 
+def limit_derivative(w: Tensor, shape: str | ShapeFn | None = None) -> Tensor:
+    """dTG/dw of the limit form (``M=None``) at ``w``: exactly ``g(w)``, in ``w``'s dtype and shape.
+
+    The one definition of the gate's backward: the limit form's autograd function and every fused
+    path that evaluates many gates in one node (compact execution's kept gate values) turn the
+    gradient reaching the gate values into ``dL/dw = limit_derivative(w) * dL/dgate`` with it.
+    """
+    return _evaluate_shape(resolve_shape(shape), w)
+
+
 class _StepWithShapedGradient(torch.autograd.Function):
     """Value ``open`` as 0/1 (exact); gradient g(w) times the incoming gradient."""
 
@@ -108,7 +118,7 @@ class _StepWithShapedGradient(torch.autograd.Function):
     def backward(ctx, grad_gate: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (w,) = ctx.saved_tensors
         with torch.no_grad():
-            g = _evaluate_shape(ctx.shape_fn, w)
+            g = limit_derivative(w, ctx.shape_fn)
         return grad_gate * g, None, None
 
 
@@ -234,13 +244,15 @@ class TrainableGate(nn.Module):
             _host.track(values, [self])
         return values
 
-    def open_mask(self) -> Tensor:
+    def open_mask(self, weight: Tensor | None = None) -> Tensor:
         """Boolean mask of open gates: ``weight >= 0``, plus the ``min_open`` largest weights.
 
         The one source of truth for which channels are open: the forward's gate values are exactly 1
         there (limit form) and 0 elsewhere, and :func:`~tg_kernels.export` keeps exactly these.
+        ``weight``: a copy of this gate's weight to read instead of the parameter (the host cache of
+        :mod:`tg_kernels._host` passes its host copy, so that no device tensor is read).
         """
-        return open_mask(self.weight, self.min_open)
+        return open_mask(self.weight if weight is None else weight, self.min_open)
 
     def num_open(self) -> int:
         """How many gates are open (synchronises with the device)."""

@@ -7,7 +7,8 @@
 """
 
 from tg_kernels.pruning.analysis import AnalysisError
-from tg_kernels.pruning.attach import GateBank, GroupInfo, attach_gates, gate_bank
+from tg_kernels.pruning.attach import attach_gates
+from tg_kernels.pruning.bank import GateBank, GroupInfo, gate_bank
 from tg_kernels.pruning.budget import METRICS, Budget, BudgetStatus, Usage
 from tg_kernels.pruning.export import export, load, save
 from tg_kernels.pruning.train import PruneResult, prune

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tg_kernels.pruning.analysis import LayerCost
-from tg_kernels.pruning.attach import GateBank, gate_bank
+from tg_kernels.pruning.bank import GateBank, gate_bank
 
 METRICS = ("flops", "params", "channels")
 

@@ -46,11 +46,10 @@ from torch.utils import _pytree as pytree
 
 from tg_kernels import _host
 from tg_kernels.gate import open_masks, resolve_shape
-from tg_kernels.pruning.attach import GateBank, GateHook, Parts
-from tg_kernels.pruning.export import _is_depthwise, sync_module_attributes
+from tg_kernels.pruning.bank import GateBank, GateHook, Parts
 from tg_kernels.pruning.gather import Bundle, gather_bundle, is_dense, kept_gate_values
 from tg_kernels.pruning.side_pass import SidePlan, SideRun, build_plan, full_width_groups
-from tg_kernels.pruning.slicing import kept_channels, kept_entries, kept_size
+from tg_kernels.pruning.slicing import is_depthwise, kept_channels, kept_entries, kept_size, sync_module_attributes
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
 # gradient of that scale: relu(g * z) = g * relu(z). A gate after such an activation can be folded
@@ -196,7 +195,7 @@ class CompactForward:
         self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
         self._layers = list(bank.gated_layers)
         self._quiet = self._hooks_to_silence()
-        self._depthwise = {name for name, m in model.named_modules() if _is_depthwise(m)}
+        self._depthwise = {name for name, m in model.named_modules() if is_depthwise(m)}
         if any(gate.M is not None for gate in bank.gates.values()):
             self.disabled_reason = "paper-form gates (gate_M set) are not exactly 0 for closed channels"
         # why "exact" training keeps the per-layer path (None: it runs compact with side passes)

@@ -28,23 +28,24 @@ from tg_kernels.nn import (
     restore_multihead_attention,
     swap_multihead_attention,
 )
-from tg_kernels.pruning.analysis.head_dims import entry_gates
-from tg_kernels.pruning.attach import (
+from tg_kernels.pruning.bank import (
     BANK_NAME,
     RECURRENT_ROWS,
+    AttachedHook,
     GateBank,
-    GateHook,
-    InputGateHook,
-    NoFastPath,
-    RecurrentGateHook,
-    RecurrentRestore,
-    _EnterMode,
-    _ExitMode,
+    entry_gates,
     gate_bank,
     set_submodule,
     unwrap,
 )
-from tg_kernels.pruning.slicing import kept_channels, kept_entries, kept_size, tensor_of
+from tg_kernels.pruning.slicing import (
+    is_depthwise,
+    kept_channels,
+    kept_entries,
+    kept_size,
+    sync_module_attributes,
+    tensor_of,
+)
 
 FORMAT = "tg_kernels.exported_model"
 FORMAT_VERSION = 1
@@ -133,7 +134,7 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
 
 def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
     """Scale the gated block's rows of every LSTM / GRU layer by its units' gate values (what
-    :class:`~tg_kernels.pruning.attach.RecurrentGateHook` does in each forward), before slicing."""
+    :class:`~tg_kernels.pruning.bank.RecurrentGateHook` does in each forward), before slicing."""
     for point in bank.analysis.recurrent:
         module = model.get_submodule(point.module)
         gate = values[bank.key_of_space[point.space]]
@@ -174,51 +175,6 @@ def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases
         raise KeyError(target)
 
 
-def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> None:
-    """Make a module's size attributes agree with its tensors after channels were removed."""
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        module.out_channels = module.weight.shape[0]
-        if was_depthwise:
-            module.groups = module.in_channels = module.out_channels
-        else:
-            module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.modules.conv._ConvNd):  # transposed: weight is (in, out / groups, *kernel)
-        module.in_channels = module.weight.shape[0]
-        module.out_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        stats = module.weight if module.weight is not None else module.running_mean
-        if stats is not None:
-            module.num_features = stats.shape[0]
-    elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-        if getattr(module, "weight", None) is not None and len(module.normalized_shape) == 1:
-            module.normalized_shape = (module.weight.shape[0],)
-    elif isinstance(module, nn.GroupNorm):
-        if module.weight is not None:
-            module.num_channels = module.weight.shape[0]
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.numel()
-    elif isinstance(module, nn.Embedding):
-        module.embedding_dim = module.weight.shape[1]
-    elif isinstance(module, nn.RNNBase):  # LSTM, GRU, RNN; _flat_weights: refreshed by export (or by the forward)
-        module.input_size = module.weight_ih_l0.shape[1]
-        proj = getattr(module, "proj_size", 0)
-        module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
-        module.nf = module.weight.shape[1]
-    elif isinstance(module, PrunableMultiheadAttention):  # embed_dim, kdim, vdim, out_dim, num_heads
-        module.sync_sizes()
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and module.groups > 1
-        and module.groups == module.in_channels == module.out_channels
-    )
-
-
 def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
@@ -231,14 +187,27 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     closed channels whose outputs are zeroed), which some hardware runs faster; at least one
     channel per group is kept.
     """
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    _check_round_to(round_to)
     return _export(model, round_to, in_place=False)
 
 
+def export_in_place(model: nn.Module, *, round_to: int = 1) -> nn.Module:
+    """:func:`export` without the copy: ``model`` itself becomes the exported model (and is returned).
+
+    For a model that is a throwaway copy already: attach's self-check exports one this way, which
+    saves a second copy of the model.
+    """
+    _check_round_to(round_to)
+    return _export(model, round_to, in_place=True)
+
+
+def _check_round_to(round_to: int) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+
+
 def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
-    """:func:`export`; ``in_place`` turns ``model`` itself into the exported model (attach's
-    self-check exports a throwaway copy, and saves a second copy of the model that way)."""
+    """:func:`export`; ``in_place`` turns ``model`` itself into the exported model."""
     model = unwrap(model)
     gate_bank(model)  # a clear error for a model without gates
     exported = model if in_place else copy.deepcopy(model)
@@ -257,7 +226,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 )
             _fold_gate_values(exported, ebank, values, kept)
             _fold_recurrent(exported, ebank, values)
-            depthwise = {name for name, m in exported.named_modules() if _is_depthwise(m)}
+            depthwise = {name for name, m in exported.named_modules() if is_depthwise(m)}
             aliases = _aliases(exported)
             for (target, dim), entries in kept_entries(exported, ebank, kept).items():
                 tensor = tensor_of(exported, target)
@@ -278,17 +247,17 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
     for name, module in list(exported.named_modules()):
         if isinstance(module, (GatedConv2d, GatedLinear)):
             set_submodule(exported, name, module.to_conv() if isinstance(module, GatedConv2d) else module.to_linear())
-    for module in exported.modules():
+    for module in exported.modules():  # every hook attach_gates registered (tg_kernels.pruning.bank)
         for hook_id, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, (GateHook, _ExitMode, RecurrentRestore)):
+            if isinstance(hook, AttachedHook):
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_always_called.pop(hook_id, None)
         for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, (_EnterMode, RecurrentGateHook, InputGateHook, NoFastPath)):
+            if isinstance(hook, AttachedHook):
                 del module._forward_pre_hooks[hook_id]
-    from tg_kernels.pruning.compact import uninstall  # compact imports this module
-
-    uninstall(exported)
+    runner = ebank.compact  # compact execution's forward (tg_kernels.pruning.compact), an instance attribute
+    if runner is not None and exported.__dict__.get("forward") is runner:
+        del exported.__dict__["forward"]
     delattr(exported, BANK_NAME)
     return exported
 

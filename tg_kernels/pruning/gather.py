@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tg_kernels.gate import ShapeFn, _evaluate_shape
+from tg_kernels.gate import ShapeFn, limit_derivative
 
 
 def is_dense(t: Tensor) -> bool:
@@ -368,8 +368,9 @@ class _KeptGateValues(torch.autograd.Function):
     """The gate values of every group's kept channels, plus a trailing 1 (for ungated channels).
 
     The values are the open masks (exactly 0/1, the limit form of the gate); the gradient reaching
-    a kept channel's ``w`` is ``g(w)`` times the incoming gradient for ``graded`` channels (the open
-    ones, as ``hard`` mode gives it) and zero for the others.
+    a kept channel's ``w`` is the gate's derivative (:func:`~tg_kernels.gate.limit_derivative`,
+    ``g(w)``) times the incoming gradient for ``graded`` channels (the open ones, as ``hard`` mode
+    gives it) and zero for the others.
     """
 
     @staticmethod
@@ -384,7 +385,7 @@ class _KeptGateValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         w, kept, graded = ctx.saved_tensors
-        g = _evaluate_shape(ctx.shape_fn, w)
+        g = limit_derivative(w, ctx.shape_fn)  # the gate's own backward (tg_kernels.gate)
         local = torch.where(graded, grad[:-1] * g, torch.zeros_like(g))
         full = local.new_zeros(sum(ctx.sizes)).index_copy_(0, kept, local)
         return None, None, None, None, *full.split(ctx.sizes)

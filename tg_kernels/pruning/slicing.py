@@ -4,7 +4,8 @@ One source of truth for :func:`~tg_kernels.export` (applied once, to a copy) and
 execution (applied every forward, differentiably, to the full-size parameters): for each tensor the
 analysis lists (a :class:`~tg_kernels.pruning.analysis.Slice`: producer rows, norm statistics,
 consumer columns, per-channel parameters) and each of its sliced dims, the indices of the entries
-that stay.
+that stay. After slicing, :func:`sync_module_attributes` makes a module's size attributes
+(``out_channels``, ``num_features``, ...) agree with its tensors, again for both.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from tg_kernels.nn import PrunableMultiheadAttention
 from tg_kernels.pruning.analysis.types import SizeAttr
-from tg_kernels.pruning.attach import GateBank
+from tg_kernels.pruning.bank import GateBank
 
 
 def kept_channels(open_mask: Tensor, round_to: int = 1) -> Tensor:
@@ -89,4 +91,50 @@ def kept_size(bank: GateBank, sa: SizeAttr, kept: Mapping[str, Tensor]) -> int:
     return count(sa.parts) * sa.repeat
 
 
-__all__ = ["kept_channels", "kept_entries", "kept_size", "tensor_of"]
+def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> None:
+    """Make a module's size attributes agree with its tensors after channels were removed."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        module.out_channels = module.weight.shape[0]
+        if was_depthwise:
+            module.groups = module.in_channels = module.out_channels
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):  # transposed: weight is (in, out / groups, *kernel)
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        stats = module.weight if module.weight is not None else module.running_mean
+        if stats is not None:
+            module.num_features = stats.shape[0]
+    elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        if getattr(module, "weight", None) is not None and len(module.normalized_shape) == 1:
+            module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.GroupNorm):
+        if module.weight is not None:
+            module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.RNNBase):  # LSTM, GRU, RNN; _flat_weights: refreshed by export (or by the forward)
+        module.input_size = module.weight_ih_l0.shape[1]
+        proj = getattr(module, "proj_size", 0)
+        module.hidden_size = module.weight_hr_l0.shape[1] if proj > 0 else module.weight_hh_l0.shape[1]
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's transposed Linear
+        module.nf = module.weight.shape[1]
+    elif isinstance(module, PrunableMultiheadAttention):  # embed_dim, kdim, vdim, out_dim, num_heads
+        module.sync_sizes()
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a depthwise conv (one group per channel): its input channels follow its outputs."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+__all__ = ["is_depthwise", "kept_channels", "kept_entries", "kept_size", "sync_module_attributes", "tensor_of"]

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tg_kernels.pruning.attach import BANK_NAME, attach_gates, gate_bank, unwrap
+from tg_kernels.pruning.attach import attach_gates
+from tg_kernels.pruning.bank import BANK_NAME, gate_bank, unwrap
 from tg_kernels.pruning.budget import Budget, BudgetStatus
 from tg_kernels.pruning.export import export
 
