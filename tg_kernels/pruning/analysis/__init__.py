@@ -21,7 +21,7 @@ Layout (each module imports only those above it in this list):
   analysis with :func:`rule_table`).
 - :mod:`.head_dims`: gates on the dims within attention heads, a pass over the stable walk.
 - :mod:`.gradients`: the side-pass recipes of ``exact`` mode, read off the stable walk.
-- :mod:`.analyze`: the driver: walks repeated until stable, then the result (:func:`analyze_export`).
+- :mod:`.driver`: the driver: walks repeated until stable, then the result (:func:`analyze_export`).
 - :mod:`.fx_legacy`: the torch.fx analysis, used for models that torch.export cannot trace.
 
 Gates must zero what consumers read (DESIGN.md §4). A producer is gated at its output, or after
@@ -31,7 +31,7 @@ reads such a value asks for a gate right after the module that returns it ("rega
 module returns it, fixes the space.
 """
 
-from tg_kernels.pruning.analysis.analyze import analyze_export
+from tg_kernels.pruning.analysis.driver import analyze_export
 from tg_kernels.pruning.analysis.fx_legacy import analyze, record_shapes, trace
 from tg_kernels.pruning.analysis.rules import RULES, Rule, register_rule, rule_table
 from tg_kernels.pruning.analysis.tracing import Trace, export_trace

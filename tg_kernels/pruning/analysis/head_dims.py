@@ -108,7 +108,7 @@ class _Match:
 
 def find_head_dims(w: Walk) -> list[HeadDims]:
     """Add head-dim groups to the stable walk ``w`` (before
-    :func:`~tg_kernels.pruning.analysis.analyze.finish` builds the result): their spaces, slices,
+    :func:`~tg_kernels.pruning.analysis.driver.finish` builds the result): their spaces, slices,
     gate points' and costs' dims and size attributes. Returns one :class:`HeadDims` per attention
     op, with the reason where its head dims stay whole."""
     found: list[HeadDims] = []

@@ -7,7 +7,7 @@ and whether closed channels are exactly zero there) from the rule of its ATen op
 that the next walk must use: a module output to gate again ("regate", where a norm or a
 non-zero-preserving op sits between a gate and a consumer), a space to keep whole, a producer whose
 output the model cuts into pieces (``split``, ``chunk``, slicing), heads to treat as one channel.
-The driver (:mod:`tg_kernels.pruning.analysis.analyze`) repeats walks until nothing new is learned.
+The driver (:mod:`tg_kernels.pruning.analysis.driver`) repeats walks until nothing new is learned.
 
 What a rule may call (``rule(walk, node) -> value info``):
 
