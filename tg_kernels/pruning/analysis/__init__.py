@@ -8,13 +8,20 @@ output) and merged with others where an op couples channels (a residual add shar
 conv passes its input's spaces through. Anything the rules do not understand is a *barrier*: the
 spaces that reach it are fixed (kept whole, ungated) and named in a warning.
 
-Layout:
+Layout (each module imports only those above it in this list):
 
-- :mod:`.tracing`: the export trace and its map back to the model (parameters, module calls).
-- :mod:`.spaces`: the union-find over channel spaces.
-- :mod:`.rules`: one rule per ATen op (:data:`RULES`, extended with :func:`register_rule`).
-- :mod:`.walk`: the pass over the graph, repeated until stable, and the result.
 - :mod:`.types`: the result types (:class:`Analysis` and its parts).
+- :mod:`.aten`: the ATen vocabulary: op names (:func:`~.aten.op_name`), the named sets of ops the
+  passes treat alike, an elementwise op's value and derivative at 0.
+- :mod:`.spaces`: the union-find over channel spaces, and the map of spaces to their groups.
+- :mod:`.tracing`: the export trace and its map back to the model (parameters, module calls).
+- :mod:`.walk`: one pass over the graph (:class:`~.walk.Walk`): its state, and the methods the op
+  rules call.
+- :mod:`.rules`: one rule per ATen op (:data:`RULES`, extended with :func:`register_rule`, or per
+  analysis with :func:`rule_table`).
+- :mod:`.head_dims`: gates on the dims within attention heads, a pass over the stable walk.
+- :mod:`.gradients`: the side-pass recipes of ``exact`` mode, read off the stable walk.
+- :mod:`.driver`: the driver: walks repeated until stable, then the result (:func:`analyze_export`).
 - :mod:`.fx_legacy`: the torch.fx analysis, used for models that torch.export cannot trace.
 
 Gates must zero what consumers read (docs/design.md §4). A producer is gated at its output, or after
@@ -24,8 +31,9 @@ reads such a value asks for a gate right after the module that returns it ("rega
 module returns it, fixes the space.
 """
 
+from tg_kernels.pruning.analysis.driver import analyze_export
 from tg_kernels.pruning.analysis.fx_legacy import analyze, record_shapes, trace
-from tg_kernels.pruning.analysis.rules import RULES, register_rule
+from tg_kernels.pruning.analysis.rules import RULES, Rule, register_rule, rule_table
 from tg_kernels.pruning.analysis.tracing import Trace, export_trace
 from tg_kernels.pruning.analysis.types import (
     Analysis,
@@ -37,10 +45,10 @@ from tg_kernels.pruning.analysis.types import (
     RecurrentGate,
     Slice,
 )
-from tg_kernels.pruning.analysis.walk import analyze_export
 
 __all__ = [
     "RULES",
+    "Rule",
     "Analysis",
     "AnalysisError",
     "ChannelInfo",
@@ -55,5 +63,6 @@ __all__ = [
     "export_trace",
     "record_shapes",
     "register_rule",
+    "rule_table",
     "trace",
 ]

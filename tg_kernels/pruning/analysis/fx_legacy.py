@@ -19,16 +19,17 @@ slice, the gate points, and the per-layer costs the budget needs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from tg_kernels.pruning.analysis.spaces import Spaces, remap
 from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
@@ -167,14 +168,6 @@ _BINARY = {
 }
 
 
-@dataclass
-class _Space:
-    size: int
-    key: str
-    producer: str | None
-    fixed: str | None = None
-
-
 class _Tracer(fx.Tracer):
     """A tracer that treats some extra modules as leaves and remembers where tracing failed."""
 
@@ -256,58 +249,20 @@ class _Pass:
         self.graph = graph
         self.shapes = shapes
         self.gate_points = gate_points
-        self.forced_fixed = forced_fixed
         self.excluded = excluded
         self.call_counts = call_counts
-        self.spaces: list[_Space] = []
-        self.parent: list[int] = []
-        self.space_of_key: dict[str, int] = {}
+        self.spaces = Spaces(forced_fixed)  # the fixed reasons learned by earlier passes, and this pass's (new_fixed)
         self.info: dict[fx.Node, Any] = {}
         self.slices: list[Slice] = []
         self.points: list[GatePoint] = []
         self.layers: list[LayerCost] = []
         self.barriers: list[str] = []
         self.new_gate_points: set[str] = set()
-        self.new_fixed: dict[str, str] = {}
         self.other_flops = 0.0
         self.costed: set[str] = set()
         self.after_norm: list[tuple[str, int]] = []
         self.conv_inputs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
         self.fold_of: dict[str, str] = {}  # gate point -> the module export folds it into
-
-    # ---- union-find over spaces ----
-    def new_space(self, size: int, key: str, producer: str | None, fixed: str | None = None) -> int:
-        if key in self.space_of_key:
-            return self.space_of_key[key]
-        sid = len(self.spaces)
-        self.spaces.append(_Space(size, key, producer, fixed or self.forced_fixed.get(key)))
-        self.parent.append(sid)
-        self.space_of_key[key] = sid
-        return sid
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def fix(self, parts: Sequence[int], reason: str) -> None:
-        """Keep these spaces whole; remembered across passes so that the next pass agrees."""
-        for p in parts:
-            space = self.spaces[p]
-            if space.fixed is None:
-                space.fixed = reason
-            if space.key not in self.forced_fixed:
-                self.new_fixed.setdefault(space.key, reason)
-
-    def is_fixed(self, s: int) -> bool:
-        root = self.find(s)
-        return any(self.spaces[i].fixed for i in range(len(self.spaces)) if self.find(i) == root)
 
     # ---- helpers ----
     def module(self, node: fx.Node) -> nn.Module:
@@ -333,23 +288,23 @@ class _Pass:
             if warn:
                 self.barriers.append(what)
             for info in infos:
-                self.fix(info.parts, f"reaches {what}")
+                self.spaces.fix(info.parts, f"reaches {what}")
 
     def need_zero(self, info: ChannelInfo, reader: str) -> None:
         """A consumer reads `info`: closed channels must be exactly zero there."""
         for part, source in zip(info.parts, info.nonzero):
-            if source is None or self.is_fixed(part):
+            if source is None or self.spaces.is_fixed(part):
                 continue
             if source.op == "call_module" and self.call_counts.get(id(self.module(source)), 0) == 1:
                 self.new_gate_points.add(source.target)
             else:
-                self.fix([part], f"{reader} reads it after '{source.name}', which makes zeros non-zero")
+                self.spaces.fix([part], f"{reader} reads it after '{source.name}', which makes zeros non-zero")
 
     def part_offsets(self, info: ChannelInfo) -> list[tuple[int, int]]:
         offsets, at = [], 0
         for p in info.parts:
             offsets.append((p, at))
-            at += self.spaces[p].size
+            at += self.spaces.size(p)
         return offsets
 
     def add_slices(self, module_name: str, tensors: Sequence[str], dim: int, info: ChannelInfo) -> None:
@@ -370,7 +325,7 @@ class _Pass:
     def cost_parts(self, info: ChannelInfo | None, channels: int) -> tuple[tuple[int | None, int, int], ...]:
         if info is None:
             return ((None, channels, 1),)
-        return tuple((p, self.spaces[p].size, info.repeat) for p in info.parts)
+        return tuple((p, self.spaces.size(p), info.repeat) for p in info.parts)
 
     # ---- the walk ----
     def run(self) -> None:
@@ -382,7 +337,7 @@ class _Pass:
             return None
         if node.op == "output":
             for info in self.all_tracked(node.args):
-                self.fix(info.parts, "model output")
+                self.spaces.fix(info.parts, "model output")
             return None
         if node.op == "call_module":
             return self.visit_module(node, self.module(node))
@@ -398,7 +353,7 @@ class _Pass:
             reason = "grouped conv output (groups are not pruned)"
         elif self.call_counts.get(id(module), 0) != 1:
             reason = "module is called more than once"
-        space = self.new_space(out_channels, f"producer:{name}", name, reason)
+        space = self.spaces.new(out_channels, f"producer:{name}", name, reason)
         point, fold = self._gate_point_for(node)
         if point is node:
             replace = isinstance(module, (nn.Conv2d, nn.Linear))
@@ -445,28 +400,30 @@ class _Pass:
             if depthwise:
                 if x is None or x.dim != 1 or x.repeat != 1 or not called_once:
                     if x is not None:
-                        self.fix(x.parts, f"depthwise conv '{name}' (input not traceable or module reused)")
-                    out = ChannelInfo((self.new_space(m.out_channels, f"fixed:{name}", None, "depthwise"),), 1, (None,))
+                        self.spaces.fix(x.parts, f"depthwise conv '{name}' (input not traceable or module reused)")
+                    out = ChannelInfo(
+                        (self.spaces.new(m.out_channels, f"fixed:{name}", None, "depthwise"),), 1, (None,)
+                    )
                 else:
                     self.add_slices(name, ("weight", "bias"), 0, x)
                     nonzero = tuple(node if m.bias is not None else s for s in x.nonzero)
                     out = ChannelInfo(x.parts, 1, nonzero)
                     if name in self.gate_points:
                         out = ChannelInfo(x.parts, 1, (None,) * len(x.parts))
-                        parts = tuple((p, self.spaces[p].size) for p in x.parts)
+                        parts = tuple((p, self.spaces.size(p)) for p in x.parts)
                         self.points.append(GatePoint(name, 1, parts, False, name))
                 parts = self.cost_parts(out, m.out_channels)
                 self.layers.append(
                     LayerCost(
-                        name,
-                        "conv",
-                        2.0 * spatial * kernel,
-                        kernel,
-                        1.0 if m.bias is not None else 0.0,
-                        parts,
-                        parts,
-                        True,
-                        self.first_call(name),
+                        module=name,
+                        kind="conv",
+                        flops_per_pair=2.0 * spatial * kernel,
+                        params_per_pair=kernel,
+                        bias_per_out=1.0 if m.bias is not None else 0.0,
+                        in_parts=parts,
+                        out_parts=parts,
+                        depthwise=True,
+                        count_params=self.first_call(name),
                     )
                 )
                 return out
@@ -474,22 +431,22 @@ class _Pass:
                 self.need_zero(x, f"conv '{name}'")
                 if m.groups == 1 and x.dim == 1 and x.repeat == 1 and called_once:
                     self.add_slices(name, ("weight",), 1, x)
-                    self.conv_inputs.append((name, tuple((p, self.spaces[p].size) for p in x.parts)))
+                    self.conv_inputs.append((name, tuple((p, self.spaces.size(p)) for p in x.parts)))
                 else:
-                    self.fix(x.parts, f"input of grouped or reused conv '{name}'")
+                    self.spaces.fix(x.parts, f"input of grouped or reused conv '{name}'")
             out = self.producer_output(node, m, m.out_channels, 1, m.groups > 1)
             in_parts = self.cost_parts(x if x is not None and m.groups == 1 else None, m.in_channels)
             self.layers.append(
                 LayerCost(
-                    name,
-                    "conv",
-                    2.0 * spatial * kernel / m.groups,
-                    kernel / m.groups,
-                    1.0 if m.bias is not None else 0.0,
-                    in_parts,
-                    self.cost_parts(out, m.out_channels),
-                    False,
-                    self.first_call(name),
+                    module=name,
+                    kind="conv",
+                    flops_per_pair=2.0 * spatial * kernel / m.groups,
+                    params_per_pair=kernel / m.groups,
+                    bias_per_out=1.0 if m.bias is not None else 0.0,
+                    in_parts=in_parts,
+                    out_parts=self.cost_parts(out, m.out_channels),
+                    depthwise=False,
+                    count_params=self.first_call(name),
                 )
             )
             self._producer_slices(name, out)
@@ -502,21 +459,21 @@ class _Pass:
                 if in_shape is not None and x.dim == len(in_shape) - 1 and called_once:
                     self.add_slices(name, ("weight",), 1, x)
                 else:
-                    self.fix(x.parts, f"Linear '{name}' reads channels from a dimension other than the last")
+                    self.spaces.fix(x.parts, f"Linear '{name}' reads channels from a dimension other than the last")
                     x = None
             dim = len(out_shape) - 1 if out_shape else 1
             out = self.producer_output(node, m, m.out_features, dim, False)
             self.layers.append(
                 LayerCost(
-                    name,
-                    "linear",
-                    2.0 * tokens,
-                    1.0,
-                    1.0 if m.bias is not None else 0.0,
-                    self.cost_parts(x, m.in_features),
-                    self.cost_parts(out, m.out_features),
-                    False,
-                    self.first_call(name),
+                    module=name,
+                    kind="linear",
+                    flops_per_pair=2.0 * tokens,
+                    params_per_pair=1.0,
+                    bias_per_out=1.0 if m.bias is not None else 0.0,
+                    in_parts=self.cost_parts(x, m.in_features),
+                    out_parts=self.cost_parts(out, m.out_features),
+                    depthwise=False,
+                    count_params=self.first_call(name),
                 )
             )
             self._producer_slices(name, out)
@@ -530,9 +487,21 @@ class _Pass:
             self.add_slices(name, ("weight", "bias", "running_mean", "running_var"), 0, x)
             parts = self.cost_parts(x, m.num_features)
             affine = 2.0 if m.affine else 0.0
-            self.layers.append(LayerCost(name, "norm", 0.0, 0.0, affine, parts, parts, True, self.first_call(name)))
+            self.layers.append(
+                LayerCost(
+                    module=name,
+                    kind="norm",
+                    flops_per_pair=0.0,
+                    params_per_pair=0.0,
+                    bias_per_out=affine,
+                    in_parts=parts,
+                    out_parts=parts,
+                    depthwise=True,
+                    count_params=self.first_call(name),
+                )
+            )
             if name in self.gate_points:
-                self.points.append(GatePoint(name, 1, tuple((p, self.spaces[p].size) for p in x.parts), False, name))
+                self.points.append(GatePoint(name, 1, tuple((p, self.spaces.size(p)) for p in x.parts), False, name))
                 return ChannelInfo(x.parts, 1, (None,) * len(x.parts))
             return ChannelInfo(x.parts, 1, (node,) * len(x.parts))
         if isinstance(m, ZERO_PRESERVING_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
@@ -557,7 +526,7 @@ class _Pass:
 
     def _regated(self, node: fx.Node, x: ChannelInfo) -> ChannelInfo:
         if node.op == "call_module" and node.target in self.gate_points:
-            parts = tuple((p, self.spaces[p].size) for p in x.parts)
+            parts = tuple((p, self.spaces.size(p)) for p in x.parts)
             self.points.append(GatePoint(node.target, x.dim, parts, False, self.fold_of.get(node.target)))
             return ChannelInfo(x.parts, x.dim, (None,) * len(x.parts), x.repeat)
         return x
@@ -676,7 +645,15 @@ class _Pass:
             parts = self.cost_parts(x, other_size)
             self.layers.append(
                 LayerCost(
-                    other.target, "param", 0.0, 0.0, per_channel, parts, parts, True, self.first_call(other.target)
+                    module=other.target,
+                    kind="param",
+                    flops_per_pair=0.0,
+                    params_per_pair=0.0,
+                    bias_per_out=per_channel,
+                    in_parts=parts,
+                    out_parts=parts,
+                    depthwise=True,
+                    count_params=self.first_call(other.target),
                 )
             )
         if kind in ("mul", "div"):
@@ -686,13 +663,13 @@ class _Pass:
     def _binary_tracked(self, node, kind, a, ia: ChannelInfo, b, ib: ChannelInfo, out_shape) -> Any:
         dim_a = ia.dim + len(out_shape) - len(self.shape(a))
         dim_b = ib.dim + len(out_shape) - len(self.shape(b))
-        sizes_a = [self.spaces[p].size for p in ia.parts]
-        sizes_b = [self.spaces[p].size for p in ib.parts]
+        sizes_a = [self.spaces.size(p) for p in ia.parts]
+        sizes_b = [self.spaces.size(p) for p in ib.parts]
         if dim_a != dim_b or ia.repeat != ib.repeat or sizes_a != sizes_b:
             self.barrier(node, f"'{kind}' of differently arranged channels at '{node.name}'")
             return None
         for pa, pb in zip(ia.parts, ib.parts):
-            self.union(pa, pb)
+            self.spaces.union(pa, pb)
         if kind == "mul":
             nonzero = tuple(None if (sa is None or sb is None) else sa for sa, sb in zip(ia.nonzero, ib.nonzero))
         elif kind == "div":
@@ -758,13 +735,13 @@ class _Pass:
             self.barrier(node, f"cat over the channel dim at '{node.name}'")
             return None
         for other in infos[1:]:
-            if other.dim != first.dim or [self.spaces[p].size for p in other.parts] != [
-                self.spaces[p].size for p in first.parts
+            if other.dim != first.dim or [self.spaces.size(p) for p in other.parts] != [
+                self.spaces.size(p) for p in first.parts
             ]:
                 self.barrier(node, f"cat of differently arranged channels at '{node.name}'")
                 return None
             for pa, pb in zip(first.parts, other.parts):
-                self.union(pa, pb)
+                self.spaces.union(pa, pb)
         nonzero = tuple(
             next((i.nonzero[k] for i in infos if i.nonzero[k] is not None), None) for k in range(len(first.parts))
         )
@@ -934,11 +911,11 @@ def analyze(
 
     for _ in range(100):
         p = run_pass(gate_points)
-        if not p.new_gate_points - gate_points and not set(p.new_fixed) - set(forced_fixed):
+        if not p.new_gate_points - gate_points and not set(p.spaces.new_fixed) - set(forced_fixed):
             break
         requested |= p.new_gate_points - gate_points
         gate_points |= p.new_gate_points
-        forced_fixed.update(p.new_fixed)
+        forced_fixed.update(p.spaces.new_fixed)
     else:  # pragma: no cover - each pass only adds
         raise AnalysisError("channel analysis did not converge")
     # A gate point requested early may have become unnecessary (a later regate upstream made the
@@ -946,58 +923,41 @@ def analyze(
     for point in sorted(requested):
         trial = gate_points - {point}
         p = run_pass(set(trial))
-        if not p.new_gate_points - trial and not set(p.new_fixed) - set(forced_fixed):
+        if not p.new_gate_points - trial and not set(p.spaces.new_fixed) - set(forced_fixed):
             gate_points = trial
     return _finish(model, run_pass(set(gate_points)), module_flops or {})
 
 
 def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analysis:
-    roots: dict[int, list[int]] = {}
-    for s in range(len(p.spaces)):
-        roots.setdefault(p.find(s), []).append(s)
-    fixed_roots = {r for r, members in roots.items() if any(p.spaces[m].fixed for m in members)}
+    sp = p.spaces
+    roots = sp.roots()
+    fixed_roots = {r for r, members in roots.items() if any(sp.spaces[m].fixed for m in members)}
     groups: dict[int, Group] = {}
     fixed: dict[str, str] = {}
     for root, members in sorted(roots.items()):
-        producers = [p.spaces[m].producer for m in members if p.spaces[m].producer]
+        producers = [sp.spaces[m].producer for m in members if sp.spaces[m].producer]
         if root in fixed_roots:
-            reason = next(p.spaces[m].fixed for m in members if p.spaces[m].fixed)
+            reason = next(sp.spaces[m].fixed for m in members if sp.spaces[m].fixed)
             for prod in producers:
                 fixed[prod] = reason
             continue
         if not producers:
             continue
-        groups[root] = Group(root, producers[0], p.spaces[root].size, producers)
-    root_of = {s: p.find(s) for s in range(len(p.spaces)) if p.find(s) in groups}
+        groups[root] = Group(root, producers[0], sp.size(root), producers)
+    root_of = {s: sp.find(s) for s in range(len(sp)) if sp.find(s) in groups}
     for sl in dict.fromkeys(p.slices):
         if sl.space in root_of:
             groups[root_of[sl.space]].slices.append(sl)
 
-    def gated(parts):
-        return tuple((root_of.get(s), size) for s, size in parts)
-
     points: dict[str, GatePoint] = {}
     for gp in p.points:
-        parts = gated(gp.parts)
+        parts = remap(gp.parts, root_of)
         if all(r is None for r, _ in parts) or gp.module in points:
             continue
         points[gp.module] = GatePoint(gp.module, gp.dim, parts, gp.replace, gp.fold)
 
-    def cost(parts):
-        return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
-
     layers = [
-        LayerCost(
-            lc.module,
-            lc.kind,
-            lc.flops_per_pair,
-            lc.params_per_pair,
-            lc.bias_per_out,
-            cost(lc.in_parts),
-            cost(lc.out_parts),
-            lc.depthwise,
-            lc.count_params,
-        )
+        dataclasses.replace(lc, in_parts=remap(lc.in_parts, root_of), out_parts=remap(lc.out_parts, root_of))
         for lc in p.layers
     ]
     counted = {lc.module for lc in layers}
@@ -1016,9 +976,7 @@ def _finish(model: nn.Module, p: _Pass, module_flops: dict[str, float]) -> Analy
         other_params=other_params,
         after_norm=[(name, space) for name, space in p.after_norm if space in root_of],
         conv_inputs=[
-            (name, tuple((root_of.get(s), size) for s, size in parts))
-            for name, parts in p.conv_inputs
-            if any(s in root_of for s, _ in parts)
+            (name, remap(parts, root_of)) for name, parts in p.conv_inputs if any(s in root_of for s, _ in parts)
         ],
         other_flops=p.other_flops + sum(f for name, f in module_flops.items() if name not in counted),
     )

@@ -34,20 +34,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tg_kernels.pruning.analysis.rules import SPATIAL_OPS, ZERO_PRESERVING_OPS
+from tg_kernels.pruning.analysis.aten import (
+    DROPOUTS,
+    GRADIENT_COPIES,
+    LAYOUT_OPS,
+    LINEAR_CONV2D_OPS,
+    NO_CHANNEL_OPS,
+    OVER_OTHER_DIMS,
+    REPLAYED_ELEMENTWISE,
+    SPATIAL_OPS,
+    at_zero,
+    constant,
+    functional,
+    op_name,
+    target_name,
+)
 from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, SidePass, SidePath, SideStep, SideTerm
-from tg_kernels.pruning.analysis.walk import Walk, _op_name, at_zero, constant, functional, target_name
-
-_COPIES = {"clone", "contiguous", "alias", "to", "_to_copy", "lift_fresh_copy", "type_as"}
-_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
-# Elementwise ops of one tensor replayed as they are (their derivative at 0 is read off numerically).
-_ELEMENTWISE = set(ZERO_PRESERVING_OPS) - _DROPOUTS - _COPIES - {"detach", "prelu"}
-# Per-channel ops over the other dims (pooling, padding, upsampling, reductions that keep the channel
-# dim); replayed on zeros they pull gradients back as at full width.
-_SPATIAL = {*SPATIAL_OPS, "constant_pad_nd", "pad", "mean", "sum"}
-_LAYOUT = {"permute", "transpose", "unsqueeze", "squeeze", "t"}
-_LAYERS = ("linear", "conv2d", "convolution", "conv_transpose2d")
-_HARMLESS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "size"}
+from tg_kernels.pruning.analysis.walk import Walk
 
 
 class _NoRecipe(Exception):
@@ -79,7 +82,7 @@ class _Builder:
 
     def position(self, node: Any, root: int) -> tuple[int, int, bool] | None:
         """(offset, dim, exactly zero) of ``root``'s channels in ``node``'s value; None if it has none."""
-        info = self.w.info.get(node) if isinstance(node, fx.Node) else None
+        info = self.w.value(node)
         if not isinstance(info, ChannelInfo):
             return None
         found = []
@@ -103,7 +106,7 @@ class _Builder:
     def weight_owner(self, node: fx.Node, kinds: tuple[type, ...]) -> str | None:
         """The module owning ``node``'s weight argument, if it is of ``kinds`` and called once."""
         weight = self.w.tensor_name(node.args[1]) if len(node.args) > 1 else None
-        if weight is None or self.w.t.reads.get(weight, 0) != 1:
+        if weight is None or self.w.reads(weight) != 1:
             return None
         name = self.w.owner(weight)
         module = self.module(name)
@@ -141,7 +144,7 @@ class _Builder:
     def build_input(self, gp: GatePoint, node: fx.Node, base: dict, root: int) -> SidePass:
         """A gate on a Linear's or conv's input: ``u`` is what the layer reads, the one path is the layer."""
         x = node.args[0] if node.args else None
-        if _op_name(node) not in _LAYERS or not isinstance(x, fx.Node):
+        if op_name(node) not in LINEAR_CONV2D_OPS or not isinstance(x, fx.Node):
             return SidePass(**base, reason=f"the gate is on the input of '{gp.module}', not of a Linear or conv")
         try:
             path = self.consumer(node, x, root, (), True, True)
@@ -184,19 +187,19 @@ class _Builder:
         """What one user does to the channels: continue (a new stack entry), end at a consumer, or die."""
         if user.op == "output":
             raise _NoRecipe("the channels reach the model's output")
-        name = _op_name(user)
+        name = op_name(user)
         if user in self.gated_at and root in self.gated_at[user]:
             return []  # a gate of the same group multiplies the gradient by 0
-        if name in _HARMLESS:
+        if name in NO_CHANNEL_OPS:
             return []
-        if name in _LAYERS and user.args[0] is node:
+        if name in LINEAR_CONV2D_OPS and user.args[0] is node:
             if root in self.input_gated.get(user, ()):
                 return []  # the layer's input gate multiplies the gradient by 0
             consumer = self.consumer(user, node, root, steps, zero, replayable)
             if consumer is not None:
                 return [consumer]
         if name == "flatten":
-            info = self.w.info.get(user)
+            info = self.w.value(user)
             if isinstance(info, ChannelInfo) and info.repeat > 1:
                 return self.flattened(node, user, root, steps, zero and replayable)
         out = self.position(user, root)
@@ -204,10 +207,10 @@ class _Builder:
             raise _NoRecipe(f"'{name}' at '{user.name}' reads the channels in a way side passes do not follow")
         if name == "detach":
             return []
-        if name in _COPIES:  # copies and dtype casts: the gradient passes as it is
+        if name in GRADIENT_COPIES:  # copies and dtype casts: the gradient passes as it is
             return [(user, steps, zero, replayable)]
-        if name in _ELEMENTWISE or name in _DROPOUTS:
-            if name in _DROPOUTS:
+        if name in REPLAYED_ELEMENTWISE or name in DROPOUTS:
+            if name in DROPOUTS:
                 p = user.args[1] if len(user.args) > 1 else 0.5
                 if not p:
                     return [(user, steps, zero, replayable)]
@@ -241,7 +244,7 @@ class _Builder:
             if out[1] != (self.position(node, root) or (0, -1))[1]:
                 raise _NoRecipe(f"cat along another dim at '{user.name}'")
             return [(user, steps, zero, replayable)]
-        if name in _SPATIAL or name in _LAYOUT or name == "flatten":
+        if name in OVER_OTHER_DIMS or name in LAYOUT_OPS or name == "flatten":
             args, kwargs = self.constants(user)
             value = 0  # what padding adds: pad(x, pad, mode="constant", value=None); constant_pad_nd(x, pad, value)
             if name == "constant_pad_nd" and len(args) > 1:
@@ -261,7 +264,7 @@ class _Builder:
     def flattened(self, node: fx.Node, user: fx.Node, root: int, steps: tuple, replayable: bool) -> list[SidePath]:
         """``flatten`` of C x H x W channels read by Linear layers (a CNN classifier): each channel is
         ``repeat`` consecutive input columns of the Linear."""
-        info = self.w.info[user]
+        info = self.w.value(user)
         at, found = 0, None
         for part in info.parts:
             if self.root(part) == root:
@@ -275,9 +278,9 @@ class _Builder:
         steps = (*steps, SideStep("op", functional(user.target), args, tuple(kwargs.items())))
         paths = []
         for reader in user.users:
-            owner = self.weight_owner(reader, (nn.Linear,)) if _op_name(reader) == "linear" else None
+            owner = self.weight_owner(reader, (nn.Linear,)) if op_name(reader) == "linear" else None
             if owner is None or reader.args[0] is not user:
-                raise _NoRecipe(f"'{_op_name(reader)}' at '{reader.name}' reads flattened channels")
+                raise _NoRecipe(f"'{op_name(reader)}' at '{reader.name}' reads flattened channels")
             if root in self.input_gated.get(reader, ()):
                 continue
             paths.append(SidePath(owner, "linear", found, steps, False, info.repeat))
@@ -287,17 +290,17 @@ class _Builder:
         """The op's arguments after the tensor, which must all be constants."""
         args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
         if not constant(list(args)) or not constant(list(kwargs.values())):
-            raise _NoRecipe(f"'{_op_name(node)}' at '{node.name}' takes computed arguments")
+            raise _NoRecipe(f"'{op_name(node)}' at '{node.name}' takes computed arguments")
         return args, kwargs
 
     def binary(self, node: fx.Node, user: fx.Node, root: int, steps: tuple, zero: bool, replayable: bool):
         a, b = user.args[0], user.args[1] if len(user.args) > 1 else user.kwargs.get("other")
         if a is b:
-            raise _NoRecipe(f"'{_op_name(user)}' of a value with itself at '{user.name}'")
+            raise _NoRecipe(f"'{op_name(user)}' of a value with itself at '{user.name}'")
         other = b if a is node else a
-        negate = (_op_name(user) == "sub" and b is node) or (_op_name(user) == "rsub" and a is node)
+        negate = (op_name(user) == "sub" and b is node) or (op_name(user) == "rsub" and a is node)
         if len(user.args) > 2 or user.kwargs.get("alpha", 1) != 1:
-            raise _NoRecipe(f"'{_op_name(user)}' with alpha at '{user.name}'")
+            raise _NoRecipe(f"'{op_name(user)}' with alpha at '{user.name}'")
         if isinstance(other, fx.Node):
             there = self.position(other, root)
             zero = zero and there is not None and there[2]
@@ -309,7 +312,7 @@ class _Builder:
 
     def consumer(self, user: fx.Node, node: fx.Node, root: int, steps, zero: bool, replayable: bool):
         """A Conv2d or Linear reading the channels (None for a depthwise conv, which passes them on)."""
-        name = _op_name(user)
+        name = op_name(user)
         at = self.position(node, root)
         assert at is not None
         if name == "linear":
@@ -331,7 +334,7 @@ class _Builder:
             kind = "conv_t" if transposed else "conv"
         if not (zero and replayable):
             raise _NoRecipe(f"{kind} '{owner}' reads the channels after ops side passes cannot replay")
-        elementwise = all(s.kind == "op" and target_name(s.op) in _ELEMENTWISE for s in steps)
+        elementwise = all(s.kind == "op" and target_name(s.op) in REPLAYED_ELEMENTWISE for s in steps)
         return SidePath(owner, kind, at[0], tuple(steps), elementwise)
 
     def source(
@@ -346,7 +349,7 @@ class _Builder:
         if start is not None:
             point = None  # (check the first node for zeros too)
         while True:
-            name = _op_name(node) if node.op == "call_function" else node.op
+            name = op_name(node) if node.op == "call_function" else node.op
             if node is not point:
                 at = self.position(node, root)
                 if at is not None and at[2]:  # exactly zero here: u is made from zeros
@@ -389,7 +392,7 @@ class _Builder:
                 steps.append(SideStep("norm", module=owner, offset=at[0]))
                 node = x
                 continue
-            if name in _SPATIAL and x is not None and name not in ("mean", "sum", "constant_pad_nd", "pad"):
+            if name in SPATIAL_OPS and x is not None:
                 at_in, at_out = self.position(x, root), self.position(node, root)
                 if at_in is None or at_out is None or at_in[:2] != at_out[:2]:
                     raise _NoRecipe(f"'{name}' at '{node.name}' moves the channels")
@@ -409,8 +412,8 @@ class _Builder:
                 steps.append(SideStep("instance_norm", module=owner, offset=at[0]))
                 node = x
                 continue
-            if (name in _ELEMENTWISE or name in _COPIES) and x is not None:
-                if name not in _COPIES:
+            if (name in REPLAYED_ELEMENTWISE or name in GRADIENT_COPIES) and x is not None:
+                if name not in GRADIENT_COPIES:
                     args, kwargs = self.constants(node)
                     steps.append(SideStep("op", functional(node.target), args, tuple(kwargs.items())))
                 node = x

@@ -39,19 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
+from tg_kernels.pruning.analysis.aten import COPIES, VIEWS, target_name
 from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, HeadDims, Slice
-
-if TYPE_CHECKING:
-    from tg_kernels.pruning.analysis.walk import Walk
-
-_COPIES = ("contiguous", "clone", "alias", "_to_copy", "to", "detach")
-_VIEWS = ("view", "reshape", "_unsafe_view")
+from tg_kernels.pruning.analysis.walk import Walk
 
 
 class _Whole(Exception):
@@ -59,8 +55,6 @@ class _Whole(Exception):
 
 
 def _name(node: Any) -> str:
-    from tg_kernels.pruning.analysis.walk import target_name
-
     return target_name(node.target) if isinstance(node, fx.Node) and node.op == "call_function" else ""
 
 
@@ -112,9 +106,13 @@ class _Match:
     nodes: tuple[fx.Node, ...] = ()  # the attention's ops: sdpa, or the two matmuls of unfused attention
 
 
-def find_head_dims(w: Walk) -> None:
-    """Add head-dim groups to the stable walk ``w`` (before :func:`~.walk.finish` builds the result)."""
-    w.head_dims = []
+def find_head_dims(w: Walk) -> list[HeadDims]:
+    """Add head-dim groups to the stable walk ``w`` (before
+    :func:`~tg_kernels.pruning.analysis.driver.finish` builds the result): their spaces, slices,
+    gate points' and costs' dims and size attributes. Returns one :class:`HeadDims` per attention
+    op, with the reason where its head dims stay whole."""
+    found: list[HeadDims] = []
+    rotary_tables: dict[str, int] = {}  # rotary frequency buffer -> the head-dim space slicing it
     matches: list[_Match] = []
     whole: dict[fx.Node, tuple[str, int, str]] = {}
     attention_costs = {lc.module for lc in w.layers if lc.kind == "attention"}
@@ -150,13 +148,13 @@ def find_head_dims(w: Walk) -> None:
     for m in matches:
         if m.node not in whole:
             try:
-                _commit(w, m)
+                found.append(_commit(w, m, rotary_tables))
             except _Whole as why:  # (checked before anything changes)
                 whole[m.node] = (m.module, m.size, str(why))
     for node, (module, size, why) in whole.items():
-        w.head_dims.append(HeadDims(module, node.name, None, size, why))
-        w.head_dims_fixed[f"{module} (head dims)"] = why
-    _tie_shared_spaces(w)
+        found.append(HeadDims(module, node.name, None, size, why))
+    _tie_shared_spaces(w, rotary_tables)
+    return found
 
 
 def _match(w: Walk, node: fx.Node, module: str) -> _Match:
@@ -251,34 +249,34 @@ def _updates(w: Walk, m: _Match, dims) -> tuple[dict[int, GatePoint], dict[int, 
     return new_points, new_layers
 
 
-def _commit(w: Walk, m: _Match) -> None:
+def _commit(w: Walk, m: _Match, rotary_tables: dict[str, int]) -> HeadDims:
     """Give ``m``'s head dims a group: slices, gate points, costs and size attributes."""
     size, unit = m.size, m.unit
     key = f"headdims:{m.module}.head_dims"
-    space = w.spaces.new(unit, key if key not in w.spaces.by_key else f"{key}_{m.node.name}", m.module)
+    space = w.new_space(unit, key if key not in w.spaces.by_key else f"{key}_{m.node.name}", m.module)
     dims = ((space, unit),)
     new_points, new_layers = _updates(w, m, dims)
     for i, gp in new_points.items():
-        w.points[i] = gp
+        w.set_point(i, gp)
     for i, lc in new_layers.items():
-        w.layers[i] = lc
+        w.set_layer(i, lc)
     tile = size // unit
     for p in m.producers:
-        w.slices.append(Slice(p.weight, p.rows_dim, p.offset, 1, space, p.heads * tile, unit))
+        w.add_slice(Slice(p.weight, p.rows_dim, p.offset, 1, space, p.heads * tile, unit))
         if p.bias is not None:
-            w.slices.append(Slice(p.bias, 0, p.offset, 1, space, p.heads * tile, unit))
-    w.slices.append(Slice(m.consumer.weight, m.consumer.cols_dim, 0, 1, space, m.consumer.heads * tile, unit))
+            w.add_slice(Slice(p.bias, 0, p.offset, 1, space, p.heads * tile, unit))
+    w.add_slice(Slice(m.consumer.weight, m.consumer.cols_dim, 0, 1, space, m.consumer.heads * tile, unit))
     for name, dim in dict.fromkeys(m.tables):  # rotary frequencies: one per pair
-        w.slices.append(Slice(name, dim, 0, 1, space))
-        w.rotary_tables.setdefault(name, space)
+        w.add_slice(Slice(name, dim, 0, 1, space))
+        rotary_tables.setdefault(name, space)
     heads = {w.spaces.find(sp) for p in m.producers for sp, _ in new_points[_point_index(w, p.module)].parts}
     for i, sa in enumerate(w.size_attrs):  # heads * head_dim widths (GPT-2's split_size)
         if not sa.dims and sa.repeat % size == 0 and sa.parts and all(w.spaces.find(s) in heads for s, _ in sa.parts):
-            w.size_attrs[i] = dataclasses.replace(sa, repeat=sa.repeat, dims=dims)
+            w.set_size_attr(i, dataclasses.replace(sa, repeat=sa.repeat, dims=dims))
     for split in m.splits:  # self.head_dim in view(B, N, -1, self.head_dim)
         w.size_attr(split, len(w.shape(split)) - 1, ChannelInfo((space,), 0, (None,), tile))
     scored = tuple(dict.fromkeys(p.module for p in m.producers[:2]))
-    w.head_dims.append(HeadDims(m.module, m.node.name, space, unit, None, scored))
+    return HeadDims(m.module, m.node.name, space, unit, None, scored)
 
 
 def _point_index(w: Walk, module: str) -> int:
@@ -352,20 +350,20 @@ def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
             elif piece is not None:
                 a, b = moved
                 piece = (b if piece[0] == a else a if piece[0] == b else piece[0], piece[1])
-        elif piece is not None and not (name in _COPIES or (name in _VIEWS and len(shape) >= 3 and shape[-1] == size)):
+        elif piece is not None and not (name in COPIES or (name in VIEWS and len(shape) >= 3 and shape[-1] == size)):
             raise _Whole(f"a piece of a fused projection passes through '{name}' at '{node.name}'")
         elif _by_number(node):  # q * scale
             pass
-        elif name in _COPIES or name in ("unsqueeze", "expand"):
+        elif name in COPIES or name in ("unsqueeze", "expand"):
             if in_shape[-1] != size or (name == "unsqueeze" and node.args[1] % len(shape) == len(shape) - 1):
                 raise _Whole(f"'{name}' over the head dim at '{node.name}'")
         elif piece is not None:  # (.., 3 * H * D) -> (.., 3, H, D): the piece's H * D entries
             if piece[0] != len(shape) - 3 or in_shape[-1] != math.prod(shape[-3:]):
                 raise _Whole(f"a fused projection split other than (.., pieces, heads, head_dim) at '{node.name}'")
             split, heads = node, shape[-2]
-        elif name in _VIEWS and in_shape[-1] == size:  # repeat_kv's (b, h, n_rep, n, d) -> (b, h * n_rep, n, d)
+        elif name in VIEWS and in_shape[-1] == size:  # repeat_kv's (b, h, n_rep, n, d) -> (b, h * n_rep, n, d)
             pass
-        elif name in _VIEWS and shape[-1] == size and len(shape) >= 2 and in_shape[-1] == shape[-2] * size:
+        elif name in VIEWS and shape[-1] == size and len(shape) >= 2 and in_shape[-1] == shape[-2] * size:
             split, heads = node, shape[-2]
         else:
             raise _Whole(f"q, k or v passes through '{name or node.op}' at '{node.name}' (a rotary embedding?)")
@@ -394,14 +392,14 @@ def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
             if not _single_user(node):
                 raise _Whole(f"the projection output is used elsewhere too at '{node.name}'")
             continue
-        elif name in _VIEWS and w.shape(source) is not None and w.shape(source)[-1] == w.shape(node)[-1]:
+        elif name in VIEWS and w.shape(source) is not None and w.shape(source)[-1] == w.shape(node)[-1]:
             if not _single_user(source):
                 raise _Whole(f"the projection output is used elsewhere too at '{source.name}'")
             node = source
             continue
         else:
             raise _Whole(f"q, k or v is made by '{name or node.op}' at '{node.name}', not a projection")
-        if weight is None or w.t.reads.get(weight, 0) != 1 or (bias_node is not None and bias is None):
+        if weight is None or w.reads(weight) != 1 or (bias_node is not None and bias is None):
             raise _Whole(f"the projection at '{node.name}' has a computed or shared weight")
         return _Producer(node, w.owner(weight), weight, bias, rows_dim, offset, heads)
 
@@ -424,23 +422,23 @@ def _consumer_of(w: Walk, attention: fx.Node, size: int) -> _Consumer:
                 order = [d % ndim for d in user.args[1]] if name == "permute" else None
                 if (moved is not None and ndim - 1 in moved) or (order is not None and order[-1] != ndim - 1):
                     raise _Whole(f"a transpose moves the head dim at '{user.name}'")
-            elif name in _COPIES or (name in _VIEWS and shape[-1] == size and in_shape[-1] == size):
-                if name in _VIEWS and math.prod(shape[-2:]) != math.prod(in_shape[-2:]) and shape[-2] != in_shape[-2]:
+            elif name in COPIES or (name in VIEWS and shape[-1] == size and in_shape[-1] == size):
+                if name in VIEWS and math.prod(shape[-2:]) != math.prod(in_shape[-2:]) and shape[-2] != in_shape[-2]:
                     raise _Whole(f"a reshape mixes the head dims at '{user.name}'")
-            elif name in _VIEWS and in_shape[-1] == size and shape[-1] == in_shape[-2] * size:
+            elif name in VIEWS and in_shape[-1] == size and shape[-1] == in_shape[-2] * size:
                 heads = in_shape[-2]
             else:
                 raise _Whole(f"the attention output reaches '{name or user.op}' at '{user.name}'")
-        elif name in _VIEWS and shape[-1] == in_shape[-1]:
+        elif name in VIEWS and shape[-1] == in_shape[-1]:
             pass
         elif name == "linear" and user.args[0] is node:
             weight = w.tensor_name(user.args[1])
-            if weight is None or w.t.reads.get(weight, 0) != 1:
+            if weight is None or w.reads(weight) != 1:
                 raise _Whole(f"the out-projection at '{user.name}' has a computed or shared weight")
             return _Consumer(w.owner(weight), weight, 1, heads)
         elif name == "addmm" and user.args[1] is node:
             weight = w.tensor_name(user.args[2])
-            if weight is None or w.t.reads.get(weight, 0) != 1:
+            if weight is None or w.reads(weight) != 1:
                 raise _Whole(f"the out-projection at '{user.name}' has a computed or shared weight")
             return _Consumer(w.owner(weight), weight, 0, heads)
         else:
@@ -493,7 +491,7 @@ def _cost_dims(w: Walk, updates: dict, module: str, side: str, start: int, width
         raise _Whole(f"no cost recorded for '{module}'")
 
 
-def _tie_shared_spaces(w: Walk) -> None:
+def _tie_shared_spaces(w: Walk, rotary_tables: dict[str, int]) -> None:
     """Head-dim spaces sized by one attribute (two calls reading ``self.head_dim``) or reading one
     rotary table (a model-wide ``rotary_emb``) share their gates, so that they keep alike."""
     by_attr: dict[tuple[str, str, int], int] = {}
@@ -503,10 +501,10 @@ def _tie_shared_spaces(w: Walk) -> None:
             first = by_attr.setdefault((sa.module, sa.attr, sa.repeat), sa.parts[0][0])
             if w.spaces.size(first) != w.spaces.size(sa.parts[0][0]):
                 w.fix([first, sa.parts[0][0]], f"'{sa.module}.{sa.attr}' sizes head dims of different widths")
-            w.spaces.union(first, sa.parts[0][0])
+            w.tie([first], [sa.parts[0][0]])
     for sl in w.slices:
-        if sl.space in keys and sl.target in w.rotary_tables:
-            w.spaces.union(w.rotary_tables[sl.target], sl.space)
+        if sl.space in keys and sl.target in rotary_tables:
+            w.tie([rotary_tables[sl.target]], [sl.space])
 
 
 __all__ = ["entry_gates", "find_head_dims"]
@@ -580,12 +578,12 @@ def _table_source(w: Walk, m: _Match, table: Any) -> tuple[str, int]:
         name, shape = _name(node), w.shape(node)
         if node.op == "placeholder":
             tensor = w.tensor_name(node)
-            if tensor is None or not halved or node in w.t.inputs:
+            if tensor is None or not halved or w.is_input(node):
                 break
             return tensor, dim
         if shape is None:
             break
-        if name in ("to", "_to_copy", "clone", "contiguous", "alias", "detach", "cos", "sin", "lift_fresh_copy"):
+        if name in COPIES | {"lift_fresh_copy", "cos", "sin"}:
             node = node.args[0]
         elif name == "cat" and not halved:
             pieces = node.args[0]

@@ -2,46 +2,65 @@
 
 A rule is ``rule(walk, node) -> value info``: it reads the infos of the node's inputs
 (``walk.tracked(arg)``: a :class:`ChannelInfo` or None for a value that carries no gated channels)
-and returns the node's. It may merge spaces (``walk.spaces.union``), say that a consumer reads
-channels that must be zero (``walk.need_zero``), list tensors that export must slice
-(``walk.slice_tensor``), record the layer's cost (``walk.layers``), or give up on what reaches it
-(``walk.barrier``, which keeps those channels whole and names the op in a warning). An op without
-a rule is a barrier for every gated value that reaches it.
+and returns the node's. It may merge spaces (``walk.tie``), say that a consumer reads channels
+that must be zero (``walk.need_zero``), list tensors that export must slice
+(``walk.slice_tensor``), record the layer's cost (``walk.add_layer``), or give up on what reaches
+it (``walk.barrier``, which keeps those channels whole and names the op in a warning); the
+methods a rule may call are listed in :mod:`tg_kernels.pruning.analysis.walk`. An op without a
+rule is a barrier for every gated value that reaches it.
 
 Ops are named as in ``torch.ops.aten`` without the overload and without the in-place underscore
-(``add_.Tensor`` is ``"add"``). Users extend the table with :func:`register_rule`, for their own
-custom ops too (a custom op ``mylib::fused`` is looked up as ``"fused"``).
+(``add_.Tensor`` is ``"add"``; :func:`~tg_kernels.pruning.analysis.aten.op_name`). Users extend the
+table with :func:`register_rule`, for their own custom ops too (a custom op ``mylib::fused`` is
+looked up as ``"fused"``), or for one analysis only: :func:`rule_table` makes a copy of the table
+with a call's own rules (``analyze_export(..., rules=...)``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from tg_kernels.pruning.analysis.aten import COPIES, NO_CHANNEL_OPS, SPATIAL_OPS, ZERO_PRESERVING_OPS, op_name
 from tg_kernels.pruning.analysis.types import ChannelInfo, LayerCost, RecurrentGate, StackedInfo
-from tg_kernels.pruning.analysis.walk import ACTIVATION_OPS, Filled, ParamView, Walk, _op_name
+from tg_kernels.pruning.analysis.walk import Filled, ParamView, Walk
 
 Rule = Callable[[Walk, fx.Node], Any]
 RULES: dict[str, Rule] = {}
 
 
-def register_rule(op: str, rule: Rule, *, replace: bool = False) -> None:
-    """Teach the analysis how channels flow through ``op`` (an ATen or custom op name, see above).
-
-    ``rule(walk, node)`` returns the output's :class:`ChannelInfo` (or None); see the module
-    docstring for what it may do. Existing rules are kept unless ``replace=True``.
-    """
+def _check_rule(op: Any, rule: Any) -> None:
     if not isinstance(op, str) or not op:
         raise TypeError(f"op must be a non-empty op name, got {op!r}")
     if not callable(rule):
         raise TypeError(f"rule must be callable as rule(walk, node), got {rule!r}")
+
+
+def register_rule(op: str, rule: Rule, *, replace: bool = False) -> None:
+    """Teach the analysis how channels flow through ``op`` (an ATen or custom op name, see above),
+    for every later analysis in this process.
+
+    ``rule(walk, node)`` returns the output's :class:`ChannelInfo` (or None); see the module
+    docstring for what it may do. Existing rules are kept unless ``replace=True``.
+    """
+    _check_rule(op, rule)
     if op in RULES and not replace:
         raise ValueError(f"a rule for {op!r} exists already; pass replace=True to override it")
     RULES[op] = rule
+
+
+def rule_table(extra: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
+    """A copy of :data:`RULES` with ``extra`` (op name -> rule) added, for one analysis: a rule of
+    ``extra`` replaces the table's rule for that op in the copy only; :data:`RULES` is left as it is."""
+    table = dict(RULES)
+    for op, rule in (extra or {}).items():
+        _check_rule(op, rule)
+        table[op] = rule
+    return table
 
 
 def _rule(*names: str):
@@ -68,39 +87,22 @@ def _nonzero(info: ChannelInfo, node: fx.Node) -> ChannelInfo:
 # Ops that carry no channels, and elementwise ops of one tensor
 # --------------------------------------------------------------------------------------------------
 
-for _name in ("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "size"):
+for _name in sorted(NO_CHANNEL_OPS):
     RULES[_name] = lambda w, node: None
 
 
-# elementwise with f(0) = 0 (the side-pass recipes replay them too)
-ZERO_PRESERVING_OPS = (
-    *ACTIVATION_OPS,
-    "to",
-    "_to_copy",
-    "type_as",
-    "neg",
-    "abs",
-    "square",
-    "sin",
-    "erf",
-    "lift_fresh_copy",
-)
-
-
-@_rule(*ZERO_PRESERVING_OPS)
+@_rule(*sorted(ZERO_PRESERVING_OPS))
 def zero_preserving(w: Walk, node: fx.Node) -> Any:
     """Elementwise and f(0) = 0: closed channels stay zero (or stay as non-zero as they were)."""
     x = w.tracked(node.args[0]) if node.args else None
-    copies = ("clone", "contiguous", "alias", "detach", "to", "_to_copy")
-    value = w.info.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-    if isinstance(value, StackedInfo | Filled) and len(node.all_input_nodes) == 1 and _op_name(node) in copies:
+    value = w.value(node.args[0]) if node.args else None
+    if isinstance(value, StackedInfo | Filled) and len(node.all_input_nodes) == 1 and op_name(node) in COPIES:
         return value  # a copy of stacked pieces or of a filled tensor
     if x is None:
         pv = w.param_view(node.args[0]) if node.args else None
-        views = ("to", "_to_copy", "clone", "contiguous", "alias", "detach")
-        return pv if pv is not None and _op_name(node) in views else None
+        return pv if pv is not None and op_name(node) in COPIES else None
     if w.all_tracked((node.args[1:], node.kwargs)):
-        w.barrier(node, f"'{_op_name(node)}' of several gated tensors at '{node.name}'")
+        w.barrier(node, f"'{op_name(node)}' of several gated tensors at '{node.name}'")
         return None
     return x
 
@@ -115,7 +117,7 @@ def prelu(w: Walk, node: fx.Node) -> Any:
     shape = w.shape(node.args[1])
     if shape is None or math.prod(shape) == 1:
         return x
-    if weight is None or x.dim != 1 or x.repeat != 1 or w.t.reads.get(weight, 0) != 1:
+    if weight is None or x.dim != 1 or x.repeat != 1 or w.reads(weight) != 1:
         w.barrier(node, f"per-channel prelu at '{node.name}'")
         return None
     w.slice_tensor(weight, 0, x)
@@ -128,7 +130,7 @@ def nonzero_elementwise(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     if x is None:
         return None
-    if _op_name(node) == "pow":
+    if op_name(node) == "pow":
         exponent = node.args[1] if len(node.args) > 1 else None
         if not isinstance(exponent, (int, float)) or exponent < 0:
             w.barrier(node, f"'pow' at '{node.name}'")
@@ -144,7 +146,7 @@ def nonzero_elementwise(w: Walk, node: fx.Node) -> Any:
 
 @_rule("add", "sub", "mul", "div", "rsub", "maximum", "minimum")
 def binary(w: Walk, node: fx.Node) -> Any:
-    kind = {"rsub": "sub", "maximum": "add", "minimum": "add"}.get(_op_name(node), _op_name(node))
+    kind = {"rsub": "sub", "maximum": "add", "minimum": "add"}.get(op_name(node), op_name(node))
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     ia, ib = w.tracked(a), w.tracked(b)
     out_shape = w.shape(node)
@@ -172,7 +174,7 @@ def binary(w: Walk, node: fx.Node) -> Any:
     other_dim = dim - (len(out_shape) - len(other_shape))
     other_size = other_shape[other_dim] if 0 <= other_dim < len(other_shape) else 1
     if other_size != 1:
-        if isinstance(other, fx.Node) and other in w.t.inputs:  # a residual over the model input
+        if w.is_input(other):  # a residual over the model input
             w.barrier(node, f"'{kind}' with the model input '{other.name}'", warn=False)
             return None
         pv = w.param_view(other)
@@ -183,7 +185,19 @@ def binary(w: Walk, node: fx.Node) -> Any:
         w.slice_tensor(pv.name, tensor_dim, x)
         per_channel = math.prod(other_shape) / other_size
         parts = w.cost_parts(x, other_size)
-        w.layers.append(LayerCost(pv.name, "param", 0.0, 0.0, per_channel, parts, parts, True, w.first_call(pv.name)))
+        w.add_layer(
+            LayerCost(
+                module=pv.name,
+                kind="param",
+                flops_per_pair=0.0,
+                params_per_pair=0.0,
+                bias_per_out=per_channel,
+                in_parts=parts,
+                out_parts=parts,
+                depthwise=True,
+                count_params=w.first_call(pv.name),
+            )
+        )
     if kind in ("mul", "div"):
         return x.with_dim(dim)
     return ChannelInfo(x.parts, dim, (node,) * len(x.parts), x.repeat)
@@ -203,8 +217,7 @@ def _binary_tracked(w: Walk, node, kind, a, ia: ChannelInfo, b, ib: ChannelInfo,
                 return None
         w.barrier(node, f"'{kind}' of differently arranged channels at '{node.name}'")
         return None
-    for pa, pb in zip(ia.parts, ib.parts):
-        w.spaces.union(pa, pb)
+    w.tie(ia.parts, ib.parts)
     if kind == "mul":
         nonzero = tuple(None if (sa is None or sb is None) else sa for sa, sb in zip(ia.nonzero, ib.nonzero))
     elif kind == "div":
@@ -229,7 +242,7 @@ def _offsets(sizes: list[int]) -> set[int]:
 
 @_rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv(w: Walk, node: fx.Node) -> Any:
-    name = _op_name(node)
+    name = op_name(node)
     x_node, weight_node = node.args[0], node.args[1]
     bias_node = arg(node, 2, "bias")
     groups = arg(node, 8 if name == "convolution" else 6, "groups", 1)
@@ -247,23 +260,35 @@ def conv(w: Walk, node: fx.Node) -> Any:
     positions = w.shape(x_node) if transposed else out_shape  # a transposed conv's cost follows its input
     spatial = math.prod(positions[:1] + positions[2:]) if positions is not None else 0
     kernel = math.prod(w_shape[2:])
-    w.flops_of[node] = 2.0 * spatial * kernel * in_channels * out_channels / groups
-    reused = w.t.reads.get(weight, 0) > 1
+    w.add_flops(node, 2.0 * spatial * kernel * in_channels * out_channels / groups)
+    reused = w.reads(weight) > 1
     depthwise = groups > 1 and groups == in_channels == out_channels
     if depthwise:
         if x is None or x.dim != 1 or x.repeat != 1 or reused:
             if x is not None:
                 w.fix(x.parts, f"depthwise conv '{module}' (input not traceable or module reused)")
-            out = ChannelInfo((w.spaces.new(out_channels, f"fixed:{module}", None, "depthwise"),), 1, (None,))
+            out = ChannelInfo((w.new_space(out_channels, f"fixed:{module}", None, "depthwise"),), 1, (None,))
         else:
             w.slice_tensor(weight, 0, x)
             w.slice_tensor(bias, 0, x)
             out = ChannelInfo(x.parts, 1, tuple(node if bias is not None else s for s in x.nonzero))
-        w.costed_nodes.add(node)
         parts = w.cost_parts(out, out_channels)
         per_out = 1.0 if bias else 0.0
         first = w.first_call(module)
-        w.layers.append(LayerCost(module, "conv", 2.0 * spatial * kernel, kernel, per_out, parts, parts, True, first))
+        w.add_layer(
+            LayerCost(
+                module=module,
+                kind="conv",
+                flops_per_pair=2.0 * spatial * kernel,
+                params_per_pair=kernel,
+                bias_per_out=per_out,
+                in_parts=parts,
+                out_parts=parts,
+                depthwise=True,
+                count_params=first,
+            ),
+            op=node,
+        )
         return out
     in_dim = 0 if transposed else 1
     out_dim = 1 if transposed else 0
@@ -273,7 +298,7 @@ def conv(w: Walk, node: fx.Node) -> Any:
         if groups == 1 and x.dim == 1 and x.repeat == 1 and not reused:
             w.slice_tensor(weight, in_dim, x)
             if name == "conv2d":
-                w.conv_inputs.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+                w.conv_input(module, x)
         elif groups > 1 and not transposed and x.dim == 1 and x.repeat == 1 and not reused:
             first = _group_aligned(w, node, x, groups)  # channel i of every group shares one gate
             if first is not None:
@@ -289,19 +314,19 @@ def conv(w: Walk, node: fx.Node) -> Any:
     w.slice_tensor(bias, 0, out)
     if groups > 1 and not transposed:
         _group_aligned(w, node, out, groups)
-    w.costed_nodes.add(node)
-    w.layers.append(
+    w.add_layer(
         LayerCost(
-            module,
-            "conv",
-            2.0 * spatial * kernel / groups,
-            kernel / groups,
-            1.0 if bias else 0.0,
-            w.cost_parts(x, in_channels),
-            w.cost_parts(out, out_channels),
-            False,
-            w.first_call(module),
-        )
+            module=module,
+            kind="conv",
+            flops_per_pair=2.0 * spatial * kernel / groups,
+            params_per_pair=kernel / groups,
+            bias_per_out=1.0 if bias else 0.0,
+            in_parts=w.cost_parts(x, in_channels),
+            out_parts=w.cost_parts(out, out_channels),
+            depthwise=False,
+            count_params=w.first_call(module),
+        ),
+        op=node,
     )
     return out
 
@@ -320,8 +345,7 @@ def _group_aligned(w: Walk, node: fx.Node, x: ChannelInfo, groups: int) -> Chann
         w.fix(x.parts, f"groups of grouped conv at '{node.name}' are arranged differently")
         return None
     for piece in pieces[1:]:
-        for a, b in zip(first.parts, piece.parts):
-            w.spaces.union(a, b)
+        w.tie(first.parts, piece.parts)
     return first
 
 
@@ -333,7 +357,7 @@ def linear(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(x_node)
     in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
     if in_shape is not None and w_shape is not None:
-        w.flops_of[node] = 2.0 * math.prod(in_shape[:-1]) * math.prod(w_shape)
+        w.add_flops(node, 2.0 * math.prod(in_shape[:-1]) * math.prod(w_shape))
     if weight is None or in_shape is None or out_shape is None or (bias_node is not None and bias is None):
         if x is not None:
             w.barrier(node, f"linear with a computed weight at '{node.name}'")
@@ -351,19 +375,19 @@ def linear(w: Walk, node: fx.Node) -> Any:
     out = w.producer(node, module, out_features, len(out_shape) - 1)
     w.slice_tensor(weight, 0, out)
     w.slice_tensor(bias, 0, out)
-    w.costed_nodes.add(node)
-    w.layers.append(
+    w.add_layer(
         LayerCost(
-            module,
-            "linear",
-            2.0 * tokens,
-            1.0,
-            1.0 if bias else 0.0,
-            w.cost_parts(x, in_features),
-            w.cost_parts(out, out_features),
-            False,
-            w.first_call(module),
-        )
+            module=module,
+            kind="linear",
+            flops_per_pair=2.0 * tokens,
+            params_per_pair=1.0,
+            bias_per_out=1.0 if bias else 0.0,
+            in_parts=w.cost_parts(x, in_features),
+            out_parts=w.cost_parts(out, out_features),
+            depthwise=False,
+            count_params=w.first_call(module),
+        ),
+        op=node,
     )
     return out
 
@@ -375,7 +399,7 @@ def batch_norm(w: Walk, node: fx.Node) -> Any:
     stats = next((t for t in tensors if t), None)
     if x is None:
         return None
-    if x.dim != 1 or x.repeat != 1 or stats is None or w.t.reads.get(stats, 0) != 1:
+    if x.dim != 1 or x.repeat != 1 or stats is None or w.reads(stats) != 1:
         w.barrier(node, f"batch norm at '{node.name}' (not over dim 1, or reused)")
         return None
     for t in tensors:
@@ -383,7 +407,19 @@ def batch_norm(w: Walk, node: fx.Node) -> Any:
     module = w.owner(stats)
     parts = w.cost_parts(x, w.width(x))
     affine = 2.0 if tensors[0] is not None else 0.0
-    w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
+    w.add_layer(
+        LayerCost(
+            module=module,
+            kind="norm",
+            flops_per_pair=0.0,
+            params_per_pair=0.0,
+            bias_per_out=affine,
+            in_parts=parts,
+            out_parts=parts,
+            depthwise=True,
+            count_params=w.first_call(module),
+        )
+    )
     return _nonzero(x, node)
 
 
@@ -402,7 +438,19 @@ def instance_norm(w: Walk, node: fx.Node) -> Any:
     if tensors[0] is not None or tensors[1] is not None:
         module = w.owner(tensors[0] or tensors[1])
         parts = w.cost_parts(x, w.width(x))
-        w.layers.append(LayerCost(module, "norm", 0.0, 0.0, 2.0, parts, parts, True, w.first_call(module)))
+        w.add_layer(
+            LayerCost(
+                module=module,
+                kind="norm",
+                flops_per_pair=0.0,
+                params_per_pair=0.0,
+                bias_per_out=2.0,
+                in_parts=parts,
+                out_parts=parts,
+                depthwise=True,
+                count_params=w.first_call(module),
+            )
+        )
     return _nonzero(x, node) if tensors[1] is not None else x
 
 
@@ -415,7 +463,7 @@ def layer_norm(w: Walk, node: fx.Node) -> Any:
     if x is None or shape is None:
         return None
     normalized = list(arg(node, 1, "normalized_shape", ()))
-    names = ("weight", "bias") if _op_name(node) == "layer_norm" else ("weight",)
+    names = ("weight", "bias") if op_name(node) == "layer_norm" else ("weight",)
     raw = [arg(node, 2 + i, n) for i, n in enumerate(names)]
     tensors = [w.tensor_name(a) for a in raw]
     module = next((w.owner(t) for t in tensors if t), None) or w.scope_module(node)
@@ -425,26 +473,26 @@ def layer_norm(w: Walk, node: fx.Node) -> Any:
         or x.repeat != 1
         or module is None
         or any(a is not None and t is None for a, t in zip(raw, tensors))
-        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+        or any(t is not None and w.reads(t) != 1 for t in tensors)
     ):
-        w.barrier(node, f"'{_op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
+        w.barrier(node, f"'{op_name(node)}' at '{node.name}' (not over the channel dim alone, or reused)")
         return None
     w.need_zero(x, f"norm '{module}'", module)
     for t in tensors:
         w.slice_tensor(t, 0, x)
     parts = w.cost_parts(x, w.width(x))
-    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
-    w.layers.append(
+    w.norm_over(module, x)
+    w.add_layer(
         LayerCost(
-            module,
-            "norm",
-            0.0,
-            0.0,
-            float(sum(t is not None for t in tensors)),
-            parts,
-            parts,
-            True,
-            w.first_call(module),
+            module=module,
+            kind="norm",
+            flops_per_pair=0.0,
+            params_per_pair=0.0,
+            bias_per_out=float(sum(t is not None for t in tensors)),
+            in_parts=parts,
+            out_parts=parts,
+            depthwise=True,
+            count_params=w.first_call(module),
         )
     )
     return _nonzero(x, node)
@@ -462,17 +510,17 @@ def embedding(w: Walk, node: fx.Node) -> Any:
     out = w.producer(node, module, channels, len(out_shape) - 1, foldable=False)
     w.slice_tensor(weight, 1, out)
     rows = w.shape(node.args[0])[0]
-    w.layers.append(
+    w.add_layer(
         LayerCost(
-            module,
-            "embedding",
-            0.0,
-            float(rows),
-            0.0,
-            ((None, 1, 1),),
-            w.cost_parts(out, channels),
-            False,
-            w.first_call(module),
+            module=module,
+            kind="embedding",
+            flops_per_pair=0.0,
+            params_per_pair=float(rows),
+            bias_per_out=0.0,
+            in_parts=((None, 1, 1),),
+            out_parts=w.cost_parts(out, channels),
+            depthwise=False,
+            count_params=w.first_call(module),
         )
     )
     return out
@@ -482,7 +530,7 @@ def embedding(w: Walk, node: fx.Node) -> Any:
 def matmul(w: Walk, node: fx.Node) -> Any:
     """``x @ W`` with a parameter ``W`` (GPT-2's Conv1D: ``addmm(bias, x, W)``) is a linear layer
     with the weight stored transposed; a product of two activations is a barrier for their channels."""
-    name = _op_name(node)
+    name = op_name(node)
     bias_node, x_node, weight_node = (
         (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, *node.args[:2])
     )
@@ -491,7 +539,7 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     in_shape, out_shape, w_shape = w.shape(x_node), w.shape(node), w.shape(weight_node)
     if in_shape is None or out_shape is None or w_shape is None:
         return None
-    w.flops_of[node] = 2.0 * math.prod(out_shape) * in_shape[-1]
+    w.add_flops(node, 2.0 * math.prod(out_shape) * in_shape[-1])
     if weight is None or len(w_shape) != 2 or (bias_node is not None and bias is None):
         if x is not None or w.tracked(weight_node) is not None:
             if name in ("matmul", "bmm"):
@@ -511,20 +559,20 @@ def matmul(w: Walk, node: fx.Node) -> Any:
     out = w.producer(node, module, out_features, len(out_shape) - 1, foldable=False)
     w.slice_tensor(weight, 1, out)
     w.slice_tensor(bias, 0, out)
-    w.layers.append(
+    w.add_layer(
         LayerCost(
-            module,
-            "linear",
-            2.0 * tokens,
-            1.0,
-            1.0 if bias else 0.0,
-            w.cost_parts(x, in_features),
-            w.cost_parts(out, out_features),
-            False,
-            w.first_call(module),
-        )
+            module=module,
+            kind="linear",
+            flops_per_pair=2.0 * tokens,
+            params_per_pair=1.0,
+            bias_per_out=1.0 if bias else 0.0,
+            in_parts=w.cost_parts(x, in_features),
+            out_parts=w.cost_parts(out, out_features),
+            depthwise=False,
+            count_params=w.first_call(module),
+        ),
+        op=node,
     )
-    w.costed_nodes.add(node)
     return out
 
 
@@ -533,47 +581,15 @@ def matmul(w: Walk, node: fx.Node) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-# per-channel ops over the dims after the channel dim (the side-pass recipes replay them too)
-SPATIAL_OPS = (
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "adaptive_max_pool1d",
-    "adaptive_max_pool2d",
-    "upsample_nearest1d",
-    "upsample_nearest2d",
-    "upsample_nearest3d",
-    "upsample_bilinear2d",
-    "upsample_bicubic2d",
-    "upsample_linear1d",
-    "upsample_trilinear3d",
-    "_upsample_nearest_exact2d",
-    "_upsample_bilinear2d_aa",
-    "reflection_pad1d",
-    "reflection_pad2d",
-    "reflection_pad3d",
-    "replication_pad1d",
-    "replication_pad2d",
-    "replication_pad3d",
-    "max_pool2d_with_indices",
-)
-
-
-@_rule(*SPATIAL_OPS)
+@_rule(*sorted(SPATIAL_OPS))
 def spatial(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     if x is None:
         return None
     if x.dim != 1 or x.repeat != 1:
-        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        w.barrier(node, f"'{op_name(node)}' over the channel dim at '{node.name}'")
         return None
-    if _op_name(node) == "max_pool2d_with_indices":
+    if op_name(node) == "max_pool2d_with_indices":
         return [x, None]
     return x
 
@@ -592,7 +608,7 @@ def pad(w: Walk, node: fx.Node) -> Any:
     if 2 * from_end + 1 < len(amounts) and (amounts[2 * from_end] != 0 or amounts[2 * from_end + 1] != 0):
         w.barrier(node, f"pad over the channel dim at '{node.name}'")
         return None
-    if _op_name(node) == "constant_pad_nd":
+    if op_name(node) == "constant_pad_nd":
         value = arg(node, 2, "value", 0)
     else:
         value = arg(node, 3, "value", None) if arg(node, 2, "mode", "constant") == "constant" else 0
@@ -740,13 +756,13 @@ def flatten(w: Walk, node: fx.Node) -> Any:
 def permute(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     pv = w.param_view(node.args[0])
-    stacked = w.info.get(node.args[0])
+    stacked = w.value(node.args[0])
     stacked = stacked if isinstance(stacked, StackedInfo) else None
     in_shape = w.shape(node.args[0])
     if (x is None and pv is None and stacked is None) or in_shape is None:
         return None
     ndim = len(in_shape)
-    name = _op_name(node)
+    name = op_name(node)
     if name == "permute":
         order = [d % ndim for d in node.args[1]]
     elif name == "t":
@@ -772,10 +788,10 @@ def roll(w: Walk, node: fx.Node) -> Any:
     shape = w.shape(node.args[0])
     if x is None or shape is None:
         return None
-    dims = arg(node, 2, "dims", None) if _op_name(node) == "roll" else arg(node, 1, "dims", None)
+    dims = arg(node, 2, "dims", None) if op_name(node) == "roll" else arg(node, 1, "dims", None)
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     if not dims or x.dim in {d % len(shape) for d in dims} or x.repeat != 1:
-        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        w.barrier(node, f"'{op_name(node)}' over the channel dim at '{node.name}'")
         return None
     return x
 
@@ -792,7 +808,7 @@ def unsqueeze(w: Walk, node: fx.Node) -> Any:
 @_rule("squeeze")
 def squeeze(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
-    stacked = w.info.get(node.args[0])
+    stacked = w.value(node.args[0])
     if isinstance(stacked, StackedInfo):  # an unbatched RNN's h_n, c_n: (states, 1, H) -> (states, H)
         return _squeeze_stacked(w, node, stacked)
     if x is None:
@@ -833,7 +849,7 @@ def expand(w: Walk, node: fx.Node) -> Any:
         return None
     lead = len(out_shape) - len(in_shape)
     if x is None:
-        value = w.info.get(node.args[0])
+        value = w.value(node.args[0])
         if isinstance(value, Filled):
             grown = [d if in_shape[i] == out_shape[lead + i] else None for i, d in enumerate(value.dims)]
             return Filled(value.node, value.arg_index, (None,) * lead + tuple(grown))
@@ -858,14 +874,14 @@ def reduce(w: Walk, node: fx.Node) -> Any:
         return None
     dims = {d % len(in_shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     if x.dim in dims:
-        name = _op_name(node)
+        name = op_name(node)
         module = w.scope_module(node)
         if name == "sum" or (name == "mean" and dims == {x.dim} and module is not None):
             # With closed channels exactly zero, a sum over them is the exported model's sum; a mean
             # is too once it divides by the open count, which attach arranges at full width.
             w.need_zero(x, f"'{name}' over the channels at '{node.name}'")
             if name == "mean":
-                w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+                w.norm_over(module, x)
             return None
         w.barrier(node, f"reduction over the channel dim at '{node.name}'")
         return None
@@ -902,8 +918,7 @@ def cat(w: Walk, node: fx.Node) -> Any:
         if other.dim != first.dim or other.repeat != first.repeat or w.sizes(other) != w.sizes(first):
             w.barrier(node, f"cat of differently arranged channels at '{node.name}'")
             return None
-        for pa, pb in zip(first.parts, other.parts):
-            w.spaces.union(pa, pb)
+        w.tie(first.parts, other.parts)
         nonzero = [n if n is not None else s for n, s in zip(nonzero, other.nonzero)]
     return ChannelInfo(first.parts, first.dim, tuple(nonzero), first.repeat)
 
@@ -930,7 +945,7 @@ def split(w: Walk, node: fx.Node) -> Any:
     shape = w.shape(node.args[0])
     if x is None or shape is None:
         return None
-    name = _op_name(node)
+    name = op_name(node)
     dim = arg(node, 2, "dim", 0) % len(shape)
     size = shape[dim]
     if name == "chunk":
@@ -987,14 +1002,14 @@ def slice_(w: Walk, node: fx.Node) -> Any:
 def select(w: Walk, node: fx.Node) -> Any:
     x = w.tracked(node.args[0])
     shape = w.shape(node.args[0])
-    stacked = w.info.get(node.args[0])
+    stacked = w.value(node.args[0])
     if isinstance(stacked, StackedInfo) and shape is not None:
         dim = arg(node, 1, "dim", 0) % len(shape)
         if dim != stacked.dim:
-            w.barrier(node, f"'{_op_name(node)}' across stacked channel pieces at '{node.name}'")
+            w.barrier(node, f"'{op_name(node)}' across stacked channel pieces at '{node.name}'")
             return None
         items = [i.with_dim(i.dim - 1 if i.dim > dim else i.dim) for i in stacked.items]
-        if _op_name(node) == "unbind":
+        if op_name(node) == "unbind":
             return items
         index = node.args[2]
         return items[index] if isinstance(index, int) and -len(items) <= index < len(items) else None
@@ -1005,21 +1020,18 @@ def select(w: Walk, node: fx.Node) -> Any:
         w.barrier(node, f"selecting a channel at '{node.name}'")
         return None
     out = x.with_dim(x.dim - 1 if dim < x.dim else x.dim)
-    return [out] * shape[dim] if _op_name(node) == "unbind" else out
+    return [out] * shape[dim] if op_name(node) == "unbind" else out
 
 
 @_rule("getitem")
 def getitem(w: Walk, node: fx.Node) -> Any:
-    value = w.info.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    value = w.value(node.args[0])
     index = node.args[1]
     if isinstance(value, (list, tuple)) and isinstance(index, int) and -len(value) <= index < len(value):
         return value[index]
     if isinstance(value, ChannelInfo):
         w.barrier(node, f"indexing at '{node.name}'")
     return None
-
-
-__all__ = ["RULES", "Rule", "arg", "register_rule"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1048,8 +1060,7 @@ def _heads_agree(w: Walk, node: fx.Node, a: ChannelInfo, ha: int, b: ChannelInfo
             if w.request_cuts(a, sorted(offsets)) | w.request_cuts(b, sorted(offsets)):
                 return None
         return False
-    for pa, pb in zip(a.parts, b.parts):
-        w.spaces.union(pa, pb)
+    w.tie(a.parts, b.parts)
     return True
 
 
@@ -1087,12 +1098,24 @@ def attention(w: Walk, node: fx.Node) -> Any:
     nonzero = iv.nonzero if len(iv.nonzero) == len(iq.parts) else (node,) * len(iq.parts)
     out = ChannelInfo(iq.parts, len(out_shape) - 3, nonzero, iq.repeat)
     total = 2.0 * math.prod(shapes[0][:-1]) * shapes[1][-2] * (shapes[0][-1] + shapes[2][-1])
-    w.flops_of[node] = total
-    w.costed_nodes.add(node)
+    w.add_flops(node, total)
     parts = w.cost_parts(out, heads[0])
     module = w.scope_module(node) or node.name
     per_head = total / heads[0]
-    w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per_head, 0.0, 0.0, parts, parts, True, False))
+    w.add_layer(
+        LayerCost(
+            module=f"{module}@{node.name}",
+            kind="attention",
+            flops_per_pair=per_head,
+            params_per_pair=0.0,
+            bias_per_out=0.0,
+            in_parts=parts,
+            out_parts=parts,
+            depthwise=True,
+            count_params=False,
+        ),
+        op=node,
+    )
     return out
 
 
@@ -1113,7 +1136,7 @@ def _mask_heads(w: Walk, node: fx.Node, mask: Any, iq: ChannelInfo, heads: int) 
             w.barrier(node, f"attention mask arranged differently from the heads at '{node.name}'")
             return False
         return True
-    filled = w.info.get(mask) if isinstance(mask, fx.Node) else None
+    filled = w.value(mask)
     if isinstance(filled, Filled) and filled.dims[len(shape) - 3] is not None:
         # a bias the forward fills per head (zeros of n_heads): its size follows the kept heads
         w.size_attr(filled.node, filled.dims[len(shape) - 3], iq, filled.arg_index)
@@ -1135,7 +1158,7 @@ def softmax(w: Walk, node: fx.Node) -> Any:
     if x is None or shape is None:
         return None
     if arg(node, 1, "dim", -1) % len(shape) == x.dim:
-        w.barrier(node, f"'{_op_name(node)}' over the channel dim at '{node.name}'")
+        w.barrier(node, f"'{op_name(node)}' over the channel dim at '{node.name}'")
         return None
     return _nonzero(x, node)
 
@@ -1175,7 +1198,7 @@ def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
     ia, ib = w.tracked(a), w.tracked(b)
     sa, sb, out_shape = w.shape(a), w.shape(b), w.shape(node)
     if sa is None or sb is None or out_shape is None or len(sa) < 3 or len(sb) < 3:
-        w.barrier(node, f"'{_op_name(node)}' of gated activations at '{node.name}'")
+        w.barrier(node, f"'{op_name(node)}' of gated activations at '{node.name}'")
         return None
     n = len(out_shape)
     dims = []
@@ -1185,12 +1208,12 @@ def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
             continue
         d = info.dim + n - len(shape)
         if info.dim >= len(shape) - 2:
-            w.barrier(node, f"'{_op_name(node)}' over gated channels at '{node.name}'")
+            w.barrier(node, f"'{op_name(node)}' over gated channels at '{node.name}'")
             return None
         dims.append(d)
     if ia is not None and ib is not None:
         if dims[0] != dims[1] or _heads_agree(w, node, ia, out_shape[dims[0]], ib, out_shape[dims[1]]) is not True:
-            w.barrier(node, f"'{_op_name(node)}' of differently arranged channels at '{node.name}'")
+            w.barrier(node, f"'{op_name(node)}' of differently arranged channels at '{node.name}'")
             return None
         x, d = ia, dims[0]
         nonzero = tuple(None if (p is None or q is None) else p for p, q in zip(ia.nonzero, ib.nonzero))
@@ -1199,17 +1222,29 @@ def _batched_matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Any:
         other = sb if ia is not None else sa
         at = d - (n - len(other))
         if at >= 0 and other[at] != 1:
-            w.barrier(node, f"'{_op_name(node)}' with an untracked tensor over the channels at '{node.name}'")
+            w.barrier(node, f"'{op_name(node)}' with an untracked tensor over the channels at '{node.name}'")
             return None
         nonzero = x.nonzero
     out = ChannelInfo(x.parts, d, nonzero, x.repeat)
     total = 2.0 * math.prod(out_shape) * sa[-1]
-    w.flops_of[node] = total
-    w.costed_nodes.add(node)
+    w.add_flops(node, total)
     parts = w.cost_parts(out, out_shape[d])
     module = w.scope_module(node) or node.name
     per = total / out_shape[d]
-    w.layers.append(LayerCost(f"{module}@{node.name}", "attention", per, 0.0, 0.0, parts, parts, True, False))
+    w.add_layer(
+        LayerCost(
+            module=f"{module}@{node.name}",
+            kind="attention",
+            flops_per_pair=per,
+            params_per_pair=0.0,
+            bias_per_out=0.0,
+            in_parts=parts,
+            out_parts=parts,
+            depthwise=True,
+            count_params=False,
+        ),
+        op=node,
+    )
     return out
 
 
@@ -1231,7 +1266,7 @@ def group_norm(w: Walk, node: fx.Node) -> Any:
         or not isinstance(groups, int)
         or module is None
         or any(a is not None and t is None for a, t in zip(raw, tensors))
-        or any(t is not None and w.t.reads.get(t, 0) != 1 for t in tensors)
+        or any(t is not None and w.reads(t) != 1 for t in tensors)
     ):
         w.barrier(node, f"group norm at '{node.name}'")
         return None
@@ -1240,17 +1275,29 @@ def group_norm(w: Walk, node: fx.Node) -> Any:
     w.need_zero(x, f"norm '{module}'")
     for t in tensors:
         w.slice_tensor(t, 0, x)
-    w.norms.append((module, tuple((p, w.spaces.size(p)) for p in x.parts)))
+    w.norm_over(module, x)
     parts = w.cost_parts(x, w.width(x))
     affine = float(sum(t is not None for t in tensors))
-    w.layers.append(LayerCost(module, "norm", 0.0, 0.0, affine, parts, parts, True, w.first_call(module)))
+    w.add_layer(
+        LayerCost(
+            module=module,
+            kind="norm",
+            flops_per_pair=0.0,
+            params_per_pair=0.0,
+            bias_per_out=affine,
+            in_parts=parts,
+            out_parts=parts,
+            depthwise=True,
+            count_params=w.first_call(module),
+        )
+    )
     return _nonzero(x, node)
 
 
 @_rule("zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty")
 def factory(w: Walk, node: fx.Node) -> Any:
     """A tensor filled with one value: constant along every dim (:class:`Filled`)."""
-    index = 1 if _op_name(node).startswith("new_") else 0
+    index = 1 if op_name(node).startswith("new_") else 0
     shape = w.shape(node)
     return Filled(node, index, tuple(range(len(shape)))) if shape is not None else None
 
@@ -1259,10 +1306,10 @@ def _filled_through(w: Walk, node: fx.Node, operands) -> Filled | None:
     """An elementwise op of a :class:`Filled` value and untracked ones: still constant along the
     dims where every other operand has size 1."""
     out_shape = w.shape(node)
-    filled = [w.info.get(t) for t in operands if isinstance(t, fx.Node) and isinstance(w.info.get(t), Filled)]
+    filled = [w.value(t) for t in operands if isinstance(t, fx.Node) and isinstance(w.value(t), Filled)]
     if out_shape is None or len(filled) != 1:
         return None
-    source = next(t for t in operands if isinstance(t, fx.Node) and w.info.get(t) is filled[0])
+    source = next(t for t in operands if isinstance(t, fx.Node) and w.value(t) is filled[0])
     lead = len(out_shape) - len(w.shape(source))
     dims: list[int | None] = [None] * lead + list(filled[0].dims)
     for t in operands:
@@ -1300,7 +1347,7 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
     are exact zeros in the output, ``h_n`` and ``c_n`` alike. With ``proj_size`` the units are the LSTM's
     cells: rows as above and column ``j`` of ``w_hr``; the projected outputs stay whole.
     """
-    kind = _op_name(node)
+    kind = op_name(node)
     blocks, block = _RECURRENT_BLOCKS[kind]
     x_node = node.args[0]
     x = w.tracked(x_node)
@@ -1324,18 +1371,18 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
     hidden = rnn.hidden_size
     proj = getattr(rnn, "proj_size", 0)
     fixed = None
-    if any(module == e or module.startswith(e + ".") for e in w.excluded):
+    if w.is_excluded(module):
         fixed = "excluded by the user"
-    elif any(w.t.reads.get(n, 0) > 1 for n in names):
+    elif any(w.reads(n) > 1 for n in names):
         fixed = "module is called more than once"
-    elif not all(isinstance(h, fx.Node) and _op_name(h) in ("zeros", "new_zeros") for h in _as_list(hx)):
+    elif not all(isinstance(h, fx.Node) and op_name(h) in ("zeros", "new_zeros") for h in _as_list(hx)):
         fixed = "initial hidden state given (closed units would not stay zero)"
     for info in w.all_tracked(hx):
         w.fix(info.parts, f"initial state of {type(rnn).__name__} '{module}'")
     key = f"producer:{module}"
-    space = w.spaces.new(hidden, key, module, fixed or w.spaces.forced_fixed.get(key), 1)
+    space = w.new_space(hidden, key, module, fixed)
     units = ChannelInfo((space,), 0, (None,))
-    w.recurrent.append(RecurrentGate(module, space, hidden, block, blocks))
+    w.add_recurrent(RecurrentGate(module, space, hidden, block, blocks))
 
     tokens = math.prod(in_shape[:-1])
     if x is not None:
@@ -1375,13 +1422,35 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
                 a = sum(size * rep for _, size, rep in in_parts)
                 b = sum(size * rep for _, size, rep in out_parts)
                 flops += 2.0 * tokens * a * b
-                w.layers.append(
-                    LayerCost(name, "linear", 2.0 * tokens, 1.0, 0.0, in_parts, out_parts, False, w.first_call(name))
+                w.add_layer(
+                    LayerCost(
+                        module=name,
+                        kind="linear",
+                        flops_per_pair=2.0 * tokens,
+                        params_per_pair=1.0,
+                        bias_per_out=0.0,
+                        in_parts=in_parts,
+                        out_parts=out_parts,
+                        depthwise=False,
+                        count_params=w.first_call(name),
+                    ),
+                    op=node,  # the op's FLOPs are the sum of its layers'
                 )
             for name in biases:
-                w.layers.append(LayerCost(name, "param", 0.0, 0.0, 1.0, rows, rows, True, w.first_call(name)))
-    w.flops_of[node] = flops
-    w.costed_nodes.add(node)
+                w.add_layer(
+                    LayerCost(
+                        module=name,
+                        kind="param",
+                        flops_per_pair=0.0,
+                        params_per_pair=0.0,
+                        bias_per_out=1.0,
+                        in_parts=rows,
+                        out_parts=rows,
+                        depthwise=True,
+                        count_params=w.first_call(name),
+                    )
+                )
+    w.add_flops(node, flops)
     dim = len(in_shape) - 1  # the output has the input's dims, its features last
     output = None if proj > 0 else ChannelInfo((space,) * directions, dim, (None,) * directions)
     states = num_layers * directions  # h_n, c_n: (states, B, H), or (states, H) for an unbatched input
@@ -1392,3 +1461,6 @@ def recurrent(w: Walk, node: fx.Node) -> Any:
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+__all__ = ["RULES", "Rule", "arg", "register_rule", "rule_table"]

@@ -10,7 +10,7 @@ output into pieces) carries into the next.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -64,6 +64,13 @@ class Spaces:
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
+    def roots(self) -> dict[int, list[int]]:
+        """Every class of merged spaces: its root (the smallest space id) -> its spaces, in order."""
+        classes: dict[int, list[int]] = {}
+        for s in range(len(self.spaces)):
+            classes.setdefault(self.find(s), []).append(s)
+        return classes
+
     def members(self, s: int) -> list[int]:
         root = self.find(s)
         return [i for i in range(len(self.spaces)) if self.find(i) == root]
@@ -84,4 +91,17 @@ class Spaces:
         return len(self.spaces)
 
 
-__all__ = ["Space", "Spaces"]
+def remap(parts: Iterable[tuple], root_of: Mapping[int, int]) -> tuple:
+    """``(space, size, ...)`` parts with each space replaced by ``root_of[space]`` (its group), or by
+    None where ``root_of`` has none (a space that is not gated; None stays None)."""
+    return tuple((root_of.get(s), *rest) for s, *rest in parts)
+
+
+def remap_dims(dims: Iterable[Iterable[tuple]], root_of: Mapping[int, int]) -> tuple:
+    """Head-dim gates per part (``GatePoint.dims``, ``LayerCost.in_dims``, ...) remapped as by
+    :func:`remap`; empty where none of them stays gated."""
+    out = tuple(remap(d, root_of) for d in dims)
+    return out if any(r is not None for d in out for r, *_ in d) else ()
+
+
+__all__ = ["Space", "Spaces", "remap", "remap_dims"]

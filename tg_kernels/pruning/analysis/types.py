@@ -95,7 +95,7 @@ class RecurrentGate:
     blocks: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerCost:
     """FLOPs and parameters of one Conv/Linear call as a function of its open input/output counts.
 

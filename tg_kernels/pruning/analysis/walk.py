@@ -1,39 +1,60 @@
-"""The analysis pass over a model's export graph: one walk in graph order, repeated until stable.
+"""The state of one analysis pass over a model's export graph, and the API the op rules call.
 
-Each node's value gets a :class:`~tg_kernels.pruning.analysis.types.ChannelInfo` (which channel
-spaces lie along which dim, and whether closed channels are exactly zero there) from the rule of
-its ATen op (:mod:`tg_kernels.pruning.analysis.rules`). A walk learns things that the next walk must
-use: a module output to gate again ("regate", where a norm or a non-zero-preserving op sits
-between a gate and a consumer), a space to keep whole, a producer whose output the model cuts into
-pieces (``split``, ``chunk``, slicing). :func:`analyze_export` repeats walks until nothing new is
-learned, then :func:`finish` turns the last walk into an :class:`Analysis`.
+A :class:`Walk` visits the graph's nodes in order and gives each node's value a
+:class:`~tg_kernels.pruning.analysis.types.ChannelInfo` (which channel spaces lie along which dim,
+and whether closed channels are exactly zero there) from the rule of its ATen op (a table such as
+:data:`~tg_kernels.pruning.analysis.rules.RULES`, passed to :meth:`Walk.run`). A walk learns things
+that the next walk must use: a module output to gate again ("regate", where a norm or a
+non-zero-preserving op sits between a gate and a consumer), a space to keep whole, a producer whose
+output the model cuts into pieces (``split``, ``chunk``, slicing), heads to treat as one channel.
+The driver (:mod:`tg_kernels.pruning.analysis.driver`) repeats walks until nothing new is learned.
+
+What a rule may call (``rule(walk, node) -> value info``):
+
+- read its inputs: :meth:`Walk.tracked` (a :class:`ChannelInfo` or None), :meth:`Walk.all_tracked`,
+  :meth:`Walk.param_view`, :meth:`Walk.value` (any value info), :meth:`Walk.shape`,
+  :meth:`Walk.tensor_name`, :meth:`Walk.reads`, :meth:`Walk.is_input`; the channels' sizes:
+  :meth:`Walk.sizes`, :meth:`Walk.sized`, :meth:`Walk.width`, :meth:`Walk.part_offsets`;
+  and the model: :meth:`Walk.owner`, :meth:`Walk.module_of`, :meth:`Walk.module_reading`,
+  :meth:`Walk.scope_module`, :meth:`Walk.is_excluded`;
+- couple channels: :meth:`Walk.tie` (share gates one to one), :meth:`Walk.producer` (new channels
+  and their gate), :meth:`Walk.new_space`;
+- keep channels whole: :meth:`Walk.barrier` (the op is not understood, named in a warning),
+  :meth:`Walk.fix` (with a reason);
+- ask for zeros: :meth:`Walk.need_zero` (a consumer reads the channels);
+- ask the next walk for finer or coarser spaces: :meth:`Walk.request_cuts`, :meth:`Walk.request_units`;
+- tell export what to change: :meth:`Walk.slice_tensor`, :meth:`Walk.size_attr`,
+  :meth:`Walk.norm_over`, :meth:`Walk.conv_input`, :meth:`Walk.add_recurrent`;
+- count costs: :meth:`Walk.add_layer` (a :class:`LayerCost`, built with :meth:`Walk.cost_parts` and
+  :meth:`Walk.first_call`), :meth:`Walk.add_flops` (an op's FLOPs, for the coverage report).
+
+Everything else on a :class:`Walk` is its own bookkeeping, read by the driver and the passes that
+run on the stable walk (head dims, side passes).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
+from tg_kernels.pruning.analysis.aten import ACTIVATION_OPS, PASS_OPS, STACK_OPS, dead_at_zero, op_name
 from tg_kernels.pruning.analysis.spaces import Spaces
 from tg_kernels.pruning.analysis.tracing import Trace
 from tg_kernels.pruning.analysis.types import (
-    Analysis,
-    AnalysisError,
     ChannelInfo,
     GatePoint,
-    Group,
-    HeadDims,
     LayerCost,
     RecurrentGate,
     SizeAttr,
     Slice,
     StackedInfo,
 )
+
+# Suffix of a gate point key that gates a module's input (GatePoint.on_input), not its output.
+INPUT_GATE = "#input"
 
 
 class ParamView:
@@ -94,23 +115,17 @@ class Walk:
         self.barriers: list[str] = []
         self.new_gate_points: set[str] = set()
         self.new_cuts: dict[str, set[int]] = {}
-        self.other_flops = 0.0
         self.costed: set[str] = set()
         self.after_norm: list[tuple[str, int]] = []
         self.conv_inputs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
         self.norms: list[tuple[str, tuple[tuple[int, int], ...]]] = []
         self.fold_of: dict[str, str | None] = {}
         self.flops_of: dict[fx.Node, float] = {}  # every op's FLOPs, for the coverage report
-        self.node_reason: dict[fx.Node, str] = {}
         self.costed_nodes: set[fx.Node] = set()  # op nodes whose FLOPs a LayerCost counts
         self.needed: dict[str, bool] = {}  # gate point -> whether non-zero closed channels reached it
         self.recurrent: list[RecurrentGate] = []  # LSTM / GRU hidden units, gated on their parameters
         self.live = _live_nodes(trace.graph)  # nodes some output depends on
         self.current: fx.Node | None = None  # the node whose rule runs
-        # head dims (analysis/head_dims.py, after the walk): per attention op, or why they stay whole
-        self.head_dims: list[HeadDims] = []
-        self.head_dims_fixed: dict[str, str] = {}
-        self.rotary_tables: dict[str, int] = {}  # rotary frequency buffer -> the head-dim space slicing it
 
     # ---- names and values ----
     def shape(self, node: Any):
@@ -129,12 +144,26 @@ class Walk:
             return self.scope_module(node) or f"{self.owner(tensor)}@{node.name}"
         return self.owner(tensor)
 
+    def reads(self, tensor: str) -> int:
+        """How many op nodes read parameter or buffer ``tensor`` (more than 1: tied or reused)."""
+        return self.t.reads.get(tensor, 0)
+
+    def is_input(self, node: Any) -> bool:
+        """Whether ``node`` is one of the user's inputs to the model."""
+        return isinstance(node, fx.Node) and node in self.t.inputs
+
+    def value(self, arg: Any) -> Any:
+        """What the walk knows of ``arg``'s value: a :class:`ChannelInfo`, :class:`StackedInfo`,
+        :class:`ParamView`, :class:`Filled`, a list of those (an op returning several values), or None."""
+        return self.info.get(arg) if isinstance(arg, fx.Node) else None
+
     def tracked(self, arg: Any) -> ChannelInfo | None:
-        value = self.info.get(arg) if isinstance(arg, fx.Node) else None
+        """``arg``'s gated channels (None for a value that carries none)."""
+        value = self.value(arg)
         return value if isinstance(value, ChannelInfo) else None
 
     def param_view(self, arg: Any) -> ParamView | None:
-        value = self.info.get(arg) if isinstance(arg, fx.Node) else None
+        value = self.value(arg)
         return value if isinstance(value, ParamView) else None
 
     def all_tracked(self, value: Any) -> list[ChannelInfo]:
@@ -144,6 +173,10 @@ class Walk:
 
     def sizes(self, info: ChannelInfo) -> list[int]:
         return [self.spaces.size(p) for p in info.parts]
+
+    def sized(self, info: ChannelInfo) -> tuple[tuple[int, int], ...]:
+        """``info``'s parts as ``(space, size)`` (as :class:`GatePoint` and :class:`SizeAttr` hold them)."""
+        return tuple((p, self.spaces.size(p)) for p in info.parts)
 
     def width(self, info: ChannelInfo) -> int:
         return sum(self.sizes(info))
@@ -165,7 +198,24 @@ class Walk:
                 self.spaces.fix(info.parts, f"reaches {what}")
 
     def fix(self, parts: Sequence[int], reason: str) -> None:
+        """Keep these spaces whole (ungated) for ``reason``; the next walks agree."""
         self.spaces.fix(parts, reason)
+
+    def tie(self, a: Sequence[int], b: Sequence[int]) -> None:
+        """Part ``i`` of ``a`` and part ``i`` of ``b`` share their gates (a residual add, a cat of
+        coupled values, the groups of a grouped conv, the heads of q, k and v)."""
+        for pa, pb in zip(a, b):
+            self.spaces.union(pa, pb)
+
+    def new_space(
+        self, size: int, key: str, producer: str | None = None, fixed: str | None = None, unit: int = 1
+    ) -> int:
+        """The space named ``key`` (made on first use; see :meth:`Spaces.new`)."""
+        return self.spaces.new(size, key, producer, fixed, unit)
+
+    def is_excluded(self, module: str) -> bool:
+        """Whether the user excluded ``module`` (or a module containing it) from gating."""
+        return any(module == e or module.startswith(e + ".") for e in self.excluded)
 
     def scope_module(self, node: fx.Node) -> str | None:
         """The innermost module, called once, whose forward runs ``node``."""
@@ -196,8 +246,9 @@ class Walk:
         if key is not None and key in self.gate_points:
             if key not in self.emitted:
                 self.emitted.add(key)
-                parts = tuple((p, self.spaces.size(p)) for p in info.parts)
-                self.points.append(GatePoint(module, info.dim, parts, False, None, info.repeat, on_input=True))
+                self.points.append(
+                    GatePoint(module, info.dim, self.sized(info), False, None, info.repeat, on_input=True)
+                )
             return
         for part, source in zip(info.parts, info.nonzero):
             if source is None or self.spaces.is_fixed(part):
@@ -233,7 +284,7 @@ class Walk:
                 early = early or name
                 late = late or name
             users = list(node.users)
-            if len(users) != 1 or _op_name(users[0]) not in PASS_OPS or users[0].args[0] is not node:
+            if len(users) != 1 or op_name(users[0]) not in PASS_OPS or users[0].args[0] is not node:
                 return early, late
             node = users[0]
             if self.closed_gradients and dead_at_zero(node):
@@ -244,9 +295,9 @@ class Walk:
         the batch norm that the activations before ``node`` read."""
         if _foldable(self.module_of(name)):
             return name
-        while _op_name(node) in PASS_OPS and node.args and isinstance(node.args[0], fx.Node):
+        while op_name(node) in PASS_OPS and node.args and isinstance(node.args[0], fx.Node):
             node = node.args[0]
-        if _op_name(node) == "batch_norm":
+        if op_name(node) == "batch_norm":
             stats = next((self.tensor_name(a) for a in node.args[1:5] if self.tensor_name(a)), None)
             if stats is not None and _foldable(self.module_of(self.owner(stats))):
                 return self.owner(stats)
@@ -312,13 +363,14 @@ class Walk:
             module = self.module_of(path)  # "" is the model itself (torchvision ViT: self.hidden_dim)
             if module is None:
                 continue
-            parts = tuple((p, self.spaces.size(p)) for p in info.parts)
+            parts = self.sized(info)
             for attr, value in vars(module).items():
                 if type(value) is int and value == shape and not attr.startswith("_") and not _is_index_name(attr):
                     self.size_attrs.append(SizeAttr(path, attr, parts, info.repeat))
             return
 
     def part_offsets(self, info: ChannelInfo) -> list[tuple[int, int]]:
+        """``(space, its first channel)`` for each part of ``info``."""
         offsets, at = [], 0
         for p in info.parts:
             offsets.append((p, at))
@@ -347,9 +399,53 @@ class Walk:
         return first
 
     def cost_parts(self, info: ChannelInfo | None, channels: int) -> tuple[tuple[int | None, int, int], ...]:
+        """``info``'s parts as a :class:`LayerCost` counts them, ``(space, size, repeat)``; without
+        ``info``, ``channels`` channels that are never gated."""
         if info is None:
             return ((None, channels, 1),)
         return tuple((p, self.spaces.size(p), info.repeat) for p in info.parts)
+
+    # ---- costs and what export changes besides slices ----
+    def add_layer(self, cost: LayerCost, op: fx.Node | None = None) -> None:
+        """Count a layer's FLOPs and parameters as a function of its open channels; ``op``: the node
+        whose FLOPs (:meth:`add_flops`) this cost counts, so that the coverage report does not
+        count them again as ungated."""
+        self.layers.append(cost)
+        if op is not None:
+            self.costed_nodes.add(op)
+
+    def add_flops(self, node: fx.Node, flops: float) -> None:
+        """An op's FLOPs on the example inputs (for the share of the model's FLOPs that gates control)."""
+        self.flops_of[node] = flops
+
+    def norm_over(self, module: str, info: ChannelInfo) -> None:
+        """``module`` normalises (or averages) over ``info``'s channels: at full width it must compute
+        its statistics over the open channels only (``Analysis.norms``)."""
+        self.norms.append((module, self.sized(info)))
+
+    def conv_input(self, module: str, info: ChannelInfo) -> None:
+        """Conv2d ``module`` (groups 1) reads ``info``'s channels (``Analysis.conv_inputs``)."""
+        self.conv_inputs.append((module, self.sized(info)))
+
+    def add_recurrent(self, gate: RecurrentGate) -> None:
+        """Hidden units gated inside an LSTM / GRU / RNN's recurrence (``Analysis.recurrent``)."""
+        self.recurrent.append(gate)
+
+    # ---- edits by the passes that run on the stable walk (head dims) ----
+    def add_slice(self, sl: Slice) -> None:
+        self.slices.append(sl)
+
+    def set_point(self, index: int, point: GatePoint) -> None:
+        self.points[index] = point
+
+    def set_layer(self, index: int, cost: LayerCost) -> None:
+        self.layers[index] = cost
+
+    def set_size_attr(self, index: int, attr: SizeAttr) -> None:
+        self.size_attrs[index] = attr
+
+    def add_size_attrs(self, attrs: Sequence[SizeAttr]) -> None:
+        self.size_attrs.extend(attrs)
 
     def producer(
         self, node: fx.Node, name: str, channels: int, dim: int, fixed: str | None = None, foldable: bool = True
@@ -360,7 +456,7 @@ class Walk:
         walk asked for it (the model splits this output). The gate goes at the module's output,
         or after the BatchNorm that is its only user (then after the activations that follow).
         """
-        if any(name == e or name.startswith(e + ".") for e in self.excluded):
+        if self.is_excluded(name):
             fixed = "excluded by the user"
         elif self.t.reads.get(_weight_of(self, node) or "", 1) > 1:
             fixed = "module is called more than once"
@@ -382,7 +478,7 @@ class Walk:
         if point is not None:
             self.placed_by[point] = name
         if point == name and node in self.t.output_of and name in self.t.output_of[node]:
-            replace = type(module) in (nn.Conv2d, nn.Linear) and _op_name(node) in ("conv2d", "linear") and unit == 1
+            replace = type(module) in (nn.Conv2d, nn.Linear) and op_name(node) in ("conv2d", "linear") and unit == 1
             self.points.append(GatePoint(name, dim, sized, replace, name if foldable else None, unit))
             self.emitted.add(name)
             return ChannelInfo(parts, dim, (None,) * len(parts), unit)
@@ -407,7 +503,7 @@ class Walk:
         chain = [node]
         fold = name
         users = list(node.users)
-        if len(users) == 1 and _op_name(users[0]) == "batch_norm" and users[0].args[0] is node:
+        if len(users) == 1 and op_name(users[0]) == "batch_norm" and users[0].args[0] is node:
             bn = users[0]
             stats = next((self.tensor_name(a) for a in bn.args[1:5] if self.tensor_name(a)), None)
             if stats is None or self.t.reads.get(stats, 0) != 1:
@@ -442,14 +538,14 @@ class Walk:
         """Append the activations that are all the chain's last value feeds."""
         while len(chain[-1].users) == 1:
             nxt = next(iter(chain[-1].users))
-            if _op_name(nxt) not in ACTIVATION_OPS or nxt.args[0] is not chain[-1]:
+            if op_name(nxt) not in ACTIVATION_OPS or nxt.args[0] is not chain[-1]:
                 break
             chain.append(nxt)
 
     # ---- the walk ----
-    def run(self) -> None:
-        from tg_kernels.pruning.analysis.rules import RULES
-
+    def run(self, rules: Mapping[str, Any]) -> None:
+        """Visit every node in graph order; ``rules``: op name -> ``rule(walk, node)`` (an op
+        without a rule is a barrier for every gated value that reaches it)."""
         for node in self.t.graph.nodes:
             if node.op == "placeholder":
                 name = self.tensor_name(node)
@@ -463,8 +559,8 @@ class Walk:
                 self.barrier(node, f"'{node.op}' node '{node.name}'")
                 self.info[node] = None
                 continue
-            name = _op_name(node)
-            rule = RULES.get(name)
+            name = op_name(node)
+            rule = rules.get(name)
             tracked = self.all_tracked((node.args, node.kwargs))
             if name not in STACK_OPS and any(isinstance(self.info.get(a), StackedInfo) for a in node.all_input_nodes):
                 self.barrier(node, f"'{name}' of stacked channel pieces at '{node.name}'")
@@ -488,94 +584,15 @@ class Walk:
             if name in self.gate_points and name not in self.emitted:
                 self.emitted.add(name)
                 self.needed[name] = any(s is not None for s in info.nonzero)
-                parts = tuple((p, self.spaces.size(p)) for p in info.parts)
                 fold = self.fold_of[name] if name in self.fold_of else self._fold_for(name, node)
-                self.points.append(GatePoint(name, info.dim, parts, False, fold, info.repeat))
+                self.points.append(GatePoint(name, info.dim, self.sized(info), False, fold, info.repeat))
                 return ChannelInfo(info.parts, info.dim, (None,) * len(info.parts), info.repeat)
         return info
 
 
-# Elementwise activations with f(0) = 0 (the walk moves gates past them; dead_at_zero checks which
-# of them have derivative 0 at 0 numerically).
-ACTIVATIONS = {
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "celu",
-    "gelu",
-    "silu",
-    "mish",
-    "hardswish",
-    "hardtanh",
-    "tanh",
-    "softsign",
-    "softshrink",
-    "hardshrink",
-    "prelu",
-}
-# ... and the ops that copy or drop entries, which keep zeros too.
-ACTIVATION_OPS = ACTIVATIONS | {"dropout", "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach"}
-
-
-# Suffix of a gate point key that gates a module's input (GatePoint.on_input), not its output.
-INPUT_GATE = "#input"
-
-
-# Ops a regate may move past: zero-preserving, one input, channels kept (only their position moves).
-PASS_OPS = ACTIVATION_OPS | {"permute", "transpose", "view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy"}
-
-
-def at_zero(op: Any, args: tuple, kwargs: dict) -> tuple[float, float]:
-    """(f(0), f'(0)) of an elementwise op, in float64 (read off with autograd, not from a table)."""
-    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    y = op(z, *args, **kwargs)
-    (d,) = torch.autograd.grad(y.sum(), z, allow_unused=True)
-    return float(y.detach()[0]), 0.0 if d is None else float(d[0])
-
-
-def functional(op: Any) -> Any:
-    """The out-of-place form of an in-place ATen op (``relu_`` -> ``relu``); other ops as they are."""
-    name = getattr(op, "_opname", "")
-    if name.endswith("_") and not name.startswith("_"):
-        packet = getattr(torch.ops.aten, name[:-1], None)
-        if packet is not None and hasattr(packet, op._overloadname):
-            return getattr(packet, op._overloadname)
-    return op
-
-
-def constant(value: Any) -> bool:
-    """Whether an op argument is a constant (no graph value in it)."""
-    if isinstance(value, (list, tuple)):
-        return all(constant(v) for v in value)
-    return not isinstance(value, fx.Node) and (value is None or isinstance(value, (int, float, bool, str, torch.dtype)))
-
-
-_DEAD_CACHE: dict[tuple[Any, str], bool] = {}
-
-
-def dead_at_zero(node: fx.Node) -> bool:
-    """Whether ``node`` is an activation that keeps 0 at 0 with derivative 0 there (ReLU, ReLU6,
-    hardshrink): a closed gate right before it gets no task gradient, so gates go after it."""
-    if node.op != "call_function" or _op_name(node) not in ACTIVATIONS:
-        return False
-    args, kwargs = tuple(node.args[1:]), dict(node.kwargs)
-    if not constant(list(args)) or not constant(list(kwargs.values())):
-        return False
-    key = (node.target, repr((args, sorted(kwargs.items()))))
-    if key not in _DEAD_CACHE:
-        try:
-            f0, d0 = at_zero(functional(node.target), args, kwargs)
-        except Exception:  # an overload that does not take float64 scalars: treat it as live
-            f0, d0 = 1.0, 1.0
-        _DEAD_CACHE[key] = f0 == 0.0 and d0 == 0.0
-    return _DEAD_CACHE[key]
-
-
 def _residual_add(node: fx.Node, operand: fx.Node) -> bool:
     """``operand + other`` (or ``other + operand``) of two tensors, as a residual connection adds."""
-    if _op_name(node) != "add" or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+    if op_name(node) != "add" or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
         return False
     a, b = node.args
     return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a is not b and operand in (a, b)
@@ -596,22 +613,6 @@ def _foldable(module: nn.Module | None) -> bool:
 
 def _weight_of(w: Walk, node: fx.Node) -> str | None:
     return w.tensor_name(node.args[1]) if len(node.args) > 1 else None
-
-
-def _op_name(node: fx.Node) -> str:
-    return target_name(node.target)
-
-
-def target_name(target: Any) -> str:
-    """An ATen op's name without overload or in-place suffix (``aten.relu_.default`` -> ``relu``)."""
-    name = getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
-    if name.endswith("_") and not name.startswith("_"):
-        name = name[:-1]
-    return name
-
-
-# Ops that accept a StackedInfo (pieces of channels along one dim): they pick pieces or move dims.
-STACK_OPS = {"permute", "transpose", "unbind", "select", "getitem", "clone", "contiguous", "alias", "detach", "squeeze"}
 
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -636,283 +637,4 @@ def _flatten_infos(value: Any) -> list[ChannelInfo]:
     return []
 
 
-# --------------------------------------------------------------------------------------------------
-# Repeat until stable, then the result
-# --------------------------------------------------------------------------------------------------
-
-
-def analyze_export(
-    model: nn.Module, trace: Trace, excluded: set[str] | None = None, closed_gradients: bool = True
-) -> Analysis:
-    """Analyse a model from its export trace (see the module docstring). ``closed_gradients``: place
-    no gate right before a ReLU-like activation (see ``attach_gates``)."""
-    gate_points: set[str] = set()
-    requested: set[str] = set()
-    forced_fixed: dict[str, str] = {}
-    cuts: dict[str, set[int]] = {}
-    units: dict[str, int] = {}
-
-    suppressed: frozenset[str] = frozenset()
-
-    def walk(points: set[str]) -> Walk:
-        w = Walk(model, trace, points, forced_fixed, cuts, set(excluded or ()), units, closed_gradients, suppressed)
-        w.run()
-        return w
-
-    def learned(w: Walk, points: set[str]) -> bool:
-        return bool(
-            w.new_gate_points - points or set(w.spaces.new_fixed) - set(forced_fixed) or w.new_cuts or w.new_units
-        )
-
-    for _ in range(200):
-        w = walk(set(gate_points))
-        if not learned(w, gate_points):
-            break
-        if w.new_cuts or w.new_units:  # they change the spaces: what this walk fixed or gated may not hold after them
-            for key, c in w.new_cuts.items():
-                cuts.setdefault(key, set()).update(c)
-            units.update(w.new_units)
-            continue
-        requested |= w.new_gate_points - gate_points
-        gate_points |= w.new_gate_points
-        forced_fixed.update(w.spaces.new_fixed)
-    else:  # pragma: no cover - each walk only adds
-        raise AnalysisError("channel analysis did not converge")
-    # A gate point requested early may have become unnecessary (a later regate upstream made the
-    # channels zero anyway); drop those, since export cannot fold gates into every kind of module.
-    for _ in range(len(requested) + 1):
-        idle = {name for name in requested & gate_points if not w.needed.get(name, True)}
-        if not idle:
-            break
-        trial = gate_points - idle
-        tried = walk(set(trial))
-        if learned(tried, trial):  # dropping them all at once does not hold: drop them one by one
-            for name in sorted(idle):
-                one = gate_points - {name}
-                if not learned(walk(set(one)), one):
-                    gate_points = one
-            break
-        gate_points, w = trial, tried
-    w = walk(set(gate_points))
-    result = finish(model, trace, w)
-    if not closed_gradients:
-        return result
-    # A producer's gate whose closed gates get no task gradient because a later gate of the group
-    # zeros the channels again (MobileNetV2: expand -> gate -> depthwise -> BatchNorm -> gate) is not
-    # needed where the ops between keep channels apart: leave it out, so that the later gate's
-    # closed channels carry the producer's values (and a task gradient) instead of BatchNorm's beta,
-    # unless that leaves the later gate without a side-pass recipe (exact training would then run
-    # its group at full width).
-    dead = sorted({w.placed_by[sp.point] for sp in result.side_passes if sp.dead and sp.point in w.placed_by})
-    kept: frozenset[str] = frozenset()
-
-    def without_recipe(a: Analysis) -> set[str]:
-        name_of = {g.space: g.name for g in a.groups}
-        return {name_of.get(a.root_of.get(sp.space), "") for sp in a.side_passes if sp.reason is not None}
-
-    slow = without_recipe(result)
-
-    finished: dict[frozenset[str], Analysis] = {}  # left-out set -> its result, where that held
-
-    def holds(trial: Walk) -> bool:  # exact as before, and no group newly without a side-pass recipe
-        if learned(trial, gate_points):
-            return False
-        analysis = finish(model, trace, trial)
-        if without_recipe(analysis) <= slow:
-            finished[suppressed] = analysis
-            return True
-        return False
-
-    def leave_out(names: list[str]) -> None:  # all at once where that holds, else by halves
-        nonlocal suppressed, kept
-        suppressed = kept | set(names)
-        if holds(walk(set(gate_points))):
-            kept = suppressed
-        elif len(names) > 1:
-            leave_out(names[: len(names) // 2])
-            leave_out(names[len(names) // 2 :])
-        suppressed = kept
-
-    if dead:
-        leave_out(dead)
-    if not kept:
-        return result
-    return finished[kept] if kept in finished else finish(model, trace, walk(set(gate_points)))
-
-
-def _checked_widths(model: nn.Module, w: Walk) -> list[SizeAttr]:
-    """Int attributes that a ``torch.nn`` forward compares with a gated width in Python, outside the
-    graph: ``nn.Transformer`` checks that src and tgt are ``d_model`` wide (the width its encoder's
-    final norm normalises over)."""
-    norms = dict(w.norms)
-    found = []
-    for name, module in model.named_modules():
-        norm = f"{name}.encoder.norm" if name else "encoder.norm"
-        if isinstance(module, nn.Transformer) and norm in norms:
-            found.append(SizeAttr(name, "d_model", norms[norm], 1))
-    return found
-
-
-def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
-    """The result of a stable walk."""
-    from tg_kernels.pruning.analysis.head_dims import find_head_dims
-
-    w.size_attrs.extend(_checked_widths(model, w))
-    find_head_dims(w)
-    sp = w.spaces
-    roots: dict[int, list[int]] = {}
-    for s in range(len(sp)):
-        roots.setdefault(sp.find(s), []).append(s)
-    groups: dict[int, Group] = {}
-    fixed: dict[str, str] = {}
-    for root, members in sorted(roots.items()):
-        producers = list(dict.fromkeys(sp.spaces[m].producer for m in members if sp.spaces[m].producer))
-        reason = next((sp.spaces[m].fixed for m in members if sp.spaces[m].fixed), None)
-        if reason is not None:
-            for prod in producers:
-                fixed.setdefault(prod, reason)
-            continue
-        if not producers:
-            continue
-        first = next(sp.spaces[m] for m in members if sp.spaces[m].producer)
-        label = first.key.split(":", 1)[1]
-        groups[root] = Group(root, label.replace("#", "_"), sp.size(root), producers)
-    root_of = {s: sp.find(s) for s in range(len(sp)) if sp.find(s) in groups}
-    for sl in dict.fromkeys(w.slices):
-        if sl.space in root_of:
-            groups[root_of[sl.space]].slices.append(sl)
-    for name in [n for n in fixed if any(n in g.producers for g in groups.values())]:
-        del fixed[name]  # a producer cut into pieces: some gated, some not
-    fixed.update(w.head_dims_fixed)
-
-    def gated(parts):
-        return tuple((root_of.get(s), size) for s, size in parts)
-
-    def gated_dims(dims):  # per part: () or (space, size) parts
-        dims = tuple(gated(d) for d in dims)
-        return dims if any(r is not None for d in dims for r, _ in d) else ()
-
-    points: dict[tuple[str, bool], GatePoint] = {}
-    for gp in w.points:
-        parts = gated(gp.parts)
-        if (all(r is None for r, _ in parts) and not gated_dims(gp.dims)) or (gp.module, gp.on_input) in points:
-            continue
-        replace = gp.replace and len(parts) == 1
-        points[gp.module, gp.on_input] = GatePoint(
-            gp.module, gp.dim, parts, replace, gp.fold, gp.repeat, gp.on_input, gated_dims(gp.dims)
-        )
-
-    def cost(parts):
-        return tuple((root_of.get(s) if s is not None else None, size, rep) for s, size, rep in parts)
-
-    layers = [
-        LayerCost(
-            lc.module,
-            lc.kind,
-            lc.flops_per_pair,
-            lc.params_per_pair,
-            lc.bias_per_out,
-            cost(lc.in_parts),
-            cost(lc.out_parts),
-            lc.depthwise,
-            lc.count_params,
-            gated_dims(lc.in_dims),
-            gated_dims(lc.out_dims),
-        )
-        for lc in w.layers
-    ]
-    counted = {lc.module for lc in layers}
-    other_params = sum(
-        param.numel()
-        for name, param in model.named_parameters()
-        if name not in counted and (name.rsplit(".", 1)[0] if "." in name else "") not in counted
-    )
-    other_flops = w.other_flops
-    for node in trace.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = _op_name(node)
-        if name == "scaled_dot_product_attention":
-            q, k, v = (trace.shape(a) for a in node.args[:3])
-            if q is not None and k is not None and v is not None:
-                w.flops_of[node] = 2.0 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-        elif name in ("baddbmm", "einsum") and trace.shape(node) is not None:
-            shapes = [trace.shape(a) for a in node.all_input_nodes]
-            if name == "baddbmm" and len(shapes) == 3 and shapes[1] is not None:
-                w.flops_of[node] = 2.0 * math.prod(trace.shape(node)) * shapes[1][-1]
-        if node in w.flops_of and node not in w.costed_nodes:
-            other_flops += w.flops_of[node]
-    covered = 0.0
-    uncovered: dict[str, float] = {}
-    for lc in layers:
-        f = lc.flops_per_pair * _pairs(lc)
-        if _gated(lc):
-            covered += f
-        elif f:
-            reason = fixed.get(lc.module, "its channels are never gated")
-            uncovered[reason] = uncovered.get(reason, 0.0) + f
-    if other_flops:
-        uncovered["attention and other ops whose cost does not depend on gates"] = other_flops
-    total = covered + sum(uncovered.values())
-    from tg_kernels.pruning.analysis.gradients import side_passes
-
-    gate_points = list(points.values())
-    return Analysis(
-        groups=list(groups.values()),
-        gate_points=gate_points,
-        layers=layers,
-        fixed=fixed,
-        barriers=list(dict.fromkeys(w.barriers)),
-        root_of=root_of,
-        other_params=other_params,
-        other_flops=other_flops,
-        after_norm=[(name, space) for name, space in w.after_norm if space in root_of],
-        conv_inputs=[
-            (name, tuple((root_of.get(s), size) for s, size in parts))
-            for name, parts in w.conv_inputs
-            if any(s in root_of for s, _ in parts)
-        ],
-        tracer="export",
-        norms=[(name, gated(parts)) for name, parts in w.norms if any(s in root_of for s, _ in parts)],
-        coverage=covered / total if total else 0.0,
-        uncovered=uncovered,
-        size_attrs=[
-            SizeAttr(sa.module, sa.attr, gated(sa.parts), sa.repeat, gated(sa.dims))
-            for sa in dict.fromkeys(w.size_attrs)
-            if any(s in root_of for s, _ in sa.parts + sa.dims)
-        ],
-        side_passes=side_passes(model, w, root_of, gate_points),
-        recurrent=[
-            RecurrentGate(rg.module, root_of[rg.space], rg.size, rg.block, rg.blocks)
-            for rg in dict.fromkeys(w.recurrent)
-            if rg.space in root_of
-        ],
-        head_dims=[
-            HeadDims(
-                hd.module,
-                hd.node,
-                root_of.get(hd.space) if hd.space is not None else None,
-                hd.size,
-                hd.reason,
-                hd.scored,
-            )
-            for hd in w.head_dims
-        ],
-    )
-
-
-def _pairs(lc: LayerCost) -> float:
-    a = sum(size * rep for _, size, rep in lc.in_parts)
-    b = sum(size * rep for _, size, rep in lc.out_parts)
-    return b if lc.depthwise else a * b
-
-
-def _gated(lc: LayerCost) -> bool:
-    return any(s is not None for s, _, _ in lc.in_parts + lc.out_parts)
-
-
-def _prod(xs) -> int:
-    return math.prod(xs)
-
-
-__all__ = ["ParamView", "Walk", "analyze_export", "finish"]
+__all__ = ["INPUT_GATE", "Filled", "ParamView", "Walk"]
