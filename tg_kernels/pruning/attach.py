@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,12 +35,15 @@ from tg_kernels.nn import GatedConv2d, GatedLinear, swap_multihead_attention
 from tg_kernels.ops._skip import check_skip
 from tg_kernels.pruning.analysis import (
     Analysis,
+    Rule,
     analyze,
     analyze_export,
     export_trace,
+    real_trace,
     record_shapes,
     trace,
 )
+from tg_kernels.pruning.analysis.spaces import remap, remap_dims
 from tg_kernels.pruning.bank import (
     BANK_NAME,
     EnterOpenStats,
@@ -189,15 +192,13 @@ def _leaves(value: Any) -> list[Tensor]:
     return []
 
 
+def _gated(parts: Parts) -> bool:
+    return any(r is not None for r, *_ in parts)
+
+
 def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
     """The analysis with the groups whose space is in ``bad`` kept whole (ungated) for ``reason``."""
-    root_of = {s: r for s, r in analysis.root_of.items() if r not in bad}
-
-    def parts2(parts):
-        return tuple((r if r in root_of.values() else None, n) for r, n in parts)
-
-    def parts3(parts):
-        return tuple((s if s is not None and s in root_of else None, n, k) for s, n, k in parts)
+    root_of = {s: r for s, r in analysis.root_of.items() if r not in bad}  # a kept root maps to itself
 
     fixed = dict(analysis.fixed)
     for g in analysis.groups:
@@ -205,16 +206,13 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
             for p in g.producers:
                 fixed[p] = reason
 
-    def dims2(dims):
-        dims = tuple(parts2(d) for d in dims)
-        return dims if any(r is not None for d in dims for r, _ in d) else ()
-
     points = []
     for gp in analysis.gate_points:
-        parts = parts2(gp.parts)
-        if any(r is not None for r, _ in parts) or dims2(gp.dims):
+        parts = remap(gp.parts, root_of)
+        dims = remap_dims(gp.dims, root_of)
+        if any(r is not None for r, _ in parts) or dims:
             replace = gp.replace and parts[0][0] is not None
-            points.append(dataclasses.replace(gp, parts=parts, replace=replace, dims=dims2(gp.dims)))
+            points.append(dataclasses.replace(gp, parts=parts, replace=replace, dims=dims))
     return dataclasses.replace(
         analysis,
         groups=[g for g in analysis.groups if g.space not in bad],
@@ -222,22 +220,22 @@ def _without_groups(analysis: Analysis, bad: set[int], reason: str) -> Analysis:
         layers=[
             dataclasses.replace(
                 lc,
-                in_parts=parts3(lc.in_parts),
-                out_parts=parts3(lc.out_parts),
-                in_dims=dims2(lc.in_dims),
-                out_dims=dims2(lc.out_dims),
+                in_parts=remap(lc.in_parts, root_of),
+                out_parts=remap(lc.out_parts, root_of),
+                in_dims=remap_dims(lc.in_dims, root_of),
+                out_dims=remap_dims(lc.out_dims, root_of),
             )
             for lc in analysis.layers
         ],
         fixed=fixed,
         root_of=root_of,
         after_norm=[(n, s) for n, s in analysis.after_norm if s in root_of],
-        conv_inputs=[(n, parts2(p)) for n, p in analysis.conv_inputs if any(r is not None for r, _ in parts2(p))],
-        norms=[(n, parts2(p)) for n, p in analysis.norms if any(r is not None for r, _ in parts2(p))],
+        conv_inputs=[(n, p) for n, p in ((n, remap(p, root_of)) for n, p in analysis.conv_inputs) if _gated(p)],
+        norms=[(n, p) for n, p in ((n, remap(p, root_of)) for n, p in analysis.norms) if _gated(p)],
         size_attrs=[
-            dataclasses.replace(sa, parts=parts2(sa.parts), dims=parts2(sa.dims))
+            dataclasses.replace(sa, parts=remap(sa.parts, root_of), dims=remap(sa.dims, root_of))
             for sa in analysis.size_attrs
-            if any(r is not None for r, _ in parts2(sa.parts) + parts2(sa.dims))
+            if any(r is not None for r, _ in remap(sa.parts, root_of) + remap(sa.dims, root_of))
         ],
         side_passes=[sp for sp in analysis.side_passes if sp.space in root_of.values()],
         recurrent=[rg for rg in analysis.recurrent if rg.space in root_of],
@@ -327,7 +325,13 @@ def _self_check(
     ), names
 
 
-TRACERS = ("auto", "export", "fx")
+TRACERS = ("auto", "export", "real", "fx")
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: the first line of the message``: tracer errors can hold a whole printed graph."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
 
 
 def _analyse(
@@ -337,11 +341,14 @@ def _analyse(
     excluded: set[str],
     tracer: str,
     closed_gradients: bool = True,
+    rules: Mapping[str, Rule] | None = None,
 ) -> tuple[Analysis | None, set[str], str | None]:
     """(analysis or None, opaque submodules, why tracing failed) with the chosen tracer.
 
-    ``"auto"`` reads the ``torch.export`` graph and falls back to torch.fx (which can keep
-    untraceable submodules opaque) when torch.export cannot trace the model.
+    ``"auto"`` reads the ``torch.export`` graph; where torch.export cannot trace the forward (Python
+    control flow that reads tensor values), the same graph recorded by running the example inputs
+    (:func:`~tg_kernels.pruning.analysis.tracing.real_trace`, with a warning); where that fails
+    too, torch.fx (which can keep untraceable submodules opaque).
     """
     export_error: Exception | None = None
     if tracer in ("auto", "export"):
@@ -350,13 +357,29 @@ def _analyse(
         except Exception as error:  # noqa: BLE001 - any tracing failure means: try the next tracer
             export_error = error
             if tracer == "export":
-                return None, set(), f"torch.export failed: {type(error).__name__}: {error}"
+                return None, set(), f"torch.export failed: {_first_line(error)}"
         else:
-            return analyze_export(model, traced, excluded, closed_gradients), set(), None
+            return analyze_export(model, traced, excluded, closed_gradients, rules=rules), set(), None
+    if tracer in ("auto", "real"):
+        try:
+            traced = real_trace(model, inputs, kwargs)
+        except Exception as error:  # noqa: BLE001
+            if tracer == "real":
+                return None, set(), f"the traced run failed: {_first_line(error)}"
+        else:
+            if export_error is not None:
+                warnings.warn(
+                    f"tg_kernels.attach_gates: torch.export cannot trace {type(model).__name__}.forward "
+                    f"({_first_line(export_error)}); its graph was recorded by running the example inputs "
+                    "instead, so Python branches that read tensor values take the way the example inputs "
+                    "take (pass example inputs that take the branches your training takes)",
+                    stacklevel=3,
+                )
+            return analyze_export(model, traced, excluded, closed_gradients, rules=rules), set(), None
     if kwargs:
         reason = "torch.fx cannot pass keyword inputs (example_kwargs)"
         if export_error is not None:
-            reason = f"torch.export failed ({type(export_error).__name__}: {export_error}) and {reason}"
+            reason = f"torch.export failed ({_first_line(export_error)}) and {reason}"
         return None, set(), reason
     try:
         graph, opaque = trace(model)
@@ -380,22 +403,22 @@ def attach_gates(
     self_check: bool = True,
     compact: bool = True,
     closed_gate_gradients: bool = True,
+    rules: Mapping[str, Rule] | None = None,
+    prunable_attention: bool = False,
 ) -> tuple[nn.Module, GateBank]:
     """Gate every prunable channel group of ``model`` (in place) and return ``(model, gates)``.
 
     Args:
-        model: any ``nn.Module``; it is modified in place (a copy is not made). Its
-            ``nn.MultiheadAttention`` modules are swapped for
-            :class:`~tg_kernels.nn.PrunableMultiheadAttention` (same numbers; new state_dict keys)
-            unless ``exclude`` names them or their class.
+        model: any ``nn.Module``; it is modified in place (a copy is not made).
         example_inputs: a tensor or a tuple of positional inputs, used once to trace shapes.
         example_kwargs: keyword inputs of the forward (``input_ids=...`` for Hugging Face models).
         skip: skip mode of the Gated layers that replace directly gated Conv2d/Linear producers
             (``"none"``, ``"exact"``, ``"hard"``; see :class:`~tg_kernels.GatedLinear`).
         exclude: submodule names or module classes whose output channels stay ungated.
         gate_shape, gate_M, gate_init: options of every :class:`~tg_kernels.TrainableGate`.
-        tracer: ``"auto"`` (the ``torch.export`` graph, falling back to torch.fx where torch.export
-            cannot trace the model), ``"export"`` or ``"fx"``.
+        tracer: ``"auto"`` (the ``torch.export`` graph; where torch.export cannot trace the forward,
+            the same graph recorded by running the example inputs, with a warning; then torch.fx),
+            ``"export"``, ``"real"`` (only the recorded run) or ``"fx"``.
         self_check: verify the analysis on the example inputs before gating: with a random half
             of every group closed, the exported model must compute what the gated model computes
             (on a copy, in the model's dtype). Groups that break it are found by halving, kept whole and named
@@ -411,6 +434,16 @@ def attach_gates(
             before such activations: ``"exact"`` training is then cheaper (those closed gates'
             task gradients are exactly 0 and need no side pass), but closed channels reopen only
             through the budget. The torch.fx analysis always places gates before them.
+        rules: extra channel rules for this call only, ``{"aten.op_name": rule}`` on top of (or
+            replacing) :data:`~tg_kernels.pruning.analysis.RULES`; the torch.fx fallback ignores them.
+            ``register_rule`` adds a rule for every call instead.
+        prunable_attention: ``nn.MultiheadAttention`` packs q, k and v in one weight and checks that
+            its input is ``embed_dim`` wide, so it cannot lose heads, head dims or the stream it
+            reads: by default those stay whole and the exported model holds only the model's own
+            classes and ``torch.nn`` modules. ``True`` swaps each one (in place; ``exclude`` keeps
+            some) for :class:`~tg_kernels.nn.PrunableMultiheadAttention`, the same attention with
+            separate projections (same numbers; new state_dict keys), so all of them prune; the
+            exported model then holds one wherever ``nn.MultiheadAttention`` cannot (export warns).
 
     Returns:
         The model (now holding ``model.tg_gates``) and that :class:`GateBank`, which lists the groups
@@ -427,16 +460,15 @@ def attach_gates(
     check_skip(skip)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     excluded = _excluded_names(model, exclude)
-    # nn.MultiheadAttention packs q, k, v and cannot lose heads: the same attention with separate
-    # projections can (tg_kernels.nn.PrunableMultiheadAttention; exclude the class to keep it).
-    swap_multihead_attention(model, excluded)
+    if prunable_attention:
+        swap_multihead_attention(model, excluded)
 
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     if tracer not in TRACERS:
         raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     analysis, opaque, failure = _analyse(
-        model, inputs, dict(example_kwargs or {}), excluded, tracer, closed_gate_gradients
+        model, inputs, dict(example_kwargs or {}), excluded, tracer, closed_gate_gradients, rules
     )
     if analysis is None:
         warnings.warn(

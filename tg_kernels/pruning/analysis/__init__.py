@@ -1,7 +1,7 @@
 """Channel analysis of an arbitrary model: which channels are coupled, where gates go, what export slices.
 
 The model is traced with ``torch.export`` (non-strict; analysis only: the model keeps running its
-own code). Every value that carries channels gets a :class:`ChannelInfo`: its channel dimension and
+own code), or by running it on the example inputs where torch.export cannot. Every value that carries channels gets a :class:`ChannelInfo`: its channel dimension and
 the list of *spaces* its channels come from. A space is created by a producer (a Conv or Linear
 output) and merged with others where an op couples channels (a residual add shares one gate);
 ``cat`` concatenates spaces; ``split`` / slicing cut a producer's output into pieces; a depthwise
@@ -10,11 +10,12 @@ spaces that reach it are fixed (kept whole, ungated) and named in a warning.
 
 Layout (each module imports only those above it in this list):
 
-- :mod:`.types`: the result types (:class:`Analysis` and its parts).
 - :mod:`.aten`: the ATen vocabulary: op names (:func:`~.aten.op_name`), the named sets of ops the
-  passes treat alike, an elementwise op's value and derivative at 0.
+  passes treat alike, an elementwise op's value and derivative at 0, picklable op references.
+- :mod:`.types`: the result types (:class:`Analysis` and its parts).
 - :mod:`.spaces`: the union-find over channel spaces, and the map of spaces to their groups.
-- :mod:`.tracing`: the export trace and its map back to the model (parameters, module calls).
+- :mod:`.tracing`: the export trace (or, where the forward reads tensor values, the trace of a run
+  on the example inputs) and its map back to the model (parameters, module calls).
 - :mod:`.walk`: one pass over the graph (:class:`~.walk.Walk`): its state, and the methods the op
   rules call.
 - :mod:`.rules`: one rule per ATen op (:data:`RULES`, extended with :func:`register_rule`, or per
@@ -34,7 +35,7 @@ module returns it, fixes the space.
 from tg_kernels.pruning.analysis.driver import analyze_export
 from tg_kernels.pruning.analysis.fx_legacy import analyze, record_shapes, trace
 from tg_kernels.pruning.analysis.rules import RULES, Rule, register_rule, rule_table
-from tg_kernels.pruning.analysis.tracing import Trace, export_trace
+from tg_kernels.pruning.analysis.tracing import Trace, export_trace, real_trace
 from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
@@ -61,6 +62,7 @@ __all__ = [
     "analyze",
     "analyze_export",
     "export_trace",
+    "real_trace",
     "record_shapes",
     "register_rule",
     "rule_table",
