@@ -161,6 +161,16 @@ def rnn_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
     }
 
 
+def prunable_translator() -> nn.Module:
+    """The translation model with its attention opted in to pruning (what ``prunable_attention=True``
+    does): heads, head dims and the stream prune; its export may keep PrunableMultiheadAttention."""
+    from tg_kernels.nn import swap_multihead_attention
+
+    model = Translator()
+    swap_multihead_attention(model)
+    return model
+
+
 def task_family_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
     """name -> (builder, example positional inputs, example keyword inputs)."""
     g = torch.Generator().manual_seed(0)
@@ -168,7 +178,7 @@ def task_family_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]
     return {
         "style_transfer": (StyleTransferNet, (torch.randn(1, 3, 32, 32, generator=g),), {}),
         "flownet_s": (FlowNetS, (torch.randn(1, 6, 32, 32, generator=g),), {}),
-        "translation": (Translator, (tokens, tokens[:, :8]), {}),
+        "translation": (prunable_translator, (tokens, tokens[:, :8]), {}),
     }
 
 

@@ -171,7 +171,7 @@ def test_bare_multihead_attention_prunes_heads_and_stream(batch_first, masks):
     full = _macs(model, args)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no self-check or compact warning: everything found prunes
-        model, bank = tg.attach_gates(model, args)
+        model, bank = tg.attach_gates(model, args, prunable_attention=True)
     assert isinstance(model.attn, PrunableMultiheadAttention) and isinstance(model.cross, PrunableMultiheadAttention)
     with torch.no_grad():
         torch.testing.assert_close(model(*args), before, rtol=1e-5, atol=1e-6)  # the swap changes nothing
@@ -229,7 +229,7 @@ def test_heads_pruned_apart_from_the_stream_export_as_prunable_attention():
     span its input width), so export keeps PrunableMultiheadAttention, and stays exact."""
     torch.manual_seed(0)
     args = _inputs("padding")
-    model, bank = tg.attach_gates(AttentionNet(False).eval(), args)
+    model, bank = tg.attach_gates(AttentionNet(False).eval(), args, prunable_attention=True)
     _close_half(bank)
     stream = next(g for g in bank.groups if "inp" in g.producers)
     dims = [g for g in bank.groups if g.key.endswith("head_dims")]  # whole head dims too: heads only
@@ -270,7 +270,7 @@ def test_encoder_layers_run_their_gates_in_eval():
     net = Net().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net, bank = tg.attach_gates(net, (x, padding))
+        net, bank = tg.attach_gates(net, (x, padding), prunable_attention=True)
     assert {g.size for g in bank.groups} == {4, 32, 16}  # heads, FFN units, the stream
     _close_half(bank)
     net.double()
@@ -293,7 +293,7 @@ def test_excluded_multihead_attention_keeps_its_class_and_the_encoder_ffn_still_
     x = torch.randn(2, L, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the stream reaches nn.MultiheadAttention: it stays whole
-        model, bank = tg.attach_gates(model, x, exclude=[nn.MultiheadAttention])
+        model, bank = tg.attach_gates(model, x, exclude=[nn.MultiheadAttention], prunable_attention=True)
     assert isinstance(model[0].layers[0].self_attn, nn.MultiheadAttention)
     assert sorted(g.producers for g in bank.groups) == [("0.layers.0.linear1",), ("0.layers.1.linear1",)]
     _close_half(bank)
@@ -307,7 +307,7 @@ def test_excluded_multihead_attention_keeps_its_class_and_the_encoder_ffn_still_
 def test_save_and_load_pruned_attention(tmp_path, stream_whole):
     torch.manual_seed(0)
     args = _inputs("causal")
-    model, bank = tg.attach_gates(AttentionNet(True).eval(), args)
+    model, bank = tg.attach_gates(AttentionNet(True).eval(), args, prunable_attention=True)
     _close_half(bank)
     if stream_whole:  # export keeps PrunableMultiheadAttention
         with torch.no_grad():
@@ -324,7 +324,7 @@ def test_a_checkpoint_of_the_original_model_loads_into_the_gated_one():
     torch.manual_seed(0)
     args = _inputs("padding")
     original = AttentionNet(False).eval()
-    model, _ = tg.attach_gates(AttentionNet(False).eval(), args)  # other weights
+    model, _ = tg.attach_gates(AttentionNet(False).eval(), args, prunable_attention=True)  # other weights
     missing, unexpected = model.load_state_dict(original.state_dict(), strict=False)
     assert unexpected == [] and missing and all(key.startswith("tg_gates.") or ".gate." in key for key in missing)
     with torch.no_grad():

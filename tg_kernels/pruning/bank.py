@@ -357,7 +357,7 @@ class EnterOpenStats(AttachedHook):
         # (except over groups that "exact" training keeps at full width).
         compact = self.mode.bank.compact
         running = getattr(compact, "running", False)
-        self.mode.entered = not running or id(module) in compact.full_width_norms
+        self.mode.entered = not running or module in compact.full_width_norms
         if self.mode.entered:
             self.mode.__enter__()
 

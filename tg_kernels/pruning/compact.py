@@ -185,12 +185,13 @@ class CompactForward:
                         self.full_width.setdefault(key, f"head dims at '{point.module}' (no side-pass recipe)")
         self._norms_together()
         # norms over full-width groups compute open-channel statistics (as on the per-layer path)
-        self._wide_norms = {
-            id(model.get_submodule(name))
+        # modules themselves, not their id(): a deepcopy of the model must find its own copies
+        self._wide_norms: set[nn.Module] = {
+            model.get_submodule(name)
             for name, parts in bank.analysis.norms
             if any(key in self.full_width for key, _ in bank.parts(parts))
         }
-        self.full_width_norms: set[int] = set()  # while an "exact" full-width plan runs: _wide_norms
+        self.full_width_norms: set[nn.Module] = set()  # while an "exact" full-width plan runs: _wide_norms
         self._folds = self._build_folds()
         self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
         self._layers = list(bank.gated_layers)

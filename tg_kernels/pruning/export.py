@@ -28,6 +28,7 @@ from tg_kernels.nn import (
     restore_multihead_attention,
     swap_multihead_attention,
 )
+from tg_kernels.pruning.analysis import GatePoint
 from tg_kernels.pruning.bank import (
     BANK_NAME,
     RECURRENT_ROWS,
@@ -66,12 +67,15 @@ def kept_open(gate: torch.nn.Module) -> bool:
     return bool(gate.open_mask().any())
 
 
-def _scale_rows(module: nn.Module, scale: Tensor, names: Iterable[str]) -> None:
+def _scale_along(module: nn.Module, scale: Tensor, dim: int, names: Iterable[str]) -> None:
+    """Multiply ``module``'s tensors ``names`` by ``scale`` along ``dim`` (a bias: along its only dim)."""
     for name in names:
         t = getattr(module, name, None)
         if isinstance(t, Tensor):
-            view = scale.to(device=t.device, dtype=t.dtype).view(-1, *([1] * (t.dim() - 1)))
-            t.data.mul_(view)
+            d = dim if t.dim() > 1 else 0
+            shape = [1] * t.dim()
+            shape[d] = -1
+            t.data.mul_(scale.to(device=t.device, dtype=t.dtype).view(shape))
 
 
 def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor], kept: dict[str, Tensor]) -> None:
@@ -105,31 +109,63 @@ def _fold_gate_values(model: nn.Module, bank: GateBank, values: dict[str, Tensor
             scale, keep = torch.cat(pieces), torch.cat(keep_pieces)
         if torch.all(scale[keep] == 1):
             continue
-        if point.on_input:  # a gate on a layer's input: scale the Linear's columns (a norm's input: not exact)
-            module = model.get_submodule(point.module)
-            if isinstance(module, nn.Linear):
-                if point.repeat != 1:
-                    scale = scale.repeat_interleave(point.repeat)
-                module.weight.data.mul_(scale.to(module.weight)[None, :])
-            continue
-        module = model.get_submodule(point.fold) if point.fold is not None else None
-        foldable = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
-            isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
-            and getattr(module, "weight", None) is not None
-            and getattr(module, "bias", None) is not None
-        )
-        if not foldable:
+        fold = _fold_target(model, point)
+        if fold is None:
             raise ValueError(
                 f"cannot fold gate values into '{point.module}' ({type(model.get_submodule(point.module)).__name__}): "
-                "closed gates there must be exactly 0 and open ones 1 (limit-form gates, gate_M=None), "
-                "and round_to must be 1"
+                "closed gates there must be exactly 0 and open ones 1 (limit-form gates, gate_M=None)"
             )
-        rows = module.weight.shape[0]
-        if point.repeat != 1 and rows == scale.numel() * point.repeat:  # a head's rows share its gate
+        module, dim, names = fold
+        size = module.weight.shape[dim]
+        if point.repeat != 1 and size == scale.numel() * point.repeat:  # a head's rows share its gate
             scale = scale.repeat_interleave(point.repeat)
-        elif rows != scale.numel():  # pragma: no cover - the analysis folds only into matching rows
-            raise ValueError(f"cannot fold gate values of '{point.module}' into the rows of '{point.fold}'")
-        _scale_rows(module, scale, ("weight", "bias"))
+        elif size != scale.numel():  # pragma: no cover - the analysis folds only into matching rows
+            raise ValueError(f"cannot fold gate values of '{point.module}' into '{point.fold or point.module}'")
+        _scale_along(module, scale, dim, names)
+
+
+def _fold_target(model: nn.Module, point: GatePoint) -> tuple[nn.Module, int, tuple[str, ...]] | None:
+    """Where a gate point's values can be multiplied into weights: (module, weight dim, tensors to
+    scale), or None where no layer can take them (a block's output past a residual add)."""
+    if point.on_input:  # a gate on a layer's input: scale the layer's input columns
+        module = model.get_submodule(point.module)
+        if isinstance(module, nn.Linear):
+            return module, 1, ("weight",)
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+            return module, 0 if module.transposed else 1, ("weight",)
+        return None
+    module = model.get_submodule(point.fold) if point.fold is not None else None
+    if isinstance(module, nn.Linear):
+        return module, 0, ("weight", "bias")
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if not module.transposed:
+            return module, 0, ("weight", "bias")
+        return (module, 1, ("weight", "bias")) if module.groups == 1 else None
+    affine = getattr(module, "weight", None) is not None and getattr(module, "bias", None) is not None
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and affine:
+        return module, 0, ("weight", "bias")
+    return None
+
+
+def unpaddable_groups(model: nn.Module, bank: GateBank) -> dict[str, str]:
+    """Gate groups whose closed channels an export cannot keep as zeros, with the reason.
+
+    ``round_to`` pads a group with closed channels that must compute zeros in the exported model:
+    their gate values (0) are folded into a layer. That is exact only where every gate point of the
+    group has a layer to fold into, and where no norm computes statistics over the group (the
+    padded channels would count in them).
+    """
+    reasons: dict[str, str] = {}
+    for name, parts in bank.analysis.norms:
+        for key, _ in bank.parts(parts):
+            if key is not None:
+                reasons.setdefault(key, f"'{name}' normalises over it")
+    for point in bank.analysis.gate_points:
+        if _fold_target(model, point) is None:
+            for key, _ in [*bank.parts(point.parts), *(part for d in point.dims for part in bank.parts(d))]:
+                if key is not None:
+                    reasons.setdefault(key, f"its gate at '{point.module}' has no layer to fold into")
+    return reasons
 
 
 def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor]) -> None:
@@ -141,7 +177,7 @@ def _fold_recurrent(model: nn.Module, bank: GateBank, values: dict[str, Tensor])
         ones = torch.ones(point.size)
         scale = torch.cat([ones] * point.block + [gate] + [ones] * (point.blocks - point.block - 1))
         names = [n for n in module._flat_weights_names if n.startswith(RECURRENT_ROWS)]
-        _scale_rows(module, scale, names)
+        _scale_along(module, scale, 0, names)
 
 
 Aliases = dict[int, tuple[Tensor, list[tuple[nn.Module, str]]]]
@@ -179,16 +215,32 @@ def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
     The result contains only the model's own classes and ``torch.nn`` modules (no tg_kernels types,
-    hooks or gates), with one exception: an ``nn.MultiheadAttention`` whose kept heads do not span
-    its kept input width (which that class cannot hold) stays the
-    :class:`~tg_kernels.nn.PrunableMultiheadAttention` attach made of it. In eval mode it computes
+    hooks or gates), with one exception, opted into with ``attach_gates(prunable_attention=True)``
+    and warned about: an ``nn.MultiheadAttention`` whose kept heads do not span its kept input width
+    (which that class cannot hold) stays the :class:`~tg_kernels.nn.PrunableMultiheadAttention`
+    attach made of it. In eval mode it computes
     what the gated model computes. The gated model is
     left unchanged. ``round_to`` keeps each group's channel count a multiple of it (padding with
     closed channels whose outputs are zeroed), which some hardware runs faster; at least one
     channel per group is kept.
     """
     _check_round_to(round_to)
-    return _export(model, round_to, in_place=False)
+    exported = _export(model, round_to, in_place=False)
+    _warn_about_kept_attention(exported)
+    return exported
+
+
+def _warn_about_kept_attention(exported: nn.Module) -> None:
+    """An exported model is plain unless attach_gates(prunable_attention=True) made it otherwise: say so."""
+    kept = [name for name, m in exported.named_modules() if isinstance(m, PrunableMultiheadAttention)]
+    if kept:
+        warnings.warn(
+            f"tg_kernels.export: {len(kept)} attention module(s) stay tg_kernels.nn.PrunableMultiheadAttention "
+            f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}): their kept heads do not span their kept "
+            "width (attach_gates(prunable_attention=True)), which nn.MultiheadAttention cannot hold; loading "
+            "the exported model needs tg_kernels",
+            stacklevel=3,
+        )
 
 
 def export_in_place(model: nn.Module, *, round_to: int = 1) -> nn.Module:
@@ -215,7 +267,23 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
         if ebank.analysis is not None:
-            kept = {key: _kept_channels(gate.open_mask().cpu(), round_to) for key, gate in ebank.gates.items()}
+            unpadded = unpaddable_groups(exported, ebank) if round_to > 1 else {}
+            kept = {
+                key: _kept_channels(gate.open_mask().cpu(), 1 if key in unpadded else round_to)
+                for key, gate in ebank.gates.items()
+            }
+            short = {
+                key: why
+                for key, why in unpadded.items()
+                if key in kept and kept[key].numel() % round_to and kept[key].numel() < ebank.gates[key].num_channels
+            }
+            if short:
+                listed = "; ".join(f"'{key}' ({why})" for key, why in sorted(short.items()))
+                warnings.warn(
+                    f"tg_kernels.export: round_to={round_to} leaves {len(short)} gate group(s) at their open count, "
+                    f"because padding them with closed channels would not be exact: {listed}",
+                    stacklevel=3,
+                )
             closed = [key for key, gate in ebank.gates.items() if gate.num_channels and not kept_open(gate)]
             if closed:
                 warnings.warn(

@@ -156,6 +156,23 @@ def functional(op: Any) -> Any:
     return op
 
 
+def op_reference(op: Any) -> Any:
+    """A picklable stand-in for an ATen op (``torch._ops.OpOverload`` objects do not pickle): its
+    namespace, name and overload. Anything else is returned as it is."""
+    if isinstance(op, torch._ops.OpOverload):
+        namespace, name = op._schema.name.split("::")
+        return ("aten-op", namespace, name, op._overloadname)
+    return op
+
+
+def op_from_reference(reference: Any) -> Any:
+    """The op :func:`op_reference` stands for."""
+    if isinstance(reference, tuple) and len(reference) == 4 and reference[0] == "aten-op":
+        _, namespace, name, overload = reference
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    return reference
+
+
 def constant(value: Any) -> bool:
     """Whether an op argument is a constant (no graph value in it)."""
     if isinstance(value, (list, tuple)):

@@ -97,6 +97,12 @@ class _Builder:
             raise _NoRecipe(f"the channels appear more than once, or flattened, at '{node.name}'")
         return found[0][0], info.dim, found[0][1]
 
+    def along_channels(self, cat: fx.Node, channel_dim: int) -> bool:
+        """Whether a ``cat`` node concatenates along ``channel_dim`` (not along H, W or tokens)."""
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        ndim = len(self.w.shape(cat) or ())
+        return ndim > 0 and isinstance(dim, int) and dim % ndim == channel_dim
+
     def module(self, name: str) -> nn.Module | None:
         try:
             return self.model.get_submodule(name)
@@ -241,8 +247,8 @@ class _Builder:
                 raise _NoRecipe(f"'{name}' by a tensor at '{user.name}'")
             return [(user, (*steps, SideStep("op", functional(user.target), (other,), ())), zero, replayable)]
         if name in ("cat", "concat"):
-            if out[1] != (self.position(node, root) or (0, -1))[1]:
-                raise _NoRecipe(f"cat along another dim at '{user.name}'")
+            if not self.along_channels(user, out[1]):  # pieces stacked along H, W or tokens
+                raise _NoRecipe(f"cat along a dim other than the channels at '{user.name}'")
             return [(user, steps, zero, replayable)]
         if name in OVER_OTHER_DIMS or name in LAYOUT_OPS or name == "flatten":
             args, kwargs = self.constants(user)
@@ -440,7 +446,8 @@ class _Builder:
                 continue
             if name in ("cat", "concat"):
                 pieces = [t for t in node.args[0] if isinstance(t, fx.Node) and self.position(t, root) is not None]
-                if len(pieces) != 1:
+                at = self.position(node, root)
+                if len(pieces) != 1 or at is None or not self.along_channels(node, at[1]):
                     raise _NoRecipe(f"cat at '{node.name}'")
                 node = pieces[0]
                 continue

@@ -335,6 +335,11 @@ def _producer_of(w: Walk, m: _Match, value: Any) -> _Producer:
         if picked is not None:  # qkv.unbind(0)[i], qkv[i]
             node, piece = picked
             continue
+        if name in ("cat", "concat"):  # a KV cache's first update: cat([empty, k]) is k
+            pieces = [t for t in node.args[0] if w.shape(t) != torch.Size([0])]
+            if len(pieces) == 1 and isinstance(pieces[0], fx.Node) and _single_user(pieces[0]):
+                node = pieces[0]
+                continue
         source = node.args[0] if node.args else None
         in_shape = w.shape(source)
         if shape is None or in_shape is None or not isinstance(source, fx.Node) or not _single_user(source):

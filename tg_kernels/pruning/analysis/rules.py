@@ -22,11 +22,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from tg_kernels.pruning.analysis.aten import COPIES, NO_CHANNEL_OPS, SPATIAL_OPS, ZERO_PRESERVING_OPS, op_name
-from tg_kernels.pruning.analysis.types import ChannelInfo, LayerCost, RecurrentGate, StackedInfo
+from tg_kernels.pruning.analysis.types import ChannelInfo, LayerCost, RecurrentGate, SizeAttr, StackedInfo
 from tg_kernels.pruning.analysis.walk import Filled, ParamView, Walk
 
 Rule = Callable[[Walk, fx.Node], Any]
@@ -423,6 +424,15 @@ def batch_norm(w: Walk, node: fx.Node) -> Any:
     return _nonzero(x, node)
 
 
+def _channel_count(w: Walk, node: fx.Node, x: ChannelInfo, attr: str) -> None:
+    """A norm module's channel count (``num_features``, ``num_channels``) follows the kept channels,
+    also where no tensor of it tells its size (a non-affine InstanceNorm or GroupNorm)."""
+    path = w.scope_module(node)
+    module = w.module_of(path) if path is not None else None
+    if module is not None and getattr(module, attr, None) == w.width(x):
+        w.add_size_attrs([SizeAttr(path, attr, w.sized(x), x.repeat)])
+
+
 @_rule("instance_norm")
 def instance_norm(w: Walk, node: fx.Node) -> Any:
     """Per channel over the spatial dims: like batch norm, and zero stays zero without an affine bias."""
@@ -435,6 +445,7 @@ def instance_norm(w: Walk, node: fx.Node) -> Any:
         return None
     for t in tensors:
         w.slice_tensor(t, 0, x)
+    _channel_count(w, node, x, "num_features")
     if tensors[0] is not None or tensors[1] is not None:
         module = w.owner(tensors[0] or tensors[1])
         parts = w.cost_parts(x, w.width(x))
@@ -890,7 +901,8 @@ def reduce(w: Walk, node: fx.Node) -> Any:
 
 @_rule("cat", "concat")
 def cat(w: Walk, node: fx.Node) -> Any:
-    tensors = node.args[0]
+    # torch.cat skips 1-D empty tensors whatever the dim (a KV cache's first update: cat([empty, k]))
+    tensors = [t for t in node.args[0] if w.shape(t) != torch.Size([0])]
     out_shape = w.shape(node)
     dim = arg(node, 1, "dim", 0)
     infos = [w.tracked(t) for t in tensors]
@@ -1275,6 +1287,7 @@ def group_norm(w: Walk, node: fx.Node) -> Any:
     w.need_zero(x, f"norm '{module}'")
     for t in tensors:
         w.slice_tensor(t, 0, x)
+    _channel_count(w, node, x, "num_channels")
     w.norm_over(module, x)
     parts = w.cost_parts(x, w.width(x))
     affine = float(sum(t is not None for t in tensors))

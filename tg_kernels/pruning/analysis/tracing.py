@@ -8,18 +8,34 @@ and records a small ATen vocabulary (``aten.conv2d``, ``aten.linear``, ``aten.ba
 signature names every parameter and buffer. :class:`Trace` collects what the rules need from that:
 which placeholder is which tensor, which module call returns which node, how often each module
 is called. The model is not changed and its buffers are restored.
+
+Only the output's tensors count as outputs: objects pytree cannot flatten (a Hugging Face
+``DynamicCache`` that ``use_cache=True`` returns) are left out of the trace's outputs, so they
+neither stop the trace nor fix the channels they hold.
+
+Where torch.export cannot trace the forward because Python control flow reads tensor values
+(``nn.TransformerEncoder`` comparing a mask with a causal one), :func:`real_trace` records the
+same ATen graph by running the model on the example inputs themselves: each such branch takes the
+way the example takes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.fx.experimental import proxy_tensor
 
 
 @dataclass
@@ -85,16 +101,11 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         with warnings.catch_warnings():
             # nn.LSTM / nn.GRU rebuild their _flat_weights from the traced parameters (restored below)
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-            program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+            with _tensor_outputs(model), _quiet_unless_traced():
+                program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emit
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
-        for module in model.modules():
-            if isinstance(module, nn.RNNBase):
-                module._init_flat_weights()  # its real parameters, not the traced ones
+        _restore(model, saved)
     seconds = time.perf_counter() - start
     signature = program.graph_signature
     names: dict[str, str] = {}
@@ -113,6 +124,200 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         elif node.name in user_inputs:
             inputs.add(node)
     trace = Trace(graph, tensor_of, inputs, seconds=seconds)
+    _map_module_calls(trace)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            for arg in {a for a in node.all_input_nodes if a in tensor_of}:
+                trace.reads[tensor_of[arg]] = trace.reads.get(tensor_of[arg], 0) + 1
+    return trace
+
+
+@contextlib.contextmanager
+def _quiet_unless_traced() -> Iterator[None]:
+    """Hold back what torch.export writes to stderr: a failed export prints its partial graph and
+    logs data-dependent guards, which the caller's one warning replaces. After a successful trace,
+    whatever was written (the model's own messages) is passed on."""
+    held = io.StringIO()
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        logger.setLevel(level)
+    sys.stderr.write(held.getvalue())
+
+
+class _tensor_outputs:
+    """While active, the model returns only the tensors of its output (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @staticmethod
+    def _tensors(module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
+        return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor))
+
+    def __enter__(self) -> None:
+        self.handle = self.model.register_forward_hook(self._tensors)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def _restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Put back the buffers a traced forward changed (batch statistics) and RNN flat weights."""
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in saved and b.shape == saved[name].shape:
+                b.copy_(saved[name])
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # its real parameters, not the traced ones
+
+
+class _ModuleCalls:
+    """Forward hooks that record, for every module call, the graph nodes its forward created.
+
+    Gives a real-value trace the ``nn_module_stack`` metadata torch.export writes: every node maps
+    to the module calls it ran in, outermost first, keyed per call (``path@n`` for the n-th call).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {m: name for name, m in model.named_modules(remove_duplicate=False)}
+        self.stack: list[tuple[str, str, fx.Node | None]] = []
+        self.count: dict[str, int] = {}
+        self.spans: list[tuple[list[tuple[str, tuple[str, str]]], fx.Node | None, fx.Node | None]] = []
+        self.handles: list[Any] = []
+        self.model = model
+
+    @staticmethod
+    def _last_node() -> fx.Node | None:
+        mode = proxy_tensor.get_proxy_mode()
+        if mode is None:
+            return None
+        nodes = mode.tracer.graph.nodes
+        return next(iter(reversed(nodes)), None)
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        path = self.names.get(module, "")
+        n = self.count[path] = self.count.get(path, 0) + 1
+        key = path if n == 1 else f"{path}@{n - 1}"
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        self.stack.append((key, (path, kind), self._last_node()))
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        key, entry, before = self.stack.pop()
+        outer = [(k, e) for k, e, _ in self.stack] + [(key, entry)]
+        self.spans.append((outer, before, self._last_node()))
+
+    def __enter__(self) -> _ModuleCalls:
+        for module in self.names:
+            self.handles.append(module.register_forward_pre_hook(self._pre))
+            self.handles.append(module.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def annotate(self, graph: fx.Graph) -> None:
+        """Write ``nn_module_stack`` into every node created inside a recorded call."""
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        nodes = list(graph.nodes)
+        stacks: dict[fx.Node, dict[str, tuple[str, str]]] = {}
+        for outer, before, last in self.spans:
+            if last is None or last not in order:
+                continue
+            start = order[before] + 1 if before in order else 0
+            for node in nodes[start : order[last] + 1]:
+                stack = stacks.setdefault(node, {})
+                for key, entry in outer:
+                    stack.setdefault(key, entry)
+        for node, stack in stacks.items():  # the innermost call's span came first: its nesting order
+            node.meta["nn_module_stack"] = stack
+
+
+class DataDependentBranch(RuntimeError):
+    """The forward reads a value computed from its inputs or weights (``if x.sum() > 0``): a
+    recorded run would burn in one branch, so it does not stand for every input."""
+
+
+def _check_branches_read_constants(graph: fx.Graph, module: fx.GraphModule, tensors: dict[int, str]) -> None:
+    """Raise :class:`DataDependentBranch` where a value Python reads (``.item()``, ``bool(t)``) depends
+    on the inputs, parameters or buffers; values made from constants alone (a causal mask built from
+    the sequence length) take the same branch for every input, so a recorded run stands for all."""
+
+    def from_data(node: fx.Node) -> bool:
+        if node.op == "placeholder":
+            return True
+        return node.op == "get_attr" and id(getattr(module, node.target)) in tensors
+
+    depends: dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        depends[node] = from_data(node) or any(depends.get(a, False) for a in node.all_input_nodes)
+        target = node.target
+        if (
+            node.op == "call_function"
+            and isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.data_dependent_output in target.tags
+            and depends[node]
+        ):
+            where = next(iter(reversed(list((node.meta.get("nn_module_stack") or {}).values()))), ("", ""))[0]
+            raise DataDependentBranch(
+                f"the forward reads a value computed from its inputs or weights ('{target.name()}'"
+                + (f" in '{where}'" if where else "")
+                + "), so one recorded run does not stand for every input"
+            )
+
+
+def real_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Trace:
+    """Trace ``model(*args, **kwargs)`` by running it on the example inputs (``make_fx``, real values).
+
+    The fallback for forwards whose Python control flow reads tensor values, which torch.export
+    cannot trace: each such branch takes the way the example inputs take. That stands for every
+    input only where the values read are made from constants (a mask built from the sequence
+    length): a value read from the inputs, parameters or buffers raises
+    :class:`DataDependentBranch`. The graph is the same
+    pre-dispatch ATen graph torch.export records, with parameters and buffers as placeholders and
+    each node's module calls in ``nn_module_stack``. Buffers are restored afterwards.
+    """
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    kwargs = dict(kwargs or {})
+    start = time.perf_counter()
+
+    def forward(*inputs: Any) -> tuple[Tensor, ...]:
+        return tuple(leaf for leaf in pytree.tree_leaves(model(*inputs, **kwargs)) if isinstance(leaf, Tensor))
+
+    try:
+        with warnings.catch_warnings(), _ModuleCalls(model) as calls:
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+            module = proxy_tensor.make_fx(
+                forward, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False
+            )(*args)
+    finally:
+        _restore(model, saved)
+    graph = module.graph
+    calls.annotate(graph)
+    tensors = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    _check_branches_read_constants(graph, module, tensors)
+    tensor_of: dict[fx.Node, str] = {}
+    inputs = {node for node in graph.nodes if node.op == "placeholder"}
+    first = next(iter(graph.nodes))
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = getattr(module, node.target)
+        name = tensors.get(id(value), str(node.target))  # a tensor the forward made: a constant
+        with graph.inserting_before(first):
+            placeholder = graph.placeholder(name.replace(".", "_"))
+        placeholder.meta.update(node.meta)
+        placeholder.meta.setdefault("val", value)
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        tensor_of[placeholder] = name
+    trace = Trace(graph, tensor_of, inputs, seconds=time.perf_counter() - start)
     _map_module_calls(trace)
     for node in graph.nodes:
         if node.op == "call_function":
@@ -146,4 +351,4 @@ def _map_module_calls(trace: Trace) -> None:
         trace.output_of[node] = [path for _, path in sorted(entries, reverse=True)]
 
 
-__all__ = ["Trace", "export_trace"]
+__all__ = ["DataDependentBranch", "Trace", "export_trace", "real_trace"]

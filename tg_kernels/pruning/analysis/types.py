@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tg_kernels.pruning.analysis.aten import op_from_reference, op_reference
+
 
 class AnalysisError(RuntimeError):
     """The model cannot be analysed at all (for example, it cannot be run on the example inputs)."""
@@ -199,6 +201,12 @@ class SideStep:
     kwargs: tuple = ()
     module: str | None = None
     offset: int = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # torch.save of a gated model: ATen ops do not pickle
+        return {**self.__dict__, "op": op_reference(self.op)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, op=op_from_reference(state["op"]))
 
 
 @dataclass(frozen=True)
