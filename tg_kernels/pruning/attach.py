@@ -328,6 +328,25 @@ def _self_check(
 TRACERS = ("auto", "export", "real", "fx")
 
 
+def _check_runs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise a ValueError if the model cannot run the example inputs at all (wrong shape, dtype or
+    device), rather than reporting it as a model no tracer can read. Buffers are left as they were."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's forward is the user's input
+        raise ValueError(
+            f"attach_gates: {type(model).__name__} cannot run the example inputs ({_first_line(error)}); "
+            "pass inputs of the shape, dtype and device the model takes"
+        ) from error
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved and b.shape == saved[name].shape:
+                    b.copy_(saved[name])
+
+
 def _first_line(error: BaseException) -> str:
     """``Type: the first line of the message``: tracer errors can hold a whole printed graph."""
     message = str(error).strip().splitlines()
@@ -376,6 +395,7 @@ def _analyse(
                     stacklevel=3,
                 )
             return analyze_export(model, traced, excluded, closed_gradients, rules=rules), set(), None
+    _check_runs(model, inputs, kwargs)  # no tracer could read it: a model that cannot run them is the inputs' fault
     if kwargs:
         reason = "torch.fx cannot pass keyword inputs (example_kwargs)"
         if export_error is not None:

@@ -388,6 +388,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     torch.save(checkpoint, path)
 
 
+def _name_of(path: Any) -> str:
+    """A path as it reads in a message (an open file or buffer has none)."""
+    return repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "the file given"
+
+
 def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None) -> nn.Module:
     """Load a file written by :func:`save` into ``model``, a freshly built (unpruned) model of the same
     architecture: its layers are resized to the saved sizes, then the saved tensors are loaded.
@@ -396,10 +401,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
     """
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a file written by tg_kernels.save")
+        raise ValueError(f"{_name_of(path)} is not a file written by tg_kernels.save")
     if checkpoint.get("version") != FORMAT_VERSION:
         version = checkpoint.get("version")
-        raise ValueError(f"{os.fspath(path)!r} has format version {version}, this tg_kernels reads {FORMAT_VERSION}")
+        raise ValueError(f"{_name_of(path)} has format version {version}, this tg_kernels reads {FORMAT_VERSION}")
     state: dict[str, Tensor] = checkpoint["state_dict"]
     architecture = f"{type(model).__module__}.{type(model).__qualname__}"
     if architecture != checkpoint["architecture"]:

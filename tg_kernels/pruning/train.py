@@ -256,7 +256,10 @@ def _attach(model: nn.Module, data: Batches, example_inputs: Any, skip: str, com
     if hasattr(unwrap(model), BANK_NAME):
         return model
     if example_inputs is None:
-        first_inputs, _ = _split(next(iter(_epoch_batches(data))))
+        first = next(iter(_epoch_batches(data)), None)
+        if first is None:
+            raise ValueError("prune() got no batches: data yields nothing")
+        first_inputs, _ = _split(first)
         example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
