@@ -11,6 +11,14 @@ from bench import accuracy as A
 from bench.flops import conv_linear_flops
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """A.main sets torch's thread count for its runs: later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("build", [A.DigitsCNN, A.ResNet20, A.MobileNetV2Small])
 def test_flop_counter_agrees_with_the_hook_count(build):
     model = build()

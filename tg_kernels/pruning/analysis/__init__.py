@@ -1,8 +1,9 @@
 """Channel analysis of an arbitrary model: which channels are coupled, where gates go, what export slices.
 
 The model is traced with ``torch.export`` (non-strict; analysis only: the model keeps running its
-own code), or by running it on the example inputs where torch.export cannot. Every value that carries channels gets a :class:`ChannelInfo`: its channel dimension and
-the list of *spaces* its channels come from. A space is created by a producer (a Conv or Linear
+own code), or by running it on the example inputs where torch.export cannot. Every value that
+carries channels gets a :class:`ChannelInfo`: its channel dimension and the list of *spaces* its
+channels come from. A space is created by a producer (a Conv or Linear
 output) and merged with others where an op couples channels (a residual add shares one gate);
 ``cat`` concatenates spaces; ``split`` / slicing cut a producer's output into pieces; a depthwise
 conv passes its input's spaces through. Anything the rules do not understand is a *barrier*: the
