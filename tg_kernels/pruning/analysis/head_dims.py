@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor
 
 from tg_kernels.pruning.analysis.aten import COPIES, VIEWS, target_name
 from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, HeadDims, Slice
@@ -75,18 +74,6 @@ class _Consumer:
     weight: str
     cols_dim: int
     heads: int
-
-
-def entry_gates(pieces: list[Tensor], dims: list[Tensor | None], repeat: int) -> Tensor:
-    """A gate point's gate vector entry by entry: part ``i``'s gates ``pieces[i]``, each covering
-    ``repeat`` entries, times the head-dim gates ``dims[i]`` (tiled over those entries) where given."""
-    out = []
-    for gate, dim in zip(pieces, dims):
-        if dim is None:
-            out.append(gate if repeat == 1 else gate.repeat_interleave(repeat))
-        else:
-            out.append((gate[:, None] * dim.repeat(repeat // dim.numel())[None, :]).flatten())
-    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 @dataclasses.dataclass
@@ -512,7 +499,7 @@ def _tie_shared_spaces(w: Walk, rotary_tables: dict[str, int]) -> None:
             w.tie([rotary_tables[sl.target]], [sl.space])
 
 
-__all__ = ["entry_gates", "find_head_dims"]
+__all__ = ["find_head_dims"]
 
 
 def _rotary(w: Walk, m: _Match, add: fx.Node) -> fx.Node:

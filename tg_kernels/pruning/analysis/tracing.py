@@ -123,13 +123,7 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             tensor_of[node] = names[node.name]
         elif node.name in user_inputs:
             inputs.add(node)
-    trace = Trace(graph, tensor_of, inputs, seconds=seconds)
-    _map_module_calls(trace)
-    for node in graph.nodes:
-        if node.op == "call_function":
-            for arg in {a for a in node.all_input_nodes if a in tensor_of}:
-                trace.reads[tensor_of[arg]] = trace.reads.get(tensor_of[arg], 0) + 1
-    return trace
+    return _finished(Trace(graph, tensor_of, inputs, seconds=seconds))
 
 
 @contextlib.contextmanager
@@ -317,12 +311,17 @@ def real_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] |
         node.replace_all_uses_with(placeholder)
         graph.erase_node(node)
         tensor_of[placeholder] = name
-    trace = Trace(graph, tensor_of, inputs, seconds=time.perf_counter() - start)
+    return _finished(Trace(graph, tensor_of, inputs, seconds=time.perf_counter() - start))
+
+
+def _finished(trace: Trace) -> Trace:
+    """Fill in the module calls and how often each parameter or buffer is read."""
     _map_module_calls(trace)
-    for node in graph.nodes:
+    for node in trace.graph.nodes:
         if node.op == "call_function":
-            for arg in {a for a in node.all_input_nodes if a in tensor_of}:
-                trace.reads[tensor_of[arg]] = trace.reads.get(tensor_of[arg], 0) + 1
+            for arg in {a for a in node.all_input_nodes if a in trace.tensor_of}:
+                name = trace.tensor_of[arg]
+                trace.reads[name] = trace.reads.get(name, 0) + 1
     return trace
 
 

@@ -61,7 +61,7 @@ class GatePoint:
     ``dims`` (empty, or one entry per part): head-dim gates. Entry ``i`` lists ``(space, size)``
     parts (concatenated width ``S``, ``repeat`` a multiple of ``S``; empty for a part without them)
     that tile each of part ``i``'s gates' ``repeat`` entries: entry ``r`` of channel ``c`` is
-    multiplied by ``gate[c] * dim_gate[r % S]`` (:func:`~tg_kernels.pruning.analysis.entry_gates`).
+    multiplied by ``gate[c] * dim_gate[r % S]`` (:func:`~tg_kernels.pruning.bank.entry_gates`).
     """
 
     module: str
