@@ -583,8 +583,8 @@ def report(rows: list[dict], split: str, tag: str | None = None) -> str:
     lines = [
         f"accuracy ({key} split, %, mean +- std over seeds); FLOPs ratio counted on the exported model; wall s per run",
         "",
-        "| setting | target | dense | " + " | ".join(methods) + " | tg FLOPs ratio (max rel. err) | tg kept widths (seed 0) "
-        "| wall s: " + " / ".join(methods) + " |",
+        "| setting | target | dense | " + " | ".join(methods)
+        + " | tg FLOPs ratio (max rel. err) | tg kept widths (seed 0) | wall s: " + " / ".join(methods) + " |",
         "|---|---|---|" + "---|" * len(methods) + "---|---|---|",
     ]
     for setting in SETTINGS:

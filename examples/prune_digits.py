@@ -315,11 +315,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs (default 20)")
     p.add_argument("--widths", default="64,128,128", help="the CNN's three conv widths (default 64,128,128)")
-    p.add_argument("--gate-epochs", type=int, default=4, help="epochs of gate search, or tg.prune's min_search_steps if more (default 4)")
+    p.add_argument(
+        "--gate-epochs",
+        type=int,
+        default=4,
+        help="epochs of gate search, or tg.prune's min_search_steps if more (default 4)",
+    )
     p.add_argument(
         "--max-gate-epochs", type=int, default=None, help="search on until within --tol, up to these (default: none)"
     )
-    p.add_argument("--finetune-epochs", type=int, default=14, help="the run is --gate-epochs + these epochs; fine-tuning gets what the search leaves (default 14)")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=14,
+        help="the run is --gate-epochs + these epochs; fine-tuning gets what the search leaves (default 14)",
+    )
     p.add_argument("--target", type=float, default=0.5, help="FLOPs of the pruned model / dense (default 0.5)")
     p.add_argument("--tol", type=float, default=0.01, help="stop when |ratio / target - 1| <= tol (default 0.01)")
     p.add_argument("--gate-lr", type=float, default=0.02, help="Adam lr of the gate weights (default 0.02)")

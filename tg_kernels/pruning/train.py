@@ -350,9 +350,10 @@ def _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol,
         step += 1
         total += float(task.detach())
         seen += 1
-        if step >= schedule.search_steps:
-            if step >= schedule.max_search_steps or abs(float(budget.ratio().detach()) / target - 1) <= tol:
-                break
+        if step >= schedule.search_steps and (
+            step >= schedule.max_search_steps or abs(float(budget.ratio().detach()) / target - 1) <= tol
+        ):
+            break
     _check_signal(output)
     record("gates", epoch or 0, total / max(seen, 1))
     budget.set_goal(target)
