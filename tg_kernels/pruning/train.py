@@ -50,6 +50,7 @@ DEFAULT_MIN_SEARCH_STEPS = 300
 DEFAULT_ANNEAL = 0.7
 DEFAULT_GATE_INIT = "taylor"
 DEFAULT_PROTECT = 0.5
+DEFAULT_GAIN = 4.0
 MAX_SEARCH_SHARE = 0.6
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -401,6 +402,7 @@ def prune(
     anneal: float = DEFAULT_ANNEAL,
     gate_init: str = DEFAULT_GATE_INIT,
     protect: float = DEFAULT_PROTECT,
+    gain: float = DEFAULT_GAIN,
     evaluate: Callable[[nn.Module], float] | None = None,
     skip: tuple[str, str] = ("exact", "hard"),
     progress: bool = True,
@@ -473,7 +475,7 @@ def prune(
     )
     # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
     rate = max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
-    budget = Budget(bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate)
+    budget = Budget(bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain)
     stream = _stream(data)
     if gate_init == "taylor":
         model.train()
