@@ -50,7 +50,8 @@ DEFAULT_MIN_SEARCH_STEPS = 300
 DEFAULT_ANNEAL = 0.7
 DEFAULT_GATE_INIT = "taylor"
 DEFAULT_PROTECT = 0.5
-DEFAULT_GAIN = 4.0
+DEFAULT_GAIN = 8.0
+DEFAULT_BALANCE = 0.5
 MAX_SEARCH_SHARE = 0.6
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -403,6 +404,7 @@ def prune(
     gate_init: str = DEFAULT_GATE_INIT,
     protect: float = DEFAULT_PROTECT,
     gain: float = DEFAULT_GAIN,
+    balance: float = DEFAULT_BALANCE,
     evaluate: Callable[[nn.Module], float] | None = None,
     skip: tuple[str, str] = ("exact", "hard"),
     progress: bool = True,
@@ -447,6 +449,13 @@ def prune(
             ``min(steps_per_epoch, 16)`` batches); ``"constant"``: every gate at 0.5.
         protect: in ``[0, 1)``: how strongly the budget holds open the last channels of a group
             that is thinner than the rest (:class:`~tg_kernels.Budget`'s ``protect``).
+        gain: the budget multiplier's proportional term (:class:`~tg_kernels.Budget`'s ``gain``):
+            while the ratio lags the annealed goal by ``log(ratio / goal) = d``, the push is
+            ``exp(gain * d)`` times stronger at once, so that the search reaches the target by
+            itself instead of leaving :meth:`Budget.settle` many flips to make.
+        balance: in ``[0, 1]``: ``1`` scales the budget's push on each group by the inverse of its
+            per-channel cost (:class:`~tg_kernels.Budget`'s ``balance``), so that gates close in
+            order of task importance, not of what their channel costs; ``0`` is the paper's push.
         evaluate: optional ``evaluate(model) -> float`` (an accuracy, say), run after each epoch and
             recorded in the history.
         skip: the skip modes of the search and of the fine-tuning (``GateBank.set_skip``; where
@@ -475,7 +484,9 @@ def prune(
     )
     # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
     rate = max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
-    budget = Budget(bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain)
+    budget = Budget(
+        bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain, balance=balance
+    )
     stream = _stream(data)
     if gate_init == "taylor":
         model.train()
