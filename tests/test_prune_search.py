@@ -175,6 +175,8 @@ def test_prune_counts_its_steps_and_lands_on_target():
         ({"gate_init": "magic"}, "gate_init"),
         ({"protect": 1.0}, "protect"),
         ({"min_search_steps": -1}, "min_search_steps"),
+        ({"gain": -1.0}, "gain"),
+        ({"balance": 1.5}, "balance"),
     ],
 )
 def test_prune_rejects_bad_search_arguments(kwargs, match):
