@@ -280,3 +280,28 @@ def test_balance_one_pushes_every_group_alike_whatever_its_cost():
     assert spread(gp) == pytest.approx(max(costs.values()) / min(costs.values()), rel=1e-4)
     assert 1.0 < spread(gh) < spread(gp)
     assert float(balanced.ratio().detach()) == float(plain.ratio().detach())  # only the gradient changes
+
+
+def _protected_push(protect_cost, open_first):
+    """Budget gradient on an open gate of the first (costliest) group with ``open_first`` of its 16 open."""
+    model, bank, _ = gated(widths=(16, 32, 32))
+    keys = list(bank.gates)
+    with torch.no_grad():
+        bank.gates[keys[0]].weight[open_first:] = -0.5
+    budget = tg.Budget(model, target=0.1, protect=0.5, protect_cost=protect_cost)
+    budget.eval()
+    costs = budget.marginal_costs()
+    assert costs[keys[0]] == max(costs.values())  # the first group's channels cost the most
+    return float(_grads(budget, bank)[keys[0]][0])
+
+
+def test_protect_holds_a_costly_group_at_the_same_share_of_the_mean_as_a_cheap_one():
+    # 5 of 16 open (0.31) while the model keeps 0.84 of its channels: below protect x mean (0.42)
+    # with its own cost, the hold starts at protect x the mean fraction whatever the group costs ...
+    assert _protected_push("own", 5) < 0  # pushed open
+    assert _protected_push("own", 8) > 0  # 0.5 open: above 0.42, still closing
+    # ... with the mean cost (the former rule) a group three times costlier is held only much lower
+    assert _protected_push("mean", 5) > 0
+    with pytest.raises(ValueError, match="protect_cost"):
+        gated_model = gated()[0]
+        tg.Budget(gated_model, target=0.5, protect_cost="max")
