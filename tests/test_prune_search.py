@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 import tg_kernels as tg
-from tg_kernels.pruning.train import _goal, init_gates_from_importance, plan_schedule
 from tests.test_budget import SmallNet, gated, synthetic_data
-
+from tg_kernels.pruning.train import _goal, init_gates_from_importance, plan_schedule
 
 # --------------------------------------------------------------------------------------------------
 # the schedule, in optimizer steps
