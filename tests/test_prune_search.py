@@ -174,6 +174,8 @@ def test_prune_counts_its_steps_and_lands_on_target():
         ({"gate_init": "magic"}, "gate_init"),
         ({"protect": 1.0}, "protect"),
         ({"min_search_steps": -1}, "min_search_steps"),
+        ({"gain": -1.0}, "gain"),
+        ({"balance": 1.5}, "balance"),
     ],
 )
 def test_prune_rejects_bad_search_arguments(kwargs, match):
@@ -196,3 +198,109 @@ def test_prune_does_not_squeeze_a_costly_layer_to_its_minimum():
     kept = [n for n, _ in result.status.kept.values()]
     assert result.status.within(0.01), result.summary()
     assert min(kept) > 1, result.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# settle spreads its flips; the multiplier's proportional term
+# --------------------------------------------------------------------------------------------------
+
+
+def _far_from_target(spread):
+    """All gates open; the costliest group's gates are the nearest the threshold; settle to 0.3."""
+    model, bank, _ = gated(widths=(16, 32, 32))
+    keys = list(bank.gates)
+    with torch.no_grad():
+        for gate in bank.gates.values():
+            gate.weight.fill_(1.0)
+        bank.gates[keys[0]].weight.copy_(torch.linspace(0.01, 0.02, 16))
+    budget = tg.Budget(model, target=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flips = budget.settle(0.01, spread=spread)
+    return budget, keys, flips
+
+
+def test_settle_spread_keeps_a_group_above_a_share_of_the_mean_open_fraction():
+    # without spread: the group whose gates are nearest the threshold and whose channels cost most is
+    # closed to its minimum (what happened to a ResNet's first residual group: 11 -> 1 of 16)
+    squeezed, keys, _ = _far_from_target(spread=0.0)
+    assert squeezed.status().within(0.01)
+    assert squeezed.status().kept[keys[0]][0] == 1
+    spread, keys, flips = _far_from_target(spread=0.5)
+    st = spread.status()
+    assert st.within(0.01), spread.report()
+    mean = sum(n for n, _ in st.kept.values()) / sum(size for _, size in st.kept.values())
+    n, size = st.kept[keys[0]]
+    assert n >= 0.5 * mean * size - 1  # at most the last landing flip goes below the floor
+    assert n > 1 and flips > 0
+
+
+def test_settle_rejects_bad_spread():
+    model, _, _ = gated()
+    budget = tg.Budget(model, target=0.5)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="spread"):
+            budget.settle(0.01, spread=bad)
+
+
+def test_gain_pushes_harder_while_the_ratio_lags_the_goal():
+    model, bank, _ = gated(widths=(8, 16, 16))
+    plain = tg.Budget(model, target=0.25)
+    boosted = tg.Budget(model, target=0.25, gain=2.0)
+    plain.eval(), boosted.eval()  # eval: the multiplier does not adapt, only the loss is compared
+    gp, gb = _grads(plain, bank), _grads(boosted, bank)
+    gap = math.log(float(plain.ratio().detach()) / 0.25)  # all open: ratio 1, log(4) above the goal
+    factor = math.exp(2.0 * min(gap, 1.0))
+    for k in gp:
+        assert torch.allclose(gb[k], gp[k] * factor, rtol=1e-5)
+    boosted.set_goal(1.0)  # at the goal: no boost and no push
+    assert float(boosted()) == 0.0
+    for bad in (-1.0, math.inf, True):
+        with pytest.raises(ValueError, match="gain"):
+            tg.Budget(model, target=0.5, gain=bad)
+
+
+def test_balance_one_pushes_every_group_alike_whatever_its_cost():
+    model, bank, _ = gated(widths=(8, 16, 16))
+    keys = list(bank.gates)
+    plain = tg.Budget(model, target=0.25)
+    balanced = tg.Budget(model, target=0.25, balance=1.0)
+    half = tg.Budget(model, target=0.25, balance=0.5)
+    for b in (plain, balanced, half):
+        b.eval()
+    costs = plain.marginal_costs()
+    assert len({round(costs[k], 6) for k in keys}) > 1  # the groups' channels do cost differently
+    gp, g1, gh = _grads(plain, bank), _grads(balanced, bank), _grads(half, bank)
+    push = {k: float(g1[k][0]) for k in keys}
+    assert all(v > 0 for v in push.values())
+    assert max(push.values()) == pytest.approx(min(push.values()), rel=1e-4)  # the same push on every group
+    # the paper's push follows the cost; balance=0.5 lies in between (the spread of the pushes shrinks)
+    spread = lambda g: max(float(g[k][0]) for k in keys) / min(float(g[k][0]) for k in keys)  # noqa: E731
+    assert spread(gp) == pytest.approx(max(costs.values()) / min(costs.values()), rel=1e-4)
+    assert 1.0 < spread(gh) < spread(gp)
+    assert float(balanced.ratio().detach()) == float(plain.ratio().detach())  # only the gradient changes
+
+
+def _protected_push(protect_cost, open_first):
+    """Budget gradient on an open gate of the first (costliest) group with ``open_first`` of its 16 open."""
+    model, bank, _ = gated(widths=(16, 32, 32))
+    keys = list(bank.gates)
+    with torch.no_grad():
+        bank.gates[keys[0]].weight[open_first:] = -0.5
+    budget = tg.Budget(model, target=0.1, protect=0.5, protect_cost=protect_cost)
+    budget.eval()
+    costs = budget.marginal_costs()
+    assert costs[keys[0]] == max(costs.values())  # the first group's channels cost the most
+    return float(_grads(budget, bank)[keys[0]][0])
+
+
+def test_protect_holds_a_costly_group_at_the_same_share_of_the_mean_as_a_cheap_one():
+    # 5 of 16 open (0.31) while the model keeps 0.84 of its channels: below protect x mean (0.42)
+    # with its own cost, the hold starts at protect x the mean fraction whatever the group costs ...
+    assert _protected_push("own", 5) < 0  # pushed open
+    assert _protected_push("own", 8) > 0  # 0.5 open: above 0.42, still closing
+    # ... with the mean cost (the former rule) a group three times costlier is held only much lower
+    assert _protected_push("mean", 5) > 0
+    with pytest.raises(ValueError, match="protect_cost"):
+        gated_model = gated()[0]
+        tg.Budget(gated_model, target=0.5, protect_cost="max")
