@@ -1,0 +1,195 @@
+"""Every everyday path on every small fixture of the zoo, each result against an independent reference.
+
+Models: a CNN with BatchNorm and a residual add, a LayerNorm MLP, a GroupNorm conv net, a non-affine
+InstanceNorm net, branches concatenated along a spatial dim, and PyTorch's tutorial transformer (its
+causal mask made in the forward). Paths: train steps in every skip mode with learning and with
+frozen gates, eval with and without gradients, ``copy.deepcopy``, ``swa_utils.AveragedModel``, a
+state_dict loaded into a freshly attached model, ``torch.save`` / ``torch.load`` of the gated model,
+``export`` with ``round_to`` 1 and 8, ``tg.save`` / ``tg.load``, and a train step of the exported
+model. The reference for the gated model is the same model in ``none`` mode (the per-layer path,
+which multiplies by the gates), computed in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from helpers import close_random_half
+from test_trust import CatAlongHeight, InstanceNormNet, NormNet, TutorialTransformer
+from torch import nn
+
+import tg_kernels as tg
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(h))))) + h)
+        return self.head(h.mean((2, 3)))
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 48)
+        self.norm = nn.LayerNorm(48)
+        self.fc2 = nn.Linear(48, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+ZOO = {
+    "residual_cnn": (ResidualCNN, lambda: torch.randn(3, 3, 8, 8)),
+    "layernorm_mlp": (LayerNormMLP, lambda: torch.randn(5, 12)),
+    "norms": (NormNet, lambda: torch.randn(3, 3, 8, 8)),
+    "instance_norm": (InstanceNormNet, lambda: torch.randn(2, 3, 8, 8)),
+    "cat_along_height": (CatAlongHeight, lambda: torch.randn(2, 3, 7, 7)),
+    "tutorial_transformer": (TutorialTransformer, lambda: torch.randint(0, 50, (6, 2))),
+}
+
+
+def _inputs(name: str) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = ZOO[name][1]()
+    return x.double() if x.is_floating_point() else x
+
+
+def _attached(name: str, skip: str = "exact") -> tuple[nn.Module, tg.GateBank]:
+    torch.manual_seed(0)
+    build = ZOO[name][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, bank = tg.attach_gates(build().double(), (_inputs(name),), skip=skip)
+    assert bank.gates, f"{name} gates nothing: {bank.skipped}"
+    close_random_half(bank)
+    return model, bank
+
+
+def _no_dropout(model: nn.Module) -> None:
+    """Deterministic train steps: dropout off (attention's too), so two steps can be compared."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, (nn.MultiheadAttention, tg.nn.PrunableMultiheadAttention)):
+            m.dropout = 0.0
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(x).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("skip", ["exact", "hard"])
+@pytest.mark.parametrize("learning", [True, False], ids=["learning-gates", "frozen-gates"])
+def test_train_step_matches_the_per_layer_reference(name, skip, learning):
+    """exact: every gradient of none mode; hard: none mode's loss and weight gradients of open channels."""
+    model, bank = _attached(name)
+    _no_dropout(model)
+    x = _inputs(name)
+    model.train()
+    bank.set_skip("none")
+    ref_loss, ref_grads = _step(model, x)
+    bank.set_skip(skip)
+    if not learning:
+        for p in bank.parameters():
+            p.requires_grad_(False)
+    loss, grads = _step(model, x)
+    torch.testing.assert_close(loss, ref_loss)
+    gate_ids = {id(p) for p in bank.parameters()}
+    for n, p in model.named_parameters():
+        if n not in grads:
+            continue
+        if id(p) in gate_ids and skip == "hard":
+            continue  # hard: closed gates get no task gradient by design
+        mask = torch.ones_like(p, dtype=torch.bool)
+        if skip == "hard":
+            mask = ref_grads[n] != 0  # weights of closed channels get zero in hard mode
+        torch.testing.assert_close(grads[n][mask], ref_grads[n][mask], msg=f"{name}: {n}")
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_eval_with_and_without_gradients(name):
+    model, bank = _attached(name)
+    x = _inputs(name)
+    model.eval()
+    bank.set_skip("none")
+    reference = model(x).detach()
+    bank.set_skip("exact")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference)
+    torch.testing.assert_close(model(x).detach(), reference)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_copies_and_checkpoints_of_the_gated_model(name):
+    model, bank = _attached(name)
+    _no_dropout(model)
+    x = _inputs(name)
+    model.train()
+    loss, grads = _step(model, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    twins = {
+        "deepcopy": copy.deepcopy(model),
+        "torch.load": torch.load(buffer, weights_only=False),
+    }
+    fresh, _ = _attached(name)  # another attach: same structure, other (closed-half) weights
+    fresh.load_state_dict(model.state_dict())
+    _no_dropout(fresh)
+    twins["state_dict"] = fresh
+    for how, twin in twins.items():
+        twin.train()
+        twin_loss, twin_grads = _step(twin, x)
+        torch.testing.assert_close(twin_loss, loss, msg=f"{name} via {how}")
+        for n, g in grads.items():
+            torch.testing.assert_close(twin_grads[n], g, msg=f"{name} via {how}: {n}")
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.eval()
+    model.eval()
+    torch.testing.assert_close(averaged(x), model(x))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_export_save_load_and_train_the_exported_model(name, round_to):
+    model, bank = _attached(name)
+    x = _inputs(name)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # round_to=8 names the groups it cannot pad
+        small = tg.export(model, round_to=round_to)
+    with torch.no_grad():
+        reference = model(x)
+        torch.testing.assert_close(small(x), reference)
+    buffer = io.BytesIO()
+    tg.save(small, buffer)
+    buffer.seek(0)
+    torch.manual_seed(0)
+    loaded = tg.load(buffer, ZOO[name][0]().double())
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference)
+    assert not any(type(m).__module__.startswith("tg_kernels") for m in loaded.modules())
+    loaded.train()
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.01)
+    loaded(x).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
