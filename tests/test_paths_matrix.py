@@ -6,7 +6,7 @@ causal mask made in the forward). Paths: train steps in every skip mode with lea
 frozen gates, eval with and without gradients, ``copy.deepcopy``, ``swa_utils.AveragedModel``, a
 state_dict loaded into a freshly attached model, ``torch.save`` / ``torch.load`` of the gated model,
 ``export`` with ``round_to`` 1 and 8, ``tg.save`` / ``tg.load``, and a train step of the exported
-model. The reference for the gated model is the same model in ``none`` mode (the per-layer path,
+model, and ``torch.compile``. The reference for the gated model is the same model in ``none`` mode (the per-layer path,
 which multiplies by the gates), computed in float64.
 """
 
@@ -92,7 +92,9 @@ def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
     model.zero_grad(set_to_none=True)
     loss = model(x).square().mean()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -193,3 +195,25 @@ def test_export_save_load_and_train_the_exported_model(name, round_to):
     loaded(x).square().mean().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_torch_compile_trains_and_evaluates_like_the_eager_model(name):
+    """torch.compile of a gated model: the exact step's gradients are none mode's; eval is the same."""
+    model, bank = _attached(name)
+    _no_dropout(model)
+    x = _inputs(name)
+    model.train()
+    bank.set_skip("none")
+    ref_loss, ref_grads = _step(model, x)
+    bank.set_skip("exact")
+    compiled = torch.compile(model)
+    loss, grads = _step(compiled, x)
+    torch.testing.assert_close(loss, ref_loss)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, msg=f"{name}: {n}")
+    compiled.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
