@@ -1,6 +1,7 @@
 """Every everyday path on every small fixture of the zoo, each result against an independent reference.
 
-Models: a CNN with BatchNorm and a residual add, a LayerNorm MLP, a GroupNorm conv net, a non-affine
+Models: torchvision's resnet18, a tiny Hugging Face Llama (grouped KV heads, default config), a CNN
+with BatchNorm and a residual add, a LayerNorm MLP, a GroupNorm conv net, a non-affine
 InstanceNorm net, branches concatenated along a spatial dim, and PyTorch's tutorial transformer (its
 causal mask made in the forward). Paths: train steps in every skip mode with learning and with
 frozen gates, eval with and without gradients, ``copy.deepcopy``, ``swa_utils.AveragedModel``, a
@@ -18,11 +19,14 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from helpers import close_random_half
 from test_trust import CatAlongHeight, InstanceNormNet, NormNet, TutorialTransformer
 from torch import nn
 
 import tg_kernels as tg
+
+transformers = pytest.importorskip("transformers")
 
 
 class ResidualCNN(nn.Module):
@@ -52,7 +56,26 @@ class LayerNormMLP(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
 
 
+def _resnet18() -> nn.Module:
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _llama() -> nn.Module:
+    """A tiny Hugging Face Llama with grouped KV heads and its default config (use_cache=True)."""
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 ZOO = {
+    "torchvision_resnet18": (_resnet18, lambda: torch.randn(2, 3, 32, 32)),
+    "hf_llama": (_llama, lambda: torch.randint(0, 64, (2, 8))),
     "residual_cnn": (ResidualCNN, lambda: torch.randn(3, 3, 8, 8)),
     "layernorm_mlp": (LayerNormMLP, lambda: torch.randn(5, 12)),
     "norms": (NormNet, lambda: torch.randn(3, 3, 8, 8)),
@@ -88,9 +111,14 @@ def _no_dropout(model: nn.Module) -> None:
             m.dropout = 0.0
 
 
+def _out(output) -> torch.Tensor:
+    """The tensor a model returns (a Hugging Face output's logits)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(x).square().mean()
+    loss = _out(model(x)).square().mean()
     loss.backward()
     return loss.detach(), {
         n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
@@ -132,11 +160,11 @@ def test_eval_with_and_without_gradients(name):
     x = _inputs(name)
     model.eval()
     bank.set_skip("none")
-    reference = model(x).detach()
+    reference = _out(model(x)).detach()
     bank.set_skip("exact")
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference)
-    torch.testing.assert_close(model(x).detach(), reference)
+        torch.testing.assert_close(_out(model(x)), reference)
+    torch.testing.assert_close(_out(model(x)).detach(), reference)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -166,7 +194,7 @@ def test_copies_and_checkpoints_of_the_gated_model(name):
     averaged = torch.optim.swa_utils.AveragedModel(model)
     averaged.eval()
     model.eval()
-    torch.testing.assert_close(averaged(x), model(x))
+    torch.testing.assert_close(_out(averaged(x)), _out(model(x)))
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -179,8 +207,8 @@ def test_export_save_load_and_train_the_exported_model(name, round_to):
         warnings.simplefilter("ignore")  # round_to=8 names the groups it cannot pad
         small = tg.export(model, round_to=round_to)
     with torch.no_grad():
-        reference = model(x)
-        torch.testing.assert_close(small(x), reference)
+        reference = _out(model(x))
+        torch.testing.assert_close(_out(small(x)), reference)
     buffer = io.BytesIO()
     tg.save(small, buffer)
     buffer.seek(0)
@@ -188,11 +216,11 @@ def test_export_save_load_and_train_the_exported_model(name, round_to):
     loaded = tg.load(buffer, ZOO[name][0]().double())
     loaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), reference)
+        torch.testing.assert_close(_out(loaded(x)), reference)
     assert not any(type(m).__module__.startswith("tg_kernels") for m in loaded.modules())
     loaded.train()
     opt = torch.optim.SGD(loaded.parameters(), lr=0.01)
-    loaded(x).square().mean().backward()
+    _out(loaded(x)).square().mean().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
@@ -216,4 +244,4 @@ def test_torch_compile_trains_and_evaluates_like_the_eager_model(name):
     compiled.eval()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(_out(compiled(x)), _out(model(x)))
