@@ -1,6 +1,6 @@
-"""Trace tg.prune's search on the VALIDATION split (the traces in search_traces_fmnist-resnet20_val.md).
+"""Trace tg.prune's search on the VALIDATION split (the traces in bench/results/accuracy/search_traces_fmnist-resnet20_val.md).
 
-    python bench/results/accuracy/trace_search.py fmnist-resnet20 0.5 0 '{"gain": 0, "balance": 0}' trace.jsonl
+    python bench/trace_search.py fmnist-resnet20 0.5 0 '{"gain": 0, "balance": 0}' trace.jsonl
 
 Arguments: setting, FLOPs target, seed, tg.prune keyword arguments as JSON (a "budget" entry is passed
 on to tg.Budget, e.g. ``{"budget": {"protect_cost": "mean"}}``), output JSONL. Every 5 search steps
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench.accuracy as A  # noqa: E402
 import tg_kernels as tg  # noqa: E402
@@ -38,6 +38,8 @@ class Args:
 
 
 def main() -> None:
+    if len(sys.argv) != 6:
+        sys.exit(__doc__)
     torch.set_num_threads(1)
     name, target, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     kw, out = json.loads(sys.argv[4]), sys.argv[5]
