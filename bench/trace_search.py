@@ -1,4 +1,6 @@
-"""Trace tg.prune's search on the VALIDATION split (the traces in bench/results/accuracy/search_traces_fmnist-resnet20_val.md).
+"""Trace tg.prune's search on the VALIDATION split.
+
+The traces in bench/results/accuracy/search_traces_fmnist-resnet20_val.md were written by it:
 
     python bench/trace_search.py fmnist-resnet20 0.5 0 '{"gain": 0, "balance": 0}' trace.jsonl
 
