@@ -6,6 +6,7 @@ Each test names the defect it guards against; each fails on the code before its 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import warnings
@@ -289,3 +290,33 @@ def test_a_recorded_run_refuses_branches_on_the_data_but_takes_branches_on_const
         real_trace(InputBranch(), (torch.randn(3, 4),))
     trace = real_trace(TutorialTransformer(), (torch.randint(0, 50, (10, 4)),))  # its mask: constants only
     assert "transformer_encoder.layers.0.linear1" in trace.calls
+
+
+class _Result:  # a plain object: not a tensor, container or dataclass
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+@dataclasses.dataclass
+class _DataclassResult:
+    logits: torch.Tensor
+
+
+class _Classifier(nn.Module):
+    def __init__(self, wrap) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.wrap = nn.Linear(6, 16), nn.Linear(16, 4), wrap
+
+    def forward(self, x: torch.Tensor):
+        return self.wrap(self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_outputs_inside_dataclasses_stay_whole_and_other_objects_are_named():
+    """A dataclass result counts as an output (its classes stay whole); an object that is neither
+    tensor, container nor dataclass (a KV cache) is left out, and one warning names its type."""
+    x = torch.randn(3, 6)
+    model, bank = tg.attach_gates(_Classifier(_DataclassResult), x)
+    assert "fc2" not in {p for g in bank.groups for p in g.producers}  # its outputs are the classes
+    assert "fc1" in {p for g in bank.groups for p in g.producers}
+    with pytest.warns(UserWarning, match="_Result, which is not counted as an output"):
+        tg.attach_gates(_Classifier(_Result), x)

@@ -39,6 +39,7 @@ from tg_kernels.pruning.analysis import (
     analyze,
     analyze_export,
     export_trace,
+    output_tensors,
     real_trace,
     record_shapes,
     trace,
@@ -182,14 +183,8 @@ def _install(
 
 
 def _leaves(value: Any) -> list[Tensor]:
-    """The floating-point tensors in a model output (tensors, tuples, dicts, Hugging Face outputs)."""
-    if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return [t for v in value.values() for t in _leaves(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaves(v)]
-    return []
+    """The floating-point tensors of a model output that count as outputs (as the analysis counts them)."""
+    return [t for t in output_tensors(value) if t.is_floating_point()]
 
 
 def _gated(parts: Parts) -> bool:

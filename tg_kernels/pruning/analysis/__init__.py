@@ -36,7 +36,7 @@ module returns it, fixes the space.
 from tg_kernels.pruning.analysis.driver import analyze_export
 from tg_kernels.pruning.analysis.fx_legacy import analyze, record_shapes, trace
 from tg_kernels.pruning.analysis.rules import RULES, Rule, register_rule, rule_table
-from tg_kernels.pruning.analysis.tracing import Trace, export_trace, real_trace
+from tg_kernels.pruning.analysis.tracing import Trace, export_trace, output_tensors, real_trace
 from tg_kernels.pruning.analysis.types import (
     Analysis,
     AnalysisError,
@@ -63,6 +63,7 @@ __all__ = [
     "analyze",
     "analyze_export",
     "export_trace",
+    "output_tensors",
     "real_trace",
     "record_shapes",
     "register_rule",

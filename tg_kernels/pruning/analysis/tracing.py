@@ -22,6 +22,7 @@ way the example takes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import sys
@@ -101,11 +102,12 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         with warnings.catch_warnings():
             # nn.LSTM / nn.GRU rebuild their _flat_weights from the traced parameters (restored below)
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-            with _tensor_outputs(model), _quiet_unless_traced():
+            with _tensor_outputs(model) as outputs, _quiet_unless_traced():
                 program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emit
         _restore(model, saved)
+    _say_left_out(model, outputs.left_out)
     seconds = time.perf_counter() - start
     signature = program.graph_signature
     names: dict[str, str] = {}
@@ -143,21 +145,49 @@ def _quiet_unless_traced() -> Iterator[None]:
     sys.stderr.write(held.getvalue())
 
 
+def output_tensors(output: Any, left_out: set[str] | None = None) -> list[Tensor]:
+    """The tensors of a model output that count as outputs: pytree's leaves (tuples, lists, dicts,
+    Hugging Face outputs), inside dataclasses too. Other objects (a KV cache the caller hands back
+    in) are left out; the names of their types go to ``left_out``."""
+    found: list[Tensor] = []
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found += output_tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], left_out)
+        elif left_out is not None and leaf is not None and not isinstance(leaf, (int, float, bool, str)):
+            left_out.add(type(leaf).__name__)
+    return found
+
+
 class _tensor_outputs:
-    """While active, the model returns only the tensors of its output (see the module docstring)."""
+    """While active, the model returns only the tensors of its output (see the module docstring).
+    ``left_out``: the types of the objects left out."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.left_out: set[str] = set()
 
-    @staticmethod
-    def _tensors(module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
-        return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, Tensor))
+    def _tensors(self, module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
+        return tuple(output_tensors(output, self.left_out))
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _tensor_outputs:
         self.handle = self.model.register_forward_hook(self._tensors)
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+
+
+def _say_left_out(model: nn.Module, left_out: set[str]) -> None:
+    if left_out:
+        warnings.warn(
+            f"tg_kernels.attach_gates: {type(model).__name__}'s output holds {', '.join(sorted(left_out))}, "
+            "which is not counted as an output: its tensors may shrink with the pruned model (right for a "
+            "KV cache the caller hands back in). Return tensors, tuples, dicts or dataclasses for outputs "
+            "whose channels must stay whole",
+            stacklevel=4,
+        )
 
 
 def _restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
@@ -281,8 +311,10 @@ def real_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] |
     kwargs = dict(kwargs or {})
     start = time.perf_counter()
 
+    left_out: set[str] = set()
+
     def forward(*inputs: Any) -> tuple[Tensor, ...]:
-        return tuple(leaf for leaf in pytree.tree_leaves(model(*inputs, **kwargs)) if isinstance(leaf, Tensor))
+        return tuple(output_tensors(model(*inputs, **kwargs), left_out))
 
     try:
         with warnings.catch_warnings(), _ModuleCalls(model) as calls:
@@ -292,6 +324,7 @@ def real_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] |
             )(*args)
     finally:
         _restore(model, saved)
+    _say_left_out(model, left_out)
     graph = module.graph
     calls.annotate(graph)
     tensors = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -350,4 +383,4 @@ def _map_module_calls(trace: Trace) -> None:
         trace.output_of[node] = [path for _, path in sorted(entries, reverse=True)]
 
 
-__all__ = ["DataDependentBranch", "Trace", "export_trace", "real_trace"]
+__all__ = ["DataDependentBranch", "Trace", "export_trace", "output_tensors", "real_trace"]
