@@ -21,12 +21,10 @@ import pytest
 import torch
 import torchvision
 from helpers import close_random_half
-from test_trust import CatAlongHeight, InstanceNormNet, NormNet, TutorialTransformer
+from test_trust import CatAlongHeight, InstanceNormNet, NormNet, TutorialTransformer, tiny_llama
 from torch import nn
 
 import tg_kernels as tg
-
-transformers = pytest.importorskip("transformers")
 
 
 class ResidualCNN(nn.Module):
@@ -60,22 +58,9 @@ def _resnet18() -> nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-def _llama() -> nn.Module:
-    """A tiny Hugging Face Llama with grouped KV heads and its default config (use_cache=True)."""
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 ZOO = {
     "torchvision_resnet18": (_resnet18, lambda: torch.randn(2, 3, 32, 32)),
-    "hf_llama": (_llama, lambda: torch.randint(0, 64, (2, 8))),
+    "hf_llama": (tiny_llama, lambda: torch.randint(0, 64, (2, 8))),
     "residual_cnn": (ResidualCNN, lambda: torch.randn(3, 3, 8, 8)),
     "layernorm_mlp": (LayerNormMLP, lambda: torch.randn(5, 12)),
     "norms": (NormNet, lambda: torch.randn(3, 3, 8, 8)),

@@ -167,8 +167,8 @@ def test_exported_non_affine_instance_norm_has_its_kept_size_after_save_and_load
         torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_hugging_face_llama_with_its_default_config_and_positional_input_is_gated():
-    """Defect: use_cache=True returns a DynamicCache, which stopped the trace: nothing was gated."""
+def tiny_llama() -> nn.Module:
+    """A tiny Hugging Face Llama with grouped KV heads and its default config (use_cache=True)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=64,
@@ -179,8 +179,13 @@ def test_hugging_face_llama_with_its_default_config_and_positional_input_is_gate
         num_key_value_heads=2,
     )
     assert config.use_cache
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_hugging_face_llama_with_its_default_config_and_positional_input_is_gated():
+    """Defect: use_cache=True returns a DynamicCache, which stopped the trace: nothing was gated."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama()
     ids = torch.randint(0, 64, (2, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
