@@ -96,6 +96,16 @@ def _no_dropout(model: nn.Module) -> None:
             m.dropout = 0.0
 
 
+def _with_reference(name: str):
+    """The gated model (dropout off, training mode), its input, and the per-layer (none) step on it."""
+    model, bank = _attached(name)
+    _no_dropout(model)
+    x = _inputs(name)
+    model.train()
+    bank.set_skip("none")
+    return model, bank, x, *_step(model, x)
+
+
 def _out(output) -> torch.Tensor:
     """The tensor a model returns (a Hugging Face output's logits)."""
     return output.logits if hasattr(output, "logits") else output
@@ -115,12 +125,7 @@ def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
 @pytest.mark.parametrize("learning", [True, False], ids=["learning-gates", "frozen-gates"])
 def test_train_step_matches_the_per_layer_reference(name, skip, learning):
     """exact: every gradient of none mode; hard: none mode's loss and weight gradients of open channels."""
-    model, bank = _attached(name)
-    _no_dropout(model)
-    x = _inputs(name)
-    model.train()
-    bank.set_skip("none")
-    ref_loss, ref_grads = _step(model, x)
+    model, bank, x, ref_loss, ref_grads = _with_reference(name)
     bank.set_skip(skip)
     if not learning:
         for p in bank.parameters():
@@ -214,12 +219,7 @@ def test_export_save_load_and_train_the_exported_model(name, round_to):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_torch_compile_trains_and_evaluates_like_the_eager_model(name):
     """torch.compile of a gated model: the exact step's gradients are none mode's; eval is the same."""
-    model, bank = _attached(name)
-    _no_dropout(model)
-    x = _inputs(name)
-    model.train()
-    bank.set_skip("none")
-    ref_loss, ref_grads = _step(model, x)
+    model, bank, x, ref_loss, ref_grads = _with_reference(name)
     bank.set_skip("exact")
     compiled = torch.compile(model)
     loss, grads = _step(compiled, x)

@@ -45,6 +45,7 @@ from tg_kernels.pruning.analysis import (
     trace,
 )
 from tg_kernels.pruning.analysis.spaces import remap, remap_dims
+from tg_kernels.pruning.analysis.tracing import restore_buffers
 from tg_kernels.pruning.bank import (
     BANK_NAME,
     EnterOpenStats,
@@ -336,10 +337,7 @@ def _check_runs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any
             "pass inputs of the shape, dtype and device the model takes"
         ) from error
     finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
+        restore_buffers(model, saved)
 
 
 def _first_line(error: BaseException) -> str:

@@ -106,7 +106,7 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                 program = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emit
-        _restore(model, saved)
+        restore_buffers(model, saved)
     _say_left_out(model, outputs.left_out)
     seconds = time.perf_counter() - start
     signature = program.graph_signature
@@ -190,7 +190,7 @@ def _say_left_out(model: nn.Module, left_out: set[str]) -> None:
         )
 
 
-def _restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
+def restore_buffers(model: nn.Module, saved: dict[str, Tensor]) -> None:
     """Put back the buffers a traced forward changed (batch statistics) and RNN flat weights."""
     with torch.no_grad():
         for name, b in model.named_buffers():
@@ -323,7 +323,7 @@ def real_trace(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] |
                 forward, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False
             )(*args)
     finally:
-        _restore(model, saved)
+        restore_buffers(model, saved)
     _say_left_out(model, left_out)
     graph = module.graph
     calls.annotate(graph)
@@ -383,4 +383,4 @@ def _map_module_calls(trace: Trace) -> None:
         trace.output_of[node] = [path for _, path in sorted(entries, reverse=True)]
 
 
-__all__ = ["DataDependentBranch", "Trace", "export_trace", "output_tensors", "real_trace"]
+__all__ = ["DataDependentBranch", "Trace", "export_trace", "output_tensors", "real_trace", "restore_buffers"]
