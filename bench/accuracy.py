@@ -8,7 +8,11 @@ Settings (dataset x model):
 - ``fmnist-resnet20``: Fashion-MNIST (the idx files of the Debian package ``dataset-fashion-mnist``
   under ``/usr/share/datasets/fashion-mnist``), images average-pooled to 14x14, a stratified training
   subset (``--fmnist-train``, default 2000 images), a CIFAR-style ResNet-20 (stages 16/32/64);
-- ``fmnist-mbv2``: the same data, a MobileNetV2-style net (depthwise convs, inverted residuals).
+- ``fmnist-mbv2``: the same data, a MobileNetV2-style net (depthwise convs, inverted residuals);
+- ``fmnist-full-cnn``: every Fashion-MNIST training image at 14x14 (55000 fit + 5000 validation, about
+  860 optimizer steps an epoch against digits' 17), the digits CNN with a 3x3 head; dense for 4 epochs,
+  then a 4-epoch pruning run (``gate_epochs=1, finetune_epochs=3``: the user's run length for a large
+  dataset; every schedule knob of ``tg.prune`` stays at its default).
 
 Every setting holds out a validation split from its training images (20% for digits,
 ``--fmnist-val`` images for Fashion-MNIST); models train on the rest. ``--split val`` evaluates on the
@@ -21,8 +25,10 @@ For every setting, seed and FLOPs target: train the dense model (cached), then
 - ``tp-l2`` / ``tp-taylor`` / ``tp-bn`` / ``random``: Torch-Pruning's ``MagnitudePruner`` with
   ``GroupMagnitudeImportance(p=2)``, ``GroupTaylorImportance`` (gradients of the task loss on a few
   training batches), ``BNScaleImportance`` or ``RandomImportance``: one pruning ratio for every layer,
-  the classifier kept, the ratio bisected so that the pruned model has the smallest FLOPs count at or
-  above what ``tg`` reached (so Torch-Pruning never has fewer FLOPs than the gates); then fine-tuned
+  the classifier kept, the ratio bisected to the smallest FLOPs count at or above what ``tg`` reached;
+  where integer widths leave that more than 1% above, single channels are pruned by the same criterion
+  (lowest normalised score over the groups, among moves that stay within 1%), so that both run at equal
+  FLOPs (within 1%, where a move can land there); then fine-tuned
   for as many optimizer steps as ``tg.prune`` took after the dense model (search + fine-tuning, the
   same batches), with ``tg.prune``'s fine-tuning optimiser (AdamW, lr 5e-4, cosine).
 
@@ -66,7 +72,7 @@ import tg_kernels as tg  # noqa: E402
 from bench.models import BasicBlock  # noqa: E402  (the CIFAR basic block, shared with the speed benchmark)
 
 FMNIST_DIR = Path(os.environ.get("TG_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-SETTINGS = ("digits-a", "digits-b", "fmnist-resnet20", "fmnist-mbv2")
+SETTINGS = ("digits-a", "digits-b", "fmnist-resnet20", "fmnist-mbv2", "fmnist-full-cnn")
 METHODS = ("tg", "tp-l2", "tp-taylor", "tp-bn", "random")
 TUNE_LR = 5e-4  # tg.prune's fine-tuning learning rate, used for every baseline's fine-tuning
 BATCH = 64
@@ -80,7 +86,7 @@ BATCH = 64
 class DigitsCNN(nn.Module):
     """The CNN of examples/prune_digits.py (copied so that the benchmark does not import the example)."""
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 32), num_classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 32), num_classes: int = 10, size: int = 8) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.features = nn.Sequential(
@@ -96,10 +102,17 @@ class DigitsCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
-        self.head = nn.Linear(w3 * 2 * 2, num_classes)
+        self.head = nn.Linear(w3 * (size // 4) ** 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.flatten(self.features(x), 1))
+
+
+class FashionCNN(DigitsCNN):
+    """The digits CNN for 14x14 images (its head sees a 3x3 map)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes=num_classes, size=14)
 
 
 class ResNet20(nn.Module):
@@ -319,6 +332,7 @@ class Setting:
     build: type
     dense_epochs: int
     dense_lr: float
+    run_kwargs: dict | None = None  # the pruning run's length (tg.prune's epochs) where not its defaults
 
 
 def make_setting(name: str, args) -> Setting:
@@ -328,6 +342,12 @@ def make_setting(name: str, args) -> Setting:
         return Setting(name, load_digits(0.5), DigitsCNN, 20, 2e-3)
     if name == "fmnist-resnet20":
         return Setting(name, load_fmnist(args.fmnist_train, args.fmnist_val), ResNet20, args.fmnist_dense_epochs, 2e-3)
+    if name == "fmnist-full-cnn":
+        # every Fashion-MNIST training image: ~860 optimizer steps an epoch, against ~17 for digits
+        return Setting(
+            name, load_fmnist(60000 - args.fmnist_full_val, args.fmnist_full_val), FashionCNN,
+            args.fmnist_full_dense_epochs, 2e-3, {"gate_epochs": 1, "finetune_epochs": 3},
+        )
     if name == "fmnist-mbv2":
         return Setting(
             name, load_fmnist(args.fmnist_train, args.fmnist_val), MobileNetV2Small, args.fmnist_dense_epochs, 2e-3
@@ -391,7 +411,7 @@ def run_tg(dense: nn.Module, setting: Setting, target: float, seed: int, kwargs:
         warnings.simplefilter("ignore")
         result = tg.prune(
             copy.deepcopy(dense), lambda: batches(data, gen), target=target, example_inputs=x1, progress=False,
-            **kwargs,
+            **{**(setting.run_kwargs or {}), **kwargs},
         )
     steps = int(getattr(result, "steps", 0)) or (
         result.gate_steps + sum(1 for r in result.history if r["phase"] == "tune") * steps_per_epoch(data)
@@ -424,55 +444,129 @@ def _head(model: nn.Module) -> nn.Module:
     return model.head
 
 
-def tp_prune_to(dense: nn.Module, method: str, flops: float, setting: Setting, seed: int) -> tuple[nn.Module, float]:
-    """Torch-Pruning (one ratio for every layer, the head kept) to the smallest FLOPs count >= ``flops``."""
+def _bisect(build, count, flops: float, tol: float) -> list[tuple[float, nn.Module]]:
+    """Every ``(FLOPs, model)`` a bisection of ``build(r)`` over ``r`` in [0, 0.99] (FLOPs falling as ``r``
+    grows) tries on its way to ``flops``; it stops at a model within ``[flops, flops * (1 + tol)]``."""
+    lo, hi = 0.0, 0.99
+    tried = []
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        model = build(mid)
+        f = count(model)
+        tried.append((f, model))
+        if flops <= f <= flops * (1 + tol):
+            break
+        if f > flops:
+            lo = mid
+        else:
+            hi = mid
+    return tried
+
+
+def _equal_flops_choice(tried: list[tuple[float, nn.Module]], flops: float, tol: float) -> tuple[float, nn.Module]:
+    """The model to compare at ``flops``: within ``tol`` and not below it if any, else within ``tol``, else the
+    closest (Torch-Pruning is never given fewer FLOPs than it needs to match)."""
+
+    def key(item: tuple[float, nn.Module]) -> tuple[bool, bool, float]:
+        f = item[0]
+        return (abs(f / flops - 1) > tol, f < flops, abs(f - flops))
+
+    return min(tried, key=key)
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy that keeps the parameters' ``.grad`` (Taylor importance reads them; Torch-Pruning prunes
+    them along with the weights)."""
+    clone = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return clone
+
+
+def _top_off(model: nn.Module, method: str, flops: float, count, x1: Tensor, tol: float) -> list[tuple[float, nn.Module]]:
+    """Prune single channels by the criterion until FLOPs are within ``tol`` of ``flops``.
+
+    Each move takes, over every group, the channel the criterion ranks lowest (its normalised score, as in
+    Torch-Pruning's global ranking) among the moves that keep FLOPs at or above ``flops * (1 - tol)``.
+    Returns every model on the way. A uniform ratio leaves widths on a coarse grid (one first-conv channel of
+    the digits CNN is 4% of its FLOPs); this lands the criterion's model at the compared FLOPs.
+    """
+    import torch_pruning as tp
+
+    tried = []
+    f = count(model)
+    while f > flops * (1 + tol):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x1)
+        importance = _tp_importance(method)
+        moves = []
+        for group in graph.get_all_groups(ignored_layers=[_head(model)], root_module_types=(nn.Conv2d, nn.Linear)):
+            scores = importance(group)
+            if scores is None or len(scores) < 2:
+                continue
+            root = group[0].dep.target.module
+            moves.append((float(scores.min()), root, group[0].dep.handler, int(scores.argmin())))
+        best = None
+        for score, root, handler, idx in sorted(moves, key=lambda m: m[0]):
+            clone = _copy_with_grads(model)
+            names = {m: n for n, m in model.named_modules()}
+            target = dict(clone.named_modules())[names[root]]
+            graph_c = tp.DependencyGraph().build_dependency(clone, example_inputs=x1)
+            graph_c.get_pruning_group(target, handler, idxs=[idx]).prune()
+            fc = count(clone)
+            if fc >= flops * (1 - tol):
+                best = (fc, clone)
+                break
+        if best is None:
+            break
+        f, model = best
+        tried.append(best)
+    return tried
+
+
+def tp_prune_to(
+    dense: nn.Module, method: str, flops: float, setting: Setting, seed: int, tol: float = 0.01
+) -> tuple[nn.Module, float]:
+    """Torch-Pruning at ``flops`` (within ``tol``, not below where it can; the head kept): the model and its
+    FLOPs ratio.
+
+    First one pruning ratio for every layer (Torch-Pruning's usual use), bisected to the largest whose model
+    keeps at least ``flops``; where integer widths leave that more than ``tol`` above, :func:`_top_off`
+    prunes the rest channel by channel with the same criterion, so that both methods run at equal FLOPs.
+    """
     import torch_pruning as tp
 
     x1 = setting.data.x_train[:1]
-    grads = None
+    start = copy.deepcopy(dense)
     if method == "tp-taylor":  # gradients of the task loss on a few training batches (summed)
-        model = copy.deepcopy(dense)
-        model.eval()  # BN statistics as in deployment; Taylor scores read the gradients only
+        start.eval()  # BN statistics as in deployment; Taylor scores read the gradients only
         gen = torch.Generator().manual_seed(seed + 2000)
-        model.zero_grad()
+        start.zero_grad()
         for i, (xb, yb) in enumerate(batches(setting.data, gen)):
-            F.cross_entropy(model(xb), yb).backward()
+            F.cross_entropy(start(xb), yb).backward()
             if i == 7:
                 break
-        grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+        start.train()
 
     def pruned(ratio: float) -> nn.Module:
-        model = copy.deepcopy(dense)
-        if grads is not None:
-            for p, g in zip(model.parameters(), grads):
-                p.grad = None if g is None else g.clone()
+        model = _copy_with_grads(start)
         torch.manual_seed(seed)
         pruner = tp.pruner.MagnitudePruner(
             model, x1, importance=_tp_importance(method), pruning_ratio=ratio, ignored_layers=[_head(model)]
         )
         pruner.step()
-        model.zero_grad(set_to_none=True)
         return model
 
-    full = count_flops(dense, x1)
-    lo, hi = 0.0, 0.99
-    above: tuple[float, nn.Module | None] = (math.inf, None)
-    closest: tuple[float, nn.Module | None, float] = (math.inf, None, 0.0)
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        model = pruned(mid)
-        f = count_flops(model, x1)
-        if abs(f - flops) < closest[0]:
-            closest = (abs(f - flops), model, f)
-        if flops * (1 - 1e-9) <= f < above[0]:
-            above = (f, model)
-        if f > flops:
-            lo = mid
-        else:
-            hi = mid
-    if above[1] is not None:
-        return above[1], above[0] / full
-    return closest[1], closest[2] / full
+    def count(model: nn.Module) -> float:
+        return count_flops(model, x1)
+
+    tried = _bisect(pruned, count, flops, tol)
+    above = [(f, m) for f, m in tried if f >= flops]
+    if above and not any(f <= flops * (1 + tol) for f, _ in above):
+        torch.manual_seed(seed)
+        tried += _top_off(min(above, key=lambda item: item[0])[1], method, flops, count, x1, tol)
+    f, model = _equal_flops_choice(tried, flops, tol)
+    model.zero_grad(set_to_none=True)
+    return model, f / count(dense)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,6 +749,8 @@ def main(argv=None) -> int:
     p.add_argument("--fmnist-train", type=int, default=2000, help="Fashion-MNIST training images (default 2000)")
     p.add_argument("--fmnist-val", type=int, default=1000, help="Fashion-MNIST validation images (default 1000)")
     p.add_argument("--fmnist-dense-epochs", type=int, default=15)
+    p.add_argument("--fmnist-full-val", type=int, default=5000, help="validation images of fmnist-full-cnn")
+    p.add_argument("--fmnist-full-dense-epochs", type=int, default=4)
     p.add_argument("--cache", default=str(ROOT / "bench" / "results" / "tmp" / "accuracy_cache"))
     p.add_argument("--out", default=None, help="append one JSON line per run here")
     p.add_argument("--report", default=None, help="print the table of the runs in this JSONL file, write plots, exit")

@@ -37,6 +37,8 @@ class Args:
     fmnist_train = 2000
     fmnist_val = 1000
     fmnist_dense_epochs = 15
+    fmnist_full_val = 5000
+    fmnist_full_dense_epochs = 4
 
 
 def main() -> None:

@@ -54,3 +54,27 @@ def test_report_and_plot_from_rows(tmp_path):
     table = A.report(rows, "test")
     assert "| digits-b | 0.25 |" in table and "90.50 +- 0.71" in table
     assert A.main(["--report", str(path)]) == 0
+
+
+@pytest.mark.parametrize("method", ["tp-l2", "tp-taylor"])
+def test_torch_pruning_runs_at_the_compared_flops(method):
+    """One pruning ratio for every layer leaves the digits CNN 8% above a 0.125 target; the criterion's
+    channel-by-channel top-off brings it within 1%, so that the methods are compared at equal FLOPs."""
+    pytest.importorskip("torch_pruning")
+    setting = A.Setting("digits-b", A.load_digits(0.5), A.DigitsCNN, 1, 1e-3)
+    torch.manual_seed(0)
+    dense = A.DigitsCNN()
+    x1 = setting.data.x_train[:1]
+    full = A.count_flops(dense, x1)
+    model, ratio = A.tp_prune_to(dense, method, 0.125 * full, setting, seed=0)
+    assert abs(ratio / 0.125 - 1) <= 0.01, (ratio, A.widths(model))
+    assert A.count_flops(model, x1) / full == pytest.approx(ratio)
+    assert all(p.grad is None for p in model.parameters())  # Taylor's gradients do not leak into fine-tuning
+
+
+def test_equal_flops_choice_prefers_within_tolerance_and_not_below():
+    a, b, c, d = (torch.nn.Identity() for _ in range(4))
+    tried = [(1.05, a), (0.995, b), (1.008, c), (0.9, d)]
+    assert A._equal_flops_choice(tried, 1.0, 0.01)[1] is c
+    assert A._equal_flops_choice(tried[:2] + tried[3:], 1.0, 0.01)[1] is b
+    assert A._equal_flops_choice([(1.05, a), (0.9, d)], 1.0, 0.01)[1] is a
