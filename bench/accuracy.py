@@ -483,7 +483,9 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _top_off(model: nn.Module, method: str, flops: float, count, x1: Tensor, tol: float) -> list[tuple[float, nn.Module]]:
+def _top_off(
+    model: nn.Module, method: str, flops: float, count, x1: Tensor, tol: float
+) -> list[tuple[float, nn.Module]]:
     """Prune single channels by the criterion until FLOPs are within ``tol`` of ``flops``.
 
     Each move takes, over every group, the channel the criterion ranks lowest (its normalised score, as in
@@ -506,9 +508,9 @@ def _top_off(model: nn.Module, method: str, flops: float, count, x1: Tensor, tol
             root = group[0].dep.target.module
             moves.append((float(scores.min()), root, group[0].dep.handler, int(scores.argmin())))
         best = None
-        for score, root, handler, idx in sorted(moves, key=lambda m: m[0]):
+        names = {m: n for n, m in model.named_modules()}
+        for _, root, handler, idx in sorted(moves, key=lambda m: m[0]):
             clone = _copy_with_grads(model)
-            names = {m: n for n, m in model.named_modules()}
             target = dict(clone.named_modules())[names[root]]
             graph_c = tp.DependencyGraph().build_dependency(clone, example_inputs=x1)
             graph_c.get_pruning_group(target, handler, idxs=[idx]).prune()
