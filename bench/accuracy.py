@@ -576,11 +576,31 @@ def tp_prune_to(
 # --------------------------------------------------------------------------------------------------
 
 
+def _read_rows(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
 def run_setting(setting: Setting, args, out: Path | None) -> list[dict]:
+    """Every seed x target x method of ``setting``; one JSON line a run, appended to ``out`` as it ends.
+
+    Runs already in ``out`` (same setting, seed, target, method, split and tag) are not run again, so an
+    interrupted benchmark resumes. ``tg`` runs found in ``out`` or in ``--reuse-tg`` (same settings and
+    ``tg.prune`` keywords, and the same dense model: its validation accuracy must match) give the
+    FLOPs and optimizer steps the baselines are compared at, instead of running ``tg.prune`` again.
+    """
     data = setting.data
     x1 = data.x_train[:1]
     rows = []
     tg_kwargs = json.loads(args.tg_kwargs) if args.tg_kwargs else {}
+    done = _read_rows(out)
+    reusable = done + _read_rows(Path(args.reuse_tg) if args.reuse_tg else None)
     for seed in args.seeds:
         dense, dense_seconds = dense_model(setting, seed, Path(args.cache))
         full = count_flops(dense, x1)
@@ -598,50 +618,69 @@ def run_setting(setting: Setting, args, out: Path | None) -> list[dict]:
         if args.split == "test":
             base["dense_test"] = accuracy(dense, data.x_test, data.y_test)
         for target in args.targets:
-            t0 = time.perf_counter()
-            small, info = run_tg(dense, setting, target, seed, tg_kwargs)
-            seconds = time.perf_counter() - t0
-            flops = count_flops(small, x1)
-            results = {"tg": (small, flops / full, seconds, info)}
-            for method in args.methods:
+            cell = {"setting": setting.name, "seed": seed, "target": target}
+            todo = [m for m in args.methods if _find(done, **cell, method=m, split=args.split, tag=args.tag) is None]
+            if not todo:
+                continue
+            earlier = _find(
+                reusable, **cell, method="tg", tg_kwargs=tg_kwargs, dense_val=base["dense_val"], split=args.split
+            )
+            if earlier is not None:
+                flops, steps = earlier["flops_ratio"] * full, earlier["steps"]
+                if "tg" in todo:  # the same run, recorded again under this file and tag
+                    row = {**earlier, "tag": args.tag, "reused": True}
+                    rows.append(row)
+                    _write(out, row, setting.name)
+            else:
+                t0 = time.perf_counter()
+                small, info = run_tg(dense, setting, target, seed, tg_kwargs)
+                flops, steps = count_flops(small, x1), info["steps"]
+                if "tg" in todo:
+                    row = _row(base, target, "tg", small, flops / full, time.perf_counter() - t0, data, args)
+                    row.update(tg_kwargs=tg_kwargs, **info)
+                    rows.append(row)
+                    _write(out, row, setting.name)
+            for method in todo:
                 if method == "tg":
                     continue
                 t0 = time.perf_counter()
                 model, ratio = tp_prune_to(dense, method, flops, setting, seed)
-                train_steps(model, data, info["steps"], TUNE_LR, seed + 1000)
-                results[method] = (model, ratio, time.perf_counter() - t0, {"steps": info["steps"]})
-            for method, (model, ratio, secs, extra) in results.items():
-                if method not in args.methods:
-                    continue
-                row = dict(base)
-                row.update(
-                    {
-                        "target": target,
-                        "method": method,
-                        "flops_ratio": ratio,
-                        "rel_error": ratio / target - 1,
-                        "widths": widths(model),
-                        "val": accuracy(model, data.x_val, data.y_val),
-                        "seconds": secs,
-                        "tg_kwargs": tg_kwargs if method == "tg" else None,
-                        **extra,
-                    }
-                )
-                if args.split == "test":
-                    row["test"] = accuracy(model, data.x_test, data.y_test)
+                train_steps(model, data, steps, TUNE_LR, seed + 1000)
+                row = _row(base, target, method, model, ratio, time.perf_counter() - t0, data, args)
+                row.update(tg_kwargs=None, steps=steps)
                 rows.append(row)
-                line = json.dumps(row)
-                print(
-                    f"{setting.name} seed {seed} target {target} {method:<9} ratio {ratio:.4f} "
-                    f"val {row['val']:.4f}" + (f" test {row['test']:.4f}" if "test" in row else "")
-                    + f" widths {row['widths']} {secs:.0f} s",
-                    flush=True,
-                )
-                if out is not None:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with open(out, "a") as f:
-                        f.write(line + "\n")
+                _write(out, row, setting.name)
     return rows
+
+
+def _row(base: dict, target: float, method: str, model: nn.Module, ratio: float, secs: float, data: Data, args) -> dict:
+    row = {
+        **base,
+        "target": target,
+        "method": method,
+        "flops_ratio": ratio,
+        "rel_error": ratio / target - 1,
+        "widths": widths(model),
+        "val": accuracy(model, data.x_val, data.y_val),
+        "seconds": secs,
+    }
+    if args.split == "test":
+        row["test"] = accuracy(model, data.x_test, data.y_test)
+    return row
+
+
+def _write(out: Path | None, row: dict, name: str) -> None:
+    test = f" test {row['test']:.4f}" if "test" in row else ""
+    print(
+        f"{name} seed {row['seed']} target {row['target']} {row['method']:<9} ratio {row['flops_ratio']:.4f} "
+        f"val {row['val']:.4f}{test} widths {row['widths']} {row['seconds']:.0f} s"
+        + (" (reused)" if row.get("reused") else ""),
+        flush=True,
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,7 +793,10 @@ def main(argv=None) -> int:
     p.add_argument("--fmnist-full-val", type=int, default=5000, help="validation images of fmnist-full-cnn")
     p.add_argument("--fmnist-full-dense-epochs", type=int, default=4)
     p.add_argument("--cache", default=str(ROOT / "bench" / "results" / "tmp" / "accuracy_cache"))
-    p.add_argument("--out", default=None, help="append one JSON line per run here")
+    p.add_argument("--out", default=None, help="append one JSON line per run here (runs already in it are skipped)")
+    p.add_argument(
+        "--reuse-tg", default=None, help="a JSONL of earlier runs whose tg rows (same dense model) are taken, not rerun"
+    )
     p.add_argument("--report", default=None, help="print the table of the runs in this JSONL file, write plots, exit")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

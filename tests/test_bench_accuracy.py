@@ -78,3 +78,35 @@ def test_equal_flops_choice_prefers_within_tolerance_and_not_below():
     assert A._equal_flops_choice(tried, 1.0, 0.01)[1] is c
     assert A._equal_flops_choice(tried[:2] + tried[3:], 1.0, 0.01)[1] is b
     assert A._equal_flops_choice([(1.05, a), (0.9, d)], 1.0, 0.01)[1] is a
+
+
+def test_runs_resume_and_reuse_earlier_gate_runs(tmp_path, monkeypatch):
+    """An interrupted benchmark resumes from its --out file, and --reuse-tg compares baselines against
+    recorded tg runs (their FLOPs and steps) instead of running tg.prune again."""
+    pytest.importorskip("torch_pruning")
+    calls = []
+
+    def fake_dense(setting, seed, cache):
+        torch.manual_seed(seed)
+        return setting.build(), 0.0
+
+    def fake_tg(dense, setting, target, seed, kwargs):
+        calls.append(target)
+        model, _ = A.tp_prune_to(dense, "tp-l2", target * A.count_flops(dense, setting.data.x_train[:1]), setting, 0)
+        return model, {"steps": 2, "gate_steps": 1, "settled_flips": 0, "kept": {}, "budget_ratio": target}
+
+    monkeypatch.setattr(A, "dense_model", fake_dense)
+    monkeypatch.setattr(A, "run_tg", fake_tg)
+    first = tmp_path / "first.jsonl"
+    argv = ["--settings", "digits-b", "--seeds", "0", "--targets", "0.5", "--methods", "tg", "tp-l2"]
+    assert A.main([*argv, "--out", str(first)]) == 0
+    rows = A._read_rows(first)
+    assert [r["method"] for r in rows] == ["tg", "tp-l2"] and calls == [0.5]
+    assert A.main([*argv, "--out", str(first)]) == 0  # everything is there: nothing runs, nothing is added
+    assert len(A._read_rows(first)) == 2 and calls == [0.5]
+    second = tmp_path / "second.jsonl"
+    assert A.main([*argv, "--out", str(second), "--reuse-tg", str(first)]) == 0
+    again = A._read_rows(second)
+    assert calls == [0.5] and again[0]["reused"] and again[0]["flops_ratio"] == rows[0]["flops_ratio"]
+    assert again[1]["method"] == "tp-l2" and again[1]["steps"] == 2
+    assert abs(again[1]["flops_ratio"] / rows[0]["flops_ratio"] - 1) <= 0.01
