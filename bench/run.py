@@ -50,7 +50,7 @@ FAMILIES: dict[str, tuple[Callable, Callable, str]] = {
     "models": (
         models.run_cases,
         models.count_cases,
-        "train steps and inference of a gated CIFAR ResNet-56 and a transformer MLP block vs dense and ideal",
+        "train steps and inference of a gated CIFAR ResNet-56, a transformer MLP block and resnet18 vs dense and ideal",
     ),
 }
 

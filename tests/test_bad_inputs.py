@@ -101,6 +101,11 @@ CASES = {
         ValueError,
         "target",
     ),
+    "prune: side_pass_every 0": (
+        lambda: tg.prune(Small(), [(X, torch.tensor([0, 1]))], side_pass_every=0, progress=False),
+        ValueError,
+        "side_pass_every must be an int >= 1",
+    ),
     "channel_gate: a gate of the wrong length": (
         lambda: tg.channel_gate(X, torch.ones(4)),
         ValueError,

@@ -103,6 +103,12 @@ def _check_models_family(models, tiny):
     assert len(bank.gates) > 1
     assert all(g.num_open() == max(1, round(0.25 * g.num_channels)) for g in bank.gates.values())
     models._check_export(resnet, tg_kernels.export(resnet), x)
+    frozen, bank = models._gated(tiny[0][1], x, "hard", 0.5)
+    learning, learning_bank = models._gated(tiny[0][1], x, "hard_learning", 0.5)
+    assert not any(p.requires_grad for p in bank.parameters())
+    assert learning_bank.skip == "hard" and all(p.requires_grad for p in learning_bank.parameters())
+    every, every_bank = models._gated(tiny[0][1], x, "exact_every8", 0.5)
+    assert every_bank.skip == "exact" and every_bank.compact.side_pass_every == models.SIDE_PASS_EVERY
 
     rows = models.run_cases(torch.device("cpu"), quick=True)
     assert {(r.case, r.provider, r.mode) for r in rows} == {

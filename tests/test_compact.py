@@ -128,6 +128,83 @@ def test_compact_hard_step_matches_per_layer_and_exported(build, shape):
         assert mapped.abs().sum().item() == pytest.approx(grad.abs().sum().item(), rel=1e-12), f"{name}: closed entries"
 
 
+class _SharedReluMLP(nn.Module):
+    """Linear layers behind one shared ``nn.ReLU``: no module returns a gated value, so gates sit on
+    the next Linear's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 24), nn.Linear(24, 8)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class _SharedReluConvs(nn.Module):
+    """1x1 conv, a grouped (depthwise at ``groups=16``) conv, then a conv or transposed conv, behind one
+    shared ``nn.ReLU``: the gates sit on the grouped conv's and the last conv's inputs."""
+
+    def __init__(self, groups: int, transposed: bool = False) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.grouped, self.b2 = nn.Conv2d(16, 32, 3, padding=1, groups=groups), nn.BatchNorm2d(32)
+        self.c3 = nn.ConvTranspose2d(32, 8, 2, stride=2) if transposed else nn.Conv2d(32, 8, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(self.act(self.b2(self.grouped(self.act(self.b1(self.c1(x)))))))
+
+
+INPUT_GATED = [
+    pytest.param(lambda: ResNetCifar(8), (2, 3, 16, 16), {"blocks.0.conv2", "blocks.1.conv2"}, id="resnet_cifar"),
+    pytest.param(
+        lambda: torchvision.models.resnet18(num_classes=10),
+        (2, 3, 32, 32),
+        {"layer1.0.conv2", "layer4.1.conv2"},
+        id="resnet18_shared_relu",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(_SharedReluMLP, (2, 5, 16), {"fc2", "fc3"}, id="mlp_shared_relu"),
+    pytest.param(lambda: _SharedReluConvs(16), (2, 3, 8, 8), {"grouped", "c3"}, id="depthwise"),
+    pytest.param(lambda: _SharedReluConvs(4), (2, 3, 8, 8), {"grouped", "c3"}, id="grouped"),
+    pytest.param(lambda: _SharedReluConvs(1, transposed=True), (2, 3, 8, 8), {"grouped", "c3"}, id="conv_transpose"),
+]
+
+
+@pytest.mark.parametrize("round_to", [1, 3], ids=["open-gates-only", "padded-with-closed"])
+@pytest.mark.parametrize("build, shape, folded", INPUT_GATED)
+def test_input_gates_fold_into_weights_with_per_layer_gradients(build, shape, folded, round_to):
+    """A gate on a layer's input scales the weight entries reading each channel (a weight-sized op):
+    learning gates get the same loss and gradients (weights, biases, norms and gates) as on the
+    per-layer path, which multiplies the activations. ``round_to=3`` keeps closed channels as padding
+    (gate value 0): their scale is an actual multiply, the open-only case passes the weight through."""
+    compact, cbank, per_layer, _, x = _pair(build, shape)
+    cbank.compact.round_to = round_to
+    columns = {fold.module for fold, _ in cbank.compact._column_folds}
+    assert folded <= columns
+    seen = []
+    # while the layer runs, its input hook leaves the activation alone: the weight took the gate
+    hooks = [fold.hook for fold, _ in cbank.compact._column_folds]
+    handles = [
+        compact.get_submodule(fold.module).register_forward_pre_hook(
+            lambda m, a, h=fold.hook: seen.append(h.compact and h.compact_gate is None)
+        )
+        for fold, _ in cbank.compact._column_folds
+    ]
+    loss_c, grads_c = _step(compact, x)
+    for handle in handles:
+        handle.remove()
+    loss_p, grads_p = _step(per_layer, x)
+    assert cbank.compact.stats.forwards == 1 and len(seen) == len(hooks) and all(seen)
+    if round_to != 1:
+        assert not cbank.compact._plan.open_kept.all(), "some group is padded with closed channels"
+    assert loss_c == pytest.approx(loss_p, rel=1e-12)
+    gates = {n for n, p in compact.named_parameters() if any(p is g.weight for g in cbank.gates.values())}
+    assert gates and all(grads_c[n] is not None and grads_c[n].abs().sum() > 0 for n in gates)
+    _assert_grads_equal(grads_c, grads_p)
+
+
 def test_open_gates_get_their_task_gradient_and_closed_ones_none():
     compact, cbank, per_layer, pbank, x = _pair(lambda: ResNetCifar(8), (2, 3, 16, 16))
     _step(compact, x)

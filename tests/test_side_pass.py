@@ -426,3 +426,39 @@ def test_conv_input_gradient_equals_autograd(kwargs):
     (expected,) = torch.autograd.grad(y, x, dy)
     actual = _conv_input_gradient(conv, conv.weight.detach(), dy, x.shape)
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        pytest.param(lambda: ResNetCifar(8), (2, 3, 16, 16), id="resnet_cifar"),
+        pytest.param(lambda: MLPBlock(16, 64), (2, 5, 16), id="mlp_block"),
+        pytest.param(_PoolBetween, (2, 3, 12, 12), id="pooling_between"),
+    ],
+)
+@pytest.mark.parametrize("every", [2, 3])
+def test_side_pass_every_k_steps_is_an_unbiased_estimate_of_none_modes_gradients(build, shape, every):
+    """``side_pass_every=k``: the side pass runs on every k-th step with its gradients times k. Every
+    step's other gradients (weights, open gates) are ``none`` mode's; a closed gate's is k times its
+    ``none`` gradient on one step in k and 0 on the others, so the mean over the k steps (the
+    expectation over where a run starts in the cycle) is ``none`` mode's, in float64 at the same parameters."""
+    model, bank, none, _, state = _exact_and_none(build, shape)
+    _, x = float64_case(build, shape)
+    closed = {f"gate:{key}": ~gate.open_mask() for key, gate in bank.gates.items()}
+    by_param = {id(gate.weight): closed[f"gate:{key}"] for key, gate in bank.gates.items()}
+    closed |= {n: by_param[id(p)] for n, p in model.named_parameters() if id(p) in by_param}  # (the same tensors)
+    assert any(mask.any() for mask in closed.values())
+    bank.compact.side_pass_every = every
+    bank.compact.stats.exact_forwards = 0
+    steps = []
+    for _ in range(2 * every):  # two whole cycles
+        model.load_state_dict(state)
+        steps.append(_gradients(model, bank, x, "exact"))
+    for i, grads in enumerate(steps):
+        others = {n: g if n not in closed else g[~closed[n]] for n, g in grads.items() if g is not None}
+        _assert_equal({n: g if n not in closed else g[~closed[n]] for n, g in none.items() if g is not None}, others)
+        scale = every if i % every == 0 else 0
+        _assert_equal({n: scale * none[n][m] for n, m in closed.items()}, {n: grads[n][m] for n, m in closed.items()})
+    for cycle in (steps[:every], steps[every:]):
+        mean = {name: sum(g[name] for g in cycle) / every for name in closed}
+        _assert_equal({name: none[name] for name in closed}, mean)

@@ -238,10 +238,17 @@ class InputGateHook(GateHook):
     """Forward pre-hook: multiply a module's (only) input by the gates of its channels
     (``GatePoint.on_input``: where no module returns the channels that must be zeroed)."""
 
+    # Set by compact execution: a Linear's input gates are folded into its weight's columns, which
+    # holds only where they gate the last dim (checked on the input; a mismatch reruns per layer)
+    columns = False
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:  # type: ignore[override]
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"cannot gate the input of {type(module).__name__}: its first argument is not a tensor")
-        return (super().__call__(module, args, args[0]), *args[1:])
+        x = args[0]
+        if self.compact and self.columns and self.dim % x.dim() != x.dim() - 1:
+            raise RuntimeError(f"input gates along dim {self.dim} of {type(module).__name__} folded into its columns")
+        return (super().__call__(module, args, x), *args[1:])
 
 
 class InputGate:

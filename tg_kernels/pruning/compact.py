@@ -47,7 +47,14 @@ from torch.utils import _pytree as pytree
 from tg_kernels import _host
 from tg_kernels.gate import open_masks, resolve_shape
 from tg_kernels.pruning.bank import GateBank, GateHook, Parts
-from tg_kernels.pruning.gather import Bundle, gather_bundle, is_dense, kept_gate_values
+from tg_kernels.pruning.gather import (
+    Bundle,
+    gather_bundle,
+    input_channel_scale,
+    is_dense,
+    kept_gate_values,
+    scale_weight,
+)
 from tg_kernels.pruning.side_pass import SidePlan, SideRun, build_plan, full_width_groups
 from tg_kernels.pruning.slicing import is_depthwise, kept_channels, kept_entries, kept_size, sync_module_attributes
 
@@ -81,6 +88,7 @@ class _Fold:
     repeat: int = 1  # entries per gate (a head's rows share its gate)
     through: bool = False  # folded into a BatchNorm before a homogeneous activation
     dims: tuple[Parts, ...] = ()  # per part: head-dim gates multiplying its entries (GatePoint.dims), or ()
+    columns: bool = False  # a gate on ``module``'s input: it scales the weight entries reading each channel
 
 
 @dataclass
@@ -193,7 +201,12 @@ class CompactForward:
         }
         self.full_width_norms: set[nn.Module] = set()  # while an "exact" full-width plan runs: _wide_norms
         self._folds = self._build_folds()
-        self._scaled = {f"{fold.module}.{t}": fold for fold in self._folds if fold.module for t in ("weight", "bias")}
+        rows = [fold for fold in self._folds if fold.module and not fold.columns]
+        self._scaled = {f"{fold.module}.{t}": fold for fold in rows for t in ("weight", "bias")}
+        # input gates folded into their layer's weight (a weight-sized op instead of an activation-sized one)
+        self._column_folds = [(fold, model.get_submodule(fold.module)) for fold in self._folds if fold.columns]
+        self._column_swapped: list[tuple[nn.Module, Tensor]] = []
+        self._column_names = {id(module): fold.module for fold, module in self._column_folds}
         self._layers = list(bank.gated_layers)
         self._quiet = self._hooks_to_silence()
         self._depthwise = {name for name, m in model.named_modules() if is_depthwise(m)}
@@ -204,6 +217,9 @@ class CompactForward:
             None if bank.analysis.tracer == "export" else "the torch.fx analysis gives no side-pass recipes"
         )
         self._side: SideRun | None = None
+        # "exact" training runs the closed-channel side pass on every k-th forward, its gradients
+        # scaled by k: an unbiased estimate of the closed gates' task gradient at 1/k of its cost (1: every step)
+        self.side_pass_every = 1
         self._spare: _Plan | None = None  # the plan of the other kind ("exact" training or not)
         self.__wrapped__ = inner  # so that inspect.signature(model.forward) shows the model's own signature
 
@@ -225,13 +241,19 @@ class CompactForward:
             if point.replace:
                 folds.append(_Fold(parts, point.module, None, point.repeat))
                 continue
-            target = None if point.on_input else self._fold_target(point.module, point.fold)
+            hook = hook_of.get((point.module, point.on_input))
+            if point.on_input:
+                columns = not point.dims and self._input_foldable(point.module, point.dim)
+                if columns and hook is not None and isinstance(self.model.get_submodule(point.module), nn.Linear):
+                    hook.columns = True  # (a Linear's gated dim must be its input's last: checked per call)
+                folds.append(_Fold(parts, point.module if columns else None, hook, point.repeat, columns=columns))
+                continue
+            target = self._fold_target(point.module, point.fold)
             through = target is not None and target != point.module
             if through and any(key in self.full_width for key, _ in parts):
                 # relu(0 * z) has no gradient in the gate: a full-width group's closed gates need g * relu(z)
                 target, through = None, False
             dims = tuple(self.bank.parts(d) for d in point.dims)
-            hook = hook_of.get((point.module, point.on_input))
             folds.append(_Fold(parts, target, hook, point.repeat, through, dims))
         return folds
 
@@ -249,6 +271,14 @@ class CompactForward:
         if isinstance(target, (nn.modules.conv._ConvNd, nn.Linear)) and point_module == fold:
             return fold
         return None
+
+    def _input_foldable(self, module_name: str, dim: int) -> bool:
+        """Whether a gate on ``module_name``'s input can scale its weight instead: a Linear gated along
+        its last dim, a conv (grouped, depthwise, transposed) along its channel dim."""
+        module = self.model.get_submodule(module_name)
+        if isinstance(module, nn.Linear):
+            return True  # the dim is checked on the input (InputGateHook.columns)
+        return isinstance(module, nn.modules.conv._ConvNd) and dim == 1
 
     def _norms_together(self) -> None:
         """A norm over a full-width group and another group: that one runs at full width too (the
@@ -349,6 +379,28 @@ class CompactForward:
             module.__dict__["_forward_hooks"] = OrderedDict()
         # a hook multiplying by ones only matters for the gradient it passes to the gates
         gates_learn = torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.bank.gates.values())
+        column_scales: dict[str, Tensor] = {}
+        for fold, module in self._column_folds:
+            unit = fold in plan.unit_hooks
+            if unit and not gates_learn:
+                continue  # every kept gate is 1 and takes no gradient: the weight as it is
+            if values is None:
+                values = self._gate_values(plan)
+            weight = module._parameters["weight"]
+            try:
+                scale = input_channel_scale(
+                    weight,
+                    take_rows(values, plan.fold_rows[fold]),
+                    getattr(module, "groups", 1),
+                    getattr(module, "transposed", False),
+                )
+            except ValueError as error:
+                self._exit(swapped, write_back=False)
+                raise _Unsupported(f"the input gates of '{fold.module}' do not match its weight: {error}") from None
+            module._parameters["weight"] = scale_weight(weight, scale, unit)
+            self._column_swapped.append((module, weight))
+            if not unit:  # the side pass applies this layer's closed rows to its input: zero padded columns there too
+                column_scales[fold.module] = scale.detach()
         for fold in self._folds:
             if fold.hook is not None:
                 if fold.module is not None or (not gates_learn and fold in plan.unit_hooks):
@@ -360,11 +412,17 @@ class CompactForward:
                 fold.hook.compact = True
         if self._side_active():
             self.stats.exact_forwards += 1
-            if gates_learn and plan.side is None and plan.side_args is not None:
+            every = self.side_pass_every
+            sampled = gates_learn and self.stats.exact_forwards % every == 1 % every  # the 1st, (k+1)th, ... step
+            if sampled and plan.side is None and plan.side_args is not None:
                 plan.side = build_plan(*plan.side_args)  # (lazily: hard training and eval never need it)
-            if gates_learn and plan.side is not None and plan.side.passes:
+            if sampled and plan.side is not None and plan.side.passes:
                 fulls = {spec.target: full for spec, full, _ in swapped}
-                self._side = SideRun(self.model, plan.side, fulls, lambda key: self.bank.gates[key]())
+                for module, weight in self._column_swapped:  # weights not gathered: the unscaled one
+                    fulls.setdefault(f"{self._column_names[id(module)]}.weight", weight)
+                self._side = SideRun(
+                    self.model, plan.side, fulls, lambda key: self.bank.gates[key](), every, column_scales
+                )
                 self._side.install()
         return swapped
 
@@ -372,6 +430,9 @@ class CompactForward:
     def _exit(self, swapped: list[_Swapped], write_back: bool) -> None:
         plan = self._plan
         assert plan is not None
+        for module, weight in reversed(self._column_swapped):
+            module._parameters["weight"] = weight
+        self._column_swapped.clear()
         if self._side is not None:  # before the silenced hooks are restored: its hooks are among them
             self._side.remove()
             self._side = None

@@ -364,6 +364,58 @@ class _NoContext:
         pass
 
 
+def input_channel_scale(weight: Tensor, gate: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
+    """The per-entry scale of a Linear's or conv's ``weight`` that multiplies each input channel by ``gate``.
+
+    A gate on a layer's input is a scale of the weight entries that read that channel: a Linear's
+    columns (``[out, in]``), a conv's dim 1 (``[out, in / groups, *k]``), a transposed conv's dim 0
+    (``[in, out / groups, *k]``). In a grouped conv, output channel ``o`` reads input channel
+    ``(o // (out / groups)) * (in / groups) + j`` through entry ``j`` (a depthwise conv's input
+    channel ``c`` scales its rows ``c * m .. c * m + m - 1``). Returned broadcastable to ``weight``.
+    """
+    ones = [1] * (weight.dim() - 2)
+    width = weight.shape[0] if transposed else weight.shape[1] * groups
+    if gate.numel() != width:
+        raise ValueError(f"{gate.numel()} input gates for a weight of shape {tuple(weight.shape)} with {groups} groups")
+    if transposed:
+        return gate.view(-1, 1, *ones)
+    if groups == 1:
+        return gate.view(1, -1, *ones)
+    out, per_group = weight.shape[0], weight.shape[1]
+    rows = gate.view(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group)
+    return rows.view(out, per_group, *ones)
+
+
+class _UnitScale(torch.autograd.Function):
+    """``weight * scale`` where every scale is exactly 1: the weight itself, and the scale's gradient."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return grad, None
+        return grad, (grad * weight).sum_to_size(ctx.scale_shape).to(ctx.scale_dtype)
+
+
+def scale_weight(weight: Tensor, scale: Tensor, unit: bool = False) -> Tensor:
+    """``weight * scale`` (``scale`` broadcastable to it), differentiable in both; a weight-sized op.
+
+    ``unit=True`` promises that every scale is exactly 1: no multiply, the weight passes through and
+    ``scale`` still gets its gradient, ``sum(grad * weight)`` over the entries it scales.
+    """
+    if not unit:
+        return weight * scale.to(weight.dtype)
+    if torch.is_grad_enabled() and scale.requires_grad:
+        return _UnitScale.apply(weight, scale)
+    return weight
+
+
 class _KeptGateValues(torch.autograd.Function):
     """The gate values of every group's kept channels, plus a trailing 1 (for ungated channels).
 
@@ -402,4 +454,12 @@ def kept_gate_values(
     return _KeptGateValues.apply(shape_fn, kept, open_kept, open_kept if graded is None else graded, *weights)
 
 
-__all__ = ["Bundle", "gather_bundle", "is_dense", "kept_gate_values", "memory_order_entries"]
+__all__ = [
+    "Bundle",
+    "gather_bundle",
+    "input_channel_scale",
+    "is_dense",
+    "kept_gate_values",
+    "memory_order_entries",
+    "scale_weight",
+]

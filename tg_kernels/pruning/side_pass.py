@@ -310,7 +310,7 @@ class _ConsumerJob:
                 dim = item.recipe.dim % value.dim()
                 others = [i for i in range(value.dim()) if i != dim]
                 grads.append((value * d).sum(others) if others else value * d)
-        return grads
+        return grads if self.run.scale == 1 else [g * self.run.scale for g in grads]
 
     def _bilinear(self, path: SidePath, dy: Tensor, value: tuple, start: int, count: int) -> Tensor:
         """``k * (W1_c M W2_c + b1_c s W2_c)`` with ``M = X^T dY``, ``s = sum_t dY``."""
@@ -327,8 +327,20 @@ class _ConsumerJob:
 class SideRun:
     """One forward's side passes: captures the inputs they need and wraps the consumers' outputs."""
 
-    def __init__(self, model: nn.Module, plan: SidePlan, fulls: dict[str, Tensor], gate_values: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: SidePlan,
+        fulls: dict[str, Tensor],
+        gate_values: Any,
+        scale: int = 1,
+        input_scales: dict[str, Tensor] | None = None,
+    ) -> None:
         self.model = model
+        self.scale = scale  # the closed gates' gradients are multiplied by it (a pass run on every k-th step: k)
+        # producer -> the scale of its kept input columns where its input gates are folded into its weight
+        # and some are 0 (closed channels kept as padding): its captured input is not multiplied by them
+        self.input_scales = input_scales or {}
         self.plan = plan
         self.fulls = fulls  # target -> the full-size tensor (the compact run has swapped them out)
         self.gate_values = gate_values  # key -> the group's gate values (with their gradient)
@@ -407,6 +419,8 @@ class SideRun:
         weight = self.full(name, "weight").index_select(rows_dim, rows)
         if cols is not None:
             weight = weight.index_select(1 - rows_dim, cols)
+        if name in self.input_scales:
+            weight = weight * self.input_scales[name]
         bias = self.full(name, "bias")
         return weight, None if bias is None else bias.index_select(0, rows)
 

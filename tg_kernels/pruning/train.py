@@ -425,6 +425,7 @@ def prune(
     log: Callable[[str], None] | None = None,
     compact: bool = True,
     closed_gate_gradients: bool = True,
+    side_pass_every: int = 1,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
 
@@ -478,6 +479,9 @@ def prune(
         compact: attach with compact execution (the ``"hard"`` fine-tuning then runs at the exported
             model's speed; see :mod:`tg_kernels.pruning.compact`); ``False`` keeps the per-layer path.
         closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`).
+        side_pass_every: ``k``: the ``"exact"`` search runs the closed-channel side pass on every
+            ``k``-th step only, its closed-gate gradients scaled by ``k`` (an unbiased estimate at
+            ``1 / k`` of its cost; ``GateBank.compact.side_pass_every``). ``1``: every step (exact).
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
 
@@ -490,8 +494,11 @@ def prune(
     _validate(model, gate_epochs, max_gate_epochs, finetune_epochs, skip, min_search_steps, anneal, gate_init, protect)
     start = time.perf_counter()
     say = log or (lambda line: None)
+    _check_int("side_pass_every", side_pass_every, 1)
     model = _attach(model, data, example_inputs, skip[0], compact, closed_gate_gradients)
     bank = gate_bank(model)
+    if getattr(bank, "compact", None) is not None:
+        bank.compact.side_pass_every = side_pass_every
     _set_skip(model, skip[0])
     schedule = plan_schedule(
         _count_steps(data), gate_epochs, max_gate_epochs, finetune_epochs, min_search_steps, anneal
