@@ -211,6 +211,13 @@ def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases
         raise KeyError(target)
 
 
+def _held(model: nn.Module, target: str) -> Tensor | None:
+    """The parameter or buffer the model holds now under ``target`` (after earlier replacements)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner._parameters.get(attr, owner._buffers.get(attr))
+
+
 def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
@@ -423,11 +430,15 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
     for key, tensor in checkpoint.get("buffers", {}).items():
         if key in own:
             _replace_tensor(model, key, tensor.to(own[key].device))
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name of every tensor (a tied LM head's weight under both of its names), resized once for
+    # all its holders, so that the tie survives
+    own = set(dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers()))
+    aliases = _aliases(model)
     for key, tensor in state.items():
-        if key in own and own[key].shape != tensor.shape:
-            empty = torch.empty(tensor.shape, dtype=own[key].dtype, device=own[key].device)
-            _replace_tensor(model, key, empty)
+        current = _held(model, key) if key in own else None
+        if current is not None and current.shape != tensor.shape:
+            empty = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
+            _replace_tensor(model, key, empty, aliases)
     model.load_state_dict(state)
     for module in model.modules():
         if isinstance(module, nn.RNNBase):
