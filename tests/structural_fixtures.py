@@ -493,3 +493,24 @@ FIXTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]
     "channel_read_in_forward": (ChannelReadInForward, _randn(4, 6), SELF_CHECK),
     "feature_only": (FeatureOnlyModel, _randn(3, 8), OUTPUT),
 }
+
+
+class CachedBias(nn.Module):
+    """A learned per-position bias that the eval forward computes once and keeps in a plain dict
+    (what timm's LeViT does with its attention biases): the cache holds a tensor with a grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.bias_table = nn.Parameter(torch.randn(4, 16))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def position_bias(self) -> torch.Tensor:
+        if self.training:
+            return self.bias_table.mean(0)
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias_table.mean(0)
+        return self.cache["bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)) + self.position_bias())

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from helpers import close_random_half
-from structural_fixtures import FIXTURES, PixelShuffleUpsampler, PixelUnshuffleDownsampler, TiedEmbeddings
+from structural_fixtures import FIXTURES, CachedBias, PixelShuffleUpsampler, PixelUnshuffleDownsampler, TiedEmbeddings
 from torch import nn
 
 import tg_kernels as tg
@@ -152,3 +152,18 @@ def test_fixed_fixtures_train_like_the_per_layer_model(name, skip):
         if n in ref_grads and not (skip == "hard" and id(p) in gate_ids):
             mask = ref_grads[n] != 0 if skip == "hard" else torch.ones_like(p, dtype=torch.bool)
             torch.testing.assert_close(grads[n][mask], ref_grads[n][mask], msg=n)
+
+
+def test_models_caching_computed_tensors_attach_and_export_after_an_eval_forward():
+    """Defect: the self-check and export deep-copied the model, and deepcopy refuses a tensor with a
+    grad_fn, so a model that caches one in a plain attribute (evaluated once before attaching, as
+    users do) crashed inside attach_gates."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    model = CachedBias().eval()
+    model(x)  # fills the cache, with gradients on
+    assert model.cache["bias"].grad_fn is not None
+    model, bank = tg.attach_gates(model, x)
+    close_random_half(bank)
+    with torch.no_grad():
+        torch.testing.assert_close(tg.export(model)(x), model(x))

@@ -211,6 +211,32 @@ def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases
         raise KeyError(target)
 
 
+def _computed_tensors(value: Any, found: list[Tensor]) -> None:
+    """Tensors inside ``value`` (dicts, lists, tuples) that autograd computed (they have a grad_fn)."""
+    if isinstance(value, Tensor):
+        if value.grad_fn is not None:
+            found.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _computed_tensors(v, found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _computed_tensors(v, found)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where the model caches tensors computed with gradients in plain
+    attributes (timm's LeViT keeps its attention biases, computed from a parameter in an eval forward,
+    in a dict): ``deepcopy`` refuses such tensors, so the copy holds them detached."""
+    found: list[Tensor] = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                _computed_tensors(value, found)
+    memo: dict[int, Any] = {id(t): t.detach().clone() for t in found}
+    return copy.deepcopy(model, memo)
+
+
 def _held(model: nn.Module, target: str) -> Tensor | None:
     """The parameter or buffer the model holds now under ``target`` (after earlier replacements)."""
     owner_name, _, attr = target.rpartition(".")
@@ -269,7 +295,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
     """:func:`export`; ``in_place`` turns ``model`` itself into the exported model."""
     model = unwrap(model)
     gate_bank(model)  # a clear error for a model without gates
-    exported = model if in_place else copy.deepcopy(model)
+    exported = model if in_place else copy_model(model)
     ebank = gate_bank(exported)
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
