@@ -317,6 +317,24 @@ class PixelUnshuffleDownsampler(nn.Module):
         return self.conv2(F.pixel_unshuffle(torch.relu(self.conv1(x)), 2))
 
 
+class MixedKernelSplit(nn.Module):
+    """MixNet-style mixed depthwise conv: the expanded channels split by a list attribute
+    (``self.splits``), each piece through a depthwise conv of its own kernel size, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.splits = [8, 16]
+        self.mixed = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, (3, 5), strict=True)
+        )
+        self.out = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(self.expand(x), self.splits, 1)
+        return self.out(torch.cat([conv(p) for conv, p in zip(self.mixed, pieces, strict=True)], 1))
+
+
 class InceptionBlock(nn.Module):
     """Four parallel branches (1x1, 1x1-3x3, 1x1-5x5, maxpool-1x1) concatenated, then a classifier."""
 
@@ -452,12 +470,36 @@ class FeatureOnlyModel(nn.Module):
         return self.fc(x)
 
 
+class CachedBias(nn.Module):
+    """A learned per-position bias that the eval forward computes once and keeps in a plain dict
+    (what timm's LeViT does with its attention biases): the cache holds a tensor with a grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.bias_table = nn.Parameter(torch.randn(4, 16))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def position_bias(self) -> torch.Tensor:
+        if self.training:
+            return self.bias_table.mean(0)
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias_table.mean(0)
+        return self.cache["bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)) + self.position_bias())
+
+
 # the reasons the package gives (bank.skipped) for channels it keeps whole
 SELF_CHECK = "self-check: the exported model differed when these channels were removed"
 OUTPUT = "model output"
 # (B, 3 * 16) viewed as (B, 3, 16) reads as 3 channels of 16 entries (the head split of attention),
 # so unbind over dim 1 selects single channels: the Linear stays whole
 UNBIND = "reaches selecting a channel at 'unbind'"
+# a bias computed from a parameter (its mean over positions) is added over the channels: the analysis
+# follows parameters through views, not through reductions, so fc1's channels stay whole
+COMPUTED_BIAS = "reaches 'add' with an untracked tensor over the channels at 'add'"
 
 
 def _randn(*shape: int) -> Callable[[], tuple[Any, ...]]:
@@ -484,6 +526,7 @@ FIXTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]
     "unbind_parts": (UnbindHeads, _randn(5, 8), UNBIND),
     "pixel_shuffle": (PixelShuffleUpsampler, _randn(2, 3, 6, 6), None),
     "pixel_unshuffle": (PixelUnshuffleDownsampler, _randn(2, 3, 6, 6), None),
+    "mixed_kernel_split": (MixedKernelSplit, _randn(2, 3, 8, 8), None),
     "inception_block": (InceptionBlock, _randn(2, 3, 8, 8), None),
     "handwritten_attention": (HandwrittenAttention, _randn(2, 6, 8), None),
     "torch_multihead_attention": (TorchMultiheadAttention, _randn(2, 5, 6), None),
@@ -492,25 +535,5 @@ FIXTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]
     "layer_scale_block": (LayerScaleBlock, _randn(2, 3, 8, 8), None),
     "channel_read_in_forward": (ChannelReadInForward, _randn(4, 6), SELF_CHECK),
     "feature_only": (FeatureOnlyModel, _randn(3, 8), OUTPUT),
+    "cached_bias": (CachedBias, _randn(5, 6), COMPUTED_BIAS),
 }
-
-
-class CachedBias(nn.Module):
-    """A learned per-position bias that the eval forward computes once and keeps in a plain dict
-    (what timm's LeViT does with its attention biases): the cache holds a tensor with a grad_fn."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-        self.bias_table = nn.Parameter(torch.randn(4, 16))
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def position_bias(self) -> torch.Tensor:
-        if self.training:
-            return self.bias_table.mean(0)
-        if "bias" not in self.cache:
-            self.cache["bias"] = self.bias_table.mean(0)
-        return self.cache["bias"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)) + self.position_bias())

@@ -17,7 +17,14 @@ import warnings
 import pytest
 import torch
 from helpers import close_random_half
-from structural_fixtures import FIXTURES, CachedBias, PixelShuffleUpsampler, PixelUnshuffleDownsampler, TiedEmbeddings
+from structural_fixtures import (
+    FIXTURES,
+    CachedBias,
+    MixedKernelSplit,
+    PixelShuffleUpsampler,
+    PixelUnshuffleDownsampler,
+    TiedEmbeddings,
+)
 from torch import nn
 
 import tg_kernels as tg
@@ -126,7 +133,7 @@ def test_pixel_shuffle_channels_move_as_runs(build):
     assert conv.out_channels == (16 if build is PixelShuffleUpsampler else 3)
 
 
-@pytest.mark.parametrize("name", ["pixel_shuffle", "pixel_unshuffle", "tied_embeddings"])
+@pytest.mark.parametrize("name", ["pixel_shuffle", "pixel_unshuffle", "tied_embeddings", "mixed_kernel_split"])
 @pytest.mark.parametrize("skip", ["exact", "hard"])
 def test_fixed_fixtures_train_like_the_per_layer_model(name, skip):
     """The models of the fixes above: a train step in ``skip`` mode gives the per-layer (none) loss and
@@ -167,3 +174,31 @@ def test_models_caching_computed_tensors_attach_and_export_after_an_eval_forward
     close_random_half(bank)
     with torch.no_grad():
         torch.testing.assert_close(tg.export(model)(x), model(x))
+
+
+def test_split_sizes_held_in_a_list_attribute_follow_the_kept_channels():
+    """Defect: ``torch.split(x, self.splits)`` (MixNet's mixed convs) passes literal sizes that export
+    did not update, so the self-check kept every split channel whole (and, halving through dozens of
+    groups, made attach_gates on timm's mixnet_s take minutes). Export now sets each entry of the
+    list attribute to its piece's kept size; tg.save / tg.load carry it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model, bank = tg.attach_gates(MixedKernelSplit().double(), x)
+    assert sorted(g.size for g in bank.groups) == [8, 16], bank.skipped
+    close_random_half(bank)
+    model.eval()
+    small = tg.export(model)
+    assert small.splits == [4, 8] and model.splits == [8, 16]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    buffer = io.BytesIO()
+    tg.save(small, buffer)
+    buffer.seek(0)
+    loaded = tg.load(buffer, MixedKernelSplit().double()).eval()
+    assert loaded.splits == [4, 8]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    bank.set_skip("hard")  # compact execution sets the list to the kept sizes while it runs
+    model.train()
+    model(x).sum().backward()
+    assert model.splits == [8, 16]

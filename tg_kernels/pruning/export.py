@@ -43,7 +43,7 @@ from tg_kernels.pruning.slicing import (
     is_depthwise,
     kept_channels,
     kept_entries,
-    kept_size,
+    size_values,
     sync_module_attributes,
     tensor_of,
 )
@@ -337,10 +337,10 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()  # it holds the parameters it had before slicing
-            sized: dict[str, dict[str, int]] = {}
-            for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
-                sized.setdefault(sa.module, {})[sa.attr] = kept_size(ebank, sa, kept)
-                setattr(exported.get_submodule(sa.module), sa.attr, sized[sa.module][sa.attr])
+            sized = size_values(ebank, exported, kept)  # self.num_heads, self.splits and the like
+            for module_name, attrs in sized.items():
+                for attr, value in attrs.items():
+                    setattr(exported.get_submodule(module_name), attr, value)
             exported.__dict__[SIZES_ATTR] = sized  # for save(): a fresh model needs them too
     # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
     # the kept width (PyTorch's class can hold only that)

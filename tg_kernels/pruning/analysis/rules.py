@@ -1004,6 +1004,8 @@ def split(w: Walk, node: fx.Node) -> Any:
     pieces = _pieces(w, node, x, bounds)
     if pieces and name != "chunk" and isinstance(node.args[1], int):
         w.size_attr(node, None, pieces[0])  # split(self.split_size): every piece keeps as many channels
+    elif pieces and name != "chunk":
+        w.size_list(node, pieces)  # split(self.splits): each entry follows its piece
     return pieces
 
 
