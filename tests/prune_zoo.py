@@ -226,3 +226,78 @@ def hf_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
             (), {"input_ids": ids, "decoder_input_ids": ids},
         ),
     }  # fmt: skip
+
+
+# Beyond the plug-in tests: timm and transformers models no issue names, to reach the 33-model zoo
+# that bench/zoo_check.py runs (grouped convs, GroupNorm token mixers, unfold/fold attention, LeViT's
+# BatchNorm attention, Res2Net's split-and-cascade, PVT's spatial-reduction attention, MixNet's
+# split kernels; DistilBERT, ALBERT's shared layers, Mistral, Qwen2, OPT, GPT-NeoX's partial rotary
+# embedding, BART's encoder-decoder).
+EXTRA_TIMM_MODELS = (
+    "regnetx_002",
+    "poolformer_s12",
+    "mobilevit_xxs",
+    "levit_128s",
+    "res2net50_14w_8s",
+    "pvt_v2_b0",
+    "mixnet_s",
+)
+
+
+def extra_hf_models() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+    """Small Hugging Face configurations with the library's defaults otherwise (``use_cache`` included)."""
+    import transformers as tf
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    small = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 16,
+    }
+    return {
+        "distilbert": (
+            lambda: tf.DistilBertForSequenceClassification(
+                tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                    max_position_embeddings=16)
+            ),
+            (ids,), {},
+        ),
+        "albert": (lambda: tf.AlbertForMaskedLM(tf.AlbertConfig(**small, embedding_size=16)), (ids,), {}),
+        "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**small, num_key_value_heads=2)), (ids,), {}),
+        "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**small, num_key_value_heads=2)), (ids,), {}),
+        "opt": (
+            lambda: tf.OPTForCausalLM(
+                tf.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             ffn_dim=64, max_position_embeddings=16, word_embed_proj_dim=32)
+            ),
+            (ids,), {},
+        ),
+        "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**small, rotary_pct=0.5)), (ids,), {}),
+        "bart": (
+            lambda: tf.BartForConditionalGeneration(
+                tf.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, max_position_embeddings=16)
+            ),
+            (ids,), {"decoder_input_ids": ids},
+        ),
+    }  # fmt: skip
+
+
+def zoo() -> dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+    """The whole zoo, name -> (builder, example positional inputs, example keyword inputs): timm at
+    224 x 224 (10 classes), transformers, the paper's task families and the recurrent models."""
+    import timm
+
+    found: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = {
+        name: (lambda n=name: timm.create_model(n, num_classes=10), (torch.randn(1, 3, 224, 224),), {})
+        for name in TIMM_MODELS + EXTRA_TIMM_MODELS
+    }
+    found.update(hf_models())
+    found.update(extra_hf_models())
+    found.update(task_family_models())
+    found.update(rnn_models())
+    return found

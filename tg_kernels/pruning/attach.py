@@ -21,7 +21,6 @@ the bank and the hooks that export, compact execution and the budget read too, i
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
@@ -63,7 +62,7 @@ from tg_kernels.pruning.bank import (
     set_submodule,
 )
 from tg_kernels.pruning.compact import install
-from tg_kernels.pruning.export import export_in_place
+from tg_kernels.pruning.export import copy_model, export_in_place
 
 
 def _keep_off_fast_paths(model: nn.Module) -> None:
@@ -256,7 +255,7 @@ def _export_differs(
     The check runs in the model's own dtype (float64 convolutions are slow on CPU); a misread
     structure changes outputs by far more than rounding does.
     """
-    trial = copy.deepcopy(model).eval()
+    trial = copy_model(model).eval()
     with torch.no_grad():  # sharp attention scores: a scale that follows the kept head dims shows
         for hd in analysis.head_dims:
             if hd.space is not None and hd.space in closed:

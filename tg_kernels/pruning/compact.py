@@ -56,7 +56,7 @@ from tg_kernels.pruning.gather import (
     scale_weight,
 )
 from tg_kernels.pruning.side_pass import SidePlan, SideRun, build_plan, full_width_groups
-from tg_kernels.pruning.slicing import is_depthwise, kept_channels, kept_entries, kept_size, sync_module_attributes
+from tg_kernels.pruning.slicing import is_depthwise, kept_channels, kept_entries, size_values, sync_module_attributes
 
 # Activations that commute with a 0/1 (or any non-negative) per-channel scale in value *and* in the
 # gradient of that scale: relu(g * z) = g * relu(z). A gate after such an activation can be folded
@@ -705,15 +705,15 @@ class CompactForward:
     def _add_size_attributes(self, attributes: list, kept: dict[str, Tensor]) -> None:
         """Int attributes the forward reads as gated sizes (``self.num_heads``), at their kept values (export's)."""
         by_module = {id(module): (compact, full) for module, compact, full in attributes}
-        for sa in self.bank.analysis.size_attrs:
-            module = self.model.get_submodule(sa.module)
-            value = kept_size(self.bank, sa, kept)
+        for name, values in size_values(self.bank, self.model, kept).items():
+            module = self.model.get_submodule(name)
             if id(module) not in by_module:
                 by_module[id(module)] = ({}, {})
                 attributes.append((module, *by_module[id(module)]))
             compact, full = by_module[id(module)]
-            full.setdefault(sa.attr, getattr(module, sa.attr))
-            compact[sa.attr] = value
+            for attr, value in values.items():
+                full.setdefault(attr, getattr(module, attr))
+                compact[attr] = value
 
     def _compact_attributes(self, entries: dict[str, list[tuple[int, Tensor]]], kept: dict[str, Tensor]):
         """Size attributes (out_channels, groups, num_features, ...) of every sliced module at the compact sizes."""

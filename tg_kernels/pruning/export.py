@@ -43,7 +43,7 @@ from tg_kernels.pruning.slicing import (
     is_depthwise,
     kept_channels,
     kept_entries,
-    kept_size,
+    size_values,
     sync_module_attributes,
     tensor_of,
 )
@@ -211,6 +211,39 @@ def _replace_tensor(model: nn.Module, target: str, new: Tensor, aliases: Aliases
         raise KeyError(target)
 
 
+def _computed_tensors(value: Any, found: list[Tensor]) -> None:
+    """Tensors inside ``value`` (dicts, lists, tuples) that autograd computed (they have a grad_fn)."""
+    if isinstance(value, Tensor):
+        if value.grad_fn is not None:
+            found.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _computed_tensors(v, found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _computed_tensors(v, found)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where the model caches tensors computed with gradients in plain
+    attributes (timm's LeViT keeps its attention biases, computed from a parameter in an eval forward,
+    in a dict): ``deepcopy`` refuses such tensors, so the copy holds them detached."""
+    found: list[Tensor] = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                _computed_tensors(value, found)
+    memo: dict[int, Any] = {id(t): t.detach().clone() for t in found}
+    return copy.deepcopy(model, memo)
+
+
+def _held(model: nn.Module, target: str) -> Tensor | None:
+    """The parameter or buffer the model holds now under ``target`` (after earlier replacements)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner._parameters.get(attr, owner._buffers.get(attr))
+
+
 def export(model: nn.Module, *, round_to: int = 1) -> nn.Module:
     """A plain copy of a gated model with closed channels physically removed.
 
@@ -262,7 +295,7 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
     """:func:`export`; ``in_place`` turns ``model`` itself into the exported model."""
     model = unwrap(model)
     gate_bank(model)  # a clear error for a model without gates
-    exported = model if in_place else copy.deepcopy(model)
+    exported = model if in_place else copy_model(model)
     ebank = gate_bank(exported)
     with torch.no_grad():
         values = {key: gate().detach().cpu() for key, gate in ebank.gates.items()}
@@ -304,10 +337,10 @@ def _export(model: nn.Module, round_to: int, in_place: bool) -> nn.Module:
                 sync_module_attributes(module, name in depthwise)
                 if isinstance(module, nn.RNNBase):
                     module._init_flat_weights()  # it holds the parameters it had before slicing
-            sized: dict[str, dict[str, int]] = {}
-            for sa in ebank.analysis.size_attrs:  # self.num_heads and the like
-                sized.setdefault(sa.module, {})[sa.attr] = kept_size(ebank, sa, kept)
-                setattr(exported.get_submodule(sa.module), sa.attr, sized[sa.module][sa.attr])
+            sized = size_values(ebank, exported, kept)  # self.num_heads, self.splits and the like
+            for module_name, attrs in sized.items():
+                for attr, value in attrs.items():
+                    setattr(exported.get_submodule(module_name), attr, value)
             exported.__dict__[SIZES_ATTR] = sized  # for save(): a fresh model needs them too
     # attach swapped nn.MultiheadAttention for PrunableMultiheadAttention: back where the kept heads span
     # the kept width (PyTorch's class can hold only that)
@@ -423,11 +456,15 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None)
     for key, tensor in checkpoint.get("buffers", {}).items():
         if key in own:
             _replace_tensor(model, key, tensor.to(own[key].device))
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name of every tensor (a tied LM head's weight under both of its names), resized once for
+    # all its holders, so that the tie survives
+    own = set(dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers()))
+    aliases = _aliases(model)
     for key, tensor in state.items():
-        if key in own and own[key].shape != tensor.shape:
-            empty = torch.empty(tensor.shape, dtype=own[key].dtype, device=own[key].device)
-            _replace_tensor(model, key, empty)
+        current = _held(model, key) if key in own else None
+        if current is not None and current.shape != tensor.shape:
+            empty = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
+            _replace_tensor(model, key, empty, aliases)
     model.load_state_dict(state)
     for module in model.modules():
         if isinstance(module, nn.RNNBase):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +90,22 @@ def kept_size(bank: GateBank, sa: SizeAttr, kept: Mapping[str, Tensor]) -> int:
     if sa.dims:
         return count(sa.parts) * (sa.repeat // sum(size for _, size in sa.dims)) * count(sa.dims)
     return count(sa.parts) * sa.repeat
+
+
+def size_values(bank: GateBank, model: nn.Module, kept: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """module name -> {attribute: its kept value} for every size attribute of the analysis; a list
+    attribute (``self.splits``) gets each of its entries' kept sizes, in the attribute's own type."""
+    values: dict[str, dict[str, Any]] = {}
+    for sa in bank.analysis.size_attrs:
+        attrs = values.setdefault(sa.module, {})
+        if sa.index is None:
+            attrs[sa.attr] = kept_size(bank, sa, kept)
+            continue
+        original = getattr(model.get_submodule(sa.module), sa.attr)
+        entries = list(attrs.get(sa.attr, original))
+        entries[sa.index] = kept_size(bank, sa, kept)
+        attrs[sa.attr] = type(original)(entries)
+    return values
 
 
 def sync_module_attributes(module: nn.Module, was_depthwise: bool = False) -> None:

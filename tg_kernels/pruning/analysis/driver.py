@@ -259,7 +259,7 @@ def finish(model: nn.Module, trace: Trace, w: Walk) -> Analysis:
         coverage=covered / total if total else 0.0,
         uncovered=uncovered,
         size_attrs=[
-            SizeAttr(sa.module, sa.attr, gated(sa.parts), sa.repeat, gated(sa.dims))
+            dataclasses.replace(sa, parts=gated(sa.parts), dims=gated(sa.dims))
             for sa in dict.fromkeys(w.size_attrs)
             if any(s in root_of for s, _ in sa.parts + sa.dims)
         ],

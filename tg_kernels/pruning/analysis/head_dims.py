@@ -258,7 +258,8 @@ def _commit(w: Walk, m: _Match, rotary_tables: dict[str, int]) -> HeadDims:
         rotary_tables.setdefault(name, space)
     heads = {w.spaces.find(sp) for p in m.producers for sp, _ in new_points[_point_index(w, p.module)].parts}
     for i, sa in enumerate(w.size_attrs):  # heads * head_dim widths (GPT-2's split_size)
-        if not sa.dims and sa.repeat % size == 0 and sa.parts and all(w.spaces.find(s) in heads for s, _ in sa.parts):
+        in_heads = sa.parts and all(w.spaces.find(s) in heads for s, _ in sa.parts)
+        if sa.index is None and not sa.dims and sa.repeat % size == 0 and in_heads:
             w.set_size_attr(i, dataclasses.replace(sa, repeat=sa.repeat, dims=dims))
     for split in m.splits:  # self.head_dim in view(B, N, -1, self.head_dim)
         w.size_attr(split, len(w.shape(split)) - 1, ChannelInfo((space,), 0, (None,), tile))
@@ -489,7 +490,7 @@ def _tie_shared_spaces(w: Walk, rotary_tables: dict[str, int]) -> None:
     by_attr: dict[tuple[str, str, int], int] = {}
     keys = {i for i, s in enumerate(w.spaces.spaces) if s.key.startswith("headdims:")}
     for sa in w.size_attrs:
-        if len(sa.parts) == 1 and sa.parts[0][0] in keys and not sa.dims:
+        if sa.index is None and len(sa.parts) == 1 and sa.parts[0][0] in keys and not sa.dims:
             first = by_attr.setdefault((sa.module, sa.attr, sa.repeat), sa.parts[0][0])
             if w.spaces.size(first) != w.spaces.size(sa.parts[0][0]):
                 w.fix([first, sa.parts[0][0]], f"'{sa.module}.{sa.attr}' sizes head dims of different widths")

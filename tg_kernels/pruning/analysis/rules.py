@@ -296,9 +296,9 @@ def conv(w: Walk, node: fx.Node) -> Any:
     if x is not None:
         gateable = isinstance(w.module_of(module), nn.Conv2d | nn.ConvTranspose2d)
         w.need_zero(x, f"conv '{module}'", module if gateable else None)
-        if groups == 1 and x.dim == 1 and x.repeat == 1 and not reused:
+        if groups == 1 and x.dim == 1 and not reused:  # repeat > 1: runs of channels (pixel_unshuffle)
             w.slice_tensor(weight, in_dim, x)
-            if name == "conv2d":
+            if name == "conv2d" and x.repeat == 1:
                 w.conv_input(module, x)
         elif groups > 1 and not transposed and x.dim == 1 and x.repeat == 1 and not reused:
             first = _group_aligned(w, node, x, groups)  # channel i of every group shares one gate
@@ -724,6 +724,30 @@ def _view_param(w: Walk, node: fx.Node) -> ParamView | None:
     return ParamView(pv.name, tuple(dims))
 
 
+@_rule("pixel_shuffle", "pixel_unshuffle")
+def pixel_shuffle(w: Walk, node: fx.Node) -> Any:
+    """``pixel_shuffle(x, r)`` moves each run of ``r * r`` channels into one channel's ``r x r`` block of
+    pixels; ``pixel_unshuffle`` does the reverse. A gated channel stays one run of entries along the
+    channel dim: ``r * r`` times shorter after the shuffle (so a channel must cover whole runs: the
+    producer's channels become runs of ``r * r`` where they do not), ``r * r`` times longer after the
+    unshuffle."""
+    x = w.tracked(node.args[0])
+    if x is None:
+        return None
+    in_shape = w.shape(node.args[0])
+    if in_shape is None or x.dim != len(in_shape) - 3:
+        w.barrier(node, f"'{op_name(node)}' at '{node.name}'")
+        return None
+    run = arg(node, 1, "upscale_factor" if op_name(node) == "pixel_shuffle" else "downscale_factor") ** 2
+    if op_name(node) == "pixel_unshuffle":
+        return x.with_dim(x.dim, x.repeat * run)
+    if x.repeat % run:
+        if not w.request_units(x, run // math.gcd(x.repeat, run)):
+            w.barrier(node, f"'pixel_shuffle' within a channel at '{node.name}'")
+        return None
+    return x.with_dim(x.dim, x.repeat // run)
+
+
 @_rule("index")
 def index(w: Walk, node: fx.Node) -> Any:
     """A table indexed along its first dims (a relative position bias ``table[index]``) keeps its other dims."""
@@ -980,6 +1004,8 @@ def split(w: Walk, node: fx.Node) -> Any:
     pieces = _pieces(w, node, x, bounds)
     if pieces and name != "chunk" and isinstance(node.args[1], int):
         w.size_attr(node, None, pieces[0])  # split(self.split_size): every piece keeps as many channels
+    elif pieces and name != "chunk":
+        w.size_list(node, pieces)  # split(self.splits): each entry follows its piece
     return pieces
 
 

@@ -278,6 +278,7 @@ class SizeAttr:
     parts: tuple[tuple[int | None, int], ...]
     repeat: int
     dims: tuple[tuple[int | None, int], ...] = ()
+    index: int | None = None  # the attribute is a list (``self.splits`` of ``torch.split(x, self.splits)``): this entry
 
 
 # --------------------------------------------------------------------------------------------------

@@ -369,6 +369,29 @@ class Walk:
                     self.size_attrs.append(SizeAttr(path, attr, parts, info.repeat))
             return
 
+    def size_list(self, node: fx.Node, pieces: list[ChannelInfo]) -> None:
+        """The forward passes a literal list of sizes of a gated dim (``torch.split(x, self.splits)``):
+        export sets the list attribute of the module running it that holds those sizes, entry by
+        entry, to the pieces' kept sizes; the self-check catches a wrong guess."""
+        sizes = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(sizes, (list, tuple)) or not all(type(s) is int for s in sizes):
+            return
+        for entry in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            module = self.module_of(path)
+            if module is None:
+                continue
+            for attr, value in vars(module).items():
+                if (
+                    isinstance(value, (list, tuple))
+                    and not attr.startswith("_")
+                    and all(type(v) is int for v in value)
+                    and list(value) == list(sizes)
+                ):
+                    for i, piece in enumerate(pieces):
+                        self.size_attrs.append(SizeAttr(path, attr, self.sized(piece), piece.repeat, index=i))
+            return
+
     def part_offsets(self, info: ChannelInfo) -> list[tuple[int, int]]:
         """``(space, its first channel)`` for each part of ``info``."""
         offsets, at = [], 0
