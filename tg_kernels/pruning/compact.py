@@ -205,8 +205,7 @@ class CompactForward:
         self._scaled = {f"{fold.module}.{t}": fold for fold in rows for t in ("weight", "bias")}
         # input gates folded into their layer's weight (a weight-sized op instead of an activation-sized one)
         self._column_folds = [(fold, model.get_submodule(fold.module)) for fold in self._folds if fold.columns]
-        self._column_swapped: list[tuple[nn.Module, Tensor]] = []
-        self._column_names = {id(module): fold.module for fold, module in self._column_folds}
+        self._column_swapped: list[tuple[nn.Module, Tensor, str]] = []  # (layer, its own weight, its name)
         self._layers = list(bank.gated_layers)
         self._quiet = self._hooks_to_silence()
         self._depthwise = {name for name, m in model.named_modules() if is_depthwise(m)}
@@ -398,7 +397,7 @@ class CompactForward:
                 self._exit(swapped, write_back=False)
                 raise _Unsupported(f"the input gates of '{fold.module}' do not match its weight: {error}") from None
             module._parameters["weight"] = scale_weight(weight, scale, unit)
-            self._column_swapped.append((module, weight))
+            self._column_swapped.append((module, weight, fold.module))
             if not unit:  # the side pass applies this layer's closed rows to its input: zero padded columns there too
                 column_scales[fold.module] = scale.detach()
         for fold in self._folds:
@@ -418,8 +417,8 @@ class CompactForward:
                 plan.side = build_plan(*plan.side_args)  # (lazily: hard training and eval never need it)
             if sampled and plan.side is not None and plan.side.passes:
                 fulls = {spec.target: full for spec, full, _ in swapped}
-                for module, weight in self._column_swapped:  # weights not gathered: the unscaled one
-                    fulls.setdefault(f"{self._column_names[id(module)]}.weight", weight)
+                for _, weight, name in self._column_swapped:  # weights not gathered: the unscaled one
+                    fulls.setdefault(f"{name}.weight", weight)
                 self._side = SideRun(
                     self.model, plan.side, fulls, lambda key: self.bank.gates[key](), every, column_scales
                 )
@@ -430,7 +429,7 @@ class CompactForward:
     def _exit(self, swapped: list[_Swapped], write_back: bool) -> None:
         plan = self._plan
         assert plan is not None
-        for module, weight in reversed(self._column_swapped):
+        for module, weight, _ in reversed(self._column_swapped):
             module._parameters["weight"] = weight
         self._column_swapped.clear()
         if self._side is not None:  # before the silenced hooks are restored: its hooks are among them
