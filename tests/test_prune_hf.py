@@ -107,3 +107,13 @@ def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16():
     assert torch.bfloat16 in dtypes
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # weights stay float32
     assert result.status.within(0.01)
+
+
+def test_the_package_imports_without_transformers():
+    """transformers stays optional: importing tg_kernels (and tg.prune) never imports it."""
+    import subprocess
+    import sys
+
+    code = "import sys, tg_kernels, tg_kernels.pruning.train; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=".")
+    assert out.stdout.strip() == "False", out.stderr

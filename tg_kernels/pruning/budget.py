@@ -404,7 +404,8 @@ class Budget(nn.Module):
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 1:
             raise ValueError(f"spread must be a number in [0, 1], got {spread!r}")
-        gates = self.bank.gates
+        ties = self.bank.tied()  # tied groups (GateBank.tie) move together: one unit per distinct gate
+        gates = {key: self.bank.gates[key] for key in ties}
         masks = {key: gate.open_mask().clone() for key, gate in gates.items()}
         weights = {key: gate.weight.detach().clone() for key, gate in gates.items()}
         frozen = {key: torch.zeros_like(m) for key, m in masks.items()}  # flipped once: never again
@@ -427,14 +428,17 @@ class Budget(nn.Module):
                     out.append((key, +1, idx, abs(float(w[idx]))))
             return out
 
+        def every_key(unit_counts: dict[str, float]) -> dict[str, float]:
+            return {key: unit_counts[unit] for unit, keys in ties.items() for key in keys}
+
         def ratio_after(moves) -> float:
             trial = dict(counts)
             for key, sign, _, _ in moves:
                 trial[key] += sign
-            return self._ratio_with(trial)
+            return self._ratio_with(every_key(trial))
 
         sizes = {key: gate.num_channels for key, gate in gates.items()}
-        all_channels = sum(sizes.values())
+        all_channels = sum(sizes[unit] * len(keys) for unit, keys in ties.items())
 
         def thins(moves) -> int:
             """How many of ``moves`` close a group below ``spread`` x the model-wide open fraction."""
@@ -443,12 +447,12 @@ class Budget(nn.Module):
             trial = dict(counts)
             for key, sign, _, _ in moves:
                 trial[key] += sign
-            mean = sum(trial.values()) / all_channels
+            mean = sum(trial[unit] * len(keys) for unit, keys in ties.items()) / all_channels
             return sum(1 for key, sign, _, _ in moves if sign < 0 and trial[key] < spread * mean * sizes[key] - 1e-9)
 
         flipped = 0
         while True:
-            r = self._ratio_with(counts)
+            r = self._ratio_with(every_key(counts))
             if lo <= r <= hi:
                 break
             cands = candidates()

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -368,8 +369,10 @@ def init_gates_from_importance(
     at ``high`` (linear in rank). Under Adam a gate under steady budget pressure moves about
     ``gate_lr`` per step, so gates that start lower cross their threshold first: channels close one
     at a time in order of importance, in every group alike, instead of a whole group reaching the
-    threshold in the same few steps. Returns the scores. ``batches`` and ``loss_fn`` are read as
-    :func:`prune` reads them (pairs or dicts; ``loss_fn=None``: the model's own ``.loss``).
+    threshold in the same few steps. Returns the scores. Under ``torch.distributed`` (initialised,
+    more than one rank) every rank must call it: the scores are summed over the ranks first.
+    ``batches`` and ``loss_fn`` are read as :func:`prune` reads them (pairs or dicts;
+    ``loss_fn=None``: the model's own ``.loss``).
     """
     step = _Step(_model_device(model), autocast, loss_fn)
     bank = gate_bank(model)
@@ -389,6 +392,9 @@ def init_gates_from_importance(
             seen += 1
     for p, r in zip(params.values(), was):
         p.requires_grad_(r)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for s in scores.values():  # every rank saw other batches: rank on the sum, so that gates stay identical
+            dist.all_reduce(s)
     if not seen:
         return scores
     for key, w in params.items():
@@ -409,6 +415,25 @@ def _goal(target: float, step: int, anneal_steps: int) -> float:
     return math.exp(progress * math.log(target))
 
 
+def gate_lr_scale(step: int, schedule: Schedule) -> float:
+    """The gates' learning rate at search step ``step``, as a fraction of ``gate_lr``: full while the
+    goal moves, then a cosine decay (to 5%) so that the ratio settles."""
+    hold = schedule.search_steps - schedule.anneal_steps
+    anneal = _cosine(step - schedule.anneal_steps, hold) if step >= schedule.anneal_steps else 1.0
+    return max(anneal, 0.05)
+
+
+def multiplier_rate(schedule: Schedule) -> float:
+    """The budget multiplier's rate for a search: it must be able to grow ~e^4 (55x) within the part
+    of the search that moves the goal."""
+    return max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
+
+
+def annealed_goal(target: float, step: int, anneal_steps: int) -> float:
+    """The budget's goal at search step ``step``: from 1 down to ``target`` over ``anneal_steps``."""
+    return _goal(target, step, anneal_steps)
+
+
 def _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, tol, record) -> int:
     """Task loss + budget on weights and gates together; returns the steps taken."""
     model.train()
@@ -422,9 +447,7 @@ def _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, to
         epoch = epoch_now
         budget.set_goal(_goal(target, step, schedule.anneal_steps))
         # the gates move at full speed while the goal moves, then slow down (cosine) so that the ratio settles
-        hold = schedule.search_steps - schedule.anneal_steps
-        anneal = _cosine(step - schedule.anneal_steps, hold) if step >= schedule.anneal_steps else 1.0
-        opt.param_groups[1]["lr"] = gate_lr * max(anneal, 0.05)
+        opt.param_groups[1]["lr"] = gate_lr * gate_lr_scale(step, schedule)
         output, task = step_loss(model, batch)
         loss = task + budget()
         opt.zero_grad(set_to_none=True)
@@ -579,7 +602,7 @@ def prune(
         _count_steps(data), gate_epochs, max_gate_epochs, finetune_epochs, min_search_steps, anneal
     )
     # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
-    rate = max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
+    rate = multiplier_rate(schedule)
     budget = Budget(
         bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain, balance=balance
     )
@@ -668,4 +691,14 @@ def _check_signal(output: Any) -> None:
         )
 
 
-__all__ = ["PruneResult", "Schedule", "example_of", "init_gates_from_importance", "plan_schedule", "prune"]
+__all__ = [
+    "PruneResult",
+    "Schedule",
+    "annealed_goal",
+    "example_of",
+    "gate_lr_scale",
+    "init_gates_from_importance",
+    "multiplier_rate",
+    "plan_schedule",
+    "prune",
+]
