@@ -73,9 +73,17 @@ def test_trainer_prunes_to_the_target_and_exports(tmp_path):
         torch.testing.assert_close(small(ids).logits, trainer.gated_model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_taylor_start_and_bad_arguments(tmp_path):
-    trainer = train(str(tmp_path), gate_init="taylor", importance_batches=2)
+def test_uniform_taylor_run_saves_a_plain_hugging_face_model(tmp_path):
+    trainer = train(str(tmp_path), gate_init="taylor", importance_batches=2, uniform=True)
     assert trainer.budget.status().within(0.01)
+    assert trainer.save_pruned(tmp_path / "pruned") == str(tmp_path / "pruned")  # save_pretrained, not tg.save
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    ids = dataset(1, seed=1)[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trainer.pruned_model.eval()(ids).logits)
+
+
+def test_bad_arguments():
     with pytest.raises(ValueError, match="target"):
         PruningArguments(target=1.5).check()
     with pytest.raises(ValueError, match="metric"):

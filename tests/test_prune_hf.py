@@ -117,3 +117,55 @@ def test_the_package_imports_without_transformers():
     code = "import sys, tg_kernels, tg_kernels.pruning.train; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=".")
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_uniform_pruning_round_trips_through_save_pretrained(tmp_path):
+    """make_uniform ties each layer's groups and holds head dims: the exported Llama fits its config."""
+    transformers = pytest.importorskip("transformers")
+    from tg_kernels.integrations.hf import divisible_stream, fit_config
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = llama_batches(1)[0]["input_ids"]
+    model, bank = tg.attach_gates(model, example_kwargs={"input_ids": ids[:1]})
+    ties = bank.make_uniform()
+    assert len(ties) == 2 and all(len(keys) == 2 for keys in ties.values()), ties  # KV groups and MLP units
+    budget = tg.Budget(model, target=0.5, metric="params")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in {id(gt): gt for gt in bank.gates.values()}.values():
+            gate.weight.copy_(torch.rand(gate.num_channels, generator=g) - 0.5)  # a random half closed
+    budget.settle(0.01)
+    divisible_stream(model, budget, 0.01)  # hidden size a multiple of the kept heads (a Llama config checks it)
+    assert budget.status().within(0.01)
+    model.eval()
+    small = tg.export(model)
+    config = fit_config(small)
+    assert config.head_dim == 8  # held whole
+    assert config.num_attention_heads == 2 * config.num_key_value_heads  # a KV group keeps its query heads
+    assert abs(n_params(small) / n_params(tiny_llama()) - 0.5) <= 0.01 * 0.5
+    small.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert n_params(loaded) == n_params(small)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(small(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_widths_and_pruned_head_dims_are_refused_by_fit_config():
+    pytest.importorskip("transformers")
+    from tg_kernels.integrations.hf import fit_config
+
+    torch.manual_seed(0)
+    ids = llama_batches(1)[0]["input_ids"]
+    model, bank = tg.attach_gates(tiny_llama(), example_kwargs={"input_ids": ids[:1]})
+    with torch.no_grad():
+        bank.gates["model_layers_0_mlp_gate_proj"].weight[:10] = -1.0  # layer 0 keeps fewer MLP units
+    with pytest.raises(ValueError, match="widths differ"):
+        fit_config(tg.export(model))
+    with torch.no_grad():
+        bank.gates["model_layers_0_mlp_gate_proj"].weight.fill_(0.5)
+        bank.gates[bank.head_dim_groups()[0]].weight[0] = -1.0  # one rotary pair closed
+    with pytest.raises(ValueError, match="rotary"):
+        fit_config(tg.export(model))

@@ -66,6 +66,7 @@ class GateBank(nn.Module):
         self.hooks: list[GateHook] = []
         self.recurrent_hooks: list[RecurrentGateHook] = []  # LSTM / GRU hidden units (gated on parameters)
         self.compact: Any = None  # the CompactForward running this model compact (prune/compact.py), if any
+        self.held: set[str] = set()  # groups a Budget keeps whole (hold)
 
     def forward(self, x: Any) -> Any:
         """Identity. Gates are applied by the gated layers and hooks, not here; this exists because a
@@ -131,6 +132,29 @@ class GateBank(nn.Module):
         ties = {keys[0]: tuple(keys) for keys in by_pattern.values() if len(keys) > 1}
         self.tie(ties.values())
         return ties
+
+    def hold(self, keys: Iterable[str]) -> None:
+        """Keep the groups ``keys`` whole: a :class:`~tg_kernels.Budget` made afterwards sets their
+        minimum open count to their size, so they never close."""
+        keys = set(keys)
+        unknown = keys - set(self.gates)
+        if unknown:
+            raise KeyError(f"hold(): no gate group {sorted(unknown)[0]!r}; the groups are {list(self.gates)[:8]}")
+        self.held |= keys
+
+    def head_dim_groups(self) -> list[str]:
+        """The keys of the groups gating the dims inside attention heads."""
+        if self.analysis is None:
+            return []
+        spaces = {hd.space for hd in self.analysis.head_dims if hd.space is not None}
+        return sorted({self.key_of_space[s] for s in spaces if s in self.key_of_space})
+
+    def make_uniform(self) -> dict[str, tuple[str, ...]]:
+        """Every layer keeps the same widths, and the widths a config holds: :meth:`tie_layers`, and
+        head dims held whole (a config rebuilds a rotary table from ``head_dim``, and no
+        ``head_dim`` gives the frequencies of an arbitrary subset of rotary pairs). Returns the ties."""
+        self.hold(self.head_dim_groups())
+        return self.tie_layers()
 
     def tied(self) -> dict[str, tuple[str, ...]]:
         """Every distinct gate: the first key holding it -> all keys sharing it (itself alone if untied)."""
