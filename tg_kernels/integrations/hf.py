@@ -48,6 +48,7 @@ from tg_kernels.pruning.train import (
     DEFAULT_GAIN,
     DEFAULT_PROTECT,
     GATE_INITS,
+    SKIP_MODES,
     Schedule,
     annealed_goal,
     example_of,
@@ -75,6 +76,7 @@ class PruningArguments:
     importance_batches: int = 16  # batches of the Taylor importance pass (per rank)
     uniform: bool = False  # the same widths in every layer (GateBank.make_uniform): a config-shaped model
     compact: bool = True
+    skip: tuple[str, str] = ("exact", "hard")  # skip modes of the search and the fine-tuning; ("none", "none"): dense
 
     def check(self) -> None:
         """Clear errors for bad values, before anything runs."""
@@ -86,6 +88,9 @@ class PruningArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"PruningArguments.{name} must be a fraction in [0, 1], got {value!r}")
+        skip = self.skip
+        if not (isinstance(skip, (tuple, list)) and len(skip) == 2 and all(m in SKIP_MODES for m in skip)):
+            raise ValueError(f"PruningArguments.skip must be two modes out of {SKIP_MODES}, got {self.skip!r}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"PruningArguments.gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
 
@@ -158,7 +163,7 @@ class PruningTrainer(transformers.Trainer):
         self.bank = gate_bank(self.model)
         if self.pruning.uniform:
             self.bank.make_uniform()
-        self.bank.set_skip("exact")
+        self.bank.set_skip(self.pruning.skip[0])
         self.budget: Budget | None = None
         self.schedule: Schedule | None = None
         self.phase = "dense"  # "search", then "tune"
@@ -254,7 +259,7 @@ class PruningTrainer(transformers.Trainer):
         for param in self.bank.parameters():
             param.requires_grad_(False)
             param.grad = None
-        self.bank.set_skip("hard")
+        self.bank.set_skip(self.pruning.skip[1])
         self.phase = "tune"
 
     def _export(self) -> None:
