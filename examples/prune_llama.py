@@ -21,6 +21,14 @@
 
 Writes ``results.json``, ``steps.csv`` and ``throughput.png`` to ``--out``
 (default ``examples/results/llm``). ``python examples/prune_llama.py --help`` lists the sizes.
+
+On a shared machine the from-scratch baseline can run in a second process beside the rest, its
+widths and steps fixed in advance (the committed results were made so, the steps from the
+expected compute, and ``--report`` records both runs' training FLOPs)::
+
+    python examples/prune_llama.py &
+    python examples/prune_llama.py --scratch-only 96,232,6,3,796
+    python examples/prune_llama.py --report   # once both are done (stop the first at its own scratch stage)
 """
 
 from __future__ import annotations
@@ -244,16 +252,16 @@ def magnitude_prune(tg, dense: nn.Module, target: float, example: dict) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--intermediate", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dense-steps", type=int, default=500)
-    parser.add_argument("--prune-steps", type=int, default=250)
+    parser.add_argument("--dense-steps", type=int, default=300)
+    parser.add_argument("--prune-steps", type=int, default=160)
     parser.add_argument("--search", type=float, default=0.5, help="fraction of the pruning run that searches")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the parameters kept")
     parser.add_argument("--lr", type=float, default=2e-3, help="dense pretraining and from-scratch learning rate")
@@ -262,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "llm")
+    parser.add_argument(
+        "--scratch-only",
+        metavar="HIDDEN,INTER,HEADS,KV,STEPS",
+        help="only the from-scratch baseline, with these widths and steps, into scratch.json (to run it in a "
+        "second process beside the rest: its widths and steps fixed in advance)",
+    )
+    parser.add_argument("--report", action="store_true", help="merge scratch.json into results.json and plot")
     args = parser.parse_args(argv)
 
     corpus = load_corpus()
@@ -289,13 +304,28 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
+    ppl = lambda m: perplexity(m, held, args.seq, args.eval_windows)  # noqa: E731
+    if args.scratch_only:
+        hidden, inter, heads, kv, steps = (int(v) for v in args.scratch_only.split(","))
+        torch.manual_seed(args.seed)
+        scratch = llama(transformers, hidden, inter, args.layers, heads, kv, args.head_dim, args.seq)
+        data = Windows(train_bytes, args.seq, steps * args.batch, seed=args.seed + 2)
+        seconds = fit(transformers, scratch, args.out / "scratch", steps, args.lr, args.batch, data, args.seed)
+        row = {"params": n_params(scratch), "steps": steps, "seconds": seconds, "ppl": ppl(scratch),
+               "flops": 6 * n_params(scratch) * tokens_per_step * steps,
+               "config": {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
+                          "num_key_value_heads": kv, "head_dim": args.head_dim}}  # fmt: skip
+        (args.out / "scratch.json").write_text(json.dumps(row, indent=2) + "\n")
+        print("scratch:", row)
+        return 0
+    if args.report:
+        return report(args.out, tokens_per_step)
     shape = dict(hidden=args.hidden, inter=args.intermediate, layers=args.layers, heads=args.heads, kv=args.kv_heads)
     torch.manual_seed(args.seed)
     dense = llama(transformers, **shape, head_dim=args.head_dim, seq=args.seq)
     full = n_params(dense)
     pre_data = Windows(train_bytes, args.seq, args.dense_steps * args.batch, seed=args.seed)
     prune_data = Windows(train_bytes, args.seq, args.prune_steps * args.batch, seed=args.seed + 1)
-    ppl = lambda m: perplexity(m, held, args.seq, args.eval_windows)  # noqa: E731
 
     # 1. dense pretraining
     seconds = fit(transformers, dense, args.out, args.dense_steps, args.lr, args.batch, pre_data, args.seed)
@@ -366,6 +396,26 @@ def main(argv: list[str] | None = None) -> int:
     print("scratch:", results["scratch"])
     save()
     plot(rows, none_rows, full, tokens_per_step, args.out / "throughput.png")
+    return 0
+
+
+def report(out: Path, tokens_per_step: int) -> int:
+    """Merge a second process's scratch.json into results.json (with both runs' training FLOPs) and plot."""
+    results = json.loads((out / "results.json").read_text())
+    with open(out / "steps.csv") as f:
+        table = list(csv.DictReader(f))
+    rows = [{"step": int(r["step"]), "phase": r["phase"], "params": float(r["params"]), "seconds": float(r["seconds"])}
+            for r in table]  # fmt: skip
+    none_rows = [{"step": int(r["step"]), "seconds": float(r["none_seconds"])} for r in table]
+    full = results["dense"]["params"]
+    flops = 6 * tokens_per_step * (full * results["dense"]["steps"] + sum(r["params"] for r in rows))
+    results["tg"]["flops"] = flops
+    if (out / "scratch.json").exists():
+        results["scratch"] = json.loads((out / "scratch.json").read_text())
+        results["scratch"]["flops_vs_tg"] = results["scratch"]["flops"] / flops
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(rows, none_rows, full, tokens_per_step, out / "throughput.png")
+    print(json.dumps(results, indent=2))
     return 0
 
 
