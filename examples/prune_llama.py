@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only the from-scratch baseline, with these widths and steps, into scratch.json (to run it in a "
         "second process beside the rest: its widths and steps fixed in advance)",
     )
+    parser.add_argument("--reuse-dense", action="store_true", help="start from the dense model a former run saved")
     parser.add_argument("--report", action="store_true", help="merge scratch.json into results.json and plot")
     args = parser.parse_args(argv)
 
@@ -327,8 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     pre_data = Windows(train_bytes, args.seq, args.dense_steps * args.batch, seed=args.seed)
     prune_data = Windows(train_bytes, args.seq, args.prune_steps * args.batch, seed=args.seed + 1)
 
-    # 1. dense pretraining
-    seconds = fit(transformers, dense, args.out, args.dense_steps, args.lr, args.batch, pre_data, args.seed)
+    # 1. dense pretraining (or the model a former run saved: the later stages can be rerun from it)
+    saved_dense = args.out / "dense-model"
+    if args.reuse_dense and saved_dense.exists():
+        dense = transformers.LlamaForCausalLM.from_pretrained(saved_dense)
+        seconds = json.loads((args.out / "results.json").read_text())["dense"]["seconds"]
+    else:
+        seconds = fit(transformers, dense, args.out, args.dense_steps, args.lr, args.batch, pre_data, args.seed)
+        dense.save_pretrained(saved_dense)
     results["dense"] = {"params": full, "steps": args.dense_steps, "seconds": seconds, "ppl": ppl(dense)}
     print("dense:", results["dense"])
     save()

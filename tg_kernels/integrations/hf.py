@@ -131,7 +131,9 @@ class PruningTrainer(transformers.Trainer):
 
     After ``train()``: :attr:`pruned_model` (the exported plain model), :attr:`budget`,
     :attr:`gated_model` and :meth:`save_pruned`. ``trainer.log`` rows carry ``tg_ratio`` (the budget
-    metric's ratio now) and ``tg_lambda`` (the multiplier).
+    metric's ratio now) and ``tg_lambda`` (the multiplier); during the search the logged ``loss``
+    includes the budget term, logged too as ``tg_budget_term`` (it can be negative: the bottleneck
+    protection pushes thin groups open).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class PruningTrainer(transformers.Trainer):
         self.schedule: Schedule | None = None
         self.phase = "dense"  # "search", then "tune"
         self.settled_flips = 0
+        self.last_budget_term = 0.0  # the budget term of the last search step (in the logged loss)
         self.pruned_model: nn.Module | None = None
         self.add_callback(_Phases(self))
 
@@ -275,6 +278,7 @@ class PruningTrainer(transformers.Trainer):
             return out
         self.budget.set_goal(annealed_goal(self.pruning.target, self.state.global_step, self.schedule.anneal_steps))
         term = self.budget()
+        self.last_budget_term = float(term.detach())
         if return_outputs:
             loss, outputs = out
             return loss + term.to(loss.dtype), outputs
@@ -284,6 +288,8 @@ class PruningTrainer(transformers.Trainer):
         if self.budget is not None:
             status = self.budget.status()
             logs = {**logs, "tg_ratio": round(status.ratio, 4), "tg_lambda": round(status.weight, 4)}
+            if self.phase == "search":
+                logs["tg_budget_term"] = round(self.last_budget_term, 4)
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
