@@ -23,8 +23,9 @@ Writes ``results.json``, ``steps.csv`` and ``throughput.png`` to ``--out``
 (default ``examples/results/llm``). ``python examples/prune_llama.py --help`` lists the sizes.
 
 On a shared machine the from-scratch baseline can run in a second process beside the rest, its
-widths and steps fixed in advance (the committed results were made so, the steps from the
-expected compute, and ``--report`` records both runs' training FLOPs)::
+widths and steps fixed in advance (the steps from the expected compute; ``--report`` records both
+runs' training FLOPs). The committed results come from one plain run (3 minutes on a quiet
+2-core machine)::
 
     python examples/prune_llama.py &
     python examples/prune_llama.py --scratch-only 96,232,6,3,796
