@@ -40,6 +40,12 @@ def _file_of(obj) -> io.BytesIO:
     return buffer
 
 
+def _tie_mismatch() -> None:
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    _, bank = tg.attach_gates(mlp, torch.randn(2, 4))
+    bank.tie([list(bank.gates)])
+
+
 CASES = {
     "attach: not a module": (lambda: tg.attach_gates("resnet", X), TypeError, "expects an nn.Module"),
     "attach: a DataParallel wrapper": (
@@ -105,6 +111,21 @@ CASES = {
         lambda: tg.prune(Small(), [(X, torch.tensor([0, 1]))], side_pass_every=0, progress=False),
         ValueError,
         "side_pass_every must be an int >= 1",
+    ),
+    "prune: a batch neither a pair nor a dict": (
+        lambda: tg.prune(Small(), [X], progress=False),
+        TypeError,
+        "expects batches of (inputs, targets) or dicts",
+    ),
+    "prune: autocast not a floating dtype": (
+        lambda: tg.prune(Small(), [(X, torch.tensor([0, 1]))], autocast="bf16", progress=False),
+        ValueError,
+        "autocast must be None or a floating dtype",
+    ),
+    "GateBank.tie: groups of different sizes": (
+        _tie_mismatch,
+        ValueError,
+        "only groups of one size can share a gate",
     ),
     "channel_gate: a gate of the wrong length": (
         lambda: tg.channel_gate(X, torch.ones(4)),

@@ -17,6 +17,7 @@ Nothing here imports the procedures that use it (attach, export, compact executi
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class GateBank(nn.Module):
         self.hooks: list[GateHook] = []
         self.recurrent_hooks: list[RecurrentGateHook] = []  # LSTM / GRU hidden units (gated on parameters)
         self.compact: Any = None  # the CompactForward running this model compact (prune/compact.py), if any
+        self.held: set[str] = set()  # groups a Budget keeps whole (hold)
 
     def forward(self, x: Any) -> Any:
         """Identity. Gates are applied by the gated layers and hooks, not here; this exists because a
@@ -94,6 +96,72 @@ class GateBank(nn.Module):
             hook.hard = skip == "hard"
         for hook in self.recurrent_hooks:
             hook.hard = skip == "hard"
+
+    def tie(self, groups: Iterable[Iterable[str]]) -> None:
+        """Make each of ``groups`` (lists of gate group keys of one size) share one gate: the first's.
+
+        Tied groups open and close the same channels: one decision for all of them, trained by the
+        sum of their gradients. Call it before the optimizer is made (the shared gate is one
+        parameter; the others leave the model).
+        """
+        for keys in groups:
+            keys = list(keys)
+            unknown = [key for key in keys if key not in self.gates]
+            if unknown:
+                raise KeyError(f"tie(): no gate group {unknown[0]!r}; the groups are {list(self.gates)[:8]}")
+            shared = self.gates[keys[0]]
+            for key in keys[1:]:
+                old = self.gates[key]
+                if old.num_channels != shared.num_channels:
+                    raise ValueError(
+                        f"tie(): '{key}' has {old.num_channels} channels and '{keys[0]}' {shared.num_channels}: "
+                        "only groups of one size can share a gate"
+                    )
+                self.gates[key] = shared
+                for layer in self.gated_layers:  # a Gated layer holds its gate itself
+                    if layer.gate is old:
+                        layer.gate = shared
+
+    def tie_layers(self) -> dict[str, tuple[str, ...]]:
+        """Tie the groups that differ only in their numbers (layer indices) and have one size: every
+        layer then keeps the same heads, KV groups and MLP units, so that the exported model has the
+        uniform widths a Hugging Face config describes. Returns the ties (first key -> all keys)."""
+        by_pattern: dict[tuple[str, int], list[str]] = {}
+        for key, gate in self.gates.items():
+            by_pattern.setdefault((re.sub(r"\d+", "#", key), gate.num_channels), []).append(key)
+        ties = {keys[0]: tuple(keys) for keys in by_pattern.values() if len(keys) > 1}
+        self.tie(ties.values())
+        return ties
+
+    def hold(self, keys: Iterable[str]) -> None:
+        """Keep the groups ``keys`` whole: a :class:`~tg_kernels.Budget` made afterwards sets their
+        minimum open count to their size, so they never close."""
+        keys = set(keys)
+        unknown = keys - set(self.gates)
+        if unknown:
+            raise KeyError(f"hold(): no gate group {sorted(unknown)[0]!r}; the groups are {list(self.gates)[:8]}")
+        self.held |= keys
+
+    def head_dim_groups(self) -> list[str]:
+        """The keys of the groups gating the dims inside attention heads."""
+        if self.analysis is None:
+            return []
+        spaces = {hd.space for hd in self.analysis.head_dims if hd.space is not None}
+        return sorted({self.key_of_space[s] for s in spaces if s in self.key_of_space})
+
+    def make_uniform(self) -> dict[str, tuple[str, ...]]:
+        """Every layer keeps the same widths, and the widths a config holds: :meth:`tie_layers`, and
+        head dims held whole (a config rebuilds a rotary table from ``head_dim``, and no
+        ``head_dim`` gives the frequencies of an arbitrary subset of rotary pairs). Returns the ties."""
+        self.hold(self.head_dim_groups())
+        return self.tie_layers()
+
+    def tied(self) -> dict[str, tuple[str, ...]]:
+        """Every distinct gate: the first key holding it -> all keys sharing it (itself alone if untied)."""
+        out: dict[int, list[str]] = {}
+        for key, gate in self.gates.items():
+            out.setdefault(id(gate), []).append(key)
+        return {keys[0]: tuple(keys) for keys in out.values()}
 
     def open_fraction(self) -> float:
         """Fraction of gated channels whose gate is open."""

@@ -168,7 +168,11 @@ class Budget(nn.Module):
         param = next(iter(bank.parameters()), None)
         device = param.device if param is not None else None
         self.register_buffer("log_weight", torch.tensor(math.log(initial_weight), dtype=torch.float32, device=device))
-        minima = {key: _minimum(min_open, gate.num_channels) for key, gate in bank.gates.items()}
+        held = getattr(bank, "held", set())  # groups kept whole (GateBank.hold)
+        minima = {
+            key: gate.num_channels if key in held else _minimum(min_open, gate.num_channels)
+            for key, gate in bank.gates.items()
+        }
         floor = self._ratio_with({key: float(n) for key, n in minima.items()})
         if self.target < floor - 1e-12:
             raise ValueError(
@@ -381,7 +385,7 @@ class Budget(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def settle(self, tol: float = 0.01, spread: float = 0.5) -> int:
+    def settle(self, tol: float = 0.01, spread: float = 0.5, fixed: tuple[str, ...] = ()) -> int:
         """Open or close the gates nearest their threshold until ``|ratio / target - 1| <= tol``.
 
         Training with the budget brings the ratio near the target, where it moves in steps of one
@@ -399,12 +403,15 @@ class Budget(nn.Module):
         is left. Without it, a search that ends far above the target is finished by closing the
         costliest group again and again (each of its channels moves the ratio furthest): a residual
         stage's coupled group went from 11 to 1 of 16 channels in one settle. ``0`` turns this off.
+
+        ``fixed``: keys of groups settle leaves as they are.
         """
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 1:
             raise ValueError(f"spread must be a number in [0, 1], got {spread!r}")
-        gates = self.bank.gates
+        ties = self.bank.tied()  # tied groups (GateBank.tie) move together: one unit per distinct gate
+        gates = {key: self.bank.gates[key] for key in ties}
         masks = {key: gate.open_mask().clone() for key, gate in gates.items()}
         weights = {key: gate.weight.detach().clone() for key, gate in gates.items()}
         frozen = {key: torch.zeros_like(m) for key, m in masks.items()}  # flipped once: never again
@@ -416,6 +423,8 @@ class Budget(nn.Module):
             """(group, +1 open / -1 close, index, |w|): each group's nearest-threshold flip each way."""
             out = []
             for key, mask in masks.items():
+                if any(k in fixed for k in ties[key]):
+                    continue
                 w = weights[key]
                 closable = mask & ~frozen[key]
                 if counts[key] > gates[key].min_open and bool(closable.any()):
@@ -427,14 +436,17 @@ class Budget(nn.Module):
                     out.append((key, +1, idx, abs(float(w[idx]))))
             return out
 
+        def every_key(unit_counts: dict[str, float]) -> dict[str, float]:
+            return {key: unit_counts[unit] for unit, keys in ties.items() for key in keys}
+
         def ratio_after(moves) -> float:
             trial = dict(counts)
             for key, sign, _, _ in moves:
                 trial[key] += sign
-            return self._ratio_with(trial)
+            return self._ratio_with(every_key(trial))
 
         sizes = {key: gate.num_channels for key, gate in gates.items()}
-        all_channels = sum(sizes.values())
+        all_channels = sum(sizes[unit] * len(keys) for unit, keys in ties.items())
 
         def thins(moves) -> int:
             """How many of ``moves`` close a group below ``spread`` x the model-wide open fraction."""
@@ -443,12 +455,12 @@ class Budget(nn.Module):
             trial = dict(counts)
             for key, sign, _, _ in moves:
                 trial[key] += sign
-            mean = sum(trial.values()) / all_channels
+            mean = sum(trial[unit] * len(keys) for unit, keys in ties.items()) / all_channels
             return sum(1 for key, sign, _, _ in moves if sign < 0 and trial[key] < spread * mean * sizes[key] - 1e-9)
 
         flipped = 0
         while True:
-            r = self._ratio_with(counts)
+            r = self._ratio_with(every_key(counts))
             if lo <= r <= hi:
                 break
             cands = candidates()

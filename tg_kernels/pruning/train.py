@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,16 +102,69 @@ def _epoch_batches(data: Batches) -> Iterable[Any]:
 
 
 def _split(batch: Any) -> tuple[Any, Any]:
+    """(inputs, targets) of a batch: a pair, or a dict of model keyword arguments (targets: its "labels")."""
+    if isinstance(batch, dict):
+        return batch, batch.get("labels")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(
-        "prune() expects batches of (inputs, targets); pass loss_fn=lambda output, batch_targets: ... for other "
-        f"losses, got a {type(batch).__name__}"
+        "prune() expects batches of (inputs, targets) or dicts of the model's keyword arguments (Hugging Face "
+        f'style: {{"input_ids": ..., "labels": ...}}), got a {type(batch).__name__}'
     )
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _model_loss(output: Any) -> Tensor | None:
+    """The loss a model computed itself: a Hugging Face output's ``.loss`` or a dict's ``"loss"``."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, Tensor) else None
+
+
+def _to_device(data: Any, device: torch.device) -> Any:
+    """``data`` with every tensor in it (in tuples, lists and dicts) on ``device``."""
+    if isinstance(data, Tensor):
+        return data if data.device == device else data.to(device, non_blocking=True)
+    if isinstance(data, dict):
+        return type(data)({k: _to_device(v, device) for k, v in data.items()})
+    if isinstance(data, (tuple, list)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
+
+
+@dataclass(frozen=True)
+class _Step:
+    """How one batch becomes a task loss: the model's device, the autocast dtype and the loss function."""
+
+    device: torch.device
+    autocast: torch.dtype | None
+    loss_fn: Callable[[Any, Any], Tensor] | None
+
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[Any, Tensor]:
+        """(the model's output, the task loss) for ``batch``, moved to the device, under autocast if asked."""
+        inputs, targets = _split(_to_device(batch, self.device))
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            output = _call(model, inputs)
+            if self.loss_fn is not None:
+                return output, self.loss_fn(output, targets)
+            own = _model_loss(output)
+            if own is not None:
+                return output, own
+            if targets is None:
+                raise ValueError(
+                    "prune() found no loss: the model's output has no .loss and the batch no targets; pass "
+                    "labels in the batch or loss_fn=lambda output, targets: ..."
+                )
+            return output, F.cross_entropy(output, targets)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(unwrap(model).parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _cosine(step: int, total: int) -> float:
@@ -270,21 +324,41 @@ def _attach(model: nn.Module, data: Batches, example_inputs: Any, skip: str, com
         first = next(iter(_epoch_batches(data)), None)
         if first is None:
             raise ValueError("prune() got no batches: data yields nothing")
-        first_inputs, _ = _split(first)
-        example_inputs = tuple(t[:1] for t in first_inputs) if isinstance(first_inputs, tuple) else first_inputs[:1]
+        example_inputs = example_of(first, _model_device(model))
+    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (example_inputs, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what stays ungated is listed in bank.skipped
-        model, _ = attach_gates(model, example_inputs, skip=skip, compact=compact, closed_gate_gradients=closed)
+        model, _ = attach_gates(
+            model, args, example_kwargs=kwargs, skip=skip, compact=compact, closed_gate_gradients=closed
+        )
     return model
+
+
+def example_of(batch: Any, device: torch.device | None = None) -> Any:
+    """Example inputs for :func:`~tg_kernels.attach_gates` from a training batch: its first sample.
+
+    A dict batch gives a dict of keyword arguments (its ``"labels"`` left out: FLOPs are counted for
+    the forward the model runs at inference); a pair ``(inputs, targets)`` gives ``inputs[:1]``.
+    """
+    inputs, _ = _split(batch)
+    if isinstance(inputs, dict):
+        inputs = {k: v[:1] if isinstance(v, Tensor) else v for k, v in inputs.items() if k != "labels"}
+    elif isinstance(inputs, tuple):
+        inputs = tuple(t[:1] for t in inputs)
+    else:
+        inputs = inputs[:1]
+    return inputs if device is None else _to_device(inputs, device)
 
 
 @torch.no_grad()
 def init_gates_from_importance(
     model: nn.Module,
     batches: Iterable[Any],
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
     low: float = 0.1,
     high: float = 1.0,
+    *,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Start each gate at a height that ranks its channel's importance within its group.
 
@@ -295,8 +369,12 @@ def init_gates_from_importance(
     at ``high`` (linear in rank). Under Adam a gate under steady budget pressure moves about
     ``gate_lr`` per step, so gates that start lower cross their threshold first: channels close one
     at a time in order of importance, in every group alike, instead of a whole group reaching the
-    threshold in the same few steps. Returns the scores.
+    threshold in the same few steps. Returns the scores. Under ``torch.distributed`` (initialised,
+    more than one rank) every rank must call it: the scores are summed over the ranks first.
+    ``batches`` and ``loss_fn`` are read as :func:`prune` reads them (pairs or dicts;
+    ``loss_fn=None``: the model's own ``.loss``).
     """
+    step = _Step(_model_device(model), autocast, loss_fn)
     bank = gate_bank(model)
     params = {key: gate.weight for key, gate in bank.gates.items()}
     scores = {key: torch.zeros_like(w) for key, w in params.items()}
@@ -306,8 +384,7 @@ def init_gates_from_importance(
     seen = 0
     with torch.enable_grad():
         for batch in batches:
-            inputs, targets = _split(batch)
-            loss = loss_fn(_call(model, inputs), targets)
+            _, loss = step(model, batch)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for key, g in zip(params, grads):
                 if g is not None:
@@ -315,6 +392,9 @@ def init_gates_from_importance(
             seen += 1
     for p, r in zip(params.values(), was):
         p.requires_grad_(r)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for s in scores.values():  # every rank saw other batches: rank on the sum, so that gates stay identical
+            dist.all_reduce(s)
     if not seen:
         return scores
     for key, w in params.items():
@@ -335,7 +415,26 @@ def _goal(target: float, step: int, anneal_steps: int) -> float:
     return math.exp(progress * math.log(target))
 
 
-def _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol, record) -> int:
+def gate_lr_scale(step: int, schedule: Schedule) -> float:
+    """The gates' learning rate at search step ``step``, as a fraction of ``gate_lr``: full while the
+    goal moves, then a cosine decay (to 5%) so that the ratio settles."""
+    hold = schedule.search_steps - schedule.anneal_steps
+    anneal = _cosine(step - schedule.anneal_steps, hold) if step >= schedule.anneal_steps else 1.0
+    return max(anneal, 0.05)
+
+
+def multiplier_rate(schedule: Schedule) -> float:
+    """The budget multiplier's rate for a search: it must be able to grow ~e^4 (55x) within the part
+    of the search that moves the goal."""
+    return max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
+
+
+def annealed_goal(target: float, step: int, anneal_steps: int) -> float:
+    """The budget's goal at search step ``step``: from 1 down to ``target`` over ``anneal_steps``."""
+    return _goal(target, step, anneal_steps)
+
+
+def _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, tol, record) -> int:
     """Task loss + budget on weights and gates together; returns the steps taken."""
     model.train()
     step, epoch, total, seen = 0, None, 0.0, 0
@@ -348,12 +447,8 @@ def _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol,
         epoch = epoch_now
         budget.set_goal(_goal(target, step, schedule.anneal_steps))
         # the gates move at full speed while the goal moves, then slow down (cosine) so that the ratio settles
-        hold = schedule.search_steps - schedule.anneal_steps
-        anneal = _cosine(step - schedule.anneal_steps, hold) if step >= schedule.anneal_steps else 1.0
-        opt.param_groups[1]["lr"] = gate_lr * max(anneal, 0.05)
-        inputs, targets = _split(batch)
-        output = _call(model, inputs)
-        task = loss_fn(output, targets)
+        opt.param_groups[1]["lr"] = gate_lr * gate_lr_scale(step, schedule)
+        output, task = step_loss(model, batch)
         loss = task + budget()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -371,7 +466,7 @@ def _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol,
     return step
 
 
-def _finetune(model, weights, stream, steps, steps_per_epoch, loss_fn, lr, weight_decay, record) -> int:
+def _finetune(model, weights, stream, steps, steps_per_epoch, step_loss, lr, weight_decay, record) -> int:
     """Frozen gates, the task loss alone: AdamW with a cosine schedule for ``steps`` steps."""
     if steps <= 0:
         return 0
@@ -380,8 +475,7 @@ def _finetune(model, weights, stream, steps, steps_per_epoch, loss_fn, lr, weigh
     model.train()
     total, seen, done = 0.0, 0, 0
     for _, batch in stream:
-        inputs, targets = _split(batch)
-        task = loss_fn(_call(model, inputs), targets)
+        _, task = step_loss(model, batch)
         tune.zero_grad(set_to_none=True)
         task.backward()
         tune.step()
@@ -404,7 +498,7 @@ def prune(
     *,
     example_inputs: Any = None,
     metric: str = "flops",
-    loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
     gate_epochs: int = 4,
     max_gate_epochs: int | None = None,
     finetune_epochs: int = 14,
@@ -426,20 +520,26 @@ def prune(
     compact: bool = True,
     closed_gate_gradients: bool = True,
     side_pass_every: int = 1,
+    autocast: torch.dtype | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
 
     Args:
         model: a trained model, ungated (gates are attached here, in place) or already gated by
             :func:`~tg_kernels.attach_gates`.
-        data: training batches of ``(inputs, targets)``: a re-iterable such as a DataLoader, or a
-            callable returning a fresh iterable for each epoch. Without ``len`` one epoch is
-            iterated once first to count its batches.
+        data: training batches of ``(inputs, targets)``, or dicts of the model's keyword arguments
+            (Hugging Face style: ``{"input_ids", "attention_mask", "labels"}``; the model is called
+            with ``**batch``): a re-iterable such as a DataLoader, or a callable returning a fresh
+            iterable for each epoch. Without ``len`` one epoch is iterated once first to count its
+            batches. Tensors are moved to the model's device.
         target: the wanted fraction of the dense model's ``metric``.
         example_inputs: inputs for :func:`~tg_kernels.attach_gates` (FLOPs are counted for them);
-            default: the first sample of the first batch.
+            default: the first sample of the first batch (:func:`example_of`; a dict batch gives
+            keyword arguments, its ``"labels"`` left out).
         metric: ``"flops"``, ``"params"`` or ``"channels"``.
-        loss_fn: task loss ``loss_fn(model_output, targets)``.
+        loss_fn: task loss ``loss_fn(model_output, targets)`` (``targets``: a dict batch's
+            ``"labels"``). ``None`` (the default): the loss the model returns (a Hugging Face
+            output's ``.loss``, a dict's ``"loss"``), else ``cross_entropy(output, targets)``.
         gate_epochs: epochs of gate search, unless ``min_search_steps`` asks for more steps.
         max_gate_epochs: ``None`` (the default): no more than the planned search. Larger: after the
             planned search it goes on (up to these many epochs' worth of extra steps) until the
@@ -484,6 +584,8 @@ def prune(
             ``1 / k`` of its cost; ``GateBank.compact.side_pass_every``). ``1``: every step (exact).
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
+        autocast: a dtype (``torch.bfloat16``, ``torch.float16``) to run the forward and the task
+            loss under ``torch.autocast`` on the model's device; ``None`` (default): no autocast.
 
     Returns:
         A :class:`PruneResult`: the exported model, the gated model, the budget, where it ended,
@@ -492,6 +594,8 @@ def prune(
     if max_gate_epochs is None:
         max_gate_epochs = gate_epochs
     _validate(model, gate_epochs, max_gate_epochs, finetune_epochs, skip, min_search_steps, anneal, gate_init, protect)
+    if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+        raise ValueError(f"autocast must be None or a floating dtype such as torch.bfloat16, got {autocast!r}")
     start = time.perf_counter()
     say = log or (lambda line: None)
     _check_int("side_pass_every", side_pass_every, 1)
@@ -499,12 +603,13 @@ def prune(
     bank = gate_bank(model)
     if getattr(bank, "compact", None) is not None:
         bank.compact.side_pass_every = side_pass_every
+    step_loss = _Step(_model_device(model), autocast, loss_fn)
     _set_skip(model, skip[0])
     schedule = plan_schedule(
         _count_steps(data), gate_epochs, max_gate_epochs, finetune_epochs, min_search_steps, anneal
     )
     # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
-    rate = max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
+    rate = multiplier_rate(schedule)
     budget = Budget(
         bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain, balance=balance
     )
@@ -512,7 +617,9 @@ def prune(
     if gate_init == "taylor":
         model.train()
         n = min(schedule.steps_per_epoch, 16)
-        init_gates_from_importance(model, (batch for _, (_, batch) in zip(range(n), stream)), loss_fn)
+        init_gates_from_importance(
+            model, (batch for _, (_, batch) in zip(range(n), stream)), loss_fn, autocast=autocast
+        )
         stream = _stream(data)  # the search starts at a fresh epoch
 
     gate_params = list(bank.parameters())
@@ -546,7 +653,7 @@ def prune(
 
     try:
         record("start", 0, math.nan)
-        steps = _search(model, budget, opt, stream, schedule, loss_fn, gate_lr, target, tol, record)
+        steps = _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, tol, record)
         searched = float(budget.ratio().detach())
         flips = budget.settle(tol) if not budget.status().within(tol) else 0
         if flips:
@@ -557,7 +664,7 @@ def prune(
         _set_skip(model, skip[1])
         tuned = _finetune(
             model, weights, _stream(data), schedule.tune_steps,
-            schedule.steps_per_epoch, loss_fn, lr, weight_decay, record,
+            schedule.steps_per_epoch, step_loss, lr, weight_decay, record,
         )
     finally:
         bar.close()
@@ -591,4 +698,14 @@ def _check_signal(output: Any) -> None:
         )
 
 
-__all__ = ["PruneResult", "Schedule", "init_gates_from_importance", "plan_schedule", "prune"]
+__all__ = [
+    "PruneResult",
+    "Schedule",
+    "annealed_goal",
+    "example_of",
+    "gate_lr_scale",
+    "init_gates_from_importance",
+    "multiplier_rate",
+    "plan_schedule",
+    "prune",
+]
