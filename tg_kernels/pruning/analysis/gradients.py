@@ -53,6 +53,13 @@ from tg_kernels.pruning.analysis.types import ChannelInfo, GatePoint, SidePass, 
 from tg_kernels.pruning.analysis.walk import Walk
 
 
+def _conv_groups(conv: fx.Node) -> int:
+    """The ``groups`` argument of a ``conv2d`` / ``convolution`` / ``conv_transpose2d`` node."""
+    if op_name(conv) == "convolution":
+        return conv.args[8]
+    return conv.args[6] if len(conv.args) > 6 else 1
+
+
 class _NoRecipe(Exception):
     """A side pass cannot be built for this gate point (the message says why)."""
 
@@ -316,6 +323,12 @@ class _Builder:
             steps = (*steps, SideStep("op", torch.ops.aten.neg.default))
         return (user, steps, zero, replayable)
 
+    def _depthwise(self, conv: fx.Node, node: fx.Node) -> bool:
+        """Whether ``conv`` (a convolution node reading ``node``) is depthwise: one group per channel."""
+        transposed = op_name(conv) == "conv_transpose2d" or (op_name(conv) == "convolution" and bool(conv.args[6]))
+        groups = _conv_groups(conv)
+        return not transposed and groups != 1 and groups == (self.w.shape(node) or (0, 0))[1]
+
     def consumer(self, user: fx.Node, node: fx.Node, root: int, steps, zero: bool, replayable: bool):
         """A Conv2d or Linear reading the channels (None for a depthwise conv, which passes them on)."""
         name = op_name(user)
@@ -327,10 +340,9 @@ class _Builder:
                 raise _NoRecipe(f"Linear at '{user.name}' (reused, or not over the channel dim)")
             kind = "linear"
         else:
-            groups = user.args[8] if name == "convolution" else (user.args[6] if len(user.args) > 6 else 1)
             transposed = name == "conv_transpose2d" or (name == "convolution" and bool(user.args[6]))
-            channels = (self.w.shape(node) or (0, 0))[1]
-            if groups != 1 and groups == channels and not transposed:
+            groups = _conv_groups(user)
+            if self._depthwise(user, node):
                 return None  # depthwise: the group passes through
             owner = self.weight_owner(user, (nn.ConvTranspose2d,) if transposed else (nn.Conv2d,))
             if owner is None or groups != 1 or at[1] != 1:
@@ -386,6 +398,8 @@ class _Builder:
                 owner = self.weight_owner(node, (nn.Conv2d,))
                 if owner is None or name == "linear" or transposed or self.module(owner).padding_mode != "zeros":
                     raise _NoRecipe(f"'{name}' at '{node.name}' before the gate point")
+                if not self._depthwise(node, x):  # a dense conv from the group to itself mixes closed channels in
+                    raise _NoRecipe(f"conv '{owner}' maps the group's channels onto themselves with a dense kernel")
                 steps.append(SideStep("conv", module=owner, offset=inside[0]))
                 node = x
                 continue
