@@ -188,8 +188,10 @@ def _replay(
             x = step.op(x, *step.args, **dict(step.kwargs))
         elif step.kind == "item":
             x = x[step.args[0]]
-        elif step.kind == "dropout":
-            x = step.op(x, step.args[0], run.model.get_submodule(step.module).training)
+        elif step.kind == "dropout":  # at the module's probability now (it may have changed since the trace)
+            module = run.model.get_submodule(step.module)
+            p = module.p if isinstance(module, nn.modules.dropout._DropoutNd) else step.args[0]
+            x = step.op(x, p, module.training)
         elif step.kind == "norm":
             bn = run.model.get_submodule(step.module)
             idx = index[i]
