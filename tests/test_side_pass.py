@@ -462,4 +462,3 @@ def test_side_pass_every_k_steps_is_an_unbiased_estimate_of_none_modes_gradients
     for cycle in (steps[:every], steps[every:]):
         mean = {name: sum(g[name] for g in cycle) / every for name in closed}
         _assert_equal({name: none[name] for name in closed}, mean)
-
