@@ -12,7 +12,7 @@ from torch import nn
 
 import tg_kernels as tg
 from tests.test_budget import SmallNet, gated, synthetic_data
-from tg_kernels.pruning.train import _goal, init_gates_from_importance, plan_schedule
+from tg_kernels.pruning.train import annealed_goal, init_gates_from_importance, plan_schedule
 
 # --------------------------------------------------------------------------------------------------
 # the schedule, in optimizer steps
@@ -35,11 +35,11 @@ def test_schedule_leaves_a_large_dataset_at_gate_epochs():
 
 
 def test_goal_anneals_from_one_to_the_target():
-    goals = [_goal(0.25, step, 100) for step in range(0, 121, 10)]
+    goals = [annealed_goal(0.25, step, 100) for step in range(0, 121, 10)]
     assert goals[0] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(goals, goals[1:]))
     assert goals[-1] == goals[-3] == 0.25
-    assert _goal(0.25, 0, 0) == 0.25  # anneal=0: the target from the first step
+    assert annealed_goal(0.25, 0, 0) == 0.25  # anneal=0: the target from the first step
 
 
 # --------------------------------------------------------------------------------------------------

@@ -407,8 +407,9 @@ def init_gates_from_importance(
     return scores
 
 
-def _goal(target: float, step: int, anneal_steps: int) -> float:
-    """The annealed goal: from 1 down to ``target``, geometric in the cosine of the step."""
+def annealed_goal(target: float, step: int, anneal_steps: int) -> float:
+    """The budget's goal at search step ``step``: from 1 down to ``target`` over ``anneal_steps``,
+    geometric in the cosine of the step."""
     if anneal_steps <= 0 or step >= anneal_steps:
         return target
     progress = 1 - _cosine(step, anneal_steps)  # 0 -> 1, slow at both ends
@@ -429,11 +430,6 @@ def multiplier_rate(schedule: Schedule) -> float:
     return max(0.02, 4.0 / max(schedule.anneal_steps or schedule.search_steps, 1))
 
 
-def annealed_goal(target: float, step: int, anneal_steps: int) -> float:
-    """The budget's goal at search step ``step``: from 1 down to ``target`` over ``anneal_steps``."""
-    return _goal(target, step, anneal_steps)
-
-
 def _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, tol, record) -> int:
     """Task loss + budget on weights and gates together; returns the steps taken."""
     model.train()
@@ -445,7 +441,7 @@ def _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, to
             record("gates", epoch, total / max(seen, 1))
             total, seen = 0.0, 0
         epoch = epoch_now
-        budget.set_goal(_goal(target, step, schedule.anneal_steps))
+        budget.set_goal(annealed_goal(target, step, schedule.anneal_steps))
         # the gates move at full speed while the goal moves, then slow down (cosine) so that the ratio settles
         opt.param_groups[1]["lr"] = gate_lr * gate_lr_scale(step, schedule)
         output, task = step_loss(model, batch)
@@ -608,7 +604,6 @@ def prune(
     schedule = plan_schedule(
         _count_steps(data), gate_epochs, max_gate_epochs, finetune_epochs, min_search_steps, anneal
     )
-    # the multiplier must be able to grow ~e^4 (55x) within the part of the search that moves the goal
     rate = multiplier_rate(schedule)
     budget = Budget(
         bank, target=target, metric=metric, min_open=min_open, protect=protect, rate=rate, gain=gain, balance=balance
