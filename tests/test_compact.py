@@ -787,6 +787,34 @@ def test_gather_bundle_matches_index_select_and_passes_gradcheck(along_one_dim, 
         torch.testing.assert_close(b, a)
 
 
+def test_gather_bundle_copies_conv_weights_in_runs_of_their_kernel():
+    """A contiguous conv weight sliced along its out and in channels keeps runs of kh * kw elements,
+    gathered and scattered run by run; a channels_last one (its in channels innermost) element by element."""
+    from tg_kernels.pruning.gather import Bundle, gather_bundle, run_length
+
+    g = torch.Generator().manual_seed(1)
+    conv = torch.randn(6, 5, 3, 2, dtype=torch.float64, generator=g)
+    last = torch.randn(6, 5, 3, 2, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+    rows, cols = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
+    dims = [[(0, rows), (1, cols)], [(0, rows), (1, cols)], [(1, cols)]]
+    tensors = [conv, last, torch.randn(4, 5, 2, 2, dtype=torch.float64, generator=g)]
+    assert [run_length(t, d) for t, d in zip(tensors, dims)] == [6, 1, 4]
+    assert run_length(torch.zeros(0, 3), []) == 1
+    bundle, order = Bundle.build(tensors, dims, [True, False, False])
+    assert sorted(bundle.runs) == [1, 4, 6]
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    fulls = [tensors[i].clone().requires_grad_() for i in order]
+    out = dict(zip(order, gather_bundle(bundle, fulls, scale)))
+    torch.testing.assert_close(out[0], _reference_gather(conv, dims[0], scale))
+    torch.testing.assert_close(out[1], _reference_gather(last, dims[1]))
+    torch.testing.assert_close(out[2], _reference_gather(tensors[2], dims[2]))
+
+    def run(s, *ts):
+        return gather_bundle(bundle, ts, s)
+
+    assert torch.autograd.gradcheck(run, (scale, *fulls))
+
+
 def test_kept_gate_values_are_the_open_masks_with_hard_mode_gradients():
     from tg_kernels.gate import gaussian_shape
     from tg_kernels.pruning.gather import kept_gate_values

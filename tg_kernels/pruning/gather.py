@@ -55,6 +55,21 @@ def memory_order_entries(t: Tensor, dims: Sequence[tuple[int, Tensor]]) -> tuple
     return offsets.reshape(-1), shape
 
 
+def run_length(t: Tensor, dims: Sequence[tuple[int, Tensor]]) -> int:
+    """How many elements the kept entries of ``t`` come in, contiguous in memory: the product of the
+    trailing dims that ``dims`` does not slice and that are laid out innermost with stride 1 (a
+    contiguous conv weight sliced along its out and in channels keeps runs of ``kh * kw``)."""
+    if t.numel() == 0:
+        return 1
+    sliced = {dim for dim, _ in dims}
+    run = 1
+    for dim in reversed(range(t.dim())):
+        if dim in sliced or (t.shape[dim] != 1 and t.stride(dim) != run):
+            break
+        run *= t.shape[dim]
+    return run
+
+
 _ALONG_ONE_DIM = 1 << 14  # tensors at least this large, sliced along one dim, are gathered along it
 
 
@@ -103,14 +118,16 @@ class Bundle:
     multiply scales them all; then scaled tensors with more dims, then unscaled ones.
 
     Small tensors and tensors sliced along several dims are gathered through their storage offsets
-    (one ``index_copy`` backward serves all of them); large tensors sliced along one dim (a Linear's
-    rows or columns) use ``index_select`` / ``index_copy_`` along that dim, which copy whole runs
-    instead of element by element.
+    (one ``index_copy`` backward serves all of them), in runs of contiguous elements where the
+    kept entries come in runs (:func:`run_length`: a conv weight's ``kh * kw``); large tensors
+    sliced along one dim (a Linear's rows or columns) use ``index_select`` / ``index_copy_`` along
+    that dim, which copy whole rows instead of element by element.
     """
 
     dtype: torch.dtype
     device: torch.device
-    entries: list[Tensor | None]  # per tensor: storage offsets of its kept entries (memory_order_entries)
+    entries: list[Tensor | None]  # per tensor: storage offsets of its kept runs (memory_order_entries), in runs
+    runs: list[int]  # per tensor: elements per run (1: element by element, in global_index)
     shapes: list[tuple[int, ...]]  # per tensor: its compact shape
     full_shapes: list[tuple[int, ...]]
     full_strides: list[tuple[int, ...]]
@@ -144,7 +161,7 @@ class Bundle:
             range(len(tensors)),
             key=lambda i: (0 if scaled[i] and tensors[i].dim() == 1 else 1 if scaled[i] else 2, i),
         )
-        entries, shapes, scaled_rows, along, dropped = [], [], [], [], []
+        entries, shapes, scaled_rows, along, dropped, runs = [], [], [], [], [], []
         offsets = [0]
         elementwise = rows = scaled_end = 0
         for i in order:
@@ -157,10 +174,15 @@ class Bundle:
                 keep = torch.ones(t.shape[dim], dtype=torch.bool, device=index.device)
                 keep[index] = False
                 dropped.append(torch.nonzero(keep).flatten())
+                runs.append(1)
             else:
                 flat, shape = memory_order_entries(t, dims[i])
+                run = run_length(t, dims[i])
+                if run > 1:  # the first entry of each run, counted in runs
+                    flat = flat.view(-1, run)[:, 0] // run
                 along.append(None)
                 dropped.append(None)
+                runs.append(run)
             entries.append(flat)
             shapes.append(shape)
             n = math.prod(shape)
@@ -181,21 +203,22 @@ class Bundle:
             for k, i in enumerate(order):
                 if (along[k] is not None) == pass_along:
                     full_offsets[k], at = at, at + tensors[i].numel()
-        pieces = [flat + full_offsets[k] for k, flat in enumerate(entries) if flat is not None]
+        pieces = [flat + full_offsets[k] for k, flat in enumerate(entries) if flat is not None and runs[k] == 1]
         first = tensors[order[0]] if order else None
         bundle = Bundle(
             dtype=first.dtype if first is not None else torch.float32,
             device=first.device if first is not None else torch.device("cpu"),
             entries=entries,
+            runs=runs,
             shapes=shapes,
             whole=[
                 (d is not None and d.numel() == 0)
                 or (
                     flat is not None
-                    and flat.numel() == tensors[i].numel()
+                    and flat.numel() * run == tensors[i].numel()
                     and not (scaled[i] and tensors[i].dim() == 1)
                 )
-                for i, d, flat in zip(order, dropped, entries)
+                for i, d, flat, run in zip(order, dropped, entries, runs)
             ],
             full_shapes=[tuple(tensors[i].shape) for i in order],
             full_strides=[tuple(tensors[i].stride()) for i in order],
@@ -204,7 +227,7 @@ class Bundle:
             scaled_rows=scaled_rows,
             elementwise=elementwise,
             scale_rows=elementwise + rows,
-            global_index=torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64),
+            global_index=torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64),  # runs of 1 only
             along=along,
             dropped=dropped,
             full_numel=at,
@@ -244,7 +267,9 @@ class _GatherBundle(torch.autograd.Function):
             if along is not None:
                 torch.index_select(full, along[0], along[1], out=piece.view(bundle.shapes[i]))
             else:
-                torch.index_select(full.as_strided((full.numel(),), (1,)), 0, bundle.entries[i], out=piece)
+                run = bundle.runs[i]
+                rows = full.as_strided((full.numel() // run, run), (run, 1))
+                torch.index_select(rows, 0, bundle.entries[i], out=piece.view(-1, run))
         out = gathered
         if scale is not None and not unit:  # scaled tensors get their own buffer; the others stay views of `gathered`
             out = bundle.scaled_buffer.get(bundle.scaled_end, bundle.dtype, bundle.device)
@@ -300,13 +325,21 @@ class _GatherBundle(torch.autograd.Function):
         copied = [i for i, along in enumerate(bundle.along) if along is None and not ctx.passed[i]]
         if copied:
             full[: bundle.by_offset_numel].zero_()
+        singles = [i for i in copied if bundle.runs[i] == 1]
+        if singles:
             index = bundle.global_index
-            if len(copied) < sum(along is None for along in bundle.along):  # some passed through: their entries out
+            if len(singles) < sum(a is None and r == 1 for a, r in zip(bundle.along, bundle.runs)):  # some passed
                 key = tuple(ctx.passed)
                 if key not in bundle.index_cache:
-                    bundle.index_cache[key] = torch.cat([bundle.entries[i] + bundle.full_offsets[i] for i in copied])
+                    bundle.index_cache[key] = torch.cat([bundle.entries[i] + bundle.full_offsets[i] for i in singles])
                 index = bundle.index_cache[key]
-            full.index_copy_(0, index, torch.cat([ready[i].reshape(-1) for i in copied]))
+            full.index_copy_(0, index, torch.cat([ready[i].reshape(-1) for i in singles]))
+        for i in copied:
+            run = bundle.runs[i]
+            if run > 1:
+                start = bundle.full_offsets[i]
+                rows = full[start : start + math.prod(bundle.full_shapes[i])].view(-1, run)
+                rows.index_copy_(0, bundle.entries[i], ready[i].reshape(-1, run))
         grads_full = []
         for i, (shape, stride) in enumerate(zip(bundle.full_shapes, bundle.full_strides)):
             if ctx.passed[i]:
