@@ -186,6 +186,8 @@ def test_input_gates_fold_into_weights_with_per_layer_gradients(build, shape, fo
     seen = []
     # while the layer runs, its input hook leaves the activation alone: the weight took the gate
     hooks = [fold.hook for fold, _ in cbank.compact._column_folds]
+    for hook in hooks:  # (input size not seen yet: on the weight; see the test below for the other side)
+        hook.input_numel = None
     handles = [
         compact.get_submodule(fold.module).register_forward_pre_hook(
             lambda m, a, h=fold.hook: seen.append(h.compact and h.compact_gate is None)
@@ -202,6 +204,36 @@ def test_input_gates_fold_into_weights_with_per_layer_gradients(build, shape, fo
     assert loss_c == pytest.approx(loss_p, rel=1e-12)
     gates = {n for n, p in compact.named_parameters() if any(p is g.weight for g in cbank.gates.values())}
     assert gates and all(grads_c[n] is not None and grads_c[n].abs().sum() > 0 for n in gates)
+    _assert_grads_equal(grads_c, grads_p)
+
+
+@pytest.mark.parametrize("round_to", [1, 3], ids=["open-gates-only", "padded-with-closed"])
+@pytest.mark.parametrize("build, shape, folded", INPUT_GATED)
+def test_learning_input_gates_go_on_the_smaller_of_input_and_weight(build, shape, folded, round_to):
+    """From the second compact forward on, a learning input gate multiplies the layer's input where
+    that input (as the last forward saw it) is smaller than the layer's compact weight, and scales
+    the weight otherwise: the same loss and gradients as the per-layer path either way."""
+    compact, cbank, per_layer, _, x = _pair(build, shape)
+    cbank.compact.round_to = round_to
+    _step(compact, x)
+    _step(per_layer, x)
+    placed = {}
+    handles = [
+        compact.get_submodule(fold.module).register_forward_pre_hook(
+            lambda m, a, h=fold.hook, name=fold.module: placed.__setitem__(
+                name, (h.compact_gate is not None, a[0].numel() < m.weight.numel())
+            )
+        )
+        for fold, _ in cbank.compact._column_folds
+    ]
+    loss_c, grads_c = _step(compact, x)
+    for handle in handles:
+        handle.remove()
+    loss_p, grads_p = _step(per_layer, x)
+    assert placed and all(on_input == smaller for on_input, smaller in placed.values()), placed
+    if build is _SharedReluMLP:  # 10 tokens: fc2's input is smaller than its weight
+        assert placed["fc2"][0]
+    assert loss_c == pytest.approx(loss_p, rel=1e-12)
     _assert_grads_equal(grads_c, grads_p)
 
 

@@ -309,11 +309,14 @@ class InputGateHook(GateHook):
     # Set by compact execution: a Linear's input gates are folded into its weight's columns, which
     # holds only where they gate the last dim (checked on the input; a mismatch reruns per layer)
     columns = False
+    input_numel: int | None = None  # the input's size in the last compact forward
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:  # type: ignore[override]
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"cannot gate the input of {type(module).__name__}: its first argument is not a tensor")
         x = args[0]
+        if self.compact:
+            self.input_numel = x.numel()  # (compact execution weighs folding into the weight against this)
         if self.compact and self.columns and self.dim % x.dim() != x.dim() - 1:
             raise RuntimeError(f"input gates along dim {self.dim} of {type(module).__name__} folded into its columns")
         return (super().__call__(module, args, x), *args[1:])

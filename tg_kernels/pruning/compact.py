@@ -279,6 +279,18 @@ class CompactForward:
             return True  # the dim is checked on the input (InputGateHook.columns)
         return isinstance(module, nn.modules.conv._ConvNd) and dim == 1
 
+    @staticmethod
+    def _input_is_smaller(fold: _Fold, module: nn.Module) -> bool:
+        """Whether a learning input gate costs less on the layer's input than on its weight.
+
+        Folded into the weight, the gate's gradient is a weight-sized product and sum each step; on the
+        input, an activation-sized multiply forward and backward. Late layers of a CNN (a 3x3 conv of
+        512 channels on 4x4 pixels) read inputs far smaller than their weights. The input's size is
+        the one the hook saw in the last compact forward (none yet: the weight).
+        """
+        seen = getattr(fold.hook, "input_numel", None)
+        return seen is not None and seen < module._parameters["weight"].numel()
+
     def _norms_together(self) -> None:
         """A norm over a full-width group and another group: that one runs at full width too (the
         open-channel statistics of the per-layer path need the whole normalised width)."""
@@ -379,10 +391,14 @@ class CompactForward:
         # a hook multiplying by ones only matters for the gradient it passes to the gates
         gates_learn = torch.is_grad_enabled() and any(g.weight.requires_grad for g in self.bank.gates.values())
         column_scales: dict[str, Tensor] = {}
+        on_input: set[_Fold] = set()  # learning input gates applied to the (smaller) input instead
         for fold, module in self._column_folds:
             unit = fold in plan.unit_hooks
             if unit and not gates_learn:
                 continue  # every kept gate is 1 and takes no gradient: the weight as it is
+            if gates_learn and self._input_is_smaller(fold, module):
+                on_input.add(fold)
+                continue
             if values is None:
                 values = self._gate_values(plan)
             weight = module._parameters["weight"]
@@ -402,7 +418,7 @@ class CompactForward:
                 column_scales[fold.module] = scale.detach()
         for fold in self._folds:
             if fold.hook is not None:
-                if fold.module is not None or (not gates_learn and fold in plan.unit_hooks):
+                if (fold.module is not None and fold not in on_input) or (not gates_learn and fold in plan.unit_hooks):
                     fold.hook.compact_gate = None
                 else:
                     if values is None:
@@ -449,14 +465,14 @@ class CompactForward:
             module._forward_hooks.update(added)
         for module, _, full in plan.attributes:
             module.__dict__.update(full)
-        for spec, full, compact in swapped:
-            spec.slot[spec.attr] = full
-            for slot, attr in spec.aliases:
-                slot[attr] = full
-            # Norms update running statistics in place in training mode (without bumping _version).
-            if spec.write_back is not None and write_back and spec.owner.training:
-                entries, positions = spec.write_back
-                with torch.no_grad():
+        with torch.no_grad():
+            for spec, full, compact in swapped:
+                spec.slot[spec.attr] = full
+                for slot, attr in spec.aliases:
+                    slot[attr] = full
+                # Norms update running statistics in place in training mode (without bumping _version).
+                if spec.write_back is not None and write_back and spec.owner.training:
+                    entries, positions = spec.write_back
                     values = compact if positions is None else compact.index_select(0, positions)
                     full.index_copy_(0, entries, values.to(full.dtype))
 
