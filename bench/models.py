@@ -17,11 +17,13 @@ gradients the whole model runs its exported structure, with parameters gathered 
 tensors each forward, so ``hard`` training and every ``eval`` row approach the ``ideal`` (exported)
 model. Train modes:
 
-- ``exact``: the default search step (what ``tg.prune`` runs): compact plus the closed-channel side
-  pass (``tg_kernels.pruning.side_pass``) that gives closed gates their task gradient; gates sit
-  after ReLUs (``closed_gate_gradients=True``, the default), so every closed gate has one;
-- ``exact_every8``: the same with ``side_pass_every=8`` (the side pass on every 8th step, its
-  gradients times 8: an unbiased estimate); each timed call runs 8 steps, the figure is per step;
+- ``exact``: compact plus the closed-channel side pass (``tg_kernels.pruning.side_pass``) on every
+  step, which gives closed gates their task gradient (``none`` mode's gradients); gates sit after
+  ReLUs (``closed_gate_gradients=True``, the default), so every closed gate has one;
+- ``search``: the default search step (what ``tg.prune`` runs): ``exact`` with the side pass on every
+  ``k``-th step only, its gradients times ``k`` (``side_pass_every``, default
+  ``tg_kernels.pruning.train.DEFAULT_SIDE_PASS_EVERY``: an unbiased estimate); each timed call runs
+  ``k`` steps, the figure is per step;
 - ``exact_before_relu``: ``exact`` with ``closed_gate_gradients=False``: gates before a ReLU, whose
   closed gates' task gradient is exactly 0 and needs no side pass (cheaper; those channels reopen
   only through the budget);
@@ -48,11 +50,12 @@ from torch import nn
 
 import tg_kernels
 from bench.common import Row, time_interleaved
+from tg_kernels.pruning.train import DEFAULT_SIDE_PASS_EVERY
 
 FAMILY = "models"
 FRACTIONS = (1.0, 0.5, 0.25)
-MODES = ("exact", "exact_every8", "exact_before_relu", "hard", "hard_learning")
-SIDE_PASS_EVERY = 8  # exact_every8: the side pass on every 8th step, scaled by 8
+MODES = ("search", "exact", "exact_before_relu", "hard", "hard_learning")
+SIDE_PASS_EVERY = DEFAULT_SIDE_PASS_EVERY  # search: the side pass on every k-th step, scaled by k
 SEED = 0
 
 
@@ -132,8 +135,8 @@ def _gated(
         if mode == "exact_before_relu":  # the cheaper placement: closed gates before a ReLU get no task gradient
             model, bank = tg_kernels.attach_gates(model, x, skip="exact", closed_gate_gradients=False)
         else:
-            model, bank = tg_kernels.attach_gates(model, x, skip=mode.split("_")[0])
-        if mode == "exact_every8":
+            model, bank = tg_kernels.attach_gates(model, x, skip="exact" if mode == "search" else mode.split("_")[0])
+        if mode == "search":
             bank.compact.side_pass_every = SIDE_PASS_EVERY
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
@@ -235,15 +238,15 @@ def run_cases(device: torch.device, quick: bool, progress=None) -> list[Row]:
                     exported = tg_kernels.export(gated)
                     _check_export(gated, exported, x)
                     infer[("tg_kernels", "eval")] = _inference(copy.deepcopy(gated), x)
-                repeat = SIDE_PASS_EVERY if mode == "exact_every8" else 1
+                repeat = SIDE_PASS_EVERY if mode == "search" else 1
                 train[("tg_kernels", mode)] = _train_step(gated, x, repeat)
             train[("ideal", "train")] = _train_step(exported, x)
             infer[("ideal", "eval")] = _inference(copy.deepcopy(exported), x)
             for kind, fns in (("train", train), ("eval", infer)):
                 timings = time_interleaved(fns, device, rounds, min_run_time)
-                if ("tg_kernels", "exact_every8") in timings:  # its calls run 8 steps: per step
-                    timings[("tg_kernels", "exact_every8")] = tuple(
-                        t / SIDE_PASS_EVERY for t in timings[("tg_kernels", "exact_every8")]
+                if ("tg_kernels", "search") in timings:  # its calls run k steps: per step
+                    timings[("tg_kernels", "search")] = tuple(
+                        t / SIDE_PASS_EVERY for t in timings[("tg_kernels", "search")]
                     )
                 base, ideal = timings[("dense", kind)][0], timings[("ideal", kind)][0]
                 for (provider, mode), (median, iqr) in timings.items():

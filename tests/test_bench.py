@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import run  # noqa: E402
 from bench.common import Row, quantiles  # noqa: E402
+from tg_kernels.pruning.train import DEFAULT_SIDE_PASS_EVERY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,8 @@ def _check_models_family(models, tiny):
     learning, learning_bank = models._gated(tiny[0][1], x, "hard_learning", 0.5)
     assert not any(p.requires_grad for p in bank.parameters())
     assert learning_bank.skip == "hard" and all(p.requires_grad for p in learning_bank.parameters())
-    every, every_bank = models._gated(tiny[0][1], x, "exact_every8", 0.5)
-    assert every_bank.skip == "exact" and every_bank.compact.side_pass_every == models.SIDE_PASS_EVERY
+    every, every_bank = models._gated(tiny[0][1], x, "search", 0.5)
+    assert every_bank.skip == "exact" and every_bank.compact.side_pass_every == DEFAULT_SIDE_PASS_EVERY > 1
 
     rows = models.run_cases(torch.device("cpu"), quick=True)
     assert {(r.case, r.provider, r.mode) for r in rows} == {

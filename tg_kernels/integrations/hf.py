@@ -47,6 +47,7 @@ from tg_kernels.pruning.train import (
     DEFAULT_BALANCE,
     DEFAULT_GAIN,
     DEFAULT_PROTECT,
+    DEFAULT_SIDE_PASS_EVERY,
     GATE_INITS,
     SKIP_MODES,
     Schedule,
@@ -76,6 +77,7 @@ class PruningArguments:
     importance_batches: int = 16  # batches of the Taylor importance pass (per rank)
     uniform: bool = False  # the same widths in every layer (GateBank.make_uniform): a config-shaped model
     compact: bool = True
+    side_pass_every: int = DEFAULT_SIDE_PASS_EVERY  # the search's side pass on every k-th step (tg.prune's)
     skip: tuple[str, str] = ("exact", "hard")  # skip modes of the search and the fine-tuning; ("none", "none"): dense
 
     def check(self) -> None:
@@ -91,6 +93,9 @@ class PruningArguments:
         skip = self.skip
         if not (isinstance(skip, (tuple, list)) and len(skip) == 2 and all(m in SKIP_MODES for m in skip)):
             raise ValueError(f"PruningArguments.skip must be two modes out of {SKIP_MODES}, got {self.skip!r}")
+        every = self.side_pass_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"PruningArguments.side_pass_every must be an int >= 1, got {self.side_pass_every!r}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"PruningArguments.gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
 
@@ -166,6 +171,8 @@ class PruningTrainer(transformers.Trainer):
         if self.pruning.uniform:
             self.bank.make_uniform()
         self.bank.set_skip(self.pruning.skip[0])
+        if self.bank.compact is not None:
+            self.bank.compact.side_pass_every = self.pruning.side_pass_every
         self.budget: Budget | None = None
         self.schedule: Schedule | None = None
         self.phase = "dense"  # "search", then "tune"

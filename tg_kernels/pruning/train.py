@@ -63,6 +63,9 @@ DEFAULT_GATE_INIT = "taylor"
 DEFAULT_PROTECT = 0.5
 DEFAULT_GAIN = 8.0
 DEFAULT_BALANCE = 0.5
+# the search's side pass on every 8th step (scaled by 8): chosen on the validation split of
+# bench/accuracy.py against the side pass on every step (docs/compact.md, "side_pass_every")
+DEFAULT_SIDE_PASS_EVERY = 8
 MAX_SEARCH_SHARE = 0.6
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -515,7 +518,7 @@ def prune(
     log: Callable[[str], None] | None = None,
     compact: bool = True,
     closed_gate_gradients: bool = True,
-    side_pass_every: int = 1,
+    side_pass_every: int = DEFAULT_SIDE_PASS_EVERY,
     autocast: torch.dtype | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
@@ -577,7 +580,9 @@ def prune(
         closed_gate_gradients: where gates attached here go (see :func:`~tg_kernels.attach_gates`).
         side_pass_every: ``k``: the ``"exact"`` search runs the closed-channel side pass on every
             ``k``-th step only, its closed-gate gradients scaled by ``k`` (an unbiased estimate at
-            ``1 / k`` of its cost; ``GateBank.compact.side_pass_every``). ``1``: every step (exact).
+            ``1 / k`` of its cost; ``GateBank.compact.side_pass_every``). ``1``: every step, which
+            gives the closed gates ``none`` mode's exact gradients at a cost about that of the
+            compact step itself on CNNs. Default 8 (``DEFAULT_SIDE_PASS_EVERY``).
         progress: show a progress bar (rich, when installed).
         log: optional callable receiving one line of text per epoch.
         autocast: a dtype (``torch.bfloat16``, ``torch.float16``) to run the forward and the task
@@ -658,8 +663,15 @@ def prune(
             p.requires_grad_(False)
         _set_skip(model, skip[1])
         tuned = _finetune(
-            model, weights, _stream(data), schedule.tune_steps,
-            schedule.steps_per_epoch, step_loss, lr, weight_decay, record,
+            model,
+            weights,
+            _stream(data),
+            schedule.tune_steps,
+            schedule.steps_per_epoch,
+            step_loss,
+            lr,
+            weight_decay,
+            record,
         )
     finally:
         bar.close()
