@@ -62,6 +62,7 @@ def test_trainer_prunes_to_the_target_and_exports(tmp_path):
     trainer = train(str(tmp_path))
     assert trainer.phase == "tune"
     assert trainer.budget.status().within(0.01)
+    assert trainer.bank.compact.side_pass_every == PruningArguments().side_pass_every > 1  # tg.prune's search
     small = trainer.pruned_model
     assert abs(n_params(small) / dense - 0.5) <= 0.01 * 0.5
     assert all(not p.requires_grad for p in trainer.bank.parameters())  # frozen after the search
@@ -88,6 +89,9 @@ def test_bad_arguments():
         PruningArguments(target=1.5).check()
     with pytest.raises(ValueError, match="metric"):
         PruningArguments(metric="latency").check()
+    for every in (0, 2.0, True):
+        with pytest.raises(ValueError, match="side_pass_every must be an int >= 1"):
+            PruningArguments(side_pass_every=every).check()
 
 
 def _free_port() -> int:
