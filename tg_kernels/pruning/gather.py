@@ -126,8 +126,8 @@ class Bundle:
 
     dtype: torch.dtype
     device: torch.device
-    entries: list[Tensor | None]  # per tensor: storage offsets of its kept runs (memory_order_entries), in runs
-    runs: list[int]  # per tensor: elements per run (1: element by element, in global_index)
+    entries: list[Tensor | None]  # per tensor: where its kept runs start in storage, counted in runs
+    runs: list[int]  # per tensor: elements per run (1: element by element, those are in global_index)
     shapes: list[tuple[int, ...]]  # per tensor: its compact shape
     full_shapes: list[tuple[int, ...]]
     full_strides: list[tuple[int, ...]]
