@@ -467,6 +467,18 @@ def torch_pruning_baseline(transformers, dense, target: int, args, data, seed: i
     }  # fmt: skip
 
 
+def seeds_summary(runs: dict) -> dict:
+    """Mean, sample standard deviation, min and max of each method's perplexity over the seeds."""
+    summary = {}
+    for name in ("tg", "torch_pruning"):
+        values = [run[name]["ppl"] for run in runs.values()]
+        mean = sum(values) / len(values)
+        spread = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        summary[name] = {"seeds": len(values), "ppl_mean": mean, "ppl_std": spread, "ppl_min": min(values),
+                         "ppl_max": max(values)}  # fmt: skip
+    return summary
+
+
 def repeat(transformers, hf, dense, args, results: dict, seeds: list[int], prune_data, ppl) -> int:
     """The gates and the Torch-Pruning baseline again on the same dense model with other data orders."""
     full = n_params(dense)
@@ -483,16 +495,9 @@ def repeat(transformers, hf, dense, args, results: dict, seeds: list[int], prune
             "torch_pruning": {"ppl": tp_row["ppl"], "ratio": tp_row["ratio"], "seconds": tp_row["seconds"]},
         }
         print(f"seed {seed}:", runs[str(seed)])
+        results["seeds_summary"] = seeds_summary(runs)  # after every seed: a stopped run keeps what it has
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    summary = {}
-    for name in ("tg", "torch_pruning"):
-        values = [run[name]["ppl"] for run in runs.values()]
-        mean = sum(values) / len(values)
-        spread = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-        summary[name] = {"seeds": len(values), "ppl_mean": mean, "ppl_std": spread, "ppl_min": min(values),
-                         "ppl_max": max(values)}  # fmt: skip
-    results["seeds_summary"] = summary
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    summary = results.get("seeds_summary", seeds_summary(runs))
     print("seeds:", summary)
     return 0
 
