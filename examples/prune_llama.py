@@ -26,16 +26,20 @@ Writes ``results.json``, ``steps.csv`` and ``throughput.png`` to ``--out``
 ``--repeat-seeds 1,2`` (with ``--reuse-dense``) reruns the gates and the Torch-Pruning baseline
 on the same dense model with other data orders and reports mean and spread.
 
-The whole run, defaults, in one process: ``python examples/prune_llama.py``. On a shared machine
-the from-scratch baseline can run in a second process beside the rest, its widths those of the
-gates' result (in ``results.json`` once the gates' run ends) and its steps fixed from the expected
-compute; ``--report`` then records both runs' training FLOPs (``flops_vs_tg``). The committed
-results were made that way::
+The committed results come from one plain run and two more seeds (5.5 minutes, then 2, on the
+quiet 2-core machine)::
+
+    python examples/prune_llama.py
+    python examples/prune_llama.py --reuse-dense --repeat-seeds 1,2
+
+On a shared machine the from-scratch baseline can run in a second process beside the rest, its
+widths those of the gates' result (in ``results.json`` once the gates' run ends) and its steps
+fixed from the expected compute; ``--report`` then records both runs' training FLOPs
+(``flops_vs_tg``)::
 
     python examples/prune_llama.py --no-scratch &
     python examples/prune_llama.py --scratch-only HIDDEN,INTER,HEADS,KV,STEPS   # once results.json has "tg"
     python examples/prune_llama.py --report   # once both are done
-    python examples/prune_llama.py --reuse-dense --repeat-seeds 1,2   # two more seeds of tg vs Torch-Pruning
 """
 
 from __future__ import annotations
