@@ -122,6 +122,11 @@ CASES = {
         ValueError,
         "autocast must be None or a floating dtype",
     ),
+    "prune: uniform not a bool": (
+        lambda: tg.prune(Small(), [(X, torch.tensor([0, 1]))], uniform="layers", progress=False),
+        TypeError,
+        "uniform must be True or False",
+    ),
     "GateBank.tie: groups of different sizes": (
         _tie_mismatch,
         ValueError,

@@ -153,6 +153,33 @@ def test_uniform_pruning_round_trips_through_save_pretrained(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_prune_uniform_gives_a_llama_that_save_pretrained_round_trips_at_its_parameter_target(tmp_path):
+    """tg.prune(uniform=True): the same widths in every layer, the hidden size a multiple of the kept heads,
+    the exported model's config set to its widths, so from_pretrained rebuilds it with the same logits."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    dense = n_params(model)
+    result = tg.prune(model, llama_batches(), target=0.5, metric="params", uniform=True, **SHORT)
+    small = result.model
+    assert abs(n_params(small) / dense - 0.5) <= 0.01 * 0.5, (n_params(small), dense)
+    layers = small.model.layers
+    assert len({(a.q_proj.out_features, a.k_proj.out_features) for a in (x.self_attn for x in layers)}) == 1
+    assert len({x.mlp.gate_proj.out_features for x in layers}) == 1
+    config = small.config
+    assert config.hidden_size == small.model.embed_tokens.embedding_dim < 32  # the stream pruned, in the config
+    assert config.hidden_size % config.num_attention_heads == 0 and config.head_dim == 8
+    assert config.intermediate_size == layers[0].mlp.gate_proj.out_features
+    small.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert n_params(loaded) == n_params(small)
+    ids = llama_batches(1, seed=1)[0]["input_ids"]
+    small.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, small(ids).logits, rtol=0, atol=0)
+
+
 def test_per_layer_widths_and_pruned_head_dims_are_refused_by_fit_config():
     pytest.importorskip("transformers")
     from tg_kernels.integrations.hf import fit_config

@@ -57,6 +57,7 @@ from tg_kernels.pruning.train import (
     init_gates_from_importance,
     multiplier_rate,
 )
+from tg_kernels.pruning.uniform import divisible_stream, fit_config
 
 
 @dataclass
@@ -320,103 +321,6 @@ class PruningTrainer(transformers.Trainer):
             return path
         self.pruned_model.save_pretrained(output_dir)
         return os.fspath(output_dir)
-
-
-@torch.no_grad()
-def divisible_stream(model: nn.Module, budget: Budget, tol: float = 0.01) -> int:
-    """Make the kept hidden size a multiple of the kept attention heads, as a Llama config requires
-    (``hidden_size % num_attention_heads == 0``, checked when a config is saved or loaded).
-
-    Flips the residual stream's gates nearest their threshold to the nearest multiple, then lets
-    :meth:`Budget.settle` land the ratio again with the stream fixed. For Llama-like models (the
-    stream is the input embedding's group, heads are the groups of the ``q_proj`` layers). Returns
-    the gates flipped.
-    """
-    bank = budget.bank
-    config = getattr(model, "config", None)
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    names = {module: name for name, module in model.named_modules()}
-    stream = next((g.key for g in bank.groups if names.get(embedding) in g.producers), None)
-    heads = [g.key for g in bank.groups if any(p.endswith("q_proj") for p in g.producers)]
-    if config is None or stream is None or not heads:
-        return 0
-    per_group = config.num_attention_heads // config.num_key_value_heads  # query heads per KV group
-    n_heads = {bank.gates[key].num_open() for key in heads}
-    if len(n_heads) != 1:
-        return 0  # the layers differ: fit_config will say so
-    h = n_heads.pop() * per_group
-    gate = bank.gates[stream]
-    n = gate.num_open()
-    if n % h == 0:
-        return 0
-    down, up = n - n % h, n - n % h + h
-    want = down if (n - down <= up - n and down >= max(h, gate.min_open)) or up > gate.num_channels else up
-    w = gate.weight
-    order = torch.argsort(w, descending=True, stable=True)  # most open first
-    new = w.clone()
-    new[order[:want]] = new[order[:want]].clamp_min(1e-3)
-    new[order[want:]] = new[order[want:]].clamp_max(-1e-3)
-    w.copy_(new)
-    return abs(want - n) + budget.settle(tol, fixed=(stream,))
-
-
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def fit_config(model: nn.Module) -> Any:
-    """Set an exported model's ``config`` to its widths, so that ``save_pretrained`` /
-    ``from_pretrained`` round-trip it; returns the config.
-
-    For decoder models built like Llama (attention with ``q_proj``, ``k_proj``, ``v_proj``,
-    ``o_proj``; an MLP with ``gate_proj``, ``up_proj``, ``down_proj``; Llama, Mistral, Qwen2 and
-    their kin): ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and
-    ``intermediate_size``. Raises ``ValueError`` where the layers' widths differ (prune with
-    ``PruningArguments(uniform=True)`` / ``GateBank.make_uniform()``, or save with ``tg.save``) or
-    where the rotary table the config would rebuild differs from the model's (head dims pruned).
-    """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "get_input_embeddings"):
-        raise ValueError(f"fit_config() needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
-    widths: dict[str, set[int]] = {k: set() for k in ("heads", "kv_heads", "head_dim", "intermediate")}
-    for name, module in model.named_modules():
-        if all(isinstance(getattr(module, n, None), nn.Linear) for n in _ATTENTION):
-            head_dim = getattr(module, "head_dim", None)
-            if not isinstance(head_dim, int):
-                raise ValueError(f"fit_config(): attention '{name}' has no int head_dim")
-            widths["head_dim"].add(head_dim)
-            widths["heads"].add(module.q_proj.out_features // head_dim)
-            widths["kv_heads"].add(module.k_proj.out_features // head_dim)
-        elif all(isinstance(getattr(module, n, None), nn.Linear) for n in _MLP):
-            widths["intermediate"].add(module.gate_proj.out_features)
-    if not widths["heads"] or not widths["intermediate"]:
-        raise ValueError(f"fit_config() knows Llama-like decoders; {type(model).__name__} has no q/k/v/o and MLP")
-    mixed = {k: sorted(v) for k, v in widths.items() if len(v) > 1}
-    if mixed:
-        raise ValueError(
-            f"fit_config(): the layers' widths differ ({mixed}), which one config cannot describe; prune with "
-            "PruningArguments(uniform=True) (GateBank.make_uniform()), or save with tg.save and load with tg.load"
-        )
-    new = {
-        "hidden_size": model.get_input_embeddings().embedding_dim,
-        "num_attention_heads": widths["heads"].pop(),
-        "num_key_value_heads": widths["kv_heads"].pop(),
-        "head_dim": widths["head_dim"].pop(),
-        "intermediate_size": widths["intermediate"].pop(),
-    }
-    for key, value in new.items():
-        setattr(config, key, value)
-    for name, module in model.named_modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor) and getattr(module, "config", None) is config:
-            fresh = type(module)(config).inv_freq
-            if fresh.shape != inv_freq.shape or not torch.allclose(fresh.to(inv_freq.dtype), inv_freq):
-                raise ValueError(
-                    f"fit_config(): the rotary table of '{name}' keeps a subset of its frequencies (head dims were "
-                    "pruned), which a config rebuilding it from head_dim cannot hold; prune with uniform=True "
-                    "(head dims held whole), or save with tg.save and load with tg.load"
-                )
-    return config
 
 
 __all__ = ["PruningArguments", "PruningTrainer", "divisible_stream", "fit_config"]

@@ -54,6 +54,7 @@ from tg_kernels.pruning.attach import attach_gates
 from tg_kernels.pruning.bank import BANK_NAME, gate_bank, unwrap
 from tg_kernels.pruning.budget import Budget, BudgetStatus
 from tg_kernels.pruning.export import export
+from tg_kernels.pruning.uniform import divisible_stream, fit_config, is_llama_like
 
 SKIP_MODES = ("none", "exact", "hard")
 GATE_INITS = ("taylor", "constant")
@@ -520,6 +521,7 @@ def prune(
     closed_gate_gradients: bool = True,
     side_pass_every: int = DEFAULT_SIDE_PASS_EVERY,
     autocast: torch.dtype | None = None,
+    uniform: bool = False,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` of its FLOPs (or parameters) with trainable gates, in one call.
 
@@ -587,6 +589,13 @@ def prune(
         log: optional callable receiving one line of text per epoch.
         autocast: a dtype (``torch.bfloat16``, ``torch.float16``) to run the forward and the task
             loss under ``torch.autocast`` on the model's device; ``None`` (default): no autocast.
+        uniform: keep the widths the same in every repeated layer (:meth:`GateBank.make_uniform`:
+            groups that differ only in their layer index share one gate, head dims stay whole), so
+            that a Hugging Face decoder's result is a model its config describes: the hidden size is
+            then made a multiple of the kept heads (:func:`divisible_stream`) and the exported
+            model's config set to its widths (:func:`fit_config`, Llama-like decoders), so that
+            ``save_pretrained`` / ``from_pretrained`` round-trip it. ``False`` (default): each layer
+            keeps its own widths (save those with ``tg.save``).
 
     Returns:
         A :class:`PruneResult`: the exported model, the gated model, the budget, where it ended,
@@ -600,8 +609,12 @@ def prune(
     start = time.perf_counter()
     say = log or (lambda line: None)
     _check_int("side_pass_every", side_pass_every, 1)
+    if not isinstance(uniform, bool):
+        raise TypeError(f"uniform must be True or False, got {uniform!r}")
     model = _attach(model, data, example_inputs, skip[0], compact, closed_gate_gradients)
     bank = gate_bank(model)
+    if uniform:
+        bank.make_uniform()  # before the budget and the optimizer: tied groups become one gate
     if getattr(bank, "compact", None) is not None:
         bank.compact.side_pass_every = side_pass_every
     step_loss = _Step(_model_device(model), autocast, loss_fn)
@@ -656,6 +669,8 @@ def prune(
         steps = _search(model, budget, opt, stream, schedule, step_loss, gate_lr, target, tol, record)
         searched = float(budget.ratio().detach())
         flips = budget.settle(tol) if not budget.status().within(tol) else 0
+        if uniform:
+            flips += divisible_stream(unwrap(model), budget, tol)
         if flips:
             now = float(budget.ratio().detach())
             say(f"settle: flipped {flips} gate(s) nearest their threshold; {metric} ratio {searched:.4f} -> {now:.4f}")
@@ -677,6 +692,8 @@ def prune(
         bar.close()
     model.eval()
     small = export(model)
+    if uniform and is_llama_like(small):
+        fit_config(small)
     return PruneResult(
         model=small,
         gated=model,
