@@ -92,6 +92,12 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def _shown(path: Path) -> str:
+    """A path as results.json records it: relative to the repository where it lies inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def llama(transformers, hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, seq: int):
     config = transformers.LlamaConfig(
         vocab_size=256,
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"corpus: {len(train_bytes):,} train bytes, {len(held):,} {args.eval_split} bytes; {tokens_per_step} per step"
     )
-    results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results: dict = {"args": {k: _shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

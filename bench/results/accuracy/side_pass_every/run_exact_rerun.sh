@@ -6,6 +6,6 @@ cd "$(dirname "$0")/../../../.."
 D=bench/results/accuracy/side_pass_every
 for s in "$@"; do
   python bench/accuracy.py --settings $s --methods tg --seeds 0 1 2 --targets 0.5 0.25 0.125 --split test \
-    --tag exact-rerun --cache /work/main/bench/results/tmp/accuracy_cache \
+    --tag exact-rerun \
     --out $D/runs_exact_rerun.jsonl --threads 1 >> $D/log_exact_rerun_$s.txt 2>&1
 done
